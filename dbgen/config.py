@@ -1,0 +1,372 @@
+"""The one config schema: typed, nested dataclasses loaded from YAML.
+
+* Presets are YAML files; ``include: other.yaml`` (or a list) merges other files first, relative to the
+  including file, and the including file's values win (nested sections merge key by key).
+* ``key.sub=value`` overrides (from the command line) are parsed as YAML scalars and applied last.
+* Unknown keys, wrong types and missing required keys raise :class:`ConfigError` naming the file and the
+  dotted key, before anything is built.
+* ``model`` is a tagged union: ``model.name`` picks the model's section class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+__all__ = [
+    "CommConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FlowPPConfig",
+    "OptimizerConfig",
+    "RVAEConfig",
+    "ScaleConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "config_hash",
+    "load_config",
+    "parse_overrides",
+    "schema_markdown",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the dotted key."""
+
+
+# ----------------------------------------------------------------------------------------------- models
+@dataclass(kw_only=True)
+class RVAEConfig:
+    """ResNet VAE (Kingma et al. 2016 without IAF) as in Bird et al. 2021."""
+
+    name: Literal["rvae"] = "rvae"
+    binary_weights: bool = False  # BWN in the residual branches
+    binary_activations: bool = False  # sign activations in the residual branches (the 1/1 variant)
+    image_size: int = 32
+    channels: int = 3
+    width: int = 256  # channels of the deterministic state
+    zdim: int = 8  # latent channels per stochastic layer
+    num_stochastic: int = 12  # stochastic layers, all at image_size / 2
+    num_proc_layers: int = 4  # residual layers before the first and after the last stochastic layer
+    proc_kernel: int = 5  # kernel of those residual layers and of the first/last convs
+    kernel: int = 3  # kernel of the stochastic layers' residual convs
+    kl_min: float = 0.1  # free bits: nats per latent channel, batch-averaged
+
+
+@dataclass(kw_only=True)
+class FlowPPConfig:
+    """Flow++ (Ho et al. 2019), simplified as in Bird et al. 2021 (no attention, fewer mixtures)."""
+
+    name: Literal["flowpp"] = "flowpp"
+    binary_weights: bool = False
+    binary_activations: bool = False
+    image_size: int = 32
+    channels: int = 3
+    hdim: int = 120  # width of the couplings' conditioning networks
+    blocks: int = 10  # gated residual blocks per conditioning network
+    mix_components: int = 8  # logistic mixture components per coupling
+    dropout: float = 0.2  # full precision only; binary models use none
+    dequant_couplings: int = 4
+    dequant_blocks: int = 2
+    dequant_hdim: int = 32
+    dequant_context_blocks: int = 3
+
+
+# -------------------------------------------------------------------------------------------- training
+@dataclass(kw_only=True)
+class DataConfig:
+    # A converted split directory (Parquet shards + manifest.json) or ``builtin:NAME`` (e.g. builtin:photos32).
+    train: str = "builtin:photos32"
+    # Held-out split: a directory, ``builtin:NAME`` (its test split), or null for no eval.
+    eval: str | None = "builtin:photos32"
+    loader: Literal["ray", "arrow"] = "ray"  # ray: Ray Data into Train workers; arrow: pyarrow in-process
+    shuffle_buffer: int = 10_000  # rows held by the per-epoch shuffle buffer
+    drop_last: bool = True  # drop each epoch's last partial global batch (training only)
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """lr(step) = max(min_lr, lr * decay**step), after a linear warm-up of warmup_steps."""
+
+    decay: float = 0.999995
+    min_lr: float = 5e-4
+    warmup_steps: int = 0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    batch_size: int = 128  # global batch (all workers, one optimizer step)
+    max_steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    skip_threshold: float = 100.0  # skip (and count) a step whose gradient norm exceeds this, or is not finite
+    seed: int = 0
+    init_batch_size: int = 256  # rows for data-dependent initialization (rank 0, then broadcast)
+    ema_decay: float | None = None  # EMA of weights for eval and sampling; null disables
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 500
+    eval_batches: int | None = None  # null: the whole eval split
+    eval_batch_size: int = 256
+    sample_every: int = 500
+    num_samples: int = 64
+    log_every: int = 10
+
+
+@dataclass(kw_only=True)
+class ScaleConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional, so Ray Data keeps CPUs on small machines
+    zero_stage: Literal[0, 1, 2] = 0
+
+
+@dataclass(kw_only=True)
+class CommConfig:
+    binary_weights: Literal["dp", "packed"] = "dp"  # packed: sharded latents, 1-bit sign all-gather
+    binary_grads: Literal["none", "onebit"] = "none"  # onebit: 1-bit gradient reduce-scatter, error feedback
+    onebit_warmup_steps: int = 100
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: RVAEConfig | FlowPPConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+
+MODEL_CONFIGS = {"rvae": RVAEConfig, "flowpp": FlowPPConfig}
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_config(source: str | Path | dict | Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a YAML path, a dict or a Config, then apply ``key=value`` overrides."""
+    if isinstance(source, Config):
+        raw, origin = source.to_dict(), "<config>"
+    elif isinstance(source, dict):
+        raw, origin = source, "<dict>"
+    else:
+        raw, origin = _read_yaml(Path(source), seen=()), str(source)
+    raw = _merge(raw, parse_overrides(overrides))
+    return _build(Config, raw, "", origin)
+
+
+def parse_overrides(overrides) -> dict:
+    """``["train.max_steps=20", "model.width=64"]`` -> nested dict, values parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """Short stable hash of the resolved config (for run metadata and metrics)."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _read_yaml(path: Path, seen: tuple) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle ({' -> '.join(map(str, seen + (path,)))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    base: dict = {}
+    for inc in includes:
+        base = _merge(base, _read_yaml(path.parent / inc, seen + (path,)))
+    return _merge(base, data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            # A model section that changes model.name replaces the included one instead of merging into it.
+            if k == "model" and "name" in v and v["name"] != out[k].get("name"):
+                out[k] = v
+            else:
+                out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _build(cls, raw, path: str, origin: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: {path or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{origin}: unknown key '{key}' (known keys of '{path or 'config'}': "
+                          f"{', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], key, origin)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{origin}: missing required key '{key}'")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str, origin: str):
+    err = ConfigError(f"{origin}: '{key}' = {value!r}: expected {_type_name(tp)}")
+    origin_tp, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise err
+    if origin_tp in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        models = [a for a in args if dataclasses.is_dataclass(a)]
+        if models:  # tagged union of model sections
+            if not isinstance(value, dict) or "name" not in value:
+                raise ConfigError(f"{origin}: '{key}' needs a 'name' (one of {', '.join(MODEL_CONFIGS)})")
+            cls = MODEL_CONFIGS.get(value["name"])
+            if cls is None:
+                raise ConfigError(f"{origin}: '{key}.name' = {value['name']!r}: expected one of "
+                                  f"{', '.join(MODEL_CONFIGS)}")
+            return _build(cls, value, key, origin)
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, origin)
+            except ConfigError:
+                pass
+        raise err
+    if origin_tp is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise ConfigError(f"{origin}: '{key}' = {value!r}: expected one of {', '.join(map(repr, args))}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, origin)
+    if origin_tp is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise err
+        return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value)))
+    if origin_tp is list:
+        if not isinstance(value, list | tuple):
+            raise err
+        return [_coerce(args[0], v, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise err
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise err
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise err
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise err
+    raise ConfigError(f"{origin}: '{key}': unsupported schema type {tp}")
+
+
+def _type_name(tp) -> str:
+    origin_tp, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin_tp in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin_tp is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin_tp is tuple:
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin_tp is list:
+        return f"a list of {_type_name(args[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def schema_markdown() -> str:
+    """Every config key with its type and default, as a Markdown table (for the README)."""
+    rows = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key)
+                continue
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = "(required)"
+            rows.append(f"| `{key}` | {_type_name(tp)} | `{_plain(default)}` |")
+
+    walk(Config, "")
+    for name, cls in MODEL_CONFIGS.items():
+        rows.append(f"| **model (name: {name})** | | |")
+        walk(cls, "model")
+    return "\n".join(r for r in rows if not r.startswith("| `model` |"))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

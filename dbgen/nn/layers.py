@@ -1,0 +1,258 @@
+"""Weight-normalized layers: binary (BWN) and full precision (WN), with the PyTorch layer signatures.
+
+Every layer here computes ``y = op(x, direction(v)) * gain + bias`` per output channel, where
+
+* binary (BWN):        ``direction(v) = sign(v) / sqrt(fan_in)``  (sign(0) = +1, straight-through gradient)
+* full precision (WN): ``direction(v) = v / ||v||``                 (norm over each output channel's fan-in)
+
+Because ``||sign(v)|| = sqrt(fan_in)`` the two are the same formula, so a model switches between them by one
+flag. ``gain`` is a plain parameter (the g of the formula, no softplus or log): data-dependent init writes the
+value the forward pass uses, and ``gain = bias = 0`` is exactly the zero function, which is what lets a
+residual branch start as (and learn back to) the identity. Init makes it non-negative; training may flip its
+sign, which is the same as flipping the channel's signs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+__all__ = [
+    "BinaryActivation",
+    "BinaryConv2d",
+    "BinaryConvTranspose2d",
+    "BinaryLinear",
+    "WNConv2d",
+    "WNConvTranspose2d",
+    "WNLinear",
+    "WeightNormLayer",
+    "binary_act",
+    "binary_latents",
+    "binary_layers",
+    "clamp_latents_",
+    "sign_ste",
+]
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign with sign(0) = +1 and the identity straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, v):
+        return torch.where(v >= 0, 1.0, -1.0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _SignClippedSTE(torch.autograd.Function):
+    """sign with sign(0) = +1 and the clipped straight-through gradient ``grad * 1{|x| <= 1}``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+def sign_ste(v: torch.Tensor) -> torch.Tensor:
+    """+-1 with sign(0) = +1; gradient passes straight through (binary weights)."""
+    return _SignSTE.apply(v)
+
+
+def binary_act(x: torch.Tensor) -> torch.Tensor:
+    """+-1 with sign(0) = +1; gradient ``grad * 1{|x| <= 1}`` (binary activations)."""
+    return _SignClippedSTE.apply(x)
+
+
+class BinaryActivation(nn.Module):
+    """``sign(x)`` forward (0 -> +1), clipped straight-through backward."""
+
+    def forward(self, x):
+        return binary_act(x)
+
+
+class WeightNormLayer(nn.Module):
+    """Shared machinery of the six layers: parameters, per-channel scale, data-dependent init.
+
+    Subclasses set ``binary``, ``_channel_dim`` and ``_output_dim`` and implement ``_op(x, weight, bias)`` (the plain float op, e.g. ``F.conv2d`` with the layer's geometry).
+    """
+
+    binary: bool = False
+    _channel_dim: int = 0  # weight dimension of output channels
+    _output_dim: int = 1  # output dimension of channels (NCHW); -1 for linear layers
+
+    def _init_params(self, weight_shape, out_channels: int, bias: bool, init_scale: float):
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.gain = nn.Parameter(torch.ones(out_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.init_scale = float(init_scale)
+        # Latent init: small Gaussian (as weight norm does). Signs are random; magnitudes only matter for
+        # how soon the optimizer flips them.
+        nn.init.normal_(self.weight, std=0.05)
+
+    @property
+    def fan_in(self) -> int:
+        return self.weight.numel() // self.weight.shape[self._channel_dim]
+
+    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        """Reshape a per-output-channel vector so it broadcasts against ``weight``."""
+        shape = [1] * self.weight.dim()
+        shape[self._channel_dim] = -1
+        return t.view(shape)
+
+    def direction(self) -> torch.Tensor:
+        """The unit-norm weight direction: ``sign(v)/sqrt(fan_in)`` (binary) or ``v/||v||``."""
+        v = self.weight
+        if self.binary:
+            return sign_ste(v) * (1.0 / math.sqrt(self.fan_in))
+        dims = [d for d in range(v.dim()) if d != self._channel_dim]
+        return v / v.norm(dim=dims, keepdim=True)
+
+    def effective_weight(self) -> torch.Tensor:
+        """``direction * gain``: the float weight the layer applies (``W_eff`` of the BWN formula)."""
+        return self.direction() * self._per_channel(self.gain)
+
+    def forward(self, x):
+        return self._op(x, self.effective_weight(), self.bias)
+
+    @torch.no_grad()
+    def data_init(self, x):
+        """Set gain and bias so the output on ``x`` has per-channel mean 0 and std ``init_scale``.
+
+        Called by :func:`dbgen.nn.data_dependent_init`; returns the output with the new parameters.
+        """
+        z = self._op(x, self.direction(), None)  # unit gain, no bias
+        channel = self._output_dim % z.dim()
+        dims = [d for d in range(z.dim()) if d != channel]
+        mean = z.mean(dim=dims)
+        std = z.std(dim=dims, unbiased=False)
+        # Guard: a channel with no spread (e.g. a dead input) gets gain init_scale rather than inf.
+        gain = self.init_scale / torch.where(std > 1e-8, std, torch.ones_like(std))
+        self.gain.copy_(gain)
+        if self.bias is not None:
+            self.bias.copy_(-mean * gain)
+        return self(x)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, init_scale={self.init_scale}"
+
+
+class _ConvNd(WeightNormLayer):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, init_scale=1.0):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+                             f"divisible by groups ({groups})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation, self.groups = _pair(padding), _pair(dilation), groups
+        self._init_params(self._weight_shape(), out_channels, bias, init_scale)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, init_scale={self.init_scale}")
+
+
+class _Conv2d(_ConvNd):
+    _channel_dim = 0
+
+    def _weight_shape(self):
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def _op(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ConvTranspose2d(_ConvNd):
+    # ConvTranspose weights are (in, out/groups, kh, kw): output channels index dim 1.
+    _channel_dim = 1
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
+                 bias=True, dilation=1, init_scale=1.0):
+        if groups != 1:
+            raise ValueError("transposed weight-normalized convolutions support groups=1 only")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         init_scale)
+        self.output_padding = _pair(output_padding)
+
+    def _weight_shape(self):
+        return (self.in_channels, self.out_channels, *self.kernel_size)
+
+    def _op(self, x, weight, bias):
+        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+
+class _Linear(WeightNormLayer):
+    _channel_dim = 0
+    _output_dim = -1
+
+    def __init__(self, in_features, out_features, bias=True, init_scale=1.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_params((out_features, in_features), out_features, bias, init_scale)
+
+    def _op(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, init_scale={self.init_scale}")
+
+
+class BinaryConv2d(_Conv2d):
+    """BWN conv: ``conv2d(x, sign(weight)) * gain/sqrt(fan_in) + bias``; ``weight`` is the latent v."""
+
+    binary = True
+
+
+class BinaryConvTranspose2d(_ConvTranspose2d):
+    """BWN transposed conv; fan_in = in_channels * kh * kw (the weights feeding one output channel)."""
+
+    binary = True
+
+
+class BinaryLinear(_Linear):
+    """BWN linear: ``linear(x, sign(weight)) * gain/sqrt(in_features) + bias``."""
+
+    binary = True
+
+
+class WNConv2d(_Conv2d):
+    """Weight-normalized conv ``w = gain * v/||v||``: the full-precision twin of :class:`BinaryConv2d`."""
+
+
+class WNConvTranspose2d(_ConvTranspose2d):
+    """Weight-normalized transposed conv: the full-precision twin of :class:`BinaryConvTranspose2d`."""
+
+
+class WNLinear(_Linear):
+    """Weight-normalized linear: the full-precision twin of :class:`BinaryLinear`."""
+
+
+def binary_layers(model: nn.Module):
+    """Every binary (BWN) layer of ``model``, in module order, as ``(name, module)`` pairs."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WeightNormLayer) and m.binary]
+
+
+def binary_latents(model: nn.Module):
+    """The latent weight tensors of every binary layer (what the optimizer updates and clamping clips)."""
+    return [m.weight for _, m in binary_layers(model)]
+
+
+@torch.no_grad()
+def clamp_latents_(model: nn.Module) -> None:
+    """Clip the latent weights of every binary layer to [-1, 1] in place (after each optimizer step)."""
+    for w in binary_latents(model):
+        w.clamp_(-1.0, 1.0)
