@@ -1,0 +1,33 @@
+"""``python -m dbgen.bench SUBCOMMAND``: each subcommand is a module here with ``add_arguments`` and ``main``."""
+
+import argparse
+import importlib
+import logging
+
+SUBCOMMANDS = {
+    "train": "training-step throughput and memory of a model config",
+    "data": "data pipeline throughput (raw Arrow reader and Ray Data) and peak RSS",
+    "comm": "bytes on the wire and step time per communication mode",
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dbgen.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"dbgen.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dbgen.bench.{name}":
+                raise
+            continue  # not built yet
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args._main(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
