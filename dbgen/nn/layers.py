@@ -116,7 +116,7 @@ class WeightNormLayer(nn.Module):
         if self.binary:
             return sign_ste(v) * (1.0 / math.sqrt(self.fan_in))
         dims = [d for d in range(v.dim()) if d != self._channel_dim]
-        return v / v.norm(dim=dims, keepdim=True)
+        return v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
 
     def effective_weight(self) -> torch.Tensor:
         """``direction * gain``: the float weight the layer applies (``W_eff`` of the BWN formula)."""

@@ -1,0 +1,216 @@
+"""BWN / WN layers against the formula computed with torch.nn.functional."""
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dbgen.nn as dnn
+
+torch.set_default_dtype(torch.float64)
+
+
+def sign(t):
+    return torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
+
+
+def conv_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    cin, cout = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+    k = int(torch.randint(1, 6, (1,), generator=g))
+    stride = int(torch.randint(1, 3, (1,), generator=g))
+    padding = int(torch.randint(0, k, (1,), generator=g))
+    x = torch.randn(3, cin, 9, 11, generator=g)
+    return cin, cout, k, stride, padding, x, g
+
+
+def randomize(layer, g):
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+        layer.weight.view(-1)[0] = 0.0  # sign(0) must be +1
+        layer.gain.copy_(torch.rand(layer.gain.shape, generator=g) + 0.1)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_binary_conv2d_matches_formula(seed):
+    cin, cout, k, stride, padding, x, g = conv_case(seed)
+    layer = dnn.BinaryConv2d(cin, cout, k, stride=stride, padding=padding)
+    randomize(layer, g)
+    n = cin * k * k
+    assert layer.fan_in == n
+    ref = F.conv2d(x, sign(layer.weight), None, stride, padding) * (layer.gain / math.sqrt(n)).view(1, -1, 1, 1)
+    ref = ref + layer.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_conv_transpose2d_matches_formula(seed):
+    cin, cout, k, stride, padding, x, g = conv_case(seed)
+    layer = dnn.BinaryConvTranspose2d(cin, cout, k, stride=stride, padding=padding, output_padding=stride - 1)
+    randomize(layer, g)
+    n = cin * k * k  # weights feeding one output channel: (in, kh, kw)
+    assert layer.weight.shape == (cin, cout, k, k) and layer.fan_in == n
+    ref = F.conv_transpose2d(x, sign(layer.weight), None, stride, padding, stride - 1)
+    ref = ref * (layer.gain / math.sqrt(n)).view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_linear_matches_formula(seed):
+    g = torch.Generator().manual_seed(seed)
+    fin, fout = 1 + seed * 7, 3 + seed
+    layer = dnn.BinaryLinear(fin, fout)
+    randomize(layer, g)
+    x = torch.randn(5, fin, generator=g)
+    ref = F.linear(x, sign(layer.weight)) * layer.gain / math.sqrt(fin) + layer.bias
+    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_binary_conv2d_groups_fan_in_is_per_group():
+    layer = dnn.BinaryConv2d(8, 4, 3, padding=1, groups=2, bias=False)
+    x = torch.randn(2, 8, 5, 5)
+    assert layer.fan_in == 4 * 9 and layer.bias is None
+    ref = F.conv2d(x, sign(layer.weight), None, 1, 1, 1, 2) * (layer.gain / 6.0).view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), ref)
+
+
+@pytest.mark.parametrize("cls", [dnn.WNConv2d, dnn.WNConvTranspose2d])
+def test_wn_conv_matches_formula(cls):
+    g = torch.Generator().manual_seed(1)
+    layer = cls(4, 6, 3, stride=2, padding=1)
+    randomize(layer, g)
+    v = layer.weight
+    dims = (1, 2, 3) if cls is dnn.WNConv2d else (0, 2, 3)
+    shape = (-1, 1, 1, 1) if cls is dnn.WNConv2d else (1, -1, 1, 1)
+    w = layer.gain.view(shape) * v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+    x = torch.randn(2, 4, 7, 7, generator=g)
+    op = F.conv2d if cls is dnn.WNConv2d else F.conv_transpose2d
+    torch.testing.assert_close(layer(x), op(x, w, layer.bias, 2, 1))
+
+
+def test_wn_linear_matches_formula():
+    layer = dnn.WNLinear(5, 3)
+    randomize(layer, torch.Generator().manual_seed(2))
+    x = torch.randn(4, 5)
+    w = layer.gain[:, None] * layer.weight / layer.weight.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
+
+
+@pytest.mark.parametrize("binary, fp", [(dnn.BinaryConv2d, dnn.WNConv2d),
+                                        (dnn.BinaryConvTranspose2d, dnn.WNConvTranspose2d),
+                                        (dnn.BinaryLinear, dnn.WNLinear)])
+def test_signatures_match_pytorch_and_twins(binary, fp):
+    torch_cls = {dnn.BinaryConv2d: nn.Conv2d, dnn.BinaryConvTranspose2d: nn.ConvTranspose2d,
+                 dnn.BinaryLinear: nn.Linear}[binary]
+    ours = list(inspect.signature(binary.__init__).parameters)
+    assert ours == list(inspect.signature(fp.__init__).parameters)
+    theirs = [p for p in inspect.signature(torch_cls.__init__).parameters if p not in ("device", "dtype",
+                                                                                      "padding_mode")]
+    assert ours[: len(theirs)] == theirs
+    assert ours[len(theirs):] == ["init_scale"]
+
+
+def test_output_depends_only_on_signs():
+    g = torch.Generator().manual_seed(3)
+    layer = dnn.BinaryConv2d(5, 7, 3, padding=1)
+    randomize(layer, g)
+    x = torch.randn(2, 5, 6, 6, generator=g)
+    y = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(layer.weight.shape, generator=g) * 10 + 1e-3)  # same signs
+    assert torch.equal(layer(x), y)
+    with torch.no_grad():
+        layer.weight.view(-1)[5] *= -1
+    assert not torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("cls", [dnn.BinaryConv2d, dnn.BinaryConvTranspose2d])
+def test_straight_through_gradient(cls):
+    g = torch.Generator().manual_seed(4)
+    layer = cls(3, 4, 3, padding=1)
+    randomize(layer, g)
+    x = torch.randn(2, 3, 5, 5, generator=g)
+    upstream = torch.randn(layer(x).shape, generator=g)
+    (layer(x) * upstream).sum().backward()
+    # Reference: the same loss as a function of W_eff = sign(v) * gain/sqrt(n), differentiated by autograd.
+    scale = (layer.gain / math.sqrt(layer.fan_in)).detach()
+    shape = (-1, 1, 1, 1) if cls is dnn.BinaryConv2d else (1, -1, 1, 1)
+    w_eff = (sign(layer.weight.detach()) * scale.view(shape)).requires_grad_()
+    op = F.conv2d if cls is dnn.BinaryConv2d else F.conv_transpose2d
+    (op(x, w_eff, layer.bias.detach(), 1, 1) * upstream).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w_eff.grad * scale.view(shape))
+
+
+def test_binary_activation_forward_and_clipped_gradient():
+    x = torch.tensor([-2.0, -1.0, -0.5, -0.0, 0.0, 0.3, 1.0, 1.5], requires_grad=True)
+    y = dnn.BinaryActivation()(x)
+    assert y.tolist() == [-1, -1, -1, 1, 1, 1, 1, 1]
+    up = torch.arange(1.0, 9.0)
+    (y * up).sum().backward()
+    assert x.grad.tolist() == [0, 2, 3, 4, 5, 6, 7, 0]
+
+
+def test_clamp_touches_only_latents():
+    model = nn.Sequential(dnn.BinaryConv2d(2, 3, 3), dnn.WNConv2d(3, 3, 1), nn.Conv2d(3, 3, 1),
+                          dnn.BinaryLinear(3, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0).add_(5.0)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    dnn.clamp_latents_(model)
+    for n, p in model.named_parameters():
+        if n in ("0.weight", "3.weight"):
+            assert torch.equal(p, torch.ones_like(p)), n
+        else:
+            assert torch.equal(p, before[n]), n
+    assert [n for n, _ in dnn.binary_layers(model)] == ["0", "3"]
+
+
+@pytest.mark.parametrize("cls", [dnn.BinaryConv2d, dnn.WNConv2d, dnn.BinaryLinear, dnn.WNLinear])
+@pytest.mark.parametrize("init_scale", [1.0, 0.3])
+def test_data_dependent_init_gives_mean0_std_init_scale(cls, init_scale):
+    torch.manual_seed(5)
+    conv = cls in (dnn.BinaryConv2d, dnn.WNConv2d)
+    layer = cls(6, 5, 3, padding=1, init_scale=init_scale) if conv else cls(6, 5, init_scale=init_scale)
+    x = torch.randn(64, 6, 8, 8) * 3 + 1 if conv else torch.randn(256, 6) * 3 + 1
+    assert dnn.data_dependent_init(layer, x) == 1
+    y = layer(x)
+    dims = (0, 2, 3) if conv else (0,)
+    torch.testing.assert_close(y.mean(dims), torch.zeros(5), atol=1e-10, rtol=0)
+    torch.testing.assert_close(y.std(dims, unbiased=False), torch.full((5,), init_scale), atol=1e-10, rtol=0)
+    assert not layer._forward_hooks  # nothing left behind
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = dnn.BinaryConv2d(c, c, 3, padding=1)
+        self.conv2 = dnn.BinaryConv2d(c, c, 3, padding=1, init_scale=0.0)
+
+    def forward(self, x):
+        return x + self.conv2(F.elu(self.conv1(F.elu(x))))
+
+
+def test_init_scale_zero_makes_residual_branch_identity_and_init_is_sequential():
+    torch.manual_seed(6)
+    model = nn.Sequential(dnn.WNConv2d(3, 4, 3, padding=1), Residual(4), Residual(4))
+    x = torch.randn(32, 3, 6, 6)
+    assert dnn.data_dependent_init(model, x) == 5
+    h = model[0](x)
+    assert torch.equal(model(x), h)  # both branches exactly zero
+    assert torch.equal(model[1].conv2.gain, torch.zeros(4)) and torch.equal(model[1].conv2.bias, torch.zeros(4))
+    # conv1 of the second block was initialized on the output of the (identity) first block
+    z = model[2].conv1(F.elu(h))
+    torch.testing.assert_close(z.std((0, 2, 3), unbiased=False), torch.ones(4))
+
+
+def test_data_dependent_init_removes_hooks_on_error():
+    layer = dnn.BinaryConv2d(3, 3, 3)
+    with pytest.raises(RuntimeError):
+        dnn.data_dependent_init(layer, torch.randn(1, 5, 8, 8))  # wrong channel count
+    assert not layer._forward_hooks
