@@ -289,7 +289,7 @@ def _coerce(tp, value, key: str, origin: str):
     if origin_tp is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise err
-        return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin_tp is list:
         if not isinstance(value, list | tuple):
             raise err

@@ -84,7 +84,8 @@ class BinaryActivation(nn.Module):
 class WeightNormLayer(nn.Module):
     """Shared machinery of the six layers: parameters, per-channel scale, data-dependent init.
 
-    Subclasses set ``binary``, ``_channel_dim`` and ``_output_dim`` and implement ``_op(x, weight, bias)`` (the plain float op, e.g. ``F.conv2d`` with the layer's geometry).
+    Subclasses set ``binary``, ``_channel_dim`` and ``_output_dim`` and implement ``_op(x, weight, bias)``
+    (the plain float op, e.g. ``F.conv2d`` with the layer's geometry).
     """
 
     binary: bool = False
