@@ -61,6 +61,24 @@ class RVAEConfig:
     kernel: int = 3  # kernel of the stochastic layers' residual convs
     kl_min: float = 0.1  # free bits: nats per latent channel, batch-averaged
 
+    def __post_init__(self):
+        # Shapes the model cannot be built with fail here, at load time, naming the key.
+        checks = [
+            ("channels", self.channels >= 1, "a positive int"),
+            ("image_size", self.image_size >= 2 and self.image_size % 2 == 0,
+             "an even int >= 2 (the first conv halves it)"),
+            ("width", self.width >= 1, "a positive int"),
+            ("zdim", self.zdim >= 1, "a positive int"),
+            ("num_stochastic", self.num_stochastic >= 1, "an int >= 1"),
+            ("num_proc_layers", self.num_proc_layers >= 0, "an int >= 0"),
+            ("proc_kernel", self.proc_kernel >= 1 and self.proc_kernel % 2 == 1, "an odd positive int"),
+            ("kernel", self.kernel >= 1 and self.kernel % 2 == 1, "an odd positive int"),
+            ("kl_min", self.kl_min >= 0, "a float >= 0"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"'model.{key}' = {getattr(self, key)!r}: expected {expected}")
+
 
 @dataclass(kw_only=True)
 class FlowPPConfig:
