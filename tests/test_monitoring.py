@@ -1,0 +1,91 @@
+"""Monitoring: metric definitions, the shipped Prometheus/Grafana files, the prometheus_client exporter."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dbgen.metrics import METRICS, TrainMetrics, exported_name, metrics_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_queries_name_only_exported_metrics():
+    dash = json.loads((ROOT / "cluster/grafana/dbgen.json").read_text())
+    exported = {exported_name(m) for m in METRICS}
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    used = {name for e in exprs for name in re.findall(r"\bray_dbgen_\w+", e)}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("throughput", "bits/dim", "step time breakdown", "communication", "skipped"):
+        assert topic in titles
+
+
+def test_prometheus_config_discovers_ray_nodes():
+    cfg = yaml.safe_load((ROOT / "cluster/prometheus.yml").read_text())
+    ray_job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "ray")
+    assert ray_job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+def test_promtool_accepts_prometheus_config():
+    out = subprocess.run(["promtool", "check", "config", str(ROOT / "cluster/prometheus.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_readme_metric_table_is_current():
+    assert metrics_markdown() in (ROOT / "README.md").read_text()
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("ray_dbgen_"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    return values
+
+
+def test_http_exporter_serves_recorded_values_on_loopback():
+    port = free_port()
+    m = TrainMetrics("r1", 0, "rvae", "abc123", backend="http", port=port)
+    try:
+        for _ in range(3):
+            m.record_step({"loss": 5.5, "grad_norm": 2.0, "lr": 1e-3, "skipped": False, "t_forward": 0.25,
+                           "t_backward": 0.5}, images=32)
+        m.record_step({"loss": 5.0, "skipped": True}, images=32)
+        m.record_throughput(step_s=0.8, images_per_s=40.0, job_images_per_s=80.0, peak_memory_bytes=1024)
+        m.record_eval(4.75)
+        m.record_checkpoint(1.5, 4096)
+        m.add_comm_bytes("grad", 1000)
+        m.add_comm_bytes("weight", 24)
+        with pytest.raises(ValueError, match="kind 'bogus'"):
+            m.add_comm_bytes("bogus", 1)
+        v = scrape(port)
+    finally:
+        m.close()
+    w = 'run="r1",worker="0"'
+    assert v[f"ray_dbgen_steps_total{{{w}}}"] == 4
+    assert v[f"ray_dbgen_skipped_steps_total{{{w}}}"] == 1
+    assert v[f"ray_dbgen_images_total{{{w}}}"] == 128
+    assert v[f'ray_dbgen_step_phase_seconds_total{{kind="backward",{w}}}'] == 1.5
+    assert v[f"ray_dbgen_train_bpd{{{w}}}"] == 5.0
+    assert v['ray_dbgen_job_images_per_second{run="r1"}'] == 80.0
+    assert v['ray_dbgen_eval_bpd{run="r1"}'] == 4.75
+    assert v[f'ray_dbgen_comm_bytes_total{{kind="weight",{w}}}'] == 24
+    assert v['ray_dbgen_run_info{config_hash="abc123",model="rvae",run="r1"}'] == 1
