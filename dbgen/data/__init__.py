@@ -7,7 +7,7 @@ On disk a *split* is a directory of Parquet shards plus ``manifest.json`` (writt
                               class_names, shards [{file, rows, bytes, sha256}], source, skipped
 
 Build one with ``python -m dbgen.data.convert --format {cifar10,imagenet-batches,image-folder,image-tar}
---src PATH --out DIR`` (see :mod:`dbgen.data.convert`) or get the built-in one with ``builtin("photos32")``.
+--src PATH --out DIR`` (formats: :mod:`dbgen.data.converters`) or get the built-in one with ``builtin("photos32")``.
 
 Row order (the decision the exact-resume test depends on)
 ---------------------------------------------------------
@@ -46,20 +46,10 @@ skipped, but a different order than either uninterrupted run - and later epochs 
 world size.
 """
 
-import importlib
-
+from .builtin import BUILTINS, builtin
+from .converters import FORMATS, convert
 from .loader import EvalLoader, TrainLoader, ray_data_config, ray_datasets
 from .split import DataError, Split, open_split, read_rows, resolve_split, verify_split
-
-# Imported on first use, so that ``python -m dbgen.data.convert`` / ``.builtin`` run their module only once.
-_LAZY = {"BUILTINS": "builtin", "builtin": "builtin", "FORMATS": "convert", "convert": "convert"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "BUILTINS",

@@ -1,4 +1,5 @@
-"""Built-in data that needs no download: ``builtin("photos32")``, ``python -m dbgen.data.builtin photos32``.
+"""Built-in data that needs no download: ``builtin("photos32")``, or on the command line
+``python -m dbgen.data.convert --format builtin --src photos32 [--out DIR]``.
 
 ``photos32``: 32x32 RGB patches cut from the colour photographs that scikit-image ships inside its package
 (``skimage/data``: astronaut, chelsea, coffee, hubble_deep_field, ihc, motorcycle_left, rocket). The label
@@ -19,19 +20,17 @@ discards its copy.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .convert import Chunk, Source, write_split
+from .converters import Chunk, Source, write_split
 from .split import MANIFEST, DataError, open_split, sha256_file
 
 log = logging.getLogger(__name__)
@@ -132,24 +131,3 @@ def builtin(name: str = "photos32", cache_dir: str | Path | None = None) -> dict
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {split: open_split(final / split).path for split in ("train", "test")}
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dbgen.data.builtin",
-                                description="Build (or find) a built-in data set in the cache and print its splits.")
-    p.add_argument("name", choices=BUILTINS)
-    p.add_argument("--cache-dir", default=None, help="default: $DBGEN_CACHE or ~/.cache/dbgen")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        paths = builtin(args.name, args.cache_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for split, path in paths.items():
-        print(f"{split}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,519 +1,60 @@
-"""Convert image data sets into a Parquet split: ``python -m dbgen.data.convert``.
+"""``python -m dbgen.data.convert``: convert an image data set into a Parquet split (see :mod:`dbgen.data.converters`).
 
 ::
 
     python -m dbgen.data.convert --format FORMAT --src PATH --out DIR [--split train|test] [--resolution 32|64]
-        [--rows-per-shard N] [--skip-bad] [--resize] [--overwrite]
-    python -m dbgen.data.convert --format builtin --src photos32 --out DIR     # writes DIR/train, DIR/test
+        [--rows-per-shard N] [--row-group-rows N] [--skip-bad] [--resize] [--overwrite]
+    python -m dbgen.data.convert --format builtin --src photos32 [--out DIR]
 
-Formats (``--src``):
-
-* ``cifar10``: the python-pickle batches (``data_batch_1..5`` / ``test_batch`` + ``batches.meta``), as a
-  directory (or its ``cifar-10-batches-py`` parent) or the ``cifar-10-python.tar.gz``. ``data`` N x 3072
-  uint8 planar RGB, ``labels`` 0..9, class names from ``batches.meta``.
-* ``imagenet-batches``: downsampled ImageNet (Chrabaszcz et al. 2017): a directory of ``train_data_batch_K``
-  (train) or ``val_data`` (test) files, pickle or ``.npz``; ``data`` N x (3*R*R) uint8 planar RGB, ``labels``
-  1..1000, stored 0-based (label - 1).
-* ``image-folder``: ``SRC/<class>/<image>`` JPEG/PNG files; ``image-tar``: the same inside a tar (any
-  compression), members in archive order. The class is the image's parent folder name (classes sorted by
-  name give the label). Files of other types are ignored (counted in the manifest). Decoded with PIL,
-  converted to RGB.
-
-Pickles are read with an unpickler that only admits plain containers and numpy arrays (no code runs).
-
-Images whose size differs from ``--resolution`` are an error unless ``--resize``: then the image is
-center-cropped to a square and resampled with PIL's BOX filter (the area average used to make downsampled
-ImageNet). Bad images (undecodable, wrong size, label out of range) are errors naming the file / member /
-``batch_file:row``; with ``--skip-bad`` they are skipped, counted and listed in the manifest. A broken
-container (truncated tar, unreadable batch file) is always an error.
-
-Writing is atomic: shards are written as ``*.tmp`` and renamed when complete, ``manifest.json`` is written
-last (tmp + rename). A directory without ``manifest.json`` is not a split; re-running the conversion into it
-removes the converter's leftovers and starts clean. Memory stays bounded: the converter streams row groups
-(1024 rows) to disk, holding at most one input batch file or image at a time.
+``--format builtin`` writes ``DIR/train`` and ``DIR/test``, or without ``--out`` builds into the cache
+(``$DBGEN_CACHE`` or ``~/.cache/dbgen``) as ``builtin("photos32")`` does. Exit code 1 with a message naming
+the file / member / row on bad input.
 """
 
-from __future__ import annotations
-
 import argparse
-import io
 import json
 import logging
-import os
-import pickle
-import re
 import sys
-import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-
-from .split import FORMAT_VERSION, MANIFEST, DataError, arrow_schema, sha256_file
-
-log = logging.getLogger(__name__)
-
-FORMATS = ("cifar10", "imagenet-batches", "image-folder", "image-tar")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-ROW_GROUP_ROWS = 1024
-DEFAULT_ROWS_PER_SHARD = 16 * ROW_GROUP_ROWS
-RESIZE_METHOD = "center square crop, then PIL Image.resize(..., Image.Resampling.BOX)"
-_SHARD_RE = re.compile(r"^shard-\d{5}\.parquet(\.tmp)?$")
-
-
-# ------------------------------------------------------------------------------------------ records
-@dataclass
-class Chunk:
-    """Good rows: ``images`` (n, R, R, 3) uint8 HWC, ``labels`` (n,), ``sources`` n strings."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    sources: list[str]
-
-
-@dataclass
-class Bad:
-    source: str
-    reason: str
-
-
-@dataclass
-class Source:
-    """An input data set: ``records()`` yields Chunks and Bads; class names may be filled while iterating."""
-
-    description: dict
-    num_classes: int
-    class_names: list[str] | None = None
-    ignored_files: int = 0
-    records: Iterator = field(default=iter(()), repr=False)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-class _SafeUnpickler(pickle.Unpickler):
-    """Admits only what data-set pickles hold: containers, numbers, strings and numpy arrays."""
-
-    ALLOWED = {
-        (mod, name)
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
-        for name in ("_reconstruct", "scalar", "_frombuffer")
-    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
-        return super().find_class(module, name)
-
-
-def _load_batch(data: bytes, where: str) -> dict:
-    """A pickled or npz batch -> dict with str keys."""
-    try:
-        if data[:4] == b"PK\x03\x04":  # zip = npz
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        else:
-            d = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as e:  # any unpickling / zip failure means a broken file; say which
-        raise DataError(f"{where}: unreadable batch file ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise DataError(f"{where}: expected a dict of arrays, got {type(d).__name__}")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-
-
-def _fit(img: Image.Image, resolution: int, resize: bool, where: str) -> np.ndarray | str:
-    """PIL image -> (R, R, 3) uint8, or the reason it is bad."""
-    img = img.convert("RGB")
-    if img.size != (resolution, resolution):
-        if not resize:
-            return f"image is {img.width}x{img.height}, expected {resolution}x{resolution} (--resize resamples)"
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        img = img.resize((resolution, resolution), Image.Resampling.BOX)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _decode(data: bytes, resolution: int, resize: bool, where: str) -> np.ndarray | str:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _fit(img, resolution, resize, where)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        return f"cannot decode image ({type(e).__name__}: {e})"
-
-
-def _planar_rows(d: dict, where: str, resolution: int, resize: bool, label_lo: int, label_hi: int) -> Iterator:
-    """A batch dict with planar ``data`` and ``labels`` -> Chunks/Bads (labels shifted to 0-based)."""
-    data, labels = d.get("data"), d.get("labels")
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.dtype != np.uint8:
-        raise DataError(f"{where}: 'data' must be an N x (3*R*R) uint8 array, got "
-                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    labels = np.asarray(labels)
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{where}: 'labels' must be {len(data)} integers, got shape {labels.shape} "
-                        f"dtype {labels.dtype}")
-    side = int(round((data.shape[1] / 3) ** 0.5))
-    if 3 * side * side != data.shape[1]:
-        raise DataError(f"{where}: rows of {data.shape[1]} values are not 3 square planes")
-    images = data.reshape(len(data), 3, side, side).transpose(0, 2, 3, 1)  # planar -> (N, H, W, 3)
-    if side != resolution and not resize:
-        raise DataError(f"{where}: images are {side}x{side} ({data.shape[1]} values per row), expected "
-                        f"{resolution}x{resolution} ({3 * resolution * resolution}); --resize resamples")
-    name = Path(where).name
-    ok = (labels >= label_lo) & (labels <= label_hi)
-    for i in np.flatnonzero(~ok):
-        yield Bad(f"{name}:{i}", f"label {labels[i]}, expected {label_lo}..{label_hi}")
-    step = 4096
-    for a in range(0, len(data), step):
-        idx = np.flatnonzero(ok[a:a + step]) + a
-        if len(idx) == 0:
-            continue
-        imgs = images[idx]
-        if side != resolution:
-            imgs = np.stack([_fit(Image.fromarray(x), resolution, True, where) for x in imgs])
-        yield Chunk(np.ascontiguousarray(imgs), labels[idx].astype(np.int64) - label_lo,
-                    [f"{name}:{i}" for i in idx.tolist()])
-
-
-# ------------------------------------------------------------------------------------------ formats
-def _cifar10(src: Path, split: str, resolution: int, resize: bool) -> Source:
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    if src.is_dir():
-        root = src / "cifar-10-batches-py" if (src / "cifar-10-batches-py").is_dir() else src
-
-        def read(name):
-            p = root / name
-            if not p.is_file():
-                raise DataError(f"{p}: missing (expected the CIFAR-10 python batches: "
-                                f"data_batch_1..5, test_batch, batches.meta)")
-            return p.read_bytes(), str(p)
-        opened = None
-    elif tarfile.is_tarfile(src):
-        opened = tarfile.open(src)
-        members = {Path(m.name).name: m for m in _tar_members(opened, src) if m.isfile()}
-
-        def read(name):
-            m = members.get(name)
-            if m is None:
-                raise DataError(f"{src}: no member '{name}' (expected cifar-10-batches-py/{name})")
-            return _tar_read(opened, m, src), f"{src}:{m.name}"
-    else:
-        raise DataError(f"{src}: expected the cifar-10-batches-py directory or cifar-10-python.tar.gz")
-
-    meta_bytes, meta_where = read("batches.meta")
-    label_names = _load_batch(meta_bytes, meta_where).get("label_names")
-    if not isinstance(label_names, list) or len(label_names) != 10:
-        raise DataError(f"{meta_where}: expected 'label_names' with 10 class names")
-    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in label_names]
-
-    def records():
-        try:
-            for name in names:
-                data, where = read(name)
-                yield from _planar_rows(_load_batch(data, where), where, resolution, resize, 0, 9)
-        finally:
-            if opened is not None:
-                opened.close()
-
-    return Source({"format": "cifar10", "path": str(src), "split": split, "files": names}, 10, class_names,
-                  records=records())
-
-
-def _imagenet_batches(src: Path, split: str, resolution: int, resize: bool) -> Source:
-    if not src.is_dir():
-        raise DataError(f"{src}: expected a directory of train_data_batch_K / val_data files (pickle or .npz)")
-    pattern = re.compile(r"^train_data_batch_(\d+)(\.npz)?$" if split == "train" else r"^val_data(\.npz)?$")
-    files = [p for p in src.iterdir() if p.is_file() and pattern.match(p.name)]
-    files.sort(key=lambda p: int(pattern.match(p.name).group(1)) if split == "train" else 0)
-    if not files:
-        want = "train_data_batch_1 ..." if split == "train" else "val_data"
-        raise DataError(f"{src}: no {split} batch files (expected {want}, pickle or .npz)")
-
-    def records():
-        for p in files:
-            yield from _planar_rows(_load_batch(p.read_bytes(), str(p)), str(p), resolution, resize, 1, 1000)
-
-    return Source({"format": "imagenet-batches", "path": str(src), "split": split,
-                   "files": [p.name for p in files], "labels": "stored 0-based (file label - 1)"},
-                  1000, None, records=records())
-
-
-def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).name.startswith(".")
-
-
-def _classes(paths: list[str], where: Path) -> dict[str, int]:
-    parents = sorted({Path(p).parent.name for p in paths})
-    if "" in parents:
-        bad = next(p for p in paths if Path(p).parent.name == "")
-        raise DataError(f"{where}: '{bad}' is not in a class folder (expected <class>/<image>)")
-    return {c: i for i, c in enumerate(parents)}
-
-
-def _image_folder(src: Path, split: str, resolution: int, resize: bool) -> Source:
-    if not src.is_dir():
-        raise DataError(f"{src}: expected a directory of class folders (<class>/<image>.jpg|png)")
-    all_files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
-    files = [f for f in all_files if _is_image(f)]
-    classes = _classes(files, src)
-    source = Source({"format": "image-folder", "path": str(src), "split": split}, len(classes), list(classes),
-                    ignored_files=len(all_files) - len(files))
-
-    def records():
-        for f in files:
-            x = _decode((src / f).read_bytes(), resolution, resize, f)
-            yield Bad(f, x) if isinstance(x, str) else Chunk(x[None], np.array([classes[Path(f).parent.name]]), [f])
-
-    source.records = records()
-    return source
-
-
-def _tar_members(tar: tarfile.TarFile, src: Path) -> list[tarfile.TarInfo]:
-    """All members, checking the archive is complete (truncation otherwise loses members silently)."""
-    try:
-        members = tar.getmembers()
-        if members:
-            last = members[-1]
-            end = last.offset_data + (-(-last.size // 512) * 512 if last.isfile() else 0)
-            tar.fileobj.seek(end)
-            marker = tar.fileobj.read(1024)
-            if len(marker) < 1024 or any(marker):
-                raise DataError(f"{src}: truncated tar: archive ends inside or right after member "
-                                f"'{last.name}' (no end-of-archive marker)")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{src}: truncated or corrupt tar ({type(e).__name__}: {e})") from None
-    return members
-
-
-def _tar_read(tar: tarfile.TarFile, m: tarfile.TarInfo, src: Path) -> bytes:
-    try:
-        data = tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{src}: member '{m.name}': truncated or corrupt tar ({type(e).__name__}: {e})") from None
-    if len(data) != m.size:
-        raise DataError(f"{src}: member '{m.name}': {len(data)} of {m.size} bytes (truncated tar)")
-    return data
-
-
-def _image_tar(src: Path, split: str, resolution: int, resize: bool) -> Source:
-    if not src.is_file():
-        raise DataError(f"{src}: expected a tar file of class folders (<class>/<image>.jpg|png)")
-    try:
-        tar = tarfile.open(src)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{src}: not a readable tar ({type(e).__name__}: {e})") from None
-    all_members = [m for m in _tar_members(tar, src) if m.isfile()]
-    members = [m for m in all_members if _is_image(m.name)]
-    classes = _classes([m.name for m in members], src)
-    source = Source({"format": "image-tar", "path": str(src), "split": split}, len(classes), list(classes),
-                    ignored_files=len(all_members) - len(members))
-
-    def records():
-        with tar:
-            for m in members:
-                x = _decode(_tar_read(tar, m, src), resolution, resize, f"{src}:{m.name}")
-                label = classes[Path(m.name).parent.name]
-                yield Bad(m.name, x) if isinstance(x, str) else Chunk(x[None], np.array([label]), [m.name])
-
-    source.records = records()
-    return source
-
-
-_READERS = {"cifar10": _cifar10, "imagenet-batches": _imagenet_batches, "image-folder": _image_folder,
-            "image-tar": _image_tar}
-
-
-# ------------------------------------------------------------------------------------------ writing
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Make ``out`` an empty-of-our-files directory; refuse to touch anything we did not write."""
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise DataError(f"{out}: already holds a converted split ({MANIFEST}); pass --overwrite to replace it")
-        (out / MANIFEST).unlink()  # first, so the directory never looks complete with mixed shards
-    names = [p.name for p in out.iterdir()]
-    foreign = [n for n in names if not (_SHARD_RE.match(n) or n == MANIFEST + ".tmp")]
-    if foreign:
-        raise DataError(f"{out}: contains '{foreign[0]}', which the converter did not write; "
-                        f"give an empty or converter-owned directory")
-    for n in names:
-        (out / n).unlink()
-    if names:
-        log.info("%s: removed %d leftover files of an unfinished conversion", out, len(names))
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ShardWriter:
-    """Streams rows into ``shard-NNNNN.parquet`` files of ``rows_per_shard`` rows, one row group at a time."""
-
-    def __init__(self, out: Path, resolution: int, rows_per_shard: int):
-        self.out, self.resolution = out, resolution
-        self.rows_per_shard = rows_per_shard
-        self.row_group_rows = min(ROW_GROUP_ROWS, rows_per_shard)
-        self.schema = arrow_schema(resolution)
-        self.shards: list[dict] = []
-        self._writer = None
-        self._shard_rows = 0
-        self._pending: list[Chunk] = []
-        self._pending_rows = 0
-
-    def add(self, chunk: Chunk) -> None:
-        self._pending.append(chunk)
-        self._pending_rows += len(chunk.labels)
-        while self._pending_rows >= self._next_group_rows():
-            self._write_group(self._next_group_rows())
-
-    def _next_group_rows(self) -> int:
-        return min(self.row_group_rows, self.rows_per_shard - self._shard_rows)
-
-    def _write_group(self, n: int) -> None:
-        images = np.concatenate([c.images for c in self._pending])
-        labels = np.concatenate([c.labels for c in self._pending])
-        sources = [s for c in self._pending for s in c.sources]
-        rest = Chunk(images[n:], labels[n:], sources[n:])
-        self._pending, self._pending_rows = ([rest], len(rest.labels)) if len(rest.labels) else ([], 0)
-        row_bytes = self.resolution * self.resolution * 3
-        pixels = pa.py_buffer(np.ascontiguousarray(images[:n]))  # (n, R, R, 3) HWC bytes, zero copy
-        table = pa.Table.from_arrays([
-            pa.Array.from_buffers(pa.binary(row_bytes), n, [None, pixels]),
-            pa.array(labels[:n], type=pa.int32()),
-            pa.array(sources[:n], type=pa.string()),
-        ], schema=self.schema)
-        if self._writer is None:
-            self._tmp = self.out / f"shard-{len(self.shards):05d}.parquet.tmp"
-            # Raw pixels barely compress and must read fast; the source strings compress well.
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression={"image": "none",
-                                            "label": "zstd", "source": "zstd"}, use_dictionary=False)
-        self._writer.write_table(table, row_group_size=n)
-        self._shard_rows += n
-        if self._shard_rows == self.rows_per_shard:
-            self._close_shard()
-
-    def _close_shard(self) -> None:
-        self._writer.close()
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
-        final = self._tmp.with_suffix("")  # drop .tmp
-        self.shards.append({"file": final.name, "rows": self._shard_rows, "bytes": self._tmp.stat().st_size,
-                            "sha256": sha256_file(self._tmp)})
-        os.replace(self._tmp, final)
-        self._writer, self._shard_rows = None, 0
-
-    def finish(self) -> int:
-        if self._pending_rows:
-            self._write_group(self._pending_rows)
-        if self._writer is not None:
-            self._close_shard()
-        return sum(s["rows"] for s in self.shards)
-
-
-def write_split(source: Source, out: str | Path, *, resolution: int = 32,
-                rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, skip_bad: bool = False,
-                overwrite: bool = False, resize: bool = False) -> Path:
-    """Stream ``source``'s records into the split directory ``out`` (atomic; manifest last)."""
-    out = Path(out).expanduser().resolve()
-    if rows_per_shard < 1 or resolution < 1:
-        raise DataError(f"rows_per_shard {rows_per_shard}, resolution {resolution}: expected positive")
-    _prepare_out(out, overwrite)
-    writer, skipped = ShardWriter(out, resolution, rows_per_shard), []
-    for rec in source.records:
-        if isinstance(rec, Bad):
-            if not skip_bad:
-                raise DataError(f"{source.description['path']}: {rec.source}: {rec.reason} "
-                                f"(--skip-bad skips bad images)")
-            log.warning("skipping %s: %s", rec.source, rec.reason)
-            skipped.append({"source": rec.source, "reason": rec.reason})
-        else:
-            writer.add(rec)
-    num_rows = writer.finish()
-    if num_rows == 0:
-        what = f"all {len(skipped)} images were bad" if skipped else "no images found"
-        raise DataError(f"{source.description['path']}: {what} (format {source.description['format']})")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "resolution": resolution,
-        "channels": 3,
-        "num_rows": num_rows,
-        "rows_per_shard": rows_per_shard,
-        "row_group_rows": writer.row_group_rows,
-        "num_classes": source.num_classes,
-        "class_names": source.class_names,
-        "layout": "image: fixed_size_binary[R*R*3] (uint8 HWC); label: int32; source: string",
-        "source": source.description,
-        "resize": RESIZE_METHOD if resize else None,
-        "num_skipped": len(skipped),
-        "skipped": skipped,
-        "ignored_files": source.ignored_files,
-        "shards": writer.shards,
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    _fsync_write(tmp, json.dumps(manifest, indent=1).encode())
-    os.replace(tmp, out / MANIFEST)
-    _fsync_dir(out)
-    log.info("%s: %d rows in %d shards (%d skipped)", out, num_rows, len(writer.shards), len(skipped))
-    return out
-
-
-def convert(format: str, src: str | Path, out: str | Path, *, split: str = "train", resolution: int = 32,
-            rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, skip_bad: bool = False, resize: bool = False,
-            overwrite: bool = False) -> Path:
-    """Convert ``src`` (one of :data:`FORMATS`) into the split directory ``out``; returns ``out``.
-
-    Raises :class:`DataError` naming the file / member / row for bad input (see the module docstring).
-    """
-    if format not in _READERS:
-        raise DataError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
-    if split not in ("train", "test"):
-        raise DataError(f"split {split!r}: expected train or test")
-    src = Path(src).expanduser()
-    if not src.exists():
-        raise DataError(f"{src}: does not exist")
-    source = _READERS[format](src, split, resolution, resize)
-    return write_split(source, out, resolution=resolution, rows_per_shard=rows_per_shard, skip_bad=skip_bad,
-                       overwrite=overwrite, resize=resize)
+from .builtin import BUILTINS, build_builtin, builtin
+from .converters import DEFAULT_ROWS_PER_SHARD, FORMATS, RESIZE_METHOD, ROW_GROUP_ROWS, convert
+from .split import MANIFEST, DataError
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dbgen.data.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dbgen.data.convert",
+                                description="Convert an image data set into a Parquet split.")
     p.add_argument("--format", required=True, choices=FORMATS + ("builtin",))
-    p.add_argument("--src", required=True, help="input path; for --format builtin the name (photos32)")
-    p.add_argument("--out", required=True, help="output split directory (builtin: gets train/ and test/)")
+    p.add_argument("--src", required=True, help=f"input path; for --format builtin one of {', '.join(BUILTINS)}")
+    p.add_argument("--out", default=None, help="output split directory (builtin: gets train/ and test/; "
+                                               "default for builtin: the cache)")
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
+    p.add_argument("--row-group-rows", type=int, default=ROW_GROUP_ROWS,
+                   help="rows per Parquet row group = the loader's read unit")
     p.add_argument("--skip-bad", action="store_true", help="skip (and list in the manifest) bad images")
     p.add_argument("--resize", action="store_true", help=f"resample other sizes: {RESIZE_METHOD}")
     p.add_argument("--overwrite", action="store_true", help="replace an existing converted split")
     args = p.parse_args(argv)
+    if args.out is None and args.format != "builtin":
+        p.error("--out is required")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.format == "builtin":
-            from .builtin import build_builtin
-
-            paths = build_builtin(args.src, Path(args.out), overwrite=args.overwrite)
+            if args.src not in BUILTINS:
+                raise DataError(f"builtin data {args.src!r}: expected one of {', '.join(BUILTINS)}")
+            if args.out is None:
+                paths = builtin(args.src)
+            else:
+                paths = build_builtin(args.src, Path(args.out), overwrite=args.overwrite)
             for name, path in paths.items():
                 print(f"{name}: {path}")
             return 0
         out = convert(args.format, args.src, args.out, split=args.split, resolution=args.resolution,
-                      rows_per_shard=args.rows_per_shard, skip_bad=args.skip_bad, resize=args.resize,
-                      overwrite=args.overwrite)
+                      rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows,
+                      skip_bad=args.skip_bad, resize=args.resize, overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .split import DataError, Split, open_split, read_unit, resolve_split
 
@@ -193,7 +192,7 @@ def _runs(split: Split, rows: np.ndarray) -> list[tuple[int, int, int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
     out = []
-    for a, z in zip(starts.tolist(), stops.tolist()):
+    for a, z in zip(starts.tolist(), stops.tolist(), strict=True):
         shard, group, unit_first, _ = units[u[a]]
         lo = int(rows[a] - unit_first)
         out.append((shard, group, lo, lo + (z - a)))
@@ -215,7 +214,7 @@ def _arrow_arrays(split: Split, runs):
 def _read_runs_batch(batch: dict, split: Split) -> dict:
     """Ray Data map_batches function: the runs of a batch of index rows -> their pixels, in order."""
     parts = [read_unit(split, int(s), int(g), int(lo), int(hi))
-             for s, g, lo, hi in zip(batch["shard"], batch["group"], batch["lo"], batch["hi"])]
+             for s, g, lo, hi in zip(batch["shard"], batch["group"], batch["lo"], batch["hi"], strict=True)]
     return {"image": np.concatenate(parts)}  # (n, R*R*C)
 
 
@@ -230,6 +229,8 @@ def _ray_arrays(split: Split, runs):
     ds = ds.map_batches(_read_runs_batch, fn_kwargs={"split": split}, batch_size=RAY_RUNS_PER_TASK,
                         batch_format="numpy", num_cpus=RAY_READ_CPUS)
     ds.context.execution_options.preserve_order = True  # the plan's order, not completion order
+    ds.context.enable_progress_bars = False  # one pipeline per epoch and rank: keep the logs quiet
+    ds.context.print_on_execution_start = False
     for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=RAY_PREFETCH_BLOCKS):
         yield block["image"]
 
@@ -249,17 +250,33 @@ class _RowStream:
                 raise DataError(f"reader ended {n - self._have} rows early")
             self._buf.append(a)
             self._have += len(a)
+        if n == 0:
+            return np.empty((0, 0), np.uint8)
         data = self._buf[0] if len(self._buf) == 1 else np.concatenate(self._buf)
         self._buf = [data[n:]] if len(data) > n else []
         self._have -= n
         return data[:n]
 
+    def close(self) -> None:
+        """Stop the reader now (a Ray Data pipeline otherwise stays open until garbage collection)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
-def _to_tensor(x: np.ndarray, split: Split, pin: bool) -> torch.Tensor:
+
+def _to_tensor(x: np.ndarray, split: Split, pin: bool):
+    import torch  # here, not at the top: the converter CLIs import this package and need no torch
+
     r, c = split.resolution, split.channels
     out = torch.empty((len(x), c, r, r), dtype=torch.uint8, pin_memory=pin)  # (B, C, H, W)
     out.numpy()[:] = x.reshape(len(x), r, r, c).transpose(0, 3, 1, 2)  # HWC -> CHW in the one copy
     return out
+
+
+def _pin_default(pin_memory: bool | None) -> bool:
+    import torch
+
+    return torch.cuda.is_available() if pin_memory is None else pin_memory
 
 
 def _check_backend(backend: str) -> None:
@@ -299,7 +316,7 @@ class TrainLoader:
         self.rank, world_size = _rank_world(rank, world_size)
         self.layout = Layout(world_size, batch_size, shuffle_buffer, drop_last)
         self.seed, self.backend = seed, backend
-        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin = _pin_default(pin_memory)
         self.epoch, self.batch = 0, 0  # position: batches already yielded in this epoch
         self._history: list[tuple[Layout, int]] = []
         if len(self) == 0:
@@ -333,6 +350,8 @@ class TrainLoader:
         for lo in range(first_window * window, n, window):
             hi = min(lo + window, n)
             data = stream.take(hi - lo)  # (hi - lo, R*R*C), read order
+            if hi == n:
+                stream.close()
             out = data[plan.order[lo:hi] - lo]  # shuffled within the window
             pending.append(out[pos - lo:] if lo <= pos else out)
             have = sum(len(p) for p in pending)
@@ -398,7 +417,7 @@ class EvalLoader:
         self.split = _resolve_source(source, "eval", "test")
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.batch_size, self.backend = batch_size, backend
-        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin = _pin_default(pin_memory)
         n, w = self.split.num_rows, self.world_size
         self.lo = self.rank * (n // w) + min(self.rank, n % w)
         self.num_rows = n // w + (self.rank < n % w)  # rows of this rank
@@ -412,5 +431,9 @@ class EvalLoader:
         runs = _runs(self.split, rows)
         arrays = _ray_arrays(self.split, runs) if self.backend == "ray" else _arrow_arrays(self.split, runs)
         stream = _RowStream(arrays)
-        for size in np.diff(np.linspace(0, self.num_rows, len(self) + 1).round().astype(np.int64)):
-            yield _to_tensor(stream.take(int(size)), self.split, self.pin)
+        sizes = np.diff(np.linspace(0, self.num_rows, len(self) + 1).round().astype(np.int64))
+        for i, size in enumerate(sizes.tolist()):
+            x = stream.take(size).reshape(size, self.split.row_bytes)
+            if i == len(sizes) - 1:
+                stream.close()
+            yield _to_tensor(x, self.split, self.pin)
