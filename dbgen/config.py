@@ -89,14 +89,33 @@ class FlowPPConfig:
     binary_activations: bool = False
     image_size: int = 32
     channels: int = 3
-    hdim: int = 120  # width of the couplings' conditioning networks
-    blocks: int = 10  # gated residual blocks per conditioning network
+    hdim: int = 120  # width of every coupling's conditioning network (main and dequantization flow)
+    blocks: int = 10  # gated residual blocks per main-flow conditioning network
     mix_components: int = 8  # logistic mixture components per coupling
     dropout: float = 0.2  # full precision only; binary models use none
     dequant_couplings: int = 4
-    dequant_blocks: int = 2
-    dequant_hdim: int = 32
+    dequant_blocks: int = 2  # gated residual blocks per dequantization conditioning network
+    dequant_context_hdim: int = 32  # width of the dequantization context network
     dequant_context_blocks: int = 3
+
+    def __post_init__(self):
+        # Shapes the model cannot be built with fail here, at load time, naming the key.
+        checks = [
+            ("channels", self.channels >= 1, "a positive int"),
+            ("image_size", self.image_size >= 4 and self.image_size % 4 == 0,
+             "a multiple of 4 (stripe split at full size, squeeze, stripe split at half size)"),
+            ("hdim", self.hdim >= 1, "a positive int"),
+            ("blocks", self.blocks >= 1, "an int >= 1"),
+            ("mix_components", self.mix_components >= 1, "an int >= 1"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "a float in [0, 1)"),
+            ("dequant_couplings", self.dequant_couplings >= 1, "an int >= 1"),
+            ("dequant_blocks", self.dequant_blocks >= 1, "an int >= 1"),
+            ("dequant_context_hdim", self.dequant_context_hdim >= 1, "a positive int"),
+            ("dequant_context_blocks", self.dequant_context_blocks >= 0, "an int >= 0"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"'model.{key}' = {getattr(self, key)!r}: expected {expected}")
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -156,6 +175,8 @@ class ScaleConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional, so Ray Data keeps CPUs on small machines
     zero_stage: Literal[0, 1, 2] = 0
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
 
 
 @dataclass(kw_only=True)
