@@ -1,0 +1,41 @@
+"""Bitwise kernels for packed binary layers, with an exact pure-PyTorch reference.
+
+* Layouts and conversions: :class:`PackedActivation`, :class:`PackedWeight` (:mod:`dbgen.kernels.packing`
+  documents the bit layout and the AND-popcount dot product).
+* Ops (CUDA kernels on CUDA tensors, the reference elsewhere; ``DBGEN_KERNELS=reference`` forces it):
+  :func:`pack_signs`, :func:`pack_activations`, :func:`binary_act_conv2d`, :func:`binary_act_linear`
+  (+-1 x +-1 on 1-bit tensor cores), :func:`packed_weight_conv2d`, :func:`packed_weight_linear`
+  (float x packed 1-bit weights).
+* Packed execution of a trained model: :func:`to_packed`.
+
+Nothing is compiled on import or on CPU; on CUDA the kernels build with nvcc on first use (cached), see
+:mod:`dbgen.kernels.cuda`.
+"""
+
+from .modules import PackedBinaryConv2d, PackedBinaryLinear, SignPack, to_packed
+from .ops import (
+    backend,
+    binary_act_conv2d,
+    binary_act_linear,
+    pack_activations,
+    pack_signs,
+    packed_weight_conv2d,
+    packed_weight_linear,
+)
+from .packing import PackedActivation, PackedWeight
+
+__all__ = [
+    "PackedActivation",
+    "PackedBinaryConv2d",
+    "PackedBinaryLinear",
+    "PackedWeight",
+    "SignPack",
+    "backend",
+    "binary_act_conv2d",
+    "binary_act_linear",
+    "pack_activations",
+    "pack_signs",
+    "packed_weight_conv2d",
+    "packed_weight_linear",
+    "to_packed",
+]

@@ -1,0 +1,770 @@
+// Bitwise kernels for packed binary layers (dbgen.kernels). Built by dbgen/kernels/cuda.py with nvcc into a
+// shared library and called through ctypes with raw device pointers and torch's current stream.
+//
+// Layouts (see dbgen/kernels/packing.py): activations are int32 words (N, H, W, Cw), channel c = bit c%32 of
+// word c/32, 0 padding bits; weights are words (O, Kw), K ordered (tap, channel word), rows zero padded to a
+// multiple of 8 words; bit 1 = +1. The +-1 dot product over valid positions is
+//     dot = 4 * sum popc(w AND x) - 2 * X + Cv
+// with X = +1 inputs in the receptive field and Cv = sum over valid taps of (C - 2 popc(w_tap)) (a table).
+//
+// Kernels:
+//   pack_signs_kernel      flat bytes, same layout as dbgen.nn.pack_signs (warp ballot)
+//   pack_act_kernel        float (any strides) -> activation words
+//   bconv_kernel           fully binary implicit-GEMM conv / linear on mma.m16n8k256 .b1 AND.POPC tensor cores,
+//                          epilogue: scale, bias, float/half/bf16 output or the packed signs of the output
+//   pwconv_kernel          float activations x packed weights on bf16/fp16 mma.m16n8k16; the +-1 A fragments
+//                          are made from weight bits in registers (fp32 input: 3-way bf16 split of x)
+//   *_finalize_kernel      split-K epilogues (the main kernels then add partial sums into a workspace)
+//
+// Every entry point returns a cudaError_t (0 = success) and launches on the given stream.
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <type_traits>
+
+#define DBGEN_API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps, arranged 2 x 2 over a BM x BN output tile
+
+enum DType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum OutMode { kOutF32 = 0, kOutF16 = 1, kOutBF16 = 2, kOutPacked = 3 };
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ------------------------------------------------------------------------------------------- packing
+// One thread per element; a warp ballot gathers 32 sign bits and lanes 0..3 write its 4 bytes.
+template <typename T>
+__global__ void pack_signs_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, long long n) {
+  const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  bool bit = false;
+  if (e < n) bit = to_f32(x[e]) >= 0.f;  // NaN -> 0, -0.0 -> 1, as torch's t >= 0
+  const unsigned mask = __ballot_sync(0xffffffffu, bit);
+  const int lane = threadIdx.x & 31;
+  const long long byte = (e - lane) / 8 + lane;
+  if (lane < 4 && byte < (n + 7) / 8) out[byte] = (uint8_t)(mask >> (8 * lane));
+}
+
+// One thread per output word (n, cw, y, x), x fastest so NCHW reads coalesce across the warp.
+template <typename T>
+__global__ void pack_act_kernel(const T* __restrict__ x, uint32_t* __restrict__ out, int N, int C, int H, int W,
+                                int Cw, long long sN, long long sC, long long sH, long long sW) {
+  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long total = (long long)N * Cw * H * W;
+  if (idx >= total) return;
+  const int xx = (int)(idx % W);
+  long long r = idx / W;
+  const int yy = (int)(r % H);
+  r /= H;
+  const int cw = (int)(r % Cw);
+  const int n = (int)(r / Cw);
+  const T* p = x + n * sN + yy * sH + xx * sW;
+  const int c0 = cw * 32;
+  const int cnt = min(32, C - c0);
+  uint32_t word = 0;
+  for (int b = 0; b < cnt; ++b)
+    if (to_f32(p[(long long)(c0 + b) * sC]) >= 0.f) word |= 1u << b;
+  out[(((long long)n * H + yy) * W + xx) * Cw + cw] = word;
+}
+
+// ------------------------------------------------------------------------------- fully binary conv
+struct BconvParams {
+  const uint32_t* act;   // (N, H, W, Cw)
+  const uint32_t* wgt;   // (O, Kw)
+  const int* cv;         // (O, Ho*Wo) valid-tap correction
+  const int* wtot;       // (O,) its value for interior pixels
+  const float* scale;    // (O,) or null
+  const float* bias;     // (O,) or null
+  void* out;             // (N, O, Ho, Wo) float/half/bf16, or packed words (N, Ho, Wo, Ow)
+  int* ws;               // split-K workspace (N, O, Ho*Wo) int32 (zeroed), or null
+  int out_mode;
+  int N, C, H, W, Cw, O, KH, KW, SH, SW, PH, PW, Ho, Wo, Kw, T, Ow;
+  int steps_per_split;   // 256-bit K steps per blockIdx.z
+};
+
+__device__ __forceinline__ void mma_b1_and(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ int popc4(uint4 v) { return __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w); }
+
+// Valid-tap correction of output channel o at output pixel sp (interior pixels: the per-channel total).
+__device__ __forceinline__ int valid_corr(const BconvParams& p, int o, int sp) {
+  const int oy = sp / p.Wo, ox = sp - (sp / p.Wo) * p.Wo;
+  const int iy = oy * p.SH - p.PH, ix = ox * p.SW - p.PW;
+  const bool interior = iy >= 0 && ix >= 0 && iy + p.KH <= p.H && ix + p.KW <= p.W;
+  return interior ? __ldg(p.wtot + o) : __ldg(p.cv + (long long)o * p.Ho * p.Wo + sp);
+}
+
+__device__ __forceinline__ float bconv_value(const BconvParams& p, int o, int dot) {
+  float y = (float)dot;
+  if (p.scale) y = __fmul_rn(y, __ldg(p.scale + o));
+  if (p.bias) y = __fadd_rn(y, __ldg(p.bias + o));
+  return y;
+}
+
+__device__ __forceinline__ void store_out(void* out, int mode, long long i, float y) {
+  if (mode == kOutF32) static_cast<float*>(out)[i] = y;
+  else if (mode == kOutF16) static_cast<__half*>(out)[i] = __float2half_rn(y);
+  else static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(y);
+}
+
+// Block: BM output channels x BN output pixels (pixels flattened over N*Ho*Wo), 4 warps of (BM/2) x (BN/2).
+// K loop: 8 words (256 bits) per step, double-buffered shared memory, next step's global loads in registers
+// while the tensor cores work on the current one. ALIGNED: Cw % 8 == 0, so a step never crosses a tap and
+// each thread loads one 16-byte vector per operand slot.
+template <int BM, int BN, bool ALIGNED>
+__global__ void __launch_bounds__(kThreads) bconv_kernel(const BconvParams p) {
+  constexpr int WM = BM / 2, WN = BN / 2, MT = WM / 16, NT = WN / 8;
+  constexpr int RS = 12;  // shared row stride in words: 8 + 4 padding -> conflict-free fragment reads
+  constexpr int A_VECS = BM * 2, B_VECS = BN * 2;  // 16-byte vectors per step
+  constexpr int A_IT = (A_VECS + kThreads - 1) / kThreads, B_IT = (B_VECS + kThreads - 1) / kThreads;
+  static_assert(BM % 32 == 0 && BN % 16 == 0, "tile");
+
+  __shared__ __align__(16) uint32_t As[2][BM * RS];
+  __shared__ __align__(16) uint32_t Bs[2][BN * RS];
+  __shared__ int Xs[BN];
+  __shared__ uint32_t Pw[BN * (BM / 32)];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = warp >> 1, wn = warp & 1;
+  const int bm0 = blockIdx.y * BM, bn0 = blockIdx.x * BN;
+  const int HoWo = p.Ho * p.Wo, NP = p.N * HoWo;
+  const int nsteps = p.Kw / 8;
+  const int s_begin = blockIdx.z * p.steps_per_split;
+  const int s_end = min(s_begin + p.steps_per_split, nsteps);
+  if (s_begin >= s_end) return;  // uniform across the block
+
+  for (int i = tid; i < BN * (BM / 32); i += kThreads) Pw[i] = 0u;
+
+  // Per B slot: the output pixel's top-left input corner and image base (invalid pixel: corner far outside).
+  int b_iy0[B_IT], b_ix0[B_IT];
+  long long b_base[B_IT];
+#pragma unroll
+  for (int r = 0; r < B_IT; ++r) {
+    const int idx = tid + r * kThreads;
+    const int pix = bn0 + (idx >> 1);
+    b_iy0[r] = -(1 << 29);
+    b_ix0[r] = -(1 << 29);
+    b_base[r] = 0;
+    if (idx < B_VECS && pix < NP) {
+      const int n = pix / HoWo, sp = pix - n * HoWo;
+      const int oy = sp / p.Wo, ox = sp - oy * p.Wo;
+      b_iy0[r] = oy * p.SH - p.PH;
+      b_ix0[r] = ox * p.SW - p.PW;
+      b_base[r] = (long long)n * p.H * p.W * p.Cw;
+    }
+  }
+
+  uint4 a_reg[A_IT], b_reg[B_IT];
+  int xacc[B_IT];
+#pragma unroll
+  for (int r = 0; r < B_IT; ++r) xacc[r] = 0;
+
+  auto load = [&](int s) {
+    const int k0 = s * 8;
+#pragma unroll
+    for (int r = 0; r < A_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      const int o = bm0 + (idx >> 1);
+      a_reg[r] = make_uint4(0u, 0u, 0u, 0u);
+      if (idx < A_VECS && o < p.O)
+        a_reg[r] = __ldg(reinterpret_cast<const uint4*>(p.wgt + (long long)o * p.Kw + k0 + (idx & 1) * 4));
+    }
+#pragma unroll
+    for (int r = 0; r < B_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      const int h = idx & 1;
+      b_reg[r] = make_uint4(0u, 0u, 0u, 0u);
+      if (idx >= B_VECS) continue;
+      if (ALIGNED) {
+        const int tap = k0 / p.Cw;
+        const int cw = k0 - tap * p.Cw + h * 4;
+        const int ky = tap / p.KW, kx = tap - ky * p.KW;
+        const int iy = b_iy0[r] + ky, ix = b_ix0[r] + kx;
+        if (tap < p.T && (unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W)
+          b_reg[r] = __ldg(reinterpret_cast<const uint4*>(p.act + b_base[r] + ((long long)iy * p.W + ix) * p.Cw + cw));
+      } else {
+        uint32_t v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int k = k0 + h * 4 + q;
+          const int tap = k / p.Cw;
+          v[q] = 0u;
+          if (tap < p.T) {
+            const int cw = k - tap * p.Cw;
+            const int ky = tap / p.KW, kx = tap - ky * p.KW;
+            const int iy = b_iy0[r] + ky, ix = b_ix0[r] + kx;
+            if ((unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W)
+              v[q] = __ldg(p.act + b_base[r] + ((long long)iy * p.W + ix) * p.Cw + cw);
+          }
+        }
+        b_reg[r] = make_uint4(v[0], v[1], v[2], v[3]);
+      }
+    }
+  };
+
+  int acc[MT][NT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
+
+  load(s_begin);
+  for (int s = s_begin; s < s_end; ++s) {
+    const int buf = (s - s_begin) & 1;
+#pragma unroll
+    for (int r = 0; r < A_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      if (idx < A_VECS) *reinterpret_cast<uint4*>(&As[buf][(idx >> 1) * RS + (idx & 1) * 4]) = a_reg[r];
+    }
+#pragma unroll
+    for (int r = 0; r < B_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      if (idx < B_VECS) *reinterpret_cast<uint4*>(&Bs[buf][(idx >> 1) * RS + (idx & 1) * 4]) = b_reg[r];
+      xacc[r] += popc4(b_reg[r]);  // +1 inputs of this pixel's receptive field (padding words are 0)
+    }
+    __syncthreads();
+    if (s + 1 < s_end) load(s + 1);  // in flight while the tensor cores run
+
+    uint32_t af[MT][4], bf[NT][2];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      const uint32_t* a = &As[buf][(wm * WM + mi * 16 + g) * RS + t];
+      af[mi][0] = a[0];
+      af[mi][1] = a[8 * RS];
+      af[mi][2] = a[4];
+      af[mi][3] = a[8 * RS + 4];
+    }
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni) {
+      const uint32_t* b = &Bs[buf][(wn * WN + ni * 8 + g) * RS + t];
+      bf[ni][0] = b[0];
+      bf[ni][1] = b[4];
+    }
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NT; ++ni) mma_b1_and(acc[mi][ni], af[mi], bf[ni]);
+  }
+
+  // X per pixel: the two threads of a pixel are adjacent lanes.
+#pragma unroll
+  for (int r = 0; r < B_IT; ++r) {
+    const int idx = tid + r * kThreads;
+    const int x = xacc[r] + __shfl_xor_sync(0xffffffffu, xacc[r], 1);
+    if (idx < B_VECS && (idx & 1) == 0) Xs[idx >> 1] = x;
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = wm * WM + mi * 16 + g + (e >> 1) * 8;
+        const int col = wn * WN + ni * 8 + 2 * t + (e & 1);
+        const int o = bm0 + row, pix = bn0 + col;
+        if (o >= p.O || pix >= NP) continue;
+        const int n = pix / HoWo, sp = pix - n * HoWo;
+        const int partial = 4 * acc[mi][ni][e] - 2 * Xs[col];
+        if (p.ws) {
+          atomicAdd(p.ws + ((long long)n * p.O + o) * HoWo + sp, partial);
+          continue;
+        }
+        const float y = bconv_value(p, o, partial + valid_corr(p, o, sp));
+        if (p.out_mode == kOutPacked) {
+          if (y >= 0.f) atomicOr(&Pw[col * (BM / 32) + row / 32], 1u << (row & 31));
+        } else {
+          store_out(p.out, p.out_mode, ((long long)n * p.O + o) * HoWo + sp, y);
+        }
+      }
+
+  if (p.out_mode == kOutPacked && !p.ws) {
+    __syncthreads();
+    for (int i = tid; i < BN * (BM / 32); i += kThreads) {
+      const int col = i / (BM / 32), wq = i - col * (BM / 32);
+      const int pix = bn0 + col, word = bm0 / 32 + wq;
+      if (pix < NP && word < p.Ow) static_cast<uint32_t*>(p.out)[(long long)pix * p.Ow + word] = Pw[i];
+    }
+  }
+}
+
+// Split-K epilogue. Float outputs: one thread per element; packed: one thread per output word.
+__global__ void bconv_finalize_kernel(const BconvParams p) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int HoWo = p.Ho * p.Wo;
+  if (p.out_mode == kOutPacked) {
+    const long long total = (long long)p.N * HoWo * p.Ow;
+    if (i >= total) return;
+    const int word = (int)(i % p.Ow);
+    const long long pix = i / p.Ow;
+    const int n = (int)(pix / HoWo), sp = (int)(pix % HoWo);
+    uint32_t bits = 0u;
+    for (int b = 0; b < 32; ++b) {
+      const int o = word * 32 + b;
+      if (o >= p.O) break;
+      const int dot = p.ws[((long long)n * p.O + o) * HoWo + sp] + __ldg(p.cv + (long long)o * HoWo + sp);
+      if (bconv_value(p, o, dot) >= 0.f) bits |= 1u << b;
+    }
+    static_cast<uint32_t*>(p.out)[i] = bits;
+  } else {
+    const long long total = (long long)p.N * p.O * HoWo;
+    if (i >= total) return;
+    const int sp = (int)(i % HoWo);
+    const int o = (int)((i / HoWo) % p.O);
+    const int dot = p.ws[i] + __ldg(p.cv + (long long)o * HoWo + sp);
+    store_out(p.out, p.out_mode, i, bconv_value(p, o, dot));
+  }
+}
+
+// ------------------------------------------------------------------- packed weights x float activations
+struct PwconvParams {
+  const void* x;          // (N, H, W, C) channels-last, dtype T
+  const uint32_t* wT;     // (Kw, O): word k of every output channel, K ordered (tap, channel word)
+  const float* scale;     // (O,) or null
+  const float* bias;      // (O,) or null
+  void* out;              // (N, O, Ho, Wo) dtype T
+  float* ws;              // split-K workspace (N, O, Ho*Wo) fp32 (zeroed), or null
+  int N, C, H, W, Cw, O, KH, KW, SH, SW, PH, PW, Ho, Wo, Kw;  // Kw = T * Cw
+  int chunks_per_split;   // KC-word chunks per blockIdx.z
+};
+
+template <typename T> struct MmaType;
+template <> struct MmaType<__half> {
+  static constexpr uint32_t kOnePair = 0x3C003C00u;  // (1.0h, 1.0h)
+  static constexpr int kSplit = 1;
+};
+template <> struct MmaType<__nv_bfloat16> {
+  static constexpr uint32_t kOnePair = 0x3F803F80u;  // (1.0bf, 1.0bf)
+  static constexpr int kSplit = 1;
+};
+template <> struct MmaType<float> {  // fp32 input: x = hi + mid + lo in bf16, three exact +-1 products
+  static constexpr int kSplit = 3;
+};
+
+// Two weight bits (at `shift`, `shift+1`) -> a pair of +-1.0 in the mma input type (bit 0 sets the sign).
+template <typename T>
+__device__ __forceinline__ uint32_t bits_to_pm1(uint32_t w, int shift) {
+  const uint32_t s = ~(w >> shift);
+  return MmaType<T>::kOnePair | ((s & 1u) << 15) | ((s & 2u) << 30);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low 16 bits)
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 8 consecutive channels of one input pixel as KS 32-bit words per split plane (zero outside the image or C).
+template <typename T, bool VEC>
+struct Vec8 {
+  static constexpr int kWords = MmaType<T>::kSplit * 4;
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ void load(const T* __restrict__ px, int c, int C, bool valid) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = 0u;
+    if (!valid || c >= C) return;
+    if constexpr (std::is_same<T, float>::value) {
+      float f[8];
+      if (VEC) {
+        const float4 u = __ldg(reinterpret_cast<const float4*>(px + c));
+        const float4 v = __ldg(reinterpret_cast<const float4*>(px + c + 4));
+        f[0] = u.x; f[1] = u.y; f[2] = u.z; f[3] = u.w; f[4] = v.x; f[5] = v.y; f[6] = v.z; f[7] = v.w;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = (c + e < C) ? __ldg(px + c + e) : 0.f;
+      }
+      // Exact split: hi = bf16(f), mid = bf16(f - hi), lo = bf16(f - hi - mid); f - hi and its remainder are
+      // exact in fp32, so hi + mid + lo carries 24 mantissa bits.
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        float hi[2], mid[2], lo[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          hi[q] = __bfloat162float(__float2bfloat16_rn(f[e + q]));
+          const float r = f[e + q] - hi[q];
+          mid[q] = __bfloat162float(__float2bfloat16_rn(r));
+          lo[q] = r - mid[q];
+        }
+        w[e / 2] = pack_bf16x2(hi[0], hi[1]);
+        w[4 + e / 2] = pack_bf16x2(mid[0], mid[1]);
+        w[8 + e / 2] = pack_bf16x2(lo[0], lo[1]);
+      }
+    } else {
+      if (VEC) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(px + c));
+        w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+      } else {
+        uint16_t h[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          h[e] = (c + e < C) ? __ldg(reinterpret_cast<const unsigned short*>(px) + c + e) : (uint16_t)0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = (uint32_t)h[2 * e] | ((uint32_t)h[2 * e + 1] << 16);
+      }
+    }
+  }
+};
+
+// Block: BM output channels x BN output pixels; K in chunks of KC weight words (KC * 32 input channels of
+// whole taps). A fragments come straight from the weight words (bits -> +-1 pairs in registers); B (the
+// activations) goes through double-buffered shared memory, row stride KC*16 + 4 words (conflict-free).
+template <typename T, int BM, int BN, int KC, bool VEC>
+__global__ void __launch_bounds__(kThreads) pwconv_kernel(const PwconvParams p) {
+  using MT_ = MmaType<T>;
+  using MmaIn = typename std::conditional<std::is_same<T, __half>::value, __half, __nv_bfloat16>::type;
+  constexpr int NS = MT_::kSplit;
+  constexpr int WM = BM / 2, WN = BN / 2, MT = WM / 16, NT = WN / 8;
+  constexpr int RSB = KC * 16 + 4;
+  constexpr int B_SLOTS = BN * KC * 4;  // 8-channel vectors per chunk
+  constexpr int B_IT = (B_SLOTS + kThreads - 1) / kThreads;
+  constexpr int A_WORDS = BM * KC;
+  constexpr int A_IT = (A_WORDS + kThreads - 1) / kThreads;
+  static_assert(BM % 32 == 0 && BN % 16 == 0, "tile");
+
+  __shared__ __align__(16) uint32_t Bs[2][NS][BN * RSB];
+  __shared__ uint32_t As[2][KC * BM];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = warp >> 1, wn = warp & 1;
+  const int bm0 = blockIdx.y * BM, bn0 = blockIdx.x * BN;
+  const int HoWo = p.Ho * p.Wo, NP = p.N * HoWo;
+  const int nchunks = (p.Kw + KC - 1) / KC;
+  const int c_begin = blockIdx.z * p.chunks_per_split;
+  const int c_end = min(c_begin + p.chunks_per_split, nchunks);
+  if (c_begin >= c_end) return;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+
+  int b_iy0[B_IT], b_ix0[B_IT];
+  long long b_base[B_IT];
+#pragma unroll
+  for (int r = 0; r < B_IT; ++r) {
+    const int idx = tid + r * kThreads;
+    const int pix = bn0 + idx / (KC * 4);
+    b_iy0[r] = -(1 << 29);
+    b_ix0[r] = -(1 << 29);
+    b_base[r] = 0;
+    if (idx < B_SLOTS && pix < NP) {
+      const int n = pix / HoWo, sp = pix - n * HoWo;
+      const int oy = sp / p.Wo, ox = sp - oy * p.Wo;
+      b_iy0[r] = oy * p.SH - p.PH;
+      b_ix0[r] = ox * p.SW - p.PW;
+      b_base[r] = (long long)n * p.H * p.W * p.C;
+    }
+  }
+
+  Vec8<T, VEC> b_reg[B_IT];
+  uint32_t a_reg[A_IT];
+
+  auto load = [&](int chunk) {
+    const int kw0 = chunk * KC;
+#pragma unroll
+    for (int r = 0; r < A_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      const int q = idx / BM, row = idx - q * BM;
+      a_reg[r] = 0u;
+      if (idx < A_WORDS && kw0 + q < p.Kw && bm0 + row < p.O)
+        a_reg[r] = __ldg(p.wT + (long long)(kw0 + q) * p.O + bm0 + row);
+    }
+#pragma unroll
+    for (int r = 0; r < B_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      const int rem = idx % (KC * 4);
+      const int q = rem >> 2, v = rem & 3;
+      const int kw = kw0 + q;
+      bool valid = idx < B_SLOTS && kw < p.Kw;
+      const int tap = kw / p.Cw;
+      const int c = (kw - tap * p.Cw) * 32 + v * 8;
+      const int ky = tap / p.KW, kx = tap - ky * p.KW;
+      const int iy = b_iy0[r] + ky, ix = b_ix0[r] + kx;
+      valid = valid && (unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W;
+      const T* px = x + b_base[r] + ((long long)iy * p.W + ix) * p.C;
+      b_reg[r].load(px, c, p.C, valid);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+  load(c_begin);
+  for (int chunk = c_begin; chunk < c_end; ++chunk) {
+    const int buf = (chunk - c_begin) & 1;
+#pragma unroll
+    for (int r = 0; r < A_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      if (idx < A_WORDS) As[buf][idx] = a_reg[r];
+    }
+#pragma unroll
+    for (int r = 0; r < B_IT; ++r) {
+      const int idx = tid + r * kThreads;
+      if (idx < B_SLOTS) {
+        const int j = idx / (KC * 4), rem = idx % (KC * 4);
+        const int off = j * RSB + (rem >> 2) * 16 + (rem & 3) * 4;
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          *reinterpret_cast<uint4*>(&Bs[buf][s][off]) =
+              make_uint4(b_reg[r].w[4 * s], b_reg[r].w[4 * s + 1], b_reg[r].w[4 * s + 2], b_reg[r].w[4 * s + 3]);
+      }
+    }
+    __syncthreads();
+    if (chunk + 1 < c_end) load(chunk + 1);
+
+#pragma unroll
+    for (int q = 0; q < KC; ++q) {
+      uint32_t wlo[MT], whi[MT];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        wlo[mi] = As[buf][q * BM + wm * WM + mi * 16 + g];
+        whi[mi] = As[buf][q * BM + wm * WM + mi * 16 + g + 8];
+      }
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        uint32_t af[MT][4];
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          af[mi][0] = bits_to_pm1<MmaIn>(wlo[mi], ks * 16 + 2 * t);
+          af[mi][1] = bits_to_pm1<MmaIn>(whi[mi], ks * 16 + 2 * t);
+          af[mi][2] = bits_to_pm1<MmaIn>(wlo[mi], ks * 16 + 2 * t + 8);
+          af[mi][3] = bits_to_pm1<MmaIn>(whi[mi], ks * 16 + 2 * t + 8);
+        }
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+#pragma unroll
+          for (int ni = 0; ni < NT; ++ni) {
+            const uint32_t* b = &Bs[buf][s][(wn * WN + ni * 8 + g) * RSB + q * 16 + ks * 8 + t];
+            const uint32_t b0 = b[0], b1 = b[4];
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) mma_16816<MmaIn>(acc[mi][ni], af[mi], b0, b1);
+          }
+      }
+    }
+  }
+
+  T* __restrict__ out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int o = bm0 + wm * WM + mi * 16 + g + (e >> 1) * 8;
+        const int pix = bn0 + wn * WN + ni * 8 + 2 * t + (e & 1);
+        if (o >= p.O || pix >= NP) continue;
+        const int n = pix / HoWo, sp = pix - n * HoWo;
+        const long long i = ((long long)n * p.O + o) * HoWo + sp;
+        if (p.ws) {
+          atomicAdd(p.ws + i, acc[mi][ni][e]);
+        } else {
+          float y = acc[mi][ni][e];
+          if (p.scale) y = __fmul_rn(y, __ldg(p.scale + o));
+          if (p.bias) y = __fadd_rn(y, __ldg(p.bias + o));
+          out[i] = from_f32<T>(y);
+        }
+      }
+}
+
+template <typename T>
+__global__ void pwconv_finalize_kernel(const PwconvParams p) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int HoWo = p.Ho * p.Wo;
+  if (i >= (long long)p.N * p.O * HoWo) return;
+  const int o = (int)((i / HoWo) % p.O);
+  float y = p.ws[i];
+  if (p.scale) y = __fmul_rn(y, __ldg(p.scale + o));
+  if (p.bias) y = __fadd_rn(y, __ldg(p.bias + o));
+  static_cast<T*>(p.out)[i] = from_f32<T>(y);
+}
+
+// ------------------------------------------------------------------------------------------ launchers
+inline unsigned blocks_for(long long n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+template <int BM, int BN>
+void launch_bconv(const BconvParams& p, int ksplit, cudaStream_t st) {
+  const int NP = p.N * p.Ho * p.Wo;
+  const dim3 grid((NP + BN - 1) / BN, (p.O + BM - 1) / BM, ksplit);
+  if (p.Cw % 8 == 0) bconv_kernel<BM, BN, true><<<grid, kThreads, 0, st>>>(p);
+  else bconv_kernel<BM, BN, false><<<grid, kThreads, 0, st>>>(p);
+}
+
+template <typename T, int BM, int BN, int KC>
+void launch_pwconv_t(const PwconvParams& p, bool vec, int ksplit, cudaStream_t st) {
+  const int NP = p.N * p.Ho * p.Wo;
+  const dim3 grid((NP + BN - 1) / BN, (p.O + BM - 1) / BM, ksplit);
+  if (vec) pwconv_kernel<T, BM, BN, KC, true><<<grid, kThreads, 0, st>>>(p);
+  else pwconv_kernel<T, BM, BN, KC, false><<<grid, kThreads, 0, st>>>(p);
+}
+
+template <typename T, int KC>
+void launch_pwconv(const PwconvParams& p, bool vec, int tile, int ksplit, cudaStream_t st) {
+  if (tile == 0) launch_pwconv_t<T, 64, 64, KC>(p, vec, ksplit, st);
+  else launch_pwconv_t<T, 32, 32, KC>(p, vec, ksplit, st);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------- C API
+DBGEN_API int dbgen_abi_version() { return 1; }
+
+DBGEN_API const char* dbgen_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
+
+DBGEN_API int dbgen_pack_signs(const void* x, int dtype, void* out, long long n, int device, void* stream) {
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return err;
+  if (n <= 0) return cudaSuccess;
+  auto st = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = blocks_for(n, 256);
+  if (dtype == kF32) pack_signs_kernel<float><<<blocks, 256, 0, st>>>(static_cast<const float*>(x), (uint8_t*)out, n);
+  else if (dtype == kF16) pack_signs_kernel<__half><<<blocks, 256, 0, st>>>(static_cast<const __half*>(x), (uint8_t*)out, n);
+  else if (dtype == kBF16)
+    pack_signs_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(static_cast<const __nv_bfloat16*>(x), (uint8_t*)out, n);
+  else return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+DBGEN_API int dbgen_pack_activations(const void* x, int dtype, void* out, int N, int C, int H, int W,
+                                     long long sN, long long sC, long long sH, long long sW, int device,
+                                     void* stream) {
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return err;
+  const int Cw = (C + 31) / 32;
+  const long long total = (long long)N * Cw * H * W;
+  if (total <= 0) return cudaSuccess;
+  auto st = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = blocks_for(total, 256);
+  auto* o = static_cast<uint32_t*>(out);
+  if (dtype == kF32)
+    pack_act_kernel<float><<<blocks, 256, 0, st>>>(static_cast<const float*>(x), o, N, C, H, W, Cw, sN, sC, sH, sW);
+  else if (dtype == kF16)
+    pack_act_kernel<__half><<<blocks, 256, 0, st>>>(static_cast<const __half*>(x), o, N, C, H, W, Cw, sN, sC, sH, sW);
+  else if (dtype == kBF16)
+    pack_act_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(static_cast<const __nv_bfloat16*>(x), o, N, C, H, W, Cw,
+                                                           sN, sC, sH, sW);
+  else return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+// out_mode: 0 fp32, 1 fp16, 2 bf16 (N, O, Ho, Wo); 3 packed sign words (N, Ho, Wo, ceil(O/32)).
+// tile: 0 = 64x64, 1 = 32x32 (channels x pixels). ksplit > 1 needs ws: a zeroed int32 (N, O, Ho*Wo) buffer.
+DBGEN_API int dbgen_bconv(const void* act, const void* wgt, const int* cv, const int* wtot, const float* scale,
+                          const float* bias, void* out, int out_mode, int* ws, int N, int C, int H, int W, int O,
+                          int KH, int KW, int SH, int SW, int PH, int PW, int Kw, int tile, int ksplit, int device,
+                          void* stream) {
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return err;
+  BconvParams p;
+  p.act = static_cast<const uint32_t*>(act);
+  p.wgt = static_cast<const uint32_t*>(wgt);
+  p.cv = cv;
+  p.wtot = wtot;
+  p.scale = scale;
+  p.bias = bias;
+  p.out = out;
+  p.out_mode = out_mode;
+  p.N = N; p.C = C; p.H = H; p.W = W; p.Cw = (C + 31) / 32; p.O = O;
+  p.KH = KH; p.KW = KW; p.SH = SH; p.SW = SW; p.PH = PH; p.PW = PW;
+  p.Ho = (H + 2 * PH - KH) / SH + 1;
+  p.Wo = (W + 2 * PW - KW) / SW + 1;
+  p.Kw = Kw;
+  p.T = KH * KW;
+  p.Ow = (O + 31) / 32;
+  if (out_mode < 0 || out_mode > 3 || Kw % 8 != 0 || Kw < p.T * p.Cw || ksplit < 1 || (ksplit > 1 && !ws))
+    return cudaErrorInvalidValue;
+  const int nsteps = Kw / 8;
+  p.steps_per_split = (nsteps + ksplit - 1) / ksplit;
+  ksplit = (nsteps + p.steps_per_split - 1) / p.steps_per_split;  // no empty slices
+  p.ws = ksplit > 1 ? ws : nullptr;
+  auto st = static_cast<cudaStream_t>(stream);
+  if (p.N * p.Ho * p.Wo <= 0) return cudaSuccess;
+  if (tile == 0) launch_bconv<64, 64>(p, ksplit, st);
+  else launch_bconv<32, 32>(p, ksplit, st);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || ksplit == 1) return err;
+  const long long total = out_mode == kOutPacked ? (long long)N * p.Ho * p.Wo * p.Ow : (long long)N * O * p.Ho * p.Wo;
+  bconv_finalize_kernel<<<blocks_for(total, 256), 256, 0, st>>>(p);
+  return cudaGetLastError();
+}
+
+// x: channels-last (N, H, W, C) of dtype; wT: (T*Cw, O) words; out (N, O, Ho, Wo) of dtype.
+// ksplit > 1 needs ws: a zeroed fp32 (N, O, Ho*Wo) buffer.
+DBGEN_API int dbgen_pwconv(const void* x, int dtype, const void* wT, const float* scale, const float* bias, void* out,
+                           float* ws, int N, int C, int H, int W, int O, int KH, int KW, int SH, int SW, int PH, int PW,
+                           int tile, int ksplit, int device, void* stream) {
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return err;
+  PwconvParams p;
+  p.x = x;
+  p.wT = static_cast<const uint32_t*>(wT);
+  p.scale = scale;
+  p.bias = bias;
+  p.out = out;
+  p.N = N; p.C = C; p.H = H; p.W = W; p.Cw = (C + 31) / 32; p.O = O;
+  p.KH = KH; p.KW = KW; p.SH = SH; p.SW = SW; p.PH = PH; p.PW = PW;
+  p.Ho = (H + 2 * PH - KH) / SH + 1;
+  p.Wo = (W + 2 * PW - KW) / SW + 1;
+  p.Kw = KH * KW * p.Cw;
+  if (ksplit < 1 || (ksplit > 1 && !ws)) return cudaErrorInvalidValue;
+  // fp32 keeps three bf16 planes in shared memory, so it takes 1-word chunks; 16-bit inputs take 4.
+  const int KC = dtype == kF32 ? 1 : 4;
+  const int nchunks = (p.Kw + KC - 1) / KC;
+  p.chunks_per_split = (nchunks + ksplit - 1) / ksplit;
+  ksplit = (nchunks + p.chunks_per_split - 1) / p.chunks_per_split;
+  p.ws = ksplit > 1 ? ws : nullptr;
+  const bool vec = C % 8 == 0 && (reinterpret_cast<uintptr_t>(x) % 16) == 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  if (p.N * p.Ho * p.Wo <= 0) return cudaSuccess;
+  if (dtype == kF32) launch_pwconv<float, 1>(p, vec, tile, ksplit, st);
+  else if (dtype == kF16) launch_pwconv<__half, 4>(p, vec, tile, ksplit, st);
+  else if (dtype == kBF16) launch_pwconv<__nv_bfloat16, 4>(p, vec, tile, ksplit, st);
+  else return cudaErrorInvalidValue;
+  err = cudaGetLastError();
+  if (err != cudaSuccess || ksplit == 1) return err;
+  const unsigned blocks = blocks_for((long long)N * O * p.Ho * p.Wo, 256);
+  if (dtype == kF32) pwconv_finalize_kernel<float><<<blocks, 256, 0, st>>>(p);
+  else if (dtype == kF16) pwconv_finalize_kernel<__half><<<blocks, 256, 0, st>>>(p);
+  else pwconv_finalize_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(p);
+  return cudaGetLastError();
+}
