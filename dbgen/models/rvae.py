@@ -9,7 +9,7 @@ Shapes for the paper config (C=3, 32x32, width 256, zdim 8)::
                     z ~ Logistic(q + r)  (inference)  or  Logistic(p)  (sampling)
                     d = res(d) + conv(elu(z))
     output:     proc_out: 4 residual 5x5 layers -> elu -> 5x5/2 transposed conv -> loc (N,3,32,32)
-    p(x|z):     discretized logistic(loc, exp(x_log_scale)), one global learned log-scale
+    p(x|z):     discretized logistic(loc, exp(log_scale)), one global learned log-scale (data-initialized)
 
 Binary layers: exactly the two convs of every residual layer (:class:`ResidualLayer`), BWN when
 ``binary_weights``; with ``binary_activations`` their inputs go through sign. Everything else is full precision:
@@ -23,7 +23,8 @@ The latent KL has no closed form for logistics: like the IAF-VAE code we use the
 
 Two deliberate differences from the paper's code: (1) the bottom-up residual layer is applied before the
 posterior-parameter conv (the original read the posterior before it, so the top layer's bottom-up residual
-layer fed nothing and got no gradient); (2) the likelihood scale is ``exp(log_scale)`` rather than softplus.
+layer fed nothing and got no gradient); (2) the likelihood scale is ``exp(log_scale)``, data-initialized
+(:class:`~dbgen.models.likelihoods.DiscretizedLogistic`), rather than ``softplus`` of a zero-initialized value.
 """
 
 from __future__ import annotations
@@ -36,14 +37,7 @@ from torch import nn
 
 from ..config import RVAEConfig
 from ..nn import BinaryConv2d, WNConv2d, WNConvTranspose2d, binary_act
-from .likelihoods import (
-    bits_per_dim,
-    discretized_logistic_logp,
-    discretized_logistic_sample,
-    logistic_logp,
-    logistic_sample,
-    to_unit,
-)
+from .likelihoods import DiscretizedLogistic, bits_per_dim, logistic_logp, logistic_sample, to_unit
 
 __all__ = ["RVAE", "ResidualLayer", "StochasticLayer", "free_bits_kl"]
 
@@ -142,7 +136,7 @@ class RVAE(nn.Module):
         self.proc_out = nn.Sequential(*[ResidualLayer(**res) for _ in range(cfg.num_proc_layers)])
         self.last_conv = WNConvTranspose2d(w, c, pk, stride=2, padding=pk // 2, output_padding=1,
                                            init_scale=FP_INIT_SCALE)
-        self.x_log_scale = nn.Parameter(torch.zeros(()))  # global log-scale of p(x|z), on the [-1, 1] scale
+        self.likelihood = DiscretizedLogistic()  # p(x|z), one global learned log-scale
 
     # ------------------------------------------------------------------------------------------ stages
     def _check_input(self, x: torch.Tensor) -> None:
@@ -174,17 +168,13 @@ class RVAE(nn.Module):
         loc = self.last_conv(F.elu(self.proc_out(d)))  # (N, C, H, W)
         return loc, kls
 
-    def _log_px(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) in nats per example (N,)."""
-        return discretized_logistic_logp(x, loc, self.x_log_scale).sum(dim=(1, 2, 3))
-
     # ------------------------------------------------------------------------------------------ interface
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """Training loss: negative ELBO with free bits, bits/dim, mean over the batch (scalar)."""
         self._check_input(x_uint8)
         x = to_unit(x_uint8, self.h_top.dtype)
         loc, kls = self._down(x.shape[0], self._up(x))
-        nll = -self._log_px(x, loc).mean()
+        nll = -self.likelihood(x, loc).mean()
         kl = sum(free_bits_kl(k, self.cfg.kl_min) for k in kls)
         return bits_per_dim(nll + kl, self.dims)
 
@@ -206,7 +196,7 @@ class RVAE(nn.Module):
         log_w = []
         for _ in range(samples):
             loc, kls = self._down(x.shape[0], q_params)
-            log_w.append(self._log_px(x, loc) - sum(k.sum(dim=(1, 2, 3)) for k in kls))  # (N,)
+            log_w.append(self.likelihood(x, loc) - sum(k.sum(dim=(1, 2, 3)) for k in kls))  # (N,)
         log_px = torch.logsumexp(torch.stack(log_w), dim=0) - math.log(samples)
         return bits_per_dim(-log_px, self.dims)
 
@@ -219,4 +209,4 @@ class RVAE(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         loc, _ = self._down(n, None, temperature)
-        return discretized_logistic_sample(loc, self.x_log_scale, temperature)
+        return self.likelihood.sample(loc, temperature)
