@@ -268,8 +268,9 @@ def _to_tensor(x: np.ndarray, split: Split, pin: bool):
     import torch  # here, not at the top: the converter CLIs import this package and need no torch
 
     r, c = split.resolution, split.channels
+    hwc = torch.from_numpy(x if x.flags.writeable else x.copy()).view(len(x), r, r, c)
     out = torch.empty((len(x), c, r, r), dtype=torch.uint8, pin_memory=pin)  # (B, C, H, W)
-    out.numpy()[:] = x.reshape(len(x), r, r, c).transpose(0, 3, 1, 2)  # HWC -> CHW in the one copy
+    out.copy_(hwc.permute(0, 3, 1, 2))  # HWC -> CHW in the one copy
     return out
 
 
@@ -346,23 +347,23 @@ class TrainLoader:
         first_window = pos // window
         runs = _runs(self.split, plan.rows[first_window * window:])
         arrays = _ray_arrays(self.split, runs) if self.backend == "ray" else _arrow_arrays(self.split, runs)
-        stream, pending = _RowStream(arrays), []
+        stream, carry = _RowStream(arrays), None  # carry: < b rows left over from the previous window
         for lo in range(first_window * window, n, window):
             hi = min(lo + window, n)
             data = stream.take(hi - lo)  # (hi - lo, R*R*C), read order
             if hi == n:
                 stream.close()
             out = data[plan.order[lo:hi] - lo]  # shuffled within the window
-            pending.append(out[pos - lo:] if lo <= pos else out)
-            have = sum(len(p) for p in pending)
-            if have >= b:
-                rows = np.concatenate(pending)
-                cut = have - have % b
-                for k in range(0, cut, b):
-                    yield _to_tensor(rows[k:k + b], self.split, self.pin)
-                pending = [rows[cut:]] if cut < have else []
-        if pending and sum(len(p) for p in pending):
-            yield _to_tensor(np.concatenate(pending), self.split, self.pin)  # last partial (drop_last=False)
+            if lo < pos:
+                out = out[pos - lo:]
+            if carry is not None:
+                out = np.concatenate([carry, out])
+            full = len(out) // b * b
+            for k in range(0, full, b):
+                yield _to_tensor(out[k:k + b], self.split, self.pin)
+            carry = out[full:] if full < len(out) else None
+        if carry is not None:
+            yield _to_tensor(carry, self.split, self.pin)  # the last, partial batch (drop_last=False)
 
     def state_dict(self) -> dict:
         """JSON-able position; the same on every rank (they advance in lockstep), so rank 0's suffices."""

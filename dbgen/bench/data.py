@@ -1,0 +1,216 @@
+"""``python -m dbgen.bench data``: data pipeline throughput and memory.
+
+Measures, on a converted split (``--data DIR``):
+
+* ``reader``: the raw Arrow reader, every row group of every shard in storage order -> (n, R*R*C) uint8 numpy
+  (what both loader backends do per read unit), single process;
+* ``loader_arrow``: :class:`dbgen.data.TrainLoader` with ``backend="arrow"`` (planned order, shuffle window,
+  HWC -> NCHW tensors), single process;
+* ``ray``: ``--workers N`` Ray actors (0.25 CPU each), each a rank of ``TrainLoader(backend="ray")`` reading
+  its share of one epoch through Ray Data, after a warm-up pass that starts the Ray worker processes;
+* RSS of this process, sampled while the reader and the arrow loader stream (start / end / peak) and of each
+  Ray rank (peak).
+
+``--synthetic-rows N`` first generates N random 32x32 rows as downsampled-ImageNet batch files (128,116 rows
+per file like the real ImageNet32) under ``--data``, converts them with the converter (timed), benchmarks
+the result and deletes everything it generated (``--keep`` keeps it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_IMAGENET_FILE = 128_116
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="split directory (or work directory with --synthetic-rows)")
+    p.add_argument("--workers", type=int, default=1, help="Ray ranks for the Ray Data measurement (0: skip)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per batch and rank")
+    p.add_argument("--shuffle-buffer", type=int, default=10_000)
+    p.add_argument("--max-rows", type=int, default=None, help="stop each measurement after about this many rows")
+    p.add_argument("--synthetic-rows", type=int, default=None,
+                   help="generate and convert this many random 32x32 rows under --data first")
+    p.add_argument("--keep", action="store_true", help="keep the generated synthetic data")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class RssTrace:
+    """RSS samples while streaming: start, end and peak, in MiB."""
+
+    def __init__(self):
+        self.samples = [rss_mb()]
+
+    def sample(self) -> None:
+        self.samples.append(rss_mb())
+
+    def summary(self) -> dict:
+        return {"start": round(self.samples[0], 1), "end": round(self.samples[-1], 1),
+                "max": round(max(self.samples), 1)}
+
+
+def bench_reader(split, max_rows: int | None) -> dict:
+    from dbgen.data.split import read_unit
+
+    trace, rows, t0 = RssTrace(), 0, time.perf_counter()
+    for shard, group, _, _ in split.units():
+        x = read_unit(split, shard, group)  # (n, R*R*C) uint8
+        rows += len(x)
+        if rows % (64 * split.row_group_rows) < split.row_group_rows:
+            trace.sample()
+        if max_rows and rows >= max_rows:
+            break
+    dt = time.perf_counter() - t0
+    trace.sample()
+    return {"rows": rows, "seconds": round(dt, 3), "images_per_s": round(rows / dt), "rss_mb": trace.summary()}
+
+
+def bench_arrow_loader(split, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
+    from dbgen.data import TrainLoader
+
+    loader = TrainLoader(split, batch_size=batch_size, shuffle_buffer=shuffle_buffer, backend="arrow",
+                         rank=0, world_size=1)
+    n = len(loader) if not max_rows else min(len(loader), -(-max_rows // batch_size))
+    trace, t0, it = RssTrace(), time.perf_counter(), iter(loader)
+    for i in range(n):
+        next(it)
+        if i % 256 == 0:
+            trace.sample()
+    dt = time.perf_counter() - t0
+    trace.sample()
+    return {"rows": n * batch_size, "seconds": round(dt, 3), "images_per_s": round(n * batch_size / dt),
+            "rss_mb": trace.summary()}
+
+
+def _ray_rank(split_dir: str, rank: int, world: int, batch_size: int, shuffle_buffer: int,
+              max_rows: int | None) -> dict:
+    """One Ray rank: warm up (starts the read workers), then time one epoch of its share."""
+    from dbgen.data import EvalLoader, TrainLoader
+
+    for _ in EvalLoader(split_dir, batch_size=batch_size, rank=rank, world_size=max(world, 64), backend="ray"):
+        pass  # warm-up: a small slice through the same Ray Data path
+    loader = TrainLoader(split_dir, batch_size=batch_size, shuffle_buffer=shuffle_buffer, rank=rank,
+                         world_size=world, backend="ray")
+    n = len(loader) if not max_rows else min(len(loader), -(-max_rows // (batch_size * world)))
+    t0, it = time.perf_counter(), iter(loader)
+    for _ in range(n):
+        next(it)
+    dt = time.perf_counter() - t0
+    return {"rank": rank, "rows": n * batch_size, "seconds": round(dt, 3),
+            "images_per_s": round(n * batch_size / dt), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False,
+                 **({} if "RAY_ADDRESS" in os.environ else {"_node_ip_address": "127.0.0.1"}))
+    try:
+        rank_fn = ray.remote(num_cpus=0.25)(_ray_rank)
+        t0 = time.perf_counter()
+        results = ray.get([rank_fn.remote(split_dir, r, workers, batch_size, shuffle_buffer, max_rows)
+                           for r in range(workers)])
+        wall = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+    rows = sum(r["rows"] for r in results)
+    return {"workers": workers, "per_worker": results,
+            "images_per_s_per_worker": round(float(np.mean([r["images_per_s"] for r in results]))),
+            "images_per_s_total": round(sum(r["images_per_s"] for r in results)),
+            "rows": rows, "wall_seconds_with_warmup": round(wall, 1)}
+
+
+def make_synthetic(work: Path, rows: int) -> tuple[Path, dict]:
+    """Random 32x32 downsampled-ImageNet batch files -> converted split; returns it and the timings."""
+    from dbgen.data import convert
+
+    src = work / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for i, start in enumerate(range(0, rows, ROWS_PER_IMAGENET_FILE), 1):
+        n = min(ROWS_PER_IMAGENET_FILE, rows - start)
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)  # planar R, G, B rows
+        np.savez(src / f"train_data_batch_{i}.npz", data=data, labels=rng.integers(1, 1001, n))
+        del data
+    generated = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = convert("imagenet-batches", src, work / "split", overwrite=True)
+    converted = time.perf_counter() - t0
+    shutil.rmtree(src)
+    return out, {"rows": rows, "generate_s": round(generated, 1), "convert_s": round(converted, 1),
+                 "convert_rows_per_s": round(rows / converted)}
+
+
+def main(args) -> int:
+    from dbgen.data import open_split
+
+    synthetic, work = None, Path(args.data)
+    try:
+        if args.synthetic_rows:
+            split_dir, synthetic = make_synthetic(work, args.synthetic_rows)
+        else:
+            split_dir = work
+        split = open_split(split_dir)
+        res = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+                       f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
+            "data": str(split.path), "rows": split.num_rows, "resolution": split.resolution,
+            "bytes": sum(s.bytes for s in split.shards), "synthetic": synthetic,
+        }
+        res["reader"] = bench_reader(split, args.max_rows)
+        res["loader_arrow"] = bench_arrow_loader(split, args.batch_size, args.shuffle_buffer, args.max_rows)
+        if args.workers > 0:
+            res["ray"] = bench_ray(str(split.path), args.workers, args.batch_size, args.shuffle_buffer,
+                                   args.max_rows)
+    finally:
+        if synthetic is not None and not args.keep:
+            shutil.rmtree(work / "split", ignore_errors=True)
+    res["reader_images_per_s"] = res["reader"]["images_per_s"]
+    res["loader_arrow_images_per_s"] = res["loader_arrow"]["images_per_s"]
+    res["ray_images_per_s_per_worker"] = res["ray"]["images_per_s_per_worker"] if "ray" in res else None
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{res['data']}: {res['rows']:,} rows {res['resolution']}x{res['resolution']}, "
+          f"{res['bytes'] / 2**30:.2f} GiB ({res['machine']})")
+    if synthetic:
+        print(f"synthetic: generated in {synthetic['generate_s']} s, converted in {synthetic['convert_s']} s "
+              f"({synthetic['convert_rows_per_s']:,} rows/s)")
+    print(f"{'path':<28}{'rows':>12}{'images/s':>14}{'RSS MiB start/end/max':>26}")
+    for name in ["reader", "loader_arrow"]:
+        r = res[name]
+        rss = r["rss_mb"]
+        print(f"{name:<28}{r['rows']:>12,}{r['images_per_s']:>14,}{rss['start']:>10}/{rss['end']}/{rss['max']}")
+    if "ray" in res:
+        for r in res["ray"]["per_worker"]:
+            print(f"{'ray rank ' + str(r['rank']):<28}{r['rows']:>12,}{r['images_per_s']:>14,}"
+                  f"{'peak ' + str(r['peak_rss_mb']):>26}")
+    print(f"peak RSS of this process: {res['peak_rss_mb']} MiB")
+    return 0
