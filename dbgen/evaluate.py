@@ -1,0 +1,137 @@
+"""``python -m dbgen.evaluate --run DIR [--data DIR] [--samples K] [--json]``: bits/dim of a run's checkpoint.
+
+Single process, no Ray and no DeepSpeed needed: the latest checkpoint of the run directory (the one with the
+highest step among ``checkpoint_*/meta.json``) is read with ``torch.load(weights_only=True)``, the model is
+rebuilt from the config stored in that checkpoint, and every row of the held-out split (``--data``, default the
+run's ``data.eval``) is evaluated once with the importance-weighted bound of ``--samples`` posterior samples
+(K=1 is the ELBO / the flow's dequantized bound). EMA weights are used when the run kept an EMA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, load_config
+
+__all__ = ["RunError", "evaluate_bpd", "latest_checkpoint", "load_run", "main"]
+
+log = logging.getLogger(__name__)
+
+# Layout of a checkpoint directory, written by dbgen.trainer (kept here: evaluate must not import DeepSpeed).
+META_FILE = "meta.json"
+DS_TAG = "ds"
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class RunError(ValueError):
+    """A run directory or checkpoint is missing or unreadable; the message names the path."""
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
+    """``(checkpoint dir, meta)`` of the run's checkpoint with the highest step."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise RunError(f"run directory not found: {run_dir}")
+    found = []
+    for meta_path in run_dir.glob(f"checkpoint_*/{META_FILE}"):
+        try:
+            meta = json.loads(meta_path.read_text())
+            found.append((int(meta["step"]), meta_path.parent, meta))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("skipping unreadable checkpoint %s: %s", meta_path.parent, e)
+    if not found:
+        raise RunError(f"{run_dir}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
+                       f"of python -m dbgen.train, and did it reach its first checkpoint?)")
+    _, path, meta = max(found, key=lambda t: t[0])
+    return path, meta
+
+
+def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu"):
+    """The model of a run's latest checkpoint, in eval mode, and ``info`` (checkpoint, step, config, ema)."""
+    from .models import build
+
+    ckpt, meta = latest_checkpoint(run_dir)
+    try:
+        cfg = load_config(meta["config"])
+    except (ConfigError, KeyError) as e:
+        raise RunError(f"{ckpt / META_FILE}: invalid config: {e}") from None
+    weights = ckpt / DS_TAG / DS_MODEL_FILE
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise RunError(f"{weights}: cannot read model weights: {e}") from None
+    model = build(cfg.model)
+    use_ema = ema and state.get("ema") is not None
+    model.load_state_dict(state["ema"] if use_ema else state["module"])
+    model.to(device).eval()
+    info = {"checkpoint": str(ckpt), "step": meta["step"], "config": cfg, "ema": use_ema}
+    return model, info
+
+
+@torch.no_grad()
+def evaluate_bpd(model, batches, samples: int = 1, max_batches: int | None = None) -> tuple[float, int]:
+    """Mean bits/dim over every row of ``batches`` (uint8 NCHW tensors) and the number of rows."""
+    device = next(model.parameters()).device
+    total, rows = 0.0, 0
+    for i, x in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        bpd = model.log_likelihood_bpd(x.to(device), samples=samples)  # (N,)
+        total += bpd.double().sum().item()
+        rows += x.shape[0]
+    return (total / rows if rows else math.nan), rows
+
+
+def main(argv=None) -> int:
+    from .data import DataError, EvalLoader, resolve_split
+
+    p = argparse.ArgumentParser(prog="python -m dbgen.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run directory (<storage>/<name>)")
+    p.add_argument("--data", default=None, help="held-out split (directory or builtin:NAME); default: the "
+                   "run's data.eval")
+    p.add_argument("--samples", type=int, default=1, help="importance samples per example (1 = ELBO)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.batch_size < 1:
+        p.error("--samples and --batch-size must be >= 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model, info = load_run(args.run, ema=not args.no_ema, device=device)
+        spec = args.data or info["config"].data.eval
+        if spec is None:
+            raise RunError("the run has no data.eval; pass --data")
+        split = resolve_split(spec, "test")
+        loader = EvalLoader(split, batch_size=args.batch_size, rank=0, world_size=1, backend="arrow")
+    except (RunError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    bpd, rows = evaluate_bpd(model, loader, samples=args.samples, max_batches=args.max_batches)
+    result = {"run": str(Path(args.run)), "checkpoint": info["checkpoint"], "step": info["step"],
+              "data": str(split), "rows": rows, "samples": args.samples, "ema": info["ema"], "bpd": bpd,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        bound = "ELBO" if args.samples == 1 else f"IW bound, K={args.samples}"
+        print(f"{bpd:.4f} bits/dim ({bound}) on {rows} rows of {split}, step {info['step']}, "
+              f"{'EMA' if info['ema'] else 'raw'} weights")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""``python -m dbgen.train --config C [dotted.key=value ...] [--name RUN] [--storage DIR]``: the driver.
+
+* Loads and checks the config, resolves the data splits (building ``builtin:`` data on first use) and checks
+  the run directory, all before any Ray worker starts: a bad config or a missing data path exits with code 2
+  and a message naming the key or path.
+* Connects to Ray: to ``RAY_ADDRESS`` when set (``ray job submit`` sets it for the entrypoint; ``RAY_ADDRESS=auto``
+  picks up a cluster started with ``ray start`` on this host), otherwise it starts a local Ray on this machine
+  with the dashboard on 127.0.0.1.
+* Runs a Ray Train ``TorchTrainer`` of ``scale.num_workers`` workers, each running
+  :func:`dbgen.trainer.train_worker` (a DeepSpeed engine per worker), with ``scale.cpus_per_worker`` CPUs
+  (and one GPU with ``scale.use_gpu``) per worker, ``FailureConfig(max_failures=scale.max_failures)`` and
+  ``CheckpointConfig(num_to_keep=train.keep_checkpoints)``.
+* The run directory is ``<storage>/<name>``. Re-running with the same ``--name`` and ``--storage`` resumes
+  from its latest checkpoint (e.g. with a larger ``train.max_steps``). With several nodes the storage
+  directory (and the data) must be on a file system every node sees at the same path.
+
+Outputs in the run directory: ``config.yaml``, ``metrics.jsonl``, ``samples/step_*.png``, ``checkpoint_*/``,
+``summary.json``. The summary is also printed as JSON on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("dbgen.train")
+
+DEFAULT_STORAGE = "~/dbgen-runs"
+
+
+class RunSetupError(ValueError):
+    """The run cannot start (data, storage, resume mismatch); the message names the path or key."""
+
+
+# ------------------------------------------------------------------------------------------- preflight
+def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
+    """All checks that need no Ray; returns the paths the workers get. Raises ConfigError/RunSetupError."""
+    from .data import DataError, resolve_split
+    from .evaluate import RunError, latest_checkpoint
+    from .trainer import check_train_config
+
+    check_train_config(cfg)
+    try:
+        train_dir = str(resolve_split(cfg.data.train, "train"))
+    except DataError as e:
+        raise RunSetupError(f"data.train = {cfg.data.train!r}: {e}") from None
+    eval_dir = None
+    if cfg.data.eval is not None:
+        try:
+            eval_dir = str(resolve_split(cfg.data.eval, "test"))
+        except DataError as e:
+            raise RunSetupError(f"data.eval = {cfg.data.eval!r}: {e}") from None
+
+    if not name or "/" in name or name.startswith("."):
+        raise RunSetupError(f"--name {name!r}: expected a plain directory name")
+    storage = Path(storage).expanduser().resolve()
+    run_dir = storage / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunSetupError(f"--storage {storage}: cannot write the run directory {run_dir}: {e}") from None
+
+    try:
+        ckpt, meta = latest_checkpoint(run_dir)
+    except RunError:
+        ckpt = None
+    if ckpt is not None:
+        old = load_config(meta["config"])
+        if old.model != cfg.model:
+            raise RunSetupError(f"{run_dir} holds a run of another model ({ckpt.name}: model {old.model}); "
+                                f"use another --name to start a new run")
+        if meta["zero_stage"] > 0 and (meta["world_size"] != cfg.scale.num_workers
+                                       or meta["zero_stage"] != cfg.scale.zero_stage):
+            raise RunSetupError(f"{ckpt} was written by {meta['world_size']} workers with ZeRO stage "
+                                f"{meta['zero_stage']}: its optimizer state is partitioned, resume it with "
+                                f"scale.num_workers={meta['world_size']} scale.zero_stage={meta['zero_stage']}")
+        if meta["zero_stage"] == 0 and cfg.scale.zero_stage > 0:
+            raise RunSetupError(f"{ckpt} was written with ZeRO stage 0; resume it with scale.zero_stage=0")
+    return {"run_dir": str(run_dir), "train_dir": train_dir, "eval_dir": eval_dir,
+            "resume_from": str(ckpt) if ckpt else None}
+
+
+# ------------------------------------------------------------------------------------------------- Ray
+def connect_ray() -> str:
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray (dashboard on 127.0.0.1). Returns a description."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        return f"connected to {os.environ['RAY_ADDRESS']}"
+    ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                   logging_level=logging.WARNING)
+    return f"started a local Ray (dashboard {ctx.dashboard_url or 'n/a'})"
+
+
+def _progress_thread(run_dir: Path, max_steps: int, stop: threading.Event) -> threading.Thread | None:
+    """A progress bar on the driver's terminal, fed by rank 0's ``metrics.jsonl`` (only on a TTY)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    def follow():
+        bar = tqdm(total=max_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+        pos = 0
+        path = run_dir / "metrics.jsonl"
+        while not stop.wait(1.0):
+            if not path.exists():
+                continue
+            with open(path) as f:
+                f.seek(pos)
+                chunk = f.read()
+            lines = chunk.split("\n")
+            pos += len(chunk) - len(lines[-1])  # keep a partial last line for the next round
+            for line in lines[:-1]:
+                rec = json.loads(line) if line.strip() else {}
+                if rec.get("kind") == "train":
+                    bar.n = rec["step"]
+                    bar.set_postfix(bpd=f"{rec['bpd']:.3f}", img_s=f"{rec['images_per_s']:.0f}", refresh=False)
+                    bar.refresh()
+        bar.close()
+
+    th = threading.Thread(target=follow, name="progress", daemon=True)
+    th.start()
+    return th
+
+
+def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: dict | None = None) -> dict:
+    """Train ``cfg`` as run ``name`` under ``storage``; returns the run's summary (see dbgen.trainer)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .config import to_yaml
+    from .data import ray_data_config, ray_datasets
+    from .trainer import train_worker
+
+    driver_start = time.time()
+    paths = paths or prepare(cfg, name, storage)
+    run_dir = Path(paths["run_dir"])
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    log.info("run %s in %s (%s)", name, run_dir, "resuming from " + paths["resume_from"]
+             if paths["resume_from"] else "new run")
+    log.info(connect_ray())
+
+    s = cfg.scale
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    in_ray = cfg.data.loader == "ray"
+    kwargs = {}
+    if in_ray:
+        kwargs = {"datasets": ray_datasets(paths["train_dir"], paths["eval_dir"]),
+                  "dataset_config": ray_data_config()}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "train_dir": paths["train_dir"],
+                           "eval_dir": paths["eval_dir"], "submission": uuid.uuid4().hex,
+                           "driver_start": driver_start, "datasets_in_ray": in_ray},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(name=name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        **kwargs,
+    )
+    stop = threading.Event()
+    bar = _progress_thread(run_dir, cfg.train.max_steps, stop)
+    try:
+        trainer.fit()
+    finally:
+        stop.set()
+        if bar is not None:
+            bar.join(timeout=5)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dbgen.train", description=__doc__.split("\n\n")[0],
+                                epilog="Example: python -m dbgen.train --config configs/rvae_binary_tiny.yaml "
+                                       "train.max_steps=200 --name demo --storage runs")
+    p.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=20")
+    p.add_argument("--name", default=None, help="run name (default: <config stem>-<date>-<time>); an existing "
+                   "run of this name is resumed")
+    p.add_argument("--storage", default=os.environ.get("DBGEN_STORAGE", DEFAULT_STORAGE),
+                   help=f"directory of runs (default $DBGEN_STORAGE or {DEFAULT_STORAGE})")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        cfg = load_config(args.config, args.overrides)
+        paths = prepare(cfg, name, args.storage)
+    except (ConfigError, RunSetupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray.train
+
+    try:
+        summary = run(cfg, name, args.storage, paths)
+    except ray.train.TrainingFailedError as e:
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
+    print(yaml.safe_dump({k: summary[k] for k in ("steps", "images_seen", "final_train_bpd", "final_eval_bpd",
+                                                  "wall_s", "images_per_s", "resumed_from")}, sort_keys=False),
+          end="")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
