@@ -17,12 +17,21 @@
 //   *_finalize_kernel      split-K epilogues (the main kernels then add partial sums into a workspace)
 //
 // Every entry point returns a cudaError_t (0 = success) and launches on the given stream.
+//
+// With -DDBGEN_HOST_EMULATION (g++) the same source runs on CPU threads (host_emulation.h), for tests on
+// machines without a GPU.
 
 #include <cstdint>
+#include <type_traits>
+
+#ifdef DBGEN_HOST_EMULATION
+#include "host_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <type_traits>
+#define DBGEN_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
 
 #define DBGEN_API extern "C" __attribute__((visibility("default")))
 
@@ -95,11 +104,15 @@ struct BconvParams {
 };
 
 __device__ __forceinline__ void mma_b1_and(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef DBGEN_HOST_EMULATION
+  emu::mma_b1_and(c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 __device__ __forceinline__ int popc4(uint4 v) { return __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w); }
@@ -372,6 +385,9 @@ __device__ __forceinline__ uint32_t bits_to_pm1(uint32_t w, int shift) {
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef DBGEN_HOST_EMULATION
+  emu::mma_16816<T>(c, a, b0, b1);
+#else
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -385,6 +401,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
@@ -626,16 +643,16 @@ template <int BM, int BN>
 void launch_bconv(const BconvParams& p, int ksplit, cudaStream_t st) {
   const int NP = p.N * p.Ho * p.Wo;
   const dim3 grid((NP + BN - 1) / BN, (p.O + BM - 1) / BM, ksplit);
-  if (p.Cw % 8 == 0) bconv_kernel<BM, BN, true><<<grid, kThreads, 0, st>>>(p);
-  else bconv_kernel<BM, BN, false><<<grid, kThreads, 0, st>>>(p);
+  const auto kernel = p.Cw % 8 == 0 ? bconv_kernel<BM, BN, true> : bconv_kernel<BM, BN, false>;
+  DBGEN_LAUNCH(kernel, grid, kThreads, st, p);
 }
 
 template <typename T, int BM, int BN, int KC>
 void launch_pwconv_t(const PwconvParams& p, bool vec, int ksplit, cudaStream_t st) {
   const int NP = p.N * p.Ho * p.Wo;
   const dim3 grid((NP + BN - 1) / BN, (p.O + BM - 1) / BM, ksplit);
-  if (vec) pwconv_kernel<T, BM, BN, KC, true><<<grid, kThreads, 0, st>>>(p);
-  else pwconv_kernel<T, BM, BN, KC, false><<<grid, kThreads, 0, st>>>(p);
+  const auto kernel = vec ? pwconv_kernel<T, BM, BN, KC, true> : pwconv_kernel<T, BM, BN, KC, false>;
+  DBGEN_LAUNCH(kernel, grid, kThreads, st, p);
 }
 
 template <typename T, int KC>
@@ -657,10 +674,11 @@ DBGEN_API int dbgen_pack_signs(const void* x, int dtype, void* out, long long n,
   if (n <= 0) return cudaSuccess;
   auto st = static_cast<cudaStream_t>(stream);
   const unsigned blocks = blocks_for(n, 256);
-  if (dtype == kF32) pack_signs_kernel<float><<<blocks, 256, 0, st>>>(static_cast<const float*>(x), (uint8_t*)out, n);
-  else if (dtype == kF16) pack_signs_kernel<__half><<<blocks, 256, 0, st>>>(static_cast<const __half*>(x), (uint8_t*)out, n);
+  auto* o = static_cast<uint8_t*>(out);
+  if (dtype == kF32) DBGEN_LAUNCH(pack_signs_kernel<float>, blocks, 256, st, static_cast<const float*>(x), o, n);
+  else if (dtype == kF16) DBGEN_LAUNCH(pack_signs_kernel<__half>, blocks, 256, st, static_cast<const __half*>(x), o, n);
   else if (dtype == kBF16)
-    pack_signs_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(static_cast<const __nv_bfloat16*>(x), (uint8_t*)out, n);
+    DBGEN_LAUNCH(pack_signs_kernel<__nv_bfloat16>, blocks, 256, st, static_cast<const __nv_bfloat16*>(x), o, n);
   else return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
@@ -677,12 +695,14 @@ DBGEN_API int dbgen_pack_activations(const void* x, int dtype, void* out, int N,
   const unsigned blocks = blocks_for(total, 256);
   auto* o = static_cast<uint32_t*>(out);
   if (dtype == kF32)
-    pack_act_kernel<float><<<blocks, 256, 0, st>>>(static_cast<const float*>(x), o, N, C, H, W, Cw, sN, sC, sH, sW);
+    DBGEN_LAUNCH(pack_act_kernel<float>, blocks, 256, st, static_cast<const float*>(x), o, N, C, H, W, Cw, sN, sC, sH,
+                 sW);
   else if (dtype == kF16)
-    pack_act_kernel<__half><<<blocks, 256, 0, st>>>(static_cast<const __half*>(x), o, N, C, H, W, Cw, sN, sC, sH, sW);
+    DBGEN_LAUNCH(pack_act_kernel<__half>, blocks, 256, st, static_cast<const __half*>(x), o, N, C, H, W, Cw, sN, sC,
+                 sH, sW);
   else if (dtype == kBF16)
-    pack_act_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(static_cast<const __nv_bfloat16*>(x), o, N, C, H, W, Cw,
-                                                           sN, sC, sH, sW);
+    DBGEN_LAUNCH(pack_act_kernel<__nv_bfloat16>, blocks, 256, st, static_cast<const __nv_bfloat16*>(x), o, N, C, H,
+                 W, Cw, sN, sC, sH, sW);
   else return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
@@ -724,7 +744,7 @@ DBGEN_API int dbgen_bconv(const void* act, const void* wgt, const int* cv, const
   err = cudaGetLastError();
   if (err != cudaSuccess || ksplit == 1) return err;
   const long long total = out_mode == kOutPacked ? (long long)N * p.Ho * p.Wo * p.Ow : (long long)N * O * p.Ho * p.Wo;
-  bconv_finalize_kernel<<<blocks_for(total, 256), 256, 0, st>>>(p);
+  DBGEN_LAUNCH(bconv_finalize_kernel, blocks_for(total, 256), 256, st, p);
   return cudaGetLastError();
 }
 
@@ -763,8 +783,8 @@ DBGEN_API int dbgen_pwconv(const void* x, int dtype, const void* wT, const float
   err = cudaGetLastError();
   if (err != cudaSuccess || ksplit == 1) return err;
   const unsigned blocks = blocks_for((long long)N * O * p.Ho * p.Wo, 256);
-  if (dtype == kF32) pwconv_finalize_kernel<float><<<blocks, 256, 0, st>>>(p);
-  else if (dtype == kF16) pwconv_finalize_kernel<__half><<<blocks, 256, 0, st>>>(p);
-  else pwconv_finalize_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(p);
+  if (dtype == kF32) DBGEN_LAUNCH(pwconv_finalize_kernel<float>, blocks, 256, st, p);
+  else if (dtype == kF16) DBGEN_LAUNCH(pwconv_finalize_kernel<__half>, blocks, 256, st, p);
+  else DBGEN_LAUNCH(pwconv_finalize_kernel<__nv_bfloat16>, blocks, 256, st, p);
   return cudaGetLastError();
 }

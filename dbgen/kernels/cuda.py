@@ -8,6 +8,10 @@ writes to a temporary name and renames atomically, so concurrent workers at wors
 Requirements, each checked with an error that names what is missing: a CUDA device of compute capability
 >= 8.0 (1-bit ``mma.sync`` tensor cores), ``nvcc`` (``$CUDA_HOME/bin/nvcc``, ``/usr/local/cuda/bin/nvcc`` or
 on ``PATH``), and the kernel source (``$DBGEN_KERNELS_SRC`` or ``kernels/`` next to the ``dbgen`` package).
+
+For tests without a GPU, :func:`build_emulator` compiles the same source with g++ against
+``kernels/host_emulation.h`` (CPU threads; mma and warp primitives emulated) and :func:`set_emulator` routes
+the ``*_cuda`` calls for CPU tensors to it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ OUT_PACKED = 3
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
+_emulator: ctypes.CDLL | None = None
+EMULATED_SMS = 4  # multiprocessor count the split heuristics assume under emulation
 
 
 class KernelUnavailable(RuntimeError):
@@ -121,6 +127,29 @@ def build_library(arch: str, out_dir: Path | None = None, nvcc: str | None = Non
     return lib_path
 
 
+def build_emulator(out_dir: Path, cxx: str = "g++") -> Path:
+    """Compile the kernels for the CPU (host emulation, tests only); needs g++ and CUDA's headers."""
+    src = kernel_source()
+    include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    if not (include / "cuda_bf16.h").is_file():
+        raise KernelUnavailable(f"CUDA headers not found in {include} (set CUDA_HOME)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib_path = out_dir / "libdbgen_kernels_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-DDBGEN_HOST_EMULATION",
+           f"-I{include}", f"-I{src.parent}", "-x", "c++", str(src), "-o", str(lib_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KernelUnavailable(f"{cxx} failed building the host emulation:\n{proc.stderr[-4000:]}")
+    return lib_path
+
+
+def set_emulator(lib: ctypes.CDLL | None) -> None:
+    """Route the ``*_cuda`` functions for CPU tensors to a host-emulation library (None: turn off)."""
+    global _emulator
+    _emulator = lib
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.dbgen_abi_version.restype = i
@@ -171,8 +200,14 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _stream(device: torch.device):
-    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+def _env(device: torch.device):
+    """(library, device index, stream, multiprocessor count) for launching on ``device``."""
+    if device.type == "cpu" and _emulator is not None:
+        return _emulator, 0, None, EMULATED_SMS
+    if device.type != "cuda":
+        raise KernelUnavailable(f"the CUDA kernels need CUDA tensors, got a tensor on {device}")
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    return library(device), device.index, stream, torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _float_vec(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -197,19 +232,18 @@ def _out(out: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
 
 def pack_signs_cuda(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``dbgen.nn.pack_signs`` on the GPU (float32/16/bf16): flat uint8 bytes, LSB first, bit 1 = t >= 0."""
-    lib = library(t.device)
+    lib, index, stream, _ = _env(t.device)
     t = t.detach().contiguous()
     n = t.numel()
     out = _out(out, ((n + 7) // 8,), torch.uint8, t.device)
-    err = lib.dbgen_pack_signs(_ptr(t), _dtype_code(t.dtype, "pack_signs"), _ptr(out), n, t.device.index,
-                               _stream(t.device))
+    err = lib.dbgen_pack_signs(_ptr(t), _dtype_code(t.dtype, "pack_signs"), _ptr(out), n, index, stream)
     _check(lib, err, "pack_signs")
     return out
 
 
 def pack_activations_cuda(x: torch.Tensor, channel_dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Activation words: (N, C, H, W) -> (N, H, W, Cw) for channel_dim 1; (..., C) -> (..., Cw) for -1."""
-    lib = library(x.device)
+    lib, index, stream, _ = _env(x.device)
     x = x.detach()
     if channel_dim == 1:
         if x.dim() != 4:
@@ -227,23 +261,22 @@ def pack_activations_cuda(x: torch.Tensor, channel_dim: int, out: torch.Tensor |
     cw = (c + 31) // 32
     out = _out(out, (n, h, w, cw), torch.int32, x.device)
     err = lib.dbgen_pack_activations(_ptr(x), _dtype_code(x.dtype, "pack_activations"), _ptr(out), n, c, h, w,
-                                     *strides, x.device.index, _stream(x.device))
+                                     *strides, index, stream)
     _check(lib, err, "pack_activations")
     return out.reshape(*lead, cw)
 
 
-def default_split(blocks: int, ksteps: int, device: torch.device) -> int:
+def default_split(blocks: int, ksteps: int, sms: int) -> int:
     """Split K across blocks when the output tiles alone cannot fill the GPU (small batches)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     if blocks >= sms or ksteps < 4:
         return 1
     return max(1, min(ksteps // 2, (2 * sms + blocks - 1) // blocks, 16))
 
 
-def _tile_for(np_: int, o: int, device, tile: int | None) -> int:
+def _tile_for(np_: int, o: int, sms: int, tile: int | None) -> int:
+    """Tile 0 (64 channels x 64 pixels) when it fills the GPU, else tile 1 (32 x 32)."""
     if tile is not None:
         return tile
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     big = ((np_ + 63) // 64) * ((o + 63) // 64)
     return 0 if big >= sms else 1
 
@@ -253,7 +286,7 @@ def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias,
                ksplit: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fully binary conv on activation words (N, H, W, Cw) -> (N, O, Ho, Wo) or output words (N, Ho, Wo, Ow)."""
     dev = words.device
-    lib = library(dev)
+    lib, index, stream, sms = _env(dev)
     n, h, wd, cw = words.shape
     kh, kw = w.kernel_size
     (sh, sw), (ph, pw) = stride, padding
@@ -270,14 +303,14 @@ def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias,
             raise ValueError(f"binary conv: out_dtype {out_dtype} not supported (float32, float16, bfloat16)")
         out = _out(out, (n, o, ho, wo), out_dtype, dev)
         mode = _OUT_CODE[out_dtype]
-    t = _tile_for(n * ho * wo, o, dev, tile)
+    t = _tile_for(n * ho * wo, o, sms, tile)
     bm = 64 if t == 0 else 32
     blocks = ((n * ho * wo + bm - 1) // bm) * ((o + bm - 1) // bm)
-    ks = ksplit if ksplit is not None else default_split(blocks, w.words.shape[1] // 8, dev)
+    ks = ksplit if ksplit is not None else default_split(blocks, w.words.shape[1] // 8, sms)
     ws = torch.zeros(n, o, ho * wo, dtype=torch.int32, device=dev) if ks > 1 else None
     err = lib.dbgen_bconv(_ptr(words), _ptr(w.words), _ptr(cv), _ptr(wtot), _ptr(scale), _ptr(bias), _ptr(out), mode,
                           _ptr(ws), n, channels, h, wd, o, kh, kw, sh, sw, ph, pw, w.words.shape[1], t, ks,
-                          dev.index, _stream(dev))
+                          index, stream)
     _check(lib, err, "binary conv")
     return out
 
@@ -286,7 +319,7 @@ def pwconv_cuda(x: torch.Tensor, w: PackedWeight, scale, bias, stride, padding, 
                 ksplit: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Float (N, C, H, W) x packed weights -> (N, O, Ho, Wo) of x.dtype (input read channels-last)."""
     dev = x.device
-    lib = library(dev)
+    lib, index, stream, sms = _env(dev)
     code = _dtype_code(x.dtype, "packed-weight conv")
     n, c, h, wd = x.shape
     kh, kw = w.kernel_size
@@ -297,13 +330,13 @@ def pwconv_cuda(x: torch.Tensor, w: PackedWeight, scale, bias, stride, padding, 
     wT = w.transposed_words()
     scale, bias = _float_vec(scale, dev), _float_vec(bias, dev)
     out = _out(out, (n, o, ho, wo), x.dtype, dev)
-    t = _tile_for(n * ho * wo, o, dev, tile)
+    t = _tile_for(n * ho * wo, o, sms, tile)
     bm = 64 if t == 0 else 32
     kc = 1 if x.dtype == torch.float32 else 4
     blocks = ((n * ho * wo + bm - 1) // bm) * ((o + bm - 1) // bm)
-    ks = ksplit if ksplit is not None else default_split(blocks, (wT.shape[0] + kc - 1) // kc, dev)
+    ks = ksplit if ksplit is not None else default_split(blocks, (wT.shape[0] + kc - 1) // kc, sms)
     ws = torch.zeros(n, o, ho * wo, dtype=torch.float32, device=dev) if ks > 1 else None
     err = lib.dbgen_pwconv(_ptr(xl), code, _ptr(wT), _ptr(scale), _ptr(bias), _ptr(out), _ptr(ws), n, c, h, wd, o,
-                           kh, kw, sh, sw, ph, pw, t, ks, dev.index, _stream(dev))
+                           kh, kw, sh, sw, ph, pw, t, ks, index, stream)
     _check(lib, err, "packed-weight conv")
     return out

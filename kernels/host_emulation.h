@@ -1,0 +1,180 @@
+// Host emulation of the CUDA features binary_kernels.cu uses, so that the same kernel source runs on a CPU in
+// tests (tests/test_kernels_build.py) when no GPU is available. Built with g++ -DDBGEN_HOST_EMULATION.
+//
+// A launch runs its blocks one after another; a block's threads are std::threads, __syncthreads is a barrier,
+// and __shared__ variables are function-local statics (shared by the block's threads; blocks never overlap).
+// Warp primitives (shuffle, ballot, mma.sync) exchange values through a per-warp buffer between two warp
+// barriers. The mma emulations follow the PTX ISA fragment layouts of mma.m16n8k256 (.b1, AND + popc) and
+// mma.m16n8k16 (.f16/.bf16 -> .f32). This checks indexing, tiling, split-K and epilogues; it cannot check
+// timing, memory coalescing or the hardware's own behaviour.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#undef __global__
+#undef __device__
+#undef __shared__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __shared__ static
+#define __launch_bounds__(...)
+
+using std::max;
+using std::min;
+
+namespace emu {
+
+struct Block {
+  std::barrier<> block;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint32_t> exchange;  // per warp: 32 lanes x 16 words
+  explicit Block(int threads) : block(threads), exchange((threads / 32) * 32 * 16) {
+    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
+  }
+};
+
+inline thread_local uint3 tid_, bid_;
+inline thread_local dim3 bdim_, gdim_;
+inline thread_local Block* block_ = nullptr;
+
+inline int lane() { return (int)(tid_.x & 31); }
+inline int warp() { return (int)(tid_.x >> 5); }
+inline uint32_t* slot(int l) { return &block_->exchange[(warp() * 32 + l) * 16]; }
+inline void warp_sync() { block_->warps[warp()]->arrive_and_wait(); }
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
+  const int threads = (int)(block.x * block.y * block.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block b(threads);
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            tid_ = make_uint3((unsigned)t, 0, 0);
+            bid_ = make_uint3(x, y, z);
+            bdim_ = block;
+            gdim_ = grid;
+            block_ = &b;
+            kernel(args...);
+          });
+        for (auto& th : pool) th.join();
+      }
+}
+
+inline int shfl_xor(int v, int mask) {
+  slot(lane())[0] = (uint32_t)v;
+  warp_sync();
+  const int r = (int)slot(lane() ^ mask)[0];
+  warp_sync();
+  return r;
+}
+
+inline unsigned ballot(bool pred) {
+  slot(lane())[0] = pred ? 1u : 0u;
+  warp_sync();
+  unsigned m = 0;
+  for (int l = 0; l < 32; ++l) m |= slot(l)[0] << l;
+  warp_sync();
+  return m;
+}
+
+// mma.m16n8k256 .b1 AND.POPC: a0/a1 = rows g/g+8 words t, a2/a3 = rows g/g+8 words t+4; b0/b1 = column g
+// words t / t+4; d0..d3 = (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)  (g = lane/4, t = lane%4).
+inline void mma_b1_and(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint32_t* s = slot(lane());
+  for (int i = 0; i < 4; ++i) s[i] = a[i];
+  s[4] = b[0];
+  s[5] = b[1];
+  warp_sync();
+  const int g = lane() >> 2, t = lane() & 3;
+  int d[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+    int sum = c[e];
+    for (int w = 0; w < 8; ++w) {
+      const uint32_t aw = slot((row & 7) * 4 + (w & 3))[(row >= 8 ? 1 : 0) + (w >= 4 ? 2 : 0)];
+      const uint32_t bw = slot(col * 4 + (w & 3))[4 + (w >= 4 ? 1 : 0)];
+      sum += __builtin_popcount(aw & bw);
+    }
+    d[e] = sum;
+  }
+  warp_sync();
+  for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+
+template <typename T>
+inline float half_of(uint32_t w, int hi) {
+  const uint16_t bits = (uint16_t)(hi ? (w >> 16) : (w & 0xffffu));
+  T v;
+  std::memcpy(&v, &bits, 2);
+  if constexpr (std::is_same<T, __half>::value) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+// mma.m16n8k16 (.f16/.bf16 in, .f32 accumulate): a0 = (g, k 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..),
+// a3 = (g+8, 2t+8..); b0 = (k 2t..2t+1, col g), b1 = (k 2t+8.., col g); lower 16 bits = lower k; d as above.
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint32_t* s = slot(lane());
+  for (int i = 0; i < 4; ++i) s[i] = a[i];
+  s[4] = b0;
+  s[5] = b1;
+  warp_sync();
+  const int g = lane() >> 2, t = lane() & 3;
+  float d[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+    float sum = c[e];
+    for (int k = 0; k < 16; ++k) {
+      const int kl = k & 7;
+      const float av = half_of<T>(slot((row & 7) * 4 + kl / 2)[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], kl & 1);
+      const float bv = half_of<T>(slot(col * 4 + kl / 2)[4 + (k >= 8 ? 1 : 0)], kl & 1);
+      sum += av * bv;
+    }
+    d[e] = sum;
+  }
+  warp_sync();
+  for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+
+inline const char* error_string(int err) { return err == 0 ? "no error" : "emulated launch error"; }
+
+}  // namespace emu
+
+#define threadIdx (emu::tid_)
+#define blockIdx (emu::bid_)
+#define blockDim (emu::bdim_)
+#define gridDim (emu::gdim_)
+#define __syncthreads() (emu::block_->block.arrive_and_wait())
+#define __shfl_xor_sync(mask, v, m) emu::shfl_xor((v), (m))
+#define __ballot_sync(mask, pred) emu::ballot((pred))
+#define __popc(x) __builtin_popcount(x)
+#define __fmul_rn(a, b) ((a) * (b))
+#define __fadd_rn(a, b) ((a) + (b))
+#define cudaSetDevice(d) (cudaSuccess)
+#define cudaGetLastError() (cudaSuccess)
+#define cudaGetErrorString(e) emu::error_string((int)(e))
+
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
+
+#define DBGEN_LAUNCH(kernel, grid, block, stream, ...) emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__)

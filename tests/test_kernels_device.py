@@ -1,0 +1,247 @@
+"""Every CUDA kernel of dbgen.kernels against the exact reference, on two targets:
+
+* ``emulated``: the same kernel source compiled with g++ against kernels/host_emulation.h and run on CPU
+  threads (tensor-core mma and warp primitives emulated per the PTX fragment layouts). Runs wherever g++ and
+  CUDA's headers exist; checks indexing, tiling, split-K and the epilogues, not the hardware.
+* ``gpu`` (``@pytest.mark.gpu``): the nvcc build on a real CUDA device; skipped without one.
+
+Outputs are poisoned first (NaN for floats, 0x7f7f7f7f for words, 0x7f for bytes) so unwritten elements fail.
+The fully binary path must match the reference bit for bit (integer dot, same float32 epilogue rounding).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dbgen.kernels as K
+import dbgen.nn as dnn
+from dbgen.kernels import cuda
+from dbgen.kernels import ops as kops
+from dbgen.kernels.packing import PackedWeight
+from dbgen.kernels.reference import binary_conv2d_ref, pack_activations_ref
+
+HAS_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= cuda.MIN_CAPABILITY
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+CAN_EMULATE = shutil.which("g++") is not None and (CUDA_HOME / "include" / "cuda_bf16.h").is_file()
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param("emulated", marks=pytest.mark.skipif(not CAN_EMULATE, reason="needs g++ and CUDA headers")),
+    pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU, cc>=8.0")]),
+])
+def target(request, tmp_path_factory):
+    """Yields the device the kernels run on; the emulated target routes CPU tensors to the emulator."""
+    if request.param == "emulated":
+        cuda.set_emulator(cuda.load_library(cuda.build_emulator(tmp_path_factory.mktemp("emu"))))
+        yield "cpu"
+        cuda.set_emulator(None)
+    else:
+        cuda.library(torch.device("cuda"))  # build (or load the cached build) once, outside the timings
+        yield "cuda"
+
+
+def small(device):
+    return device == "cpu"
+
+
+def launch_configs(device):
+    """(tile, ksplit) pairs to run: all on a GPU; under (slow) emulation one per tile, split and unsplit."""
+    return [(0, 1), (1, 3)] if small(device) else [(0, 1), (0, 3), (1, 1), (1, 3)]
+
+
+def poison(shape, dtype, device):
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if dtype == torch.uint8:
+        return torch.full(shape, 0x7F, dtype=dtype, device=device)
+    return torch.full(shape, 0x7F7F7F7F, dtype=dtype, device=device)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# (N, C_in, C_out, H, W, k, stride, padding). GPU: the models' binary convs at full size plus odd shapes; the
+# emulated target runs the same channel counts on smaller images (CPU threads are slow).
+BCONV_CASES = [
+    (2, 256, 256, 16, 16, 3, 1, 1),  # RVAE residual 3x3
+    (2, 256, 256, 16, 16, 5, 1, 2),  # RVAE residual 5x5
+    (2, 240, 120, 32, 16, 3, 1, 1),  # Flow++ gated block conv
+    (2, 240, 240, 32, 16, 1, 1, 0),  # Flow++ gate conv
+    (3, 64, 32, 16, 8, 3, 1, 1),  # Flow++ dequantization blocks
+    (2, 37, 45, 9, 7, 5, 1, 2),
+    (2, 33, 17, 11, 10, 3, 2, 1),
+    (3, 1, 5, 6, 6, 3, 1, 1),
+    (2, 65, 31, 7, 9, 5, 2, 2),
+    (1, 20, 24, 4, 6, 3, 1, 3),
+]
+
+
+def _shrink(case, device):
+    n, c, o, h, w, k, s, p = case
+    if small(device):
+        n, h, w = 1, min(h, 6), min(w, 5)
+    return n, c, o, h, w, k, s, p
+
+
+def _ids(c):
+    return "x".join(map(str, c))
+
+
+# ------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 1000, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pack_signs(target, n, dtype):
+    t = torch.randn(n, generator=gen(n)).to(dtype)
+    t[0] = -0.0
+    if n > 2:
+        t[1], t[2] = 0.0, float("nan")
+    out = poison(((n + 7) // 8,), torch.uint8, target)
+    got = cuda.pack_signs_cuda(t.to(target), out=out)
+    assert torch.equal(got.cpu(), dnn.pack_signs(t))
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 5, 6), (1, 256, 16, 16), (3, 1, 2, 2), (2, 240, 8, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_activations_conv_layout(target, shape, dtype):
+    x = torch.randn(shape, generator=gen(sum(shape))).to(dtype)
+    expected = pack_activations_ref(x, 1).words
+    for xx in (x, x.to(memory_format=torch.channels_last)):  # strided reads, either layout
+        n, c, h, w = shape
+        out = poison((n, h, w, (c + 31) // 32), torch.int32, target)
+        assert torch.equal(cuda.pack_activations_cuda(xx.to(target), 1, out=out).cpu(), expected)
+
+
+def test_pack_activations_linear_layout(target):
+    x = torch.randn(3, 4, 70, generator=gen(5))
+    assert torch.equal(cuda.pack_activations_cuda(x.to(target), -1).cpu(), pack_activations_ref(x, -1).words)
+
+
+# ------------------------------------------------------------------------------------ fully binary conv
+@pytest.mark.parametrize("case", BCONV_CASES, ids=_ids)
+def test_binary_conv_bit_exact(target, case):
+    n, c, o, h, w, k, s, p = _shrink(case, target)
+    g = gen(sum(case))
+    x, wt = torch.randn(n, c, h, w, generator=g), torch.randn(o, c, k, k, generator=g)
+    scale, bias = torch.rand(o, generator=g) + 0.1, torch.randn(o, generator=g)
+    pw, pa = PackedWeight.from_signs(wt), pack_activations_ref(x, 1)
+    ref = binary_conv2d_ref(pa, pw, scale, bias, (s, s), (p, p))
+    ref_packed = binary_conv2d_ref(pa, pw, scale, bias, (s, s), (p, p), pack_output=True).words
+    words, pwd = pa.words.to(target), pw.to(target)
+    for tile, ksplit in launch_configs(target):
+        out = poison(ref.shape, torch.float32, target)
+        cuda.bconv_cuda(words, c, pwd, scale, bias, (s, s), (p, p), tile=tile, ksplit=ksplit, out=out)
+        assert torch.equal(out.cpu(), ref), f"tile={tile} ksplit={ksplit}: {(out.cpu() - ref).abs().max()}"
+        outp = poison(ref_packed.shape, torch.int32, target)
+        cuda.bconv_cuda(words, c, pwd, scale, bias, (s, s), (p, p), tile=tile, ksplit=ksplit, pack_output=True,
+                        out=outp)
+        assert torch.equal(outp.cpu(), ref_packed), f"packed output, tile={tile} ksplit={ksplit}"
+    for dtype in (torch.bfloat16, torch.float16):
+        out = poison(ref.shape, dtype, target)
+        cuda.bconv_cuda(words, c, pwd, scale, bias, (s, s), (p, p), out_dtype=dtype, out=out)
+        assert torch.equal(out.cpu(), ref.to(dtype))
+    # No scale / bias: the raw integer dot product.
+    out = cuda.bconv_cuda(words, c, pwd, None, None, (s, s), (p, p))
+    assert torch.equal(out.cpu(), binary_conv2d_ref(pa, pw, None, None, (s, s), (p, p)))
+
+
+# ------------------------------------------------------------------------ packed weights x float activations
+PW_CASES = [BCONV_CASES[i] for i in (0, 2, 3, 5, 6, 7)]
+PW_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to ||ref||: output rounding
+
+
+@pytest.mark.parametrize("case", PW_CASES, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_packed_weight_conv(target, case, dtype):
+    n, c, o, h, w, k, s, p = _shrink(case, target)
+    g = gen(sum(case) + 1)
+    x, wt = torch.randn(n, c, h, w, generator=g).to(dtype), torch.randn(o, c, k, k, generator=g)
+    scale, bias = torch.rand(o, generator=g) + 0.1, torch.randn(o, generator=g)
+    pw = PackedWeight.from_signs(wt)
+    ref = F.conv2d(x.double(), pw.signs().double() * scale.double().view(-1, 1, 1, 1), bias.double(), s, p)
+    pwd = pw.to(target)
+    # Both input layouts (NCHW is copied to channels-last first); the emulator checks one per launch config.
+    layouts = [torch.contiguous_format, torch.channels_last]
+    for i, (tile, ksplit) in enumerate(launch_configs(target)):
+        for layout in layouts[i % 2:i % 2 + 1] if small(target) else layouts:
+            out = poison(ref.shape, dtype, target)
+            xx = x.to(target).contiguous(memory_format=layout)
+            cuda.pwconv_cuda(xx, pwd, scale, bias, (s, s), (p, p), tile=tile, ksplit=ksplit, out=out)
+            got = out.cpu().double()
+            assert not got.isnan().any(), "unwritten outputs"
+            err = float((got - ref).norm() / ref.norm())
+            assert err < PW_TOL[dtype], f"tile={tile} ksplit={ksplit} {layout}: relative error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- ops and models end to end
+@pytest.fixture
+def kernels_on_target(target, monkeypatch):
+    """dbgen.kernels ops dispatch to the kernels for the target's tensors (CPU tensors -> emulator)."""
+    if target == "cpu":
+        monkeypatch.setattr(kops, "backend", lambda device: "cuda")
+    return target
+
+
+def test_linear_ops_through_kernels(kernels_on_target):
+    dev = kernels_on_target
+    g = gen(11)
+    x, wt = torch.randn(3, 4, 70, generator=g), torch.randn(33, 70, generator=g)
+    scale, bias = torch.rand(33, generator=g), torch.randn(33, generator=g)
+    pw = PackedWeight.from_signs(wt)
+    sx = torch.where(x >= 0, 1.0, -1.0)
+    exact = F.linear(sx.double(), pw.signs().double())
+    got = K.binary_act_linear(x.to(dev), pw.to(dev))
+    assert got.shape == (3, 4, 33) and torch.equal(got.cpu().double(), exact)
+    y = K.binary_act_linear(x.to(dev), pw.to(dev), scale, bias).cpu()
+    torch.testing.assert_close(y, F.linear(sx, pw.signs() * scale[:, None], bias), rtol=1e-5, atol=1e-4)
+    packed = K.binary_act_linear(x.to(dev), pw.to(dev), scale, bias, pack_output=True)
+    assert torch.equal(packed.words.cpu(), pack_activations_ref(y, -1).words)
+    yf = K.packed_weight_linear(x.to(dev), pw.to(dev), scale, bias).cpu()
+    torch.testing.assert_close(yf, F.linear(x, pw.signs() * scale[:, None], bias), rtol=1e-5, atol=1e-4)
+
+
+def test_to_packed_stack_through_kernels(kernels_on_target):
+    dev = kernels_on_target
+    torch.manual_seed(0)
+    g = gen(12)
+    c = 40
+    model = nn.Sequential(dnn.WNConv2d(3, c, 3, padding=1), dnn.BinaryActivation(),
+                          dnn.BinaryConv2d(c, c, 3, padding=1), dnn.BinaryActivation(), dnn.BinaryConv2d(c, c, 1),
+                          nn.ELU(), dnn.BinaryConv2d(c, 7, 3, padding=1))
+    x = torch.randn(2, 3, 6, 5, generator=g)
+    dnn.data_dependent_init(model, x)
+    with torch.no_grad():
+        for _, m in dnn.binary_layers(model):
+            m.gain.copy_(0.5 + torch.rand(m.gain.shape, generator=g))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        K.to_packed(model.to(dev))
+        got = model(x.to(dev)).cpu()
+    assert isinstance(model[1], K.SignPack) and model[2].pack_output
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU, cc>=8.0")
+def test_packed_weight_conv_allocates_no_dequantized_weight():
+    dev = torch.device("cuda")
+    o, c, k = 256, 256, 3
+    pw = PackedWeight.from_signs(torch.randn(o, c, k, k)).to(dev)
+    x = torch.randn(1, c, 16, 16, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    scale = torch.rand(o, device=dev)
+    cuda.pwconv_cuda(x, pw, scale, None, (1, 1), (1, 1))  # warm up: tables, library
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = cuda.pwconv_cuda(x, pw, scale, None, (1, 1), (1, 1))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    out_bytes = out.numel() * out.element_size()
+    # Output + an fp32 split-K workspace at most; a bf16 copy of the +-1 weight alone would add 1.2 MB.
+    assert extra <= out_bytes + out.numel() * 4 + 64 * 1024, extra
