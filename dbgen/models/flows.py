@@ -159,15 +159,21 @@ class Pointwise(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.eye(channels) + noise * torch.randn(channels, channels))
 
+    @staticmethod
+    def _mix_channels(w, x):
+        # A broadcast multiply-sum, not einsum/matmul: those autocast to bf16, and the flow path must stay in
+        # the input's precision (only the conditioning networks may run in bf16). C <= 12 makes this cheap.
+        return (w.to(x.dtype).view(1, *w.shape, 1, 1) * x.unsqueeze(1)).sum(2)  # (N, C, H, W)
+
     def forward(self, x):
         n, _, h, w = x.shape
-        y = torch.einsum("ij,njhw->nihw", self.weight, x)
+        y = self._mix_channels(self.weight, x)
         # slogdet in float64: cheap for C <= 12 and exact enough even when W drifts from the identity.
         logdet = (h * w) * torch.linalg.slogdet(self.weight.double())[1].to(x.dtype)
         return y, logdet.expand(n)
 
     def inverse(self, y):
-        return torch.einsum("ij,njhw->nihw", torch.linalg.inv(self.weight), y)
+        return self._mix_channels(torch.linalg.inv(self.weight.double()), y)
 
 
 # ------------------------------------------------------------------------- logistic mixture CDF
@@ -348,7 +354,9 @@ class Coupling(nn.Module):
 
     def _params(self, cond_half, context):
         n, c, h, w = cond_half.shape
-        return self.cond(cond_half, context).view(n, c, self.transform.params_per_element, h, w)
+        # The network may run under bf16 autocast; the elementwise transform is computed in the flow's dtype.
+        params = self.cond(cond_half, context).to(cond_half.dtype)
+        return params.view(n, c, self.transform.params_per_element, h, w)
 
     def forward(self, x, context=None):
         halves, logdet = [], 0
