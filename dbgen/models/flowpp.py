@@ -24,7 +24,9 @@ subset of the binary groups (main 3x3 convs 23.33M, main gates 5.18M, dequantiza
 dequantization gates 0.46M, context projections 0.06M, context blocks 0.17M) sums to the 30.24M that
 90.1% of 33.56M needs; the nearest readings that do give it need non-paper settings (e.g. 12 mixture
 components, a 96-wide dequantization flow and full-precision context projections), so we build the
-architecture as stated (binary fraction >= 0.90 holds).
+architecture as stated (binary fraction >= 0.90 holds). The dequantization couplings' networks are
+``hdim`` wide as in the paper's code (``dequant_context_hdim`` = 32 is the context network's width); with
+32-wide dequantization couplings the model would have 30.8M parameters, not 33.6M.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class FlowPP(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """``n`` images, uint8 (n, C, S, S): z ~ N(0, temperature^2), inverted through the main flow and
-        floored to the pixel values (x + u with u in [0, 1) floors back to x)."""
+        floored to the pixel values (x + u with u in [0, 1) floors back to x). Deterministic under
+        ``torch.manual_seed``; call in eval mode (dropout would make the inverse a different function)."""
         p = self.stage1[0].norms[0].logscale
         z = torch.randn(n, *self.latent_shape, dtype=p.dtype, device=p.device) * temperature
         x = self.flow_inverse(z)
