@@ -227,6 +227,23 @@ def test_iw_bound_with_one_sample_is_the_elbo_forward_computes():
     with_free_bits.load_state_dict(model.state_dict())
     torch.manual_seed(5)
     assert with_free_bits(x).item() > loss.item()
+    torch.manual_seed(5)  # ... and never enter the reported bound
+    torch.testing.assert_close(with_free_bits.log_likelihood_bpd(x, samples=1), iw1, rtol=0, atol=1e-12)
+
+
+def test_iw_bound_is_the_log_mean_exp_of_single_sample_weights():
+    # The bottom-up pass draws no noise, so K samples consume the RNG exactly as K one-sample calls do.
+    model = tiny("binary_act")
+    x = images(4)
+    data_dependent_init(model, x)
+    torch.manual_seed(9)
+    one = torch.stack([model.log_likelihood_bpd(x, samples=1) for _ in range(16)])  # (16, N) bits/dim
+    torch.manual_seed(9)
+    iw16 = model.log_likelihood_bpd(x, samples=16)
+    nats_per_bit = model.dims * math.log(2)
+    expected = -(torch.logsumexp(-one * nats_per_bit, dim=0) - math.log(16)) / nats_per_bit
+    torch.testing.assert_close(iw16, expected, rtol=0, atol=1e-10)
+    assert torch.all(iw16 <= one.mean(dim=0) + 1e-12)  # Jensen, per example
 
 
 def test_bf16_autocast_loss_close_to_fp32():
