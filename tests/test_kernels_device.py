@@ -9,6 +9,7 @@ Outputs are poisoned first (NaN for floats, 0x7f7f7f7f for words, 0x7f for bytes
 The fully binary path must match the reference bit for bit (integer dot, same float32 epilogue rounding).
 """
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -245,3 +246,39 @@ def test_packed_weight_conv_allocates_no_dequantized_weight():
     out_bytes = out.numel() * out.element_size()
     # Output + an fp32 split-K workspace at most; a bf16 copy of the +-1 weight alone would add 1.2 MB.
     assert extra <= out_bytes + out.numel() * 4 + 64 * 1024, extra
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU, cc>=8.0")
+@pytest.mark.parametrize("config_name", ["rvae_binary_act_tiny.yaml", "rvae_binary_tiny.yaml",
+                                         "flowpp_binary_act_tiny.yaml"])
+def test_real_model_packed_on_gpu_matches_training_path(config_name):
+    """A tiny model on the GPU: bits/dim of the float training path = packed execution through the kernels."""
+    path = Path(__file__).resolve().parents[1] / "configs" / config_name
+    if not path.is_file():
+        pytest.skip(f"{path} does not exist")
+    from dbgen.models import build
+
+    model = build(path)
+    g = gen(13)
+    x = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    dnn.data_dependent_init(model, x)
+    with torch.no_grad():
+        for _, m in dnn.binary_layers(model):
+            m.gain.copy_(0.5 + torch.rand(m.gain.shape, generator=g))
+    model.eval()
+    packed = K.to_packed(copy.deepcopy(model)).cuda()
+    model.cuda()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the float reference in true fp32
+    try:
+        with torch.no_grad():
+            torch.manual_seed(4)  # same CUDA noise for both runs
+            expected = model.log_likelihood_bpd(x.cuda())
+            torch.manual_seed(4)
+            got = packed.log_likelihood_bpd(x.cuda())
+            samples = packed.sample(2)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert samples.shape == (2, 3, 32, 32) and samples.dtype == torch.uint8
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
