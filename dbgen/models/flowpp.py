@@ -49,6 +49,8 @@ def _std_normal_logp(z: torch.Tensor) -> torch.Tensor:
 
 
 class FlowPP(nn.Module):
+    """Flow++ with variational dequantization; the model interface of :mod:`dbgen.models`."""
+
     def __init__(self, cfg: FlowPPConfig):
         super().__init__()
         self.cfg = cfg

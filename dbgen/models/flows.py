@@ -33,6 +33,8 @@ __all__ = [
     "MixLogisticTransform",
     "Pointwise",
     "Sigmoid",
+    "concat_elu",
+    "concat_sign",
     "merge",
     "mixlogistic_invlogitcdf",
     "mixlogistic_logcdf_logsf",
@@ -255,6 +257,7 @@ class MixLogisticTransform(nn.Module):
 
 # ---------------------------------------------------------------------------- conditioning networks
 def concat_elu(x):
+    """``elu(cat(x, -x))`` over channels, (N, C, ...) -> (N, 2C, ...) (PixelCNN++ / Flow++)."""
     return F.elu(torch.cat((x, -x), dim=1))
 
 
