@@ -89,7 +89,6 @@ class StochasticLayer(nn.Module):
         super().__init__()
         w, z, k = cfg.width, cfg.zdim, cfg.kernel
         res = dict(width=w, kernel=k, binary_weights=cfg.binary_weights, binary_activations=cfg.binary_activations)
-        self.zdim = z
         self.up_res = ResidualLayer(**res)
         self.up_params = WNConv2d(w, 2 * z, k, padding=k // 2, init_scale=FP_INIT_SCALE)
         self.down_params = WNConv2d(w, 4 * z, k, padding=k // 2, init_scale=FP_INIT_SCALE)
