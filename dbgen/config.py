@@ -289,7 +289,10 @@ def _build(cls, raw, path: str, origin: str):
             kwargs[name] = _coerce(hints[name], raw[name], key, origin)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{origin}: missing required key '{key}'")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section's own validation (__post_init__): add the file
+        raise ConfigError(f"{origin}: {e}") from None
 
 
 def _coerce(tp, value, key: str, origin: str):

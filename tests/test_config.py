@@ -67,3 +67,9 @@ def test_schema_markdown_lists_every_key():
     md = schema_markdown()
     for key in ("train.max_steps", "scale.num_workers", "comm.binary_weights", "model.width", "model.hdim"):
         assert f"`{key}`" in md
+
+
+def test_section_validation_names_the_file(tmp_path):
+    path = write(tmp_path / "x.yaml", "model: {name: rvae, image_size: 31}\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: 'model.image_size' = 31"):
+        load_config(path)
