@@ -14,7 +14,9 @@
 //                          epilogue: scale, bias, float/half/bf16 output or the packed signs of the output
 //   pwconv_kernel          float activations x packed weights on bf16/fp16 mma.m16n8k16; the +-1 A fragments
 //                          are made from weight bits in registers (fp32 input: 3-way bf16 split of x)
-//   *_finalize_kernel      split-K epilogues (the main kernels then add partial sums into a workspace)
+// Small batches split K over blockIdx.z ("serial split-K", one launch): each slice stores its partial tile in
+// its own workspace slice, and the last slice to finish a tile (a per-tile counter that resets itself) adds
+// the slices in z order (deterministic) and runs the epilogue.
 //
 // Every entry point returns a cudaError_t (0 = success) and launches on the given stream.
 //
@@ -97,7 +99,8 @@ struct BconvParams {
   const float* scale;    // (O,) or null
   const float* bias;     // (O,) or null
   void* out;             // (N, O, Ho, Wo) float/half/bf16, or packed words (N, Ho, Wo, Ow)
-  int* ws;               // split-K workspace (N, O, Ho*Wo) int32 (zeroed), or null
+  int* ws;               // split-K workspace (ksplit, N, O, Ho*Wo) int32, or null
+  int* counters;         // split-K per-tile counters (zero between launches)
   int out_mode;
   int N, C, H, W, Cw, O, KH, KW, SH, SW, PH, PW, Ho, Wo, Kw, T, Ow;
   int steps_per_split;   // 256-bit K steps per blockIdx.z
@@ -116,6 +119,47 @@ __device__ __forceinline__ void mma_b1_and(int (&c)[4], const uint32_t (&a)[4], 
 }
 
 __device__ __forceinline__ int popc4(uint4 v) { return __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w); }
+
+// Serial split-K reduction of a thread's tile values v (index(mi, ni, e) = output index or -1 if outside).
+// Returns true in the one block per tile that holds the full sums afterwards; the others are done.
+template <typename Acc, int MT, int NT, typename IndexFn>
+__device__ __forceinline__ bool split_k_reduce(Acc (&v)[MT][NT][4], Acc* ws, int* counters, long long total,
+                                               IndexFn index) {
+  __shared__ int is_last;
+  const int z = blockIdx.z, nz = gridDim.z;
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const long long i = index(mi, ni, e);
+        if (i >= 0) ws[z * total + i] = v[mi][ni][e];
+      }
+  __threadfence();  // partials visible device-wide before this block is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    is_last = atomicAdd(counters + tile, 1) == nz - 1;
+    if (is_last) counters[tile] = 0;  // every slice has arrived: reset for the next launch
+  }
+  __syncthreads();
+  if (!is_last) return false;
+  __threadfence();
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const long long i = index(mi, ni, e);
+        if (i < 0) continue;
+        Acc sum = 0;
+        for (int zz = 0; zz < nz; ++zz) sum += zz == z ? v[mi][ni][e] : __ldcg(ws + zz * total + i);
+        v[mi][ni][e] = sum;
+      }
+  return true;
+}
 
 // Valid-tap correction of output channel o at output pixel sp (interior pixels: the per-channel total).
 __device__ __forceinline__ int valid_corr(const BconvParams& p, int o, int sp) {
@@ -289,6 +333,23 @@ __global__ void __launch_bounds__(kThreads) bconv_kernel(const BconvParams p) {
   }
   __syncthreads();
 
+  // acc <- 4 P - 2 X: the dot product without the valid-tap correction (additive over K slices).
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 4 * acc[mi][ni][e] - 2 * Xs[wn * WN + ni * 8 + 2 * t + (e & 1)];
+  if (p.ws) {
+    auto index = [&](int mi, int ni, int e) -> long long {
+      const int o = bm0 + wm * WM + mi * 16 + g + (e >> 1) * 8, pix = bn0 + wn * WN + ni * 8 + 2 * t + (e & 1);
+      if (o >= p.O || pix >= NP) return -1;
+      const int n = pix / HoWo;
+      return ((long long)n * p.O + o) * HoWo + (pix - n * HoWo);
+    };
+    if (!split_k_reduce(acc, p.ws, p.counters, (long long)NP * p.O, index)) return;
+  }
+
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
@@ -300,12 +361,7 @@ __global__ void __launch_bounds__(kThreads) bconv_kernel(const BconvParams p) {
         const int o = bm0 + row, pix = bn0 + col;
         if (o >= p.O || pix >= NP) continue;
         const int n = pix / HoWo, sp = pix - n * HoWo;
-        const int partial = 4 * acc[mi][ni][e] - 2 * Xs[col];
-        if (p.ws) {
-          atomicAdd(p.ws + ((long long)n * p.O + o) * HoWo + sp, partial);
-          continue;
-        }
-        const float y = bconv_value(p, o, partial + valid_corr(p, o, sp));
+        const float y = bconv_value(p, o, acc[mi][ni][e] + valid_corr(p, o, sp));
         if (p.out_mode == kOutPacked) {
           if (y >= 0.f) atomicOr(&Pw[col * (BM / 32) + row / 32], 1u << (row & 31));
         } else {
@@ -313,41 +369,13 @@ __global__ void __launch_bounds__(kThreads) bconv_kernel(const BconvParams p) {
         }
       }
 
-  if (p.out_mode == kOutPacked && !p.ws) {
+  if (p.out_mode == kOutPacked) {
     __syncthreads();
     for (int i = tid; i < BN * (BM / 32); i += kThreads) {
       const int col = i / (BM / 32), wq = i - col * (BM / 32);
       const int pix = bn0 + col, word = bm0 / 32 + wq;
       if (pix < NP && word < p.Ow) static_cast<uint32_t*>(p.out)[(long long)pix * p.Ow + word] = Pw[i];
     }
-  }
-}
-
-// Split-K epilogue. Float outputs: one thread per element; packed: one thread per output word.
-__global__ void bconv_finalize_kernel(const BconvParams p) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const int HoWo = p.Ho * p.Wo;
-  if (p.out_mode == kOutPacked) {
-    const long long total = (long long)p.N * HoWo * p.Ow;
-    if (i >= total) return;
-    const int word = (int)(i % p.Ow);
-    const long long pix = i / p.Ow;
-    const int n = (int)(pix / HoWo), sp = (int)(pix % HoWo);
-    uint32_t bits = 0u;
-    for (int b = 0; b < 32; ++b) {
-      const int o = word * 32 + b;
-      if (o >= p.O) break;
-      const int dot = p.ws[((long long)n * p.O + o) * HoWo + sp] + __ldg(p.cv + (long long)o * HoWo + sp);
-      if (bconv_value(p, o, dot) >= 0.f) bits |= 1u << b;
-    }
-    static_cast<uint32_t*>(p.out)[i] = bits;
-  } else {
-    const long long total = (long long)p.N * p.O * HoWo;
-    if (i >= total) return;
-    const int sp = (int)(i % HoWo);
-    const int o = (int)((i / HoWo) % p.O);
-    const int dot = p.ws[i] + __ldg(p.cv + (long long)o * HoWo + sp);
-    store_out(p.out, p.out_mode, i, bconv_value(p, o, dot));
   }
 }
 
@@ -358,7 +386,8 @@ struct PwconvParams {
   const float* scale;     // (O,) or null
   const float* bias;      // (O,) or null
   void* out;              // (N, O, Ho, Wo) dtype T
-  float* ws;              // split-K workspace (N, O, Ho*Wo) fp32 (zeroed), or null
+  float* ws;              // split-K workspace (ksplit, N, O, Ho*Wo) fp32, or null
+  int* counters;          // split-K per-tile counters (zero between launches)
   int N, C, H, W, Cw, O, KH, KW, SH, SW, PH, PW, Ho, Wo, Kw;  // Kw = T * Cw
   int chunks_per_split;   // KC-word chunks per blockIdx.z
 };
@@ -601,6 +630,16 @@ __global__ void __launch_bounds__(kThreads) pwconv_kernel(const PwconvParams p) 
     }
   }
 
+  if (p.ws) {
+    auto index = [&](int mi, int ni, int e) -> long long {
+      const int o = bm0 + wm * WM + mi * 16 + g + (e >> 1) * 8, pix = bn0 + wn * WN + ni * 8 + 2 * t + (e & 1);
+      if (o >= p.O || pix >= NP) return -1;
+      const int n = pix / HoWo;
+      return ((long long)n * p.O + o) * HoWo + (pix - n * HoWo);
+    };
+    if (!split_k_reduce(acc, p.ws, p.counters, (long long)NP * p.O, index)) return;
+  }
+
   T* __restrict__ out = static_cast<T*>(p.out);
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi)
@@ -612,28 +651,11 @@ __global__ void __launch_bounds__(kThreads) pwconv_kernel(const PwconvParams p) 
         const int pix = bn0 + wn * WN + ni * 8 + 2 * t + (e & 1);
         if (o >= p.O || pix >= NP) continue;
         const int n = pix / HoWo, sp = pix - n * HoWo;
-        const long long i = ((long long)n * p.O + o) * HoWo + sp;
-        if (p.ws) {
-          atomicAdd(p.ws + i, acc[mi][ni][e]);
-        } else {
-          float y = acc[mi][ni][e];
-          if (p.scale) y = __fmul_rn(y, __ldg(p.scale + o));
-          if (p.bias) y = __fadd_rn(y, __ldg(p.bias + o));
-          out[i] = from_f32<T>(y);
-        }
+        float y = acc[mi][ni][e];
+        if (p.scale) y = __fmul_rn(y, __ldg(p.scale + o));
+        if (p.bias) y = __fadd_rn(y, __ldg(p.bias + o));
+        out[((long long)n * p.O + o) * HoWo + sp] = from_f32<T>(y);
       }
-}
-
-template <typename T>
-__global__ void pwconv_finalize_kernel(const PwconvParams p) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const int HoWo = p.Ho * p.Wo;
-  if (i >= (long long)p.N * p.O * HoWo) return;
-  const int o = (int)((i / HoWo) % p.O);
-  float y = p.ws[i];
-  if (p.scale) y = __fmul_rn(y, __ldg(p.scale + o));
-  if (p.bias) y = __fadd_rn(y, __ldg(p.bias + o));
-  static_cast<T*>(p.out)[i] = from_f32<T>(y);
 }
 
 // ------------------------------------------------------------------------------------------ launchers
@@ -664,7 +686,7 @@ void launch_pwconv(const PwconvParams& p, bool vec, int tile, int ksplit, cudaSt
 }  // namespace
 
 // ------------------------------------------------------------------------------------------- C API
-DBGEN_API int dbgen_abi_version() { return 1; }
+DBGEN_API int dbgen_abi_version() { return 2; }
 
 DBGEN_API const char* dbgen_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
 
@@ -708,9 +730,11 @@ DBGEN_API int dbgen_pack_activations(const void* x, int dtype, void* out, int N,
 }
 
 // out_mode: 0 fp32, 1 fp16, 2 bf16 (N, O, Ho, Wo); 3 packed sign words (N, Ho, Wo, ceil(O/32)).
-// tile: 0 = 64x64, 1 = 32x32 (channels x pixels). ksplit > 1 needs ws: a zeroed int32 (N, O, Ho*Wo) buffer.
+// tile: 0 = 64x64, 1 = 32x32 (channels x pixels). ksplit > 1 needs ws, int32 (ksplit, N, O, Ho*Wo) (no
+// initialization needed), and counters, int32 with one zero per output tile, left zero again afterwards.
 DBGEN_API int dbgen_bconv(const void* act, const void* wgt, const int* cv, const int* wtot, const float* scale,
-                          const float* bias, void* out, int out_mode, int* ws, int N, int C, int H, int W, int O,
+                          const float* bias, void* out, int out_mode, int* ws, int* counters, int N, int C, int H,
+                          int W, int O,
                           int KH, int KW, int SH, int SW, int PH, int PW, int Kw, int tile, int ksplit, int device,
                           void* stream) {
   cudaError_t err = cudaSetDevice(device);
@@ -731,27 +755,25 @@ DBGEN_API int dbgen_bconv(const void* act, const void* wgt, const int* cv, const
   p.Kw = Kw;
   p.T = KH * KW;
   p.Ow = (O + 31) / 32;
-  if (out_mode < 0 || out_mode > 3 || Kw % 8 != 0 || Kw < p.T * p.Cw || ksplit < 1 || (ksplit > 1 && !ws))
+  if (out_mode < 0 || out_mode > 3 || Kw % 8 != 0 || Kw < p.T * p.Cw || ksplit < 1 ||
+      (ksplit > 1 && (!ws || !counters)))
     return cudaErrorInvalidValue;
   const int nsteps = Kw / 8;
   p.steps_per_split = (nsteps + ksplit - 1) / ksplit;
   ksplit = (nsteps + p.steps_per_split - 1) / p.steps_per_split;  // no empty slices
   p.ws = ksplit > 1 ? ws : nullptr;
+  p.counters = counters;
   auto st = static_cast<cudaStream_t>(stream);
   if (p.N * p.Ho * p.Wo <= 0) return cudaSuccess;
   if (tile == 0) launch_bconv<64, 64>(p, ksplit, st);
   else launch_bconv<32, 32>(p, ksplit, st);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || ksplit == 1) return err;
-  const long long total = out_mode == kOutPacked ? (long long)N * p.Ho * p.Wo * p.Ow : (long long)N * O * p.Ho * p.Wo;
-  DBGEN_LAUNCH(bconv_finalize_kernel, blocks_for(total, 256), 256, st, p);
   return cudaGetLastError();
 }
 
 // x: channels-last (N, H, W, C) of dtype; wT: (T*Cw, O) words; out (N, O, Ho, Wo) of dtype.
-// ksplit > 1 needs ws: a zeroed fp32 (N, O, Ho*Wo) buffer.
+// ksplit > 1 needs ws, fp32 (ksplit, N, O, Ho*Wo), and counters, as for dbgen_bconv.
 DBGEN_API int dbgen_pwconv(const void* x, int dtype, const void* wT, const float* scale, const float* bias, void* out,
-                           float* ws, int N, int C, int H, int W, int O, int KH, int KW, int SH, int SW, int PH, int PW,
+                           float* ws, int* counters, int N, int C, int H, int W, int O, int KH, int KW, int SH, int SW, int PH, int PW,
                            int tile, int ksplit, int device, void* stream) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return err;
@@ -766,13 +788,14 @@ DBGEN_API int dbgen_pwconv(const void* x, int dtype, const void* wT, const float
   p.Ho = (H + 2 * PH - KH) / SH + 1;
   p.Wo = (W + 2 * PW - KW) / SW + 1;
   p.Kw = KH * KW * p.Cw;
-  if (ksplit < 1 || (ksplit > 1 && !ws)) return cudaErrorInvalidValue;
+  if (ksplit < 1 || (ksplit > 1 && (!ws || !counters))) return cudaErrorInvalidValue;
   // fp32 keeps three bf16 planes in shared memory, so it takes 1-word chunks; 16-bit inputs take 4.
   const int KC = dtype == kF32 ? 1 : 4;
   const int nchunks = (p.Kw + KC - 1) / KC;
   p.chunks_per_split = (nchunks + ksplit - 1) / ksplit;
   ksplit = (nchunks + p.chunks_per_split - 1) / p.chunks_per_split;
   p.ws = ksplit > 1 ? ws : nullptr;
+  p.counters = counters;
   const bool vec = C % 8 == 0 && (reinterpret_cast<uintptr_t>(x) % 16) == 0;
   auto st = static_cast<cudaStream_t>(stream);
   if (p.N * p.Ho * p.Wo <= 0) return cudaSuccess;
@@ -780,11 +803,5 @@ DBGEN_API int dbgen_pwconv(const void* x, int dtype, const void* wT, const float
   else if (dtype == kF16) launch_pwconv<__half, 4>(p, vec, tile, ksplit, st);
   else if (dtype == kBF16) launch_pwconv<__nv_bfloat16, 4>(p, vec, tile, ksplit, st);
   else return cudaErrorInvalidValue;
-  err = cudaGetLastError();
-  if (err != cudaSuccess || ksplit == 1) return err;
-  const unsigned blocks = blocks_for((long long)N * O * p.Ho * p.Wo, 256);
-  if (dtype == kF32) DBGEN_LAUNCH(pwconv_finalize_kernel<float>, blocks, 256, st, p);
-  else if (dtype == kF16) DBGEN_LAUNCH(pwconv_finalize_kernel<__half>, blocks, 256, st, p);
-  else DBGEN_LAUNCH(pwconv_finalize_kernel<__nv_bfloat16>, blocks, 256, st, p);
   return cudaGetLastError();
 }

@@ -149,6 +149,8 @@ def test_binary_conv_bit_exact(target, case):
     # No scale / bias: the raw integer dot product.
     out = cuda.bconv_cuda(words, c, pwd, None, None, (s, s), (p, p))
     assert torch.equal(out.cpu(), binary_conv2d_ref(pa, pw, None, None, (s, s), (p, p)))
+    # Split-K tile counters are left at zero for the next launch.
+    assert all(int(cnt.count_nonzero()) == 0 for cnt in cuda._counters.values())
 
 
 # ------------------------------------------------------------------------ packed weights x float activations

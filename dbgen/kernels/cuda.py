@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (8, 0)
 SOURCE_NAME = "binary_kernels.cu"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _OUT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 OUT_PACKED = 3
@@ -50,6 +50,7 @@ OUT_PACKED = 3
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
 _emulator: ctypes.CDLL | None = None
+_counters: dict[tuple, torch.Tensor] = {}  # split-K tile counters per (device, stream); kernels leave them zero
 EMULATED_SMS = 4  # multiprocessor count the split heuristics assume under emulation
 
 
@@ -160,9 +161,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dbgen_pack_activations.restype = i
     lib.dbgen_pack_activations.argtypes = [p, i, p, i, i, i, i, ll, ll, ll, ll, i, p]
     lib.dbgen_bconv.restype = i
-    lib.dbgen_bconv.argtypes = [p] * 7 + [i, p] + [i] * 15 + [p]
+    lib.dbgen_bconv.argtypes = [p] * 7 + [i, p, p] + [i] * 15 + [p]
     lib.dbgen_pwconv.restype = i
-    lib.dbgen_pwconv.argtypes = [p, i, p, p, p, p, p] + [i] * 14 + [p]
+    lib.dbgen_pwconv.argtypes = [p, i, p, p, p, p, p, p] + [i] * 14 + [p]
     if lib.dbgen_abi_version() != ABI_VERSION:
         raise KernelUnavailable(f"kernel library ABI {lib.dbgen_abi_version()} != expected {ABI_VERSION}")
     return lib
@@ -208,6 +209,10 @@ def _env(device: torch.device):
         raise KernelUnavailable(f"the CUDA kernels need CUDA tensors, got a tensor on {device}")
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     return library(device), device.index, stream, torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _float_vec(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -266,6 +271,17 @@ def pack_activations_cuda(x: torch.Tensor, channel_dim: int, out: torch.Tensor |
     return out.reshape(*lead, cw)
 
 
+def _split_buffers(ks: int, n_out: int, tiles: int, dtype: torch.dtype, device, stream):
+    """Split-K workspace (ks, n_out), uninitialized, and the zeroed tile counters of this device and stream."""
+    if ks <= 1:
+        return None, None
+    key = (device, getattr(stream, "value", stream))
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = _counters[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return torch.empty(ks, n_out, dtype=dtype, device=device), counters
+
+
 def default_split(blocks: int, ksteps: int, sms: int) -> int:
     """Split K across blocks when the output tiles alone cannot fill the GPU (small batches)."""
     if blocks >= sms or ksteps < 4:
@@ -293,7 +309,8 @@ def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias,
     ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
     o = w.out_channels
     cv, wtot = w.valid_tap_tables(h, wd, stride, padding)
-    words = words.contiguous()
+    words = _aligned(words.contiguous())  # the kernel reads 16-byte vectors of words
+    wwords = _aligned(w.words.contiguous())
     scale, bias = _float_vec(scale, dev), _float_vec(bias, dev)
     if pack_output:
         out = _out(out, (n, ho, wo, (o + 31) // 32), torch.int32, dev)
@@ -306,11 +323,11 @@ def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias,
     t = _tile_for(n * ho * wo, o, sms, tile)
     bm = 64 if t == 0 else 32
     blocks = ((n * ho * wo + bm - 1) // bm) * ((o + bm - 1) // bm)
-    ks = ksplit if ksplit is not None else default_split(blocks, w.words.shape[1] // 8, sms)
-    ws = torch.zeros(n, o, ho * wo, dtype=torch.int32, device=dev) if ks > 1 else None
-    err = lib.dbgen_bconv(_ptr(words), _ptr(w.words), _ptr(cv), _ptr(wtot), _ptr(scale), _ptr(bias), _ptr(out), mode,
-                          _ptr(ws), n, channels, h, wd, o, kh, kw, sh, sw, ph, pw, w.words.shape[1], t, ks,
-                          index, stream)
+    ks = ksplit if ksplit is not None else default_split(blocks, wwords.shape[1] // 8, sms)
+    ws, counters = _split_buffers(ks, n * o * ho * wo, blocks, torch.int32, dev, stream)
+    err = lib.dbgen_bconv(_ptr(words), _ptr(wwords), _ptr(cv), _ptr(wtot), _ptr(scale), _ptr(bias), _ptr(out), mode,
+                          _ptr(ws), _ptr(counters), n, channels, h, wd, o, kh, kw, sh, sw, ph, pw, wwords.shape[1], t,
+                          ks, index, stream)
     _check(lib, err, "binary conv")
     return out
 
@@ -335,8 +352,9 @@ def pwconv_cuda(x: torch.Tensor, w: PackedWeight, scale, bias, stride, padding, 
     kc = 1 if x.dtype == torch.float32 else 4
     blocks = ((n * ho * wo + bm - 1) // bm) * ((o + bm - 1) // bm)
     ks = ksplit if ksplit is not None else default_split(blocks, (wT.shape[0] + kc - 1) // kc, sms)
-    ws = torch.zeros(n, o, ho * wo, dtype=torch.float32, device=dev) if ks > 1 else None
-    err = lib.dbgen_pwconv(_ptr(xl), code, _ptr(wT), _ptr(scale), _ptr(bias), _ptr(out), _ptr(ws), n, c, h, wd, o,
+    ws, counters = _split_buffers(ks, n * o * ho * wo, blocks, torch.float32, dev, stream)
+    err = lib.dbgen_pwconv(_ptr(xl), code, _ptr(wT), _ptr(scale), _ptr(bias), _ptr(out), _ptr(ws), _ptr(counters),
+                           n, c, h, wd, o,
                            kh, kw, sh, sw, ph, pw, t, ks, index, stream)
     _check(lib, err, "packed-weight conv")
     return out
