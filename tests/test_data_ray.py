@@ -90,13 +90,34 @@ def ray_cluster():
             os.environ.pop("RAY_AUTH_MODE")
         else:
             os.environ["RAY_AUTH_MODE"] = saved_auth
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the process group of the head we started
-            head.wait(timeout=30)
+        _stop_head(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: process group
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM to every process of the head's process group (the one we created for it). After Train runs
+    the Ray processes take ~30 s to exit gracefully; whatever is left after 5 s gets SIGKILL (the cluster and
+    its temp dir are thrown away anyway)."""
+    os.killpg(head.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while _group_members(head.pid) and time.monotonic() < deadline:
+        head.poll()  # reap the head once it exits
+        time.sleep(0.2)
+    if _group_members(head.pid):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
