@@ -139,7 +139,7 @@ def _decode(data: bytes, resolution: int, resize: bool, where: str) -> np.ndarra
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _fit(img, resolution, resize, where)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
         return f"cannot decode image ({type(e).__name__}: {e})"
 
 
@@ -190,8 +190,8 @@ def _cifar10(src: Path, split: str, resolution: int, resize: bool) -> Source:
             return p.read_bytes(), str(p)
         opened = None
     elif tarfile.is_tarfile(src):
-        opened = tarfile.open(src)
-        members = {Path(m.name).name: m for m in _tar_members(opened, src) if m.isfile()}
+        opened = _open_tar(src)
+        members = {Path(m.name).name: m for m in _tar_stream(opened, src) if m.isfile()}
 
         def read(name):
             m = members.get(name)
@@ -243,47 +243,82 @@ def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).name.startswith(".")
 
 
-def _classes(paths: list[str], where: Path) -> dict[str, int]:
-    parents = sorted({Path(p).parent.name for p in paths})
-    if "" in parents:
-        bad = next(p for p in paths if Path(p).parent.name == "")
-        raise DataError(f"{where}: '{bad}' is not in a class folder (expected <class>/<image>)")
-    return {c: i for i, c in enumerate(parents)}
+class _ClassScan:
+    """Pass 1 over the image paths: the class names (parent folder names) and the counts, in bounded memory."""
+
+    def __init__(self, where: Path):
+        self.where, self.names, self.images, self.others = where, set(), 0, 0
+
+    def add(self, path: str) -> None:
+        if not _is_image(path):
+            self.others += 1
+            return
+        parent = Path(path).parent.name
+        if not parent:
+            raise DataError(f"{self.where}: '{path}' is not in a class folder (expected <class>/<image>)")
+        self.names.add(parent)
+        self.images += 1
+
+    def classes(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(sorted(self.names))}
+
+
+def _walk(src: Path) -> Iterator[str]:
+    """Relative paths of the files under ``src``, directories and files in sorted order, streamed."""
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        rel = Path(root).relative_to(src)
+        for f in sorted(files):
+            yield (rel / f).as_posix()
 
 
 def _image_folder(src: Path, split: str, resolution: int, resize: bool) -> Source:
     if not src.is_dir():
         raise DataError(f"{src}: expected a directory of class folders (<class>/<image>.jpg|png)")
-    all_files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
-    files = [f for f in all_files if _is_image(f)]
-    classes = _classes(files, src)
+    scan = _ClassScan(src)
+    for f in _walk(src):
+        scan.add(f)
+    classes = scan.classes()
     source = Source({"format": "image-folder", "path": str(src), "split": split}, len(classes), list(classes),
-                    ignored_files=len(all_files) - len(files))
+                    ignored_files=scan.others)
 
     def records():
-        for f in files:
-            x = _decode((src / f).read_bytes(), resolution, resize, f)
-            yield Bad(f, x) if isinstance(x, str) else Chunk(x[None], np.array([classes[Path(f).parent.name]]), [f])
+        for f in _walk(src):
+            if _is_image(f):
+                x = _decode((src / f).read_bytes(), resolution, resize, f)
+                label = classes[Path(f).parent.name]
+                yield Bad(f, x) if isinstance(x, str) else Chunk(x[None], np.array([label]), [f])
 
     source.records = records()
     return source
 
 
-def _tar_members(tar: tarfile.TarFile, src: Path) -> list[tarfile.TarInfo]:
-    """All members, checking the archive is complete (truncation otherwise loses members silently)."""
+def _open_tar(src: Path) -> tarfile.TarFile:
     try:
-        members = tar.getmembers()
-        if members:
-            last = members[-1]
+        return tarfile.open(src)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{src}: not a readable tar ({type(e).__name__}: {e})") from None
+
+
+def _tar_stream(tar: tarfile.TarFile, src: Path) -> Iterator[tarfile.TarInfo]:
+    """Members in archive order, then a check that the archive is complete (a tar truncated at a member
+    boundary otherwise just loses its remaining members). Does not keep the members: tarfile would list
+    every member it has seen, which for ImageNet-sized archives is a lot of memory."""
+    last = None
+    try:
+        while (m := tar.next()) is not None:
+            tar.members = []
+            last = m
+            yield m
+        if last is not None:
             end = last.offset_data + (-(-last.size // 512) * 512 if last.isfile() else 0)
             tar.fileobj.seek(end)
             marker = tar.fileobj.read(1024)
             if len(marker) < 1024 or any(marker):
                 raise tarfile.ReadError("no end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError) as e:
-        where = f"inside or right after member '{tar.members[-1].name}'" if tar.members else "in its first header"
+        where = f"inside or right after member '{last.name}'" if last is not None else "in its first header"
         raise DataError(f"{src}: truncated tar: archive ends {where} ({type(e).__name__}: {e})") from None
-    return members
 
 
 def _tar_read(tar: tarfile.TarFile, m: tarfile.TarInfo, src: Path) -> bytes:
@@ -299,22 +334,22 @@ def _tar_read(tar: tarfile.TarFile, m: tarfile.TarInfo, src: Path) -> bytes:
 def _image_tar(src: Path, split: str, resolution: int, resize: bool) -> Source:
     if not src.is_file():
         raise DataError(f"{src}: expected a tar file of class folders (<class>/<image>.jpg|png)")
-    try:
-        tar = tarfile.open(src)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{src}: not a readable tar ({type(e).__name__}: {e})") from None
-    all_members = [m for m in _tar_members(tar, src) if m.isfile()]
-    members = [m for m in all_members if _is_image(m.name)]
-    classes = _classes([m.name for m in members], src)
+    scan = _ClassScan(src)
+    with _open_tar(src) as tar:
+        for m in _tar_stream(tar, src):
+            if m.isfile():
+                scan.add(m.name)
+    classes = scan.classes()
     source = Source({"format": "image-tar", "path": str(src), "split": split}, len(classes), list(classes),
-                    ignored_files=len(all_members) - len(members))
+                    ignored_files=scan.others)
 
     def records():
-        with tar:
-            for m in members:
-                x = _decode(_tar_read(tar, m, src), resolution, resize, f"{src}:{m.name}")
-                label = classes[Path(m.name).parent.name]
-                yield Bad(m.name, x) if isinstance(x, str) else Chunk(x[None], np.array([label]), [m.name])
+        with _open_tar(src) as tar:
+            for m in _tar_stream(tar, src):
+                if m.isfile() and _is_image(m.name):
+                    x = _decode(_tar_read(tar, m, src), resolution, resize, f"{src}:{m.name}")
+                    label = classes[Path(m.name).parent.name]
+                    yield Bad(m.name, x) if isinstance(x, str) else Chunk(x[None], np.array([label]), [m.name])
 
     source.records = records()
     return source
