@@ -12,8 +12,9 @@ Measures, on a converted split (``--data DIR``):
   Ray rank (peak).
 
 ``--synthetic-rows N`` first generates N random 32x32 rows as downsampled-ImageNet batch files (128,116 rows
-per file like the real ImageNet32) under ``--data``, converts them with the converter (timed), benchmarks
-the result and deletes everything it generated (``--keep`` keeps it).
+per file like the real ImageNet32) under ``--data`` and converts them with the converter (timed, in a child
+process whose peak RSS is reported apart), benchmarks the result and deletes everything it generated
+(``--keep`` keeps it).
 """
 
 from __future__ import annotations
@@ -145,6 +146,15 @@ def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int
 
 
 def make_synthetic(work: Path, rows: int) -> tuple[Path, dict]:
+    """:func:`_synthetic` in a child process, so that this process's peak RSS is the streaming's alone."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_synthetic, work, rows).result()
+
+
+def _synthetic(work: Path, rows: int) -> tuple[Path, dict]:
     """Random 32x32 downsampled-ImageNet batch files -> converted split; returns it and the timings."""
     from dbgen.data import convert
 
@@ -163,7 +173,7 @@ def make_synthetic(work: Path, rows: int) -> tuple[Path, dict]:
     converted = time.perf_counter() - t0
     shutil.rmtree(src)
     return out, {"rows": rows, "generate_s": round(generated, 1), "convert_s": round(converted, 1),
-                 "convert_rows_per_s": round(rows / converted)}
+                 "convert_rows_per_s": round(rows / converted), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def main(args) -> int:
@@ -202,7 +212,7 @@ def main(args) -> int:
           f"{res['bytes'] / 2**30:.2f} GiB ({res['machine']})")
     if synthetic:
         print(f"synthetic: generated in {synthetic['generate_s']} s, converted in {synthetic['convert_s']} s "
-              f"({synthetic['convert_rows_per_s']:,} rows/s)")
+              f"({synthetic['convert_rows_per_s']:,} rows/s), peak RSS {synthetic['peak_rss_mb']} MiB")
     print(f"{'path':<28}{'rows':>12}{'images/s':>14}{'RSS MiB start/end/max':>26}")
     for name in ["reader", "loader_arrow"]:
         r = res[name]

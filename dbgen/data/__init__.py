@@ -6,8 +6,13 @@ On disk a *split* is a directory of Parquet shards plus ``manifest.json`` (writt
     manifest.json             format_version, resolution, channels, num_rows, rows_per_shard, row_group_rows,
                               class_names, shards [{file, rows, bytes, sha256}], source, skipped
 
+The image column is ``fixed_size_binary``, not ``fixed_size_list<uint8>``: Parquet stores a uint8 list as
+INT32 values with per-value levels (4x the bytes, read at 18-27k rows/s), a fixed-size binary as the raw bytes
+(read at ~600k rows/s); see :func:`dbgen.data.split.arrow_schema`.
+
 Build one with ``python -m dbgen.data.convert --format {cifar10,imagenet-batches,image-folder,image-tar}
---src PATH --out DIR`` (formats: :mod:`dbgen.data.converters`) or get the built-in one with ``builtin("photos32")``.
+--src PATH --out DIR`` (formats: :mod:`dbgen.data.converters`) or get the built-in one with
+``builtin("photos32")``.
 
 Row order (the decision the exact-resume test depends on)
 ---------------------------------------------------------
