@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import comm
 from .config import Config, ConfigError, config_hash, load_config
 from .evaluate import DS_MODEL_FILE, DS_TAG, META_FILE
 from .nn import binary_latents, data_dependent_init
@@ -170,6 +171,15 @@ def check_train_config(cfg: Config) -> None:
     if mode not in SYNC_MODES:
         raise ConfigError(f"'comm' = binary_weights {mode[0]!r}, binary_grads {mode[1]!r}: not available in this "
                           f"build (available: {', '.join(f'{w}/{g}' for w, g in SYNC_MODES)})")
+    if mode != ("dp", "none"):
+        need(cfg.model.binary_weights, "model.binary_weights", cfg.model.binary_weights,
+             f"true with comm.binary_weights={mode[0]}, comm.binary_grads={mode[1]} (they act on binary layers)")
+        need(s.zero_stage == 0, "scale.zero_stage", s.zero_stage,
+             f"0 with comm.binary_weights={mode[0]}, comm.binary_grads={mode[1]} (the mode exchanges gradients "
+             f"itself{' and shards the binary latents and their optimizer state' if mode[0] == 'packed' else ''})")
+    if mode[1] == "onebit":
+        need(cfg.comm.onebit_warmup_steps >= 1, "comm.onebit_warmup_steps", cfg.comm.onebit_warmup_steps,
+             "an int >= 1 (uncompressed steps that estimate Adam's second moment, frozen afterwards)")
 
 
 # ------------------------------------------------------------------------------------ optimizer and the seam
@@ -218,6 +228,8 @@ class GradientSync(Protocol):
     Called in this order per optimizer step, on every rank: ``backward(loss, last)`` per micro-batch,
     ``reduce()``, ``grad_norm()``, ``step(lr, clip_coef, skip)``. ``state_dict()`` goes into the checkpoint
     (e.g. error-feedback buffers) and is restored by ``load_state_dict`` before the first step.
+    Optional per-rank parts: ``save_partition(dir)`` (every rank, into the checkpoint directory) and
+    ``load_partition(dir)`` (after ``load_state_dict``), e.g. sharded latents (:class:`dbgen.comm.PackedSync`).
     """
 
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...
@@ -242,7 +254,7 @@ class DataParallelSync:
     ZeRO 2 still reduce-scatters full buckets from backward hooks during the backward pass (overlapped).
     """
 
-    def __init__(self, engine, optimizer: ClientAdam):
+    def __init__(self, engine, optimizer: ClientAdam, cfg: Config | None = None):
         self.engine, self.optimizer = engine, optimizer
         self.zero_stage = engine.zero_optimization_stage()
         engine.enable_backward_allreduce = False
@@ -283,12 +295,18 @@ class DataParallelSync:
         pass
 
 
-# (comm.binary_weights, comm.binary_grads) -> GradientSync class; issue 9 registers its modes here.
-SYNC_MODES: dict[tuple[str, str], type] = {("dp", "none"): DataParallelSync}
+# (comm.binary_weights, comm.binary_grads) -> GradientSync class, called as cls(engine, optimizer, cfg).
+SYNC_MODES: dict[tuple[str, str], type] = {
+    ("dp", "none"): DataParallelSync,
+    ("packed", "none"): comm.PackedSync,
+    ("packed", "onebit"): comm.PackedSync,
+    ("dp", "onebit"): comm.DataParallelOnebitSync,
+}
 
 
 def build_gradient_sync(cfg: Config, engine, optimizer) -> GradientSync:
-    return SYNC_MODES[(cfg.comm.binary_weights, cfg.comm.binary_grads)](engine, optimizer)
+    """The configured mode, wrapped so its collectives count as grad/weight/other bytes (dbgen.comm)."""
+    return comm.CountedSync(SYNC_MODES[(cfg.comm.binary_weights, cfg.comm.binary_grads)](engine, optimizer, cfg))
 
 
 # ----------------------------------------------------------------------------------------------------- EMA
@@ -501,6 +519,7 @@ class Trainer:
 
         if checkpoint_dir is None:
             self._data_dependent_init(model, train_dir)
+        comm.install()  # count every collective from here on (dbgen.comm.COUNTER, taken once per step)
         self._broadcast(model)
         self.optimizer = build_optimizer(cfg, model)
         deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -560,6 +579,7 @@ class Trainer:
         self.train_bpd = client.get("train_bpd")
         self.loader.load_state_dict(client["loader"])
         self.sync.load_state_dict(client["sync"])
+        self.sync.load_partition(ckpt)
         if self.cfg.train.ema_decay and client.get("ema") is not None:
             self.ema = EMA(self.model, self.cfg.train.ema_decay)
             self.ema.load_state_dict(client["ema"])
@@ -610,7 +630,8 @@ class Trainer:
         e = t()
         return {"step": self.step + 1, "loss": loss_sum / cfg.grad_accum, "grad_norm": norm, "lr": lr,
                 "skipped": skipped, "images": cfg.batch_size, "t_data_wait": t_data - t0, "t_forward": t_fwd,
-                "t_backward": t_bwd, "t_communication": d - c, "t_optimizer": e - d, "t_step": e - t0}
+                "t_backward": t_bwd, "t_communication": d - c, "t_optimizer": e - d, "t_step": e - t0,
+                "comm_bytes": comm.COUNTER.take()}  # bytes this rank sent since the last step, by kind
 
     # ---------------------------------------------------------------------------------------- eval, samples
     @contextmanager
@@ -670,6 +691,7 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="dbgen-ckpt-") as d:
             d = Path(d)
             self.engine.save_checkpoint(str(d), tag=DS_TAG, client_state=client)
+            self.sync.save_partition(d)
             torch.save(_rng_state(), d / f"rank_{self.rank}.pt")
             if self.rank == 0:
                 _write_json_atomic(d / META_FILE, {
