@@ -90,6 +90,9 @@ def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
                                 f"scale.num_workers={meta['world_size']} scale.zero_stage={meta['zero_stage']}")
         if meta["zero_stage"] == 0 and cfg.scale.zero_stage > 0:
             raise RunSetupError(f"{ckpt} was written with ZeRO stage 0; resume it with scale.zero_stage=0")
+        if old.comm.binary_weights != cfg.comm.binary_weights:  # packed keeps latents and their Adam state sharded
+            raise RunSetupError(f"{ckpt} was written with comm.binary_weights={old.comm.binary_weights}; resume it "
+                                f"with comm.binary_weights={old.comm.binary_weights}")
     return {"run_dir": str(run_dir), "train_dir": train_dir, "eval_dir": eval_dir,
             "resume_from": str(ckpt) if ckpt else None}
 
