@@ -48,9 +48,16 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def rss_mb() -> dict:
+    """Resident memory of this process in MiB: total, private (anon) and shared memory (shmem; Ray's object
+    store pages mapped into this process count here)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssShmem"):
+                fields[key] = round(int(value.split()[0]) / 1024, 1)  # kB
+    return {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "shmem": fields["RssShmem"]}
 
 
 def peak_rss_mb() -> float:
@@ -58,32 +65,32 @@ def peak_rss_mb() -> float:
 
 
 class RssTrace:
-    """RSS samples while streaming: start, end and peak, in MiB."""
+    """RSS while streaming: at the start and after each quarter of the rows, to show it stays flat."""
 
-    def __init__(self):
-        self.samples = [rss_mb()]
+    def __init__(self, total: int):
+        self.total, self.samples, self.next = total, {"start": rss_mb()}, 1
 
-    def sample(self) -> None:
-        self.samples.append(rss_mb())
+    def progress(self, done: int) -> None:
+        while self.next <= 4 and done >= self.next * self.total / 4:
+            self.samples[f"{25 * self.next}%"] = rss_mb()
+            self.next += 1
 
     def summary(self) -> dict:
-        return {"start": round(self.samples[0], 1), "end": round(self.samples[-1], 1),
-                "max": round(max(self.samples), 1)}
+        return self.samples
 
 
 def bench_reader(split, max_rows: int | None) -> dict:
     from dbgen.data.split import read_unit
 
-    trace, rows, t0 = RssTrace(), 0, time.perf_counter()
+    total = min(split.num_rows, max_rows or split.num_rows)
+    trace, rows, t0 = RssTrace(total), 0, time.perf_counter()
     for shard, group, _, _ in split.units():
         x = read_unit(split, shard, group)  # (n, R*R*C) uint8
         rows += len(x)
-        if rows % (64 * split.row_group_rows) < split.row_group_rows:
-            trace.sample()
-        if max_rows and rows >= max_rows:
+        trace.progress(rows)
+        if rows >= total:
             break
     dt = time.perf_counter() - t0
-    trace.sample()
     return {"rows": rows, "seconds": round(dt, 3), "images_per_s": round(rows / dt), "rss_mb": trace.summary()}
 
 
@@ -93,13 +100,11 @@ def bench_arrow_loader(split, batch_size: int, shuffle_buffer: int, max_rows: in
     loader = TrainLoader(split, batch_size=batch_size, shuffle_buffer=shuffle_buffer, backend="arrow",
                          rank=0, world_size=1)
     n = len(loader) if not max_rows else min(len(loader), -(-max_rows // batch_size))
-    trace, t0, it = RssTrace(), time.perf_counter(), iter(loader)
+    trace, t0, it = RssTrace(n), time.perf_counter(), iter(loader)
     for i in range(n):
         next(it)
-        if i % 256 == 0:
-            trace.sample()
+        trace.progress(i + 1)
     dt = time.perf_counter() - t0
-    trace.sample()
     return {"rows": n * batch_size, "seconds": round(dt, 3), "images_per_s": round(n * batch_size / dt),
             "rss_mb": trace.summary()}
 
@@ -114,12 +119,14 @@ def _ray_rank(split_dir: str, rank: int, world: int, batch_size: int, shuffle_bu
     loader = TrainLoader(split_dir, batch_size=batch_size, shuffle_buffer=shuffle_buffer, rank=rank,
                          world_size=world, backend="ray")
     n = len(loader) if not max_rows else min(len(loader), -(-max_rows // (batch_size * world)))
-    t0, it = time.perf_counter(), iter(loader)
-    for _ in range(n):
+    trace, t0, it = RssTrace(n), time.perf_counter(), iter(loader)
+    for i in range(n):
         next(it)
+        trace.progress(i + 1)
     dt = time.perf_counter() - t0
     return {"rank": rank, "rows": n * batch_size, "seconds": round(dt, 3),
-            "images_per_s": round(n * batch_size / dt), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "images_per_s": round(n * batch_size / dt), "rss_mb": trace.summary(),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
@@ -213,14 +220,10 @@ def main(args) -> int:
     if synthetic:
         print(f"synthetic: generated in {synthetic['generate_s']} s, converted in {synthetic['convert_s']} s "
               f"({synthetic['convert_rows_per_s']:,} rows/s), peak RSS {synthetic['peak_rss_mb']} MiB")
-    print(f"{'path':<28}{'rows':>12}{'images/s':>14}{'RSS MiB start/end/max':>26}")
-    for name in ["reader", "loader_arrow"]:
-        r = res[name]
-        rss = r["rss_mb"]
-        print(f"{name:<28}{r['rows']:>12,}{r['images_per_s']:>14,}{rss['start']:>10}/{rss['end']}/{rss['max']}")
-    if "ray" in res:
-        for r in res["ray"]["per_worker"]:
-            print(f"{'ray rank ' + str(r['rank']):<28}{r['rows']:>12,}{r['images_per_s']:>14,}"
-                  f"{'peak ' + str(r['peak_rss_mb']):>26}")
+    print(f"{'path':<16}{'rows':>11}{'images/s':>10}   RSS MiB (private anon + shared) at start, 25/50/75/100%")
+    ranks = [(f"ray rank {r['rank']}", r) for r in res["ray"]["per_worker"]] if "ray" in res else []
+    for name, r in [("reader", res["reader"]), ("loader_arrow", res["loader_arrow"])] + ranks:
+        rss = "  ".join(f"{v['anon']:.0f}+{v['shmem']:.0f}" for v in r["rss_mb"].values())
+        print(f"{name:<16}{r['rows']:>11,}{r['images_per_s']:>10,}   {rss}")
     print(f"peak RSS of this process: {res['peak_rss_mb']} MiB")
     return 0
