@@ -903,8 +903,10 @@ class DataParallelOnebitSync:
         return {"mode": self.mode, "steps": self.steps, "freeze_step": self.freeze_step}
 
     def load_state_dict(self, state):
+        if not state:  # a plain data-parallel checkpoint: same latents and optimizer; warm up, zero errors
+            return
         if state.get("mode") != self.mode:
-            raise RuntimeError(f"checkpoint written with comm mode {state.get('mode', 'dp')!r}, not {self.mode!r}")
+            raise RuntimeError(f"checkpoint written with comm mode {state.get('mode')!r}, not {self.mode!r}")
         self.steps, self.freeze_step = state["steps"], state["freeze_step"]
 
     def save_partition(self, directory):
@@ -912,6 +914,8 @@ class DataParallelOnebitSync:
                               {"send_error": self.exchange.send_error}, {"step": None})
 
     def load_partition(self, directory):
+        if not (Path(directory) / PARTITION_DIR).is_dir():
+            return  # written by plain data parallelism: no error buffers yet
         part = load_partitions(directory, self.layout, ["recv_error"], ["send_error"])
         if part["recv_error"] is not None:
             self.exchange.recv_error = part["recv_error"]
