@@ -32,7 +32,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#define DBGEN_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define DBGEN_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define DBGEN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint32_t name[]
 #endif
 
 #define DBGEN_API extern "C" __attribute__((visibility("default")))
@@ -161,220 +162,297 @@ __device__ __forceinline__ bool split_k_reduce(Acc (&v)[MT][NT][4], Acc* ws, int
   return true;
 }
 
-// Valid-tap correction of output channel o at output pixel sp (interior pixels: the per-channel total).
-__device__ __forceinline__ int valid_corr(const BconvParams& p, int o, int sp) {
-  const int oy = sp / p.Wo, ox = sp - (sp / p.Wo) * p.Wo;
-  const int iy = oy * p.SH - p.PH, ix = ox * p.SW - p.PW;
-  const bool interior = iy >= 0 && ix >= 0 && iy + p.KH <= p.H && ix + p.KW <= p.W;
-  return interior ? __ldg(p.wtot + o) : __ldg(p.cv + (long long)o * p.Ho * p.Wo + sp);
-}
-
-__device__ __forceinline__ float bconv_value(const BconvParams& p, int o, int dot) {
-  float y = (float)dot;
-  if (p.scale) y = __fmul_rn(y, __ldg(p.scale + o));
-  if (p.bias) y = __fadd_rn(y, __ldg(p.bias + o));
-  return y;
-}
-
 __device__ __forceinline__ void store_out(void* out, int mode, long long i, float y) {
   if (mode == kOutF32) static_cast<float*>(out)[i] = y;
   else if (mode == kOutF16) static_cast<__half*>(out)[i] = __float2half_rn(y);
   else static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(y);
 }
 
-// Block: BM output channels x BN output pixels (pixels flattened over N*Ho*Wo), 4 warps of (BM/2) x (BN/2).
-// K loop: 8 words (256 bits) per step, double-buffered shared memory, next step's global loads in registers
-// while the tensor cores work on the current one. ALIGNED: Cw % 8 == 0, so a step never crosses a tap and
-// each thread loads one 16-byte vector per operand slot.
-template <int BM, int BN, bool ALIGNED>
-__global__ void __launch_bounds__(kThreads) bconv_kernel(const BconvParams p) {
-  constexpr int WM = BM / 2, WN = BN / 2, MT = WM / 16, NT = WN / 8;
-  constexpr int RS = 12;  // shared row stride in words: 8 + 4 padding -> conflict-free fragment reads
-  constexpr int A_VECS = BM * 2, B_VECS = BN * 2;  // 16-byte vectors per step
-  constexpr int A_IT = (A_VECS + kThreads - 1) / kThreads, B_IT = (B_VECS + kThreads - 1) / kThreads;
-  static_assert(BM % 32 == 0 && BN % 16 == 0, "tile");
+// Elements i and i + 1 (i even, so the store is aligned) in one store.
+__device__ __forceinline__ void store_pair(void* out, int mode, long long i, float y0, float y1) {
+  if (mode == kOutF32) {
+    *reinterpret_cast<float2*>(static_cast<float*>(out) + i) = make_float2(y0, y1);
+  } else if (mode == kOutF16) {
+    *reinterpret_cast<__half2*>(static_cast<__half*>(out) + i) = __halves2half2(__float2half_rn(y0), __float2half_rn(y1));
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + i) =
+        __halves2bfloat162(__float2bfloat16_rn(y0), __float2bfloat16_rn(y1));
+  }
+}
 
-  __shared__ __align__(16) uint32_t As[2][BM * RS];
+// Per output column (pixel) of the current tile, computed once per tile for the epilogue.
+struct ColInfo {
+  long long off;  // n * O * Ho*Wo + sp: output index of channel 0, or -1 outside the output
+  int sp;         // y * Wo + x
+  int interior;   // every tap inside the input: the valid-tap correction is the per-channel total
+};
+
+// Block: BM output channels x BN output pixels (pixels flattened over N*Ho*Wo); WARPS_M x WARPS_N warps, each
+// (BM/WARPS_M) x (BN/WARPS_N). K loop: 8 words (256 bits) per step, double-buffered shared memory for the
+// activations, the next step's global loads in registers while the tensor cores work on the current one.
+// ALIGNED: Cw % 8 == 0, so a step never crosses a tap and each thread loads 16-byte vectors.
+// STATIONARY: the block's BM weight rows (all of K) stay in (dynamic) shared memory and the block walks over
+// pixel tiles (persistent grid): weights are read once per block and, with BM >= O, activations once per
+// pixel tile. Otherwise the weights stream through shared memory with the activations (one pixel tile per
+// block, optional split-K over blockIdx.z).
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool ALIGNED, bool STATIONARY>
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 1) bconv_kernel(const BconvParams p) {
+  constexpr int NTH = 32 * WARPS_M * WARPS_N;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MT = WM / 16, NT = WN / 8;
+  constexpr int RS = 12;  // streamed row stride in words: 8 + 4 padding -> conflict-free fragment reads
+  constexpr int A_VECS = BM * 2, B_VECS = BN * 2;  // 16-byte vectors per step
+  constexpr int A_IT = STATIONARY ? 0 : (A_VECS + NTH - 1) / NTH;
+  constexpr int B_IT = (B_VECS + NTH - 1) / NTH;
+  static_assert(WM % 16 == 0 && WN % 8 == 0 && BM % 32 == 0, "tile");
+
+  __shared__ __align__(16) uint32_t As[STATIONARY ? 1 : 2][STATIONARY ? 4 : BM * RS];
   __shared__ __align__(16) uint32_t Bs[2][BN * RS];
   __shared__ int Xs[BN];
   __shared__ uint32_t Pw[BN * (BM / 32)];
+  __shared__ ColInfo cols[BN];
+  DBGEN_DYNAMIC_SMEM(Aw);  // STATIONARY: BM rows x (Kw + 4) words; Kw % 8 == 0 keeps fragment reads conflict-free
+  const int RSW = p.Kw + 4;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int wm = warp >> 1, wn = warp & 1;
-  const int bm0 = blockIdx.y * BM, bn0 = blockIdx.x * BN;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int bm0 = blockIdx.y * BM;
   const int HoWo = p.Ho * p.Wo, NP = p.N * HoWo;
   const int nsteps = p.Kw / 8;
-  const int s_begin = blockIdx.z * p.steps_per_split;
-  const int s_end = min(s_begin + p.steps_per_split, nsteps);
+  const int s_begin = STATIONARY ? 0 : blockIdx.z * p.steps_per_split;
+  const int s_end = STATIONARY ? nsteps : min(s_begin + p.steps_per_split, nsteps);
   if (s_begin >= s_end) return;  // uniform across the block
 
-  for (int i = tid; i < BN * (BM / 32); i += kThreads) Pw[i] = 0u;
-
-  // Per B slot: the output pixel's top-left input corner and image base (invalid pixel: corner far outside).
-  int b_iy0[B_IT], b_ix0[B_IT];
-  long long b_base[B_IT];
-#pragma unroll
-  for (int r = 0; r < B_IT; ++r) {
-    const int idx = tid + r * kThreads;
-    const int pix = bn0 + (idx >> 1);
-    b_iy0[r] = -(1 << 29);
-    b_ix0[r] = -(1 << 29);
-    b_base[r] = 0;
-    if (idx < B_VECS && pix < NP) {
-      const int n = pix / HoWo, sp = pix - n * HoWo;
-      const int oy = sp / p.Wo, ox = sp - oy * p.Wo;
-      b_iy0[r] = oy * p.SH - p.PH;
-      b_ix0[r] = ox * p.SW - p.PW;
-      b_base[r] = (long long)n * p.H * p.W * p.Cw;
+  if constexpr (STATIONARY) {
+    const int vecs = p.Kw / 4;  // per row
+    for (int i = tid; i < BM * vecs; i += NTH) {
+      const int row = i / vecs, v = i - row * vecs;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (bm0 + row < p.O) val = __ldg(reinterpret_cast<const uint4*>(p.wgt + (long long)(bm0 + row) * p.Kw + v * 4));
+      *reinterpret_cast<uint4*>(&Aw[row * RSW + v * 4]) = val;
     }
   }
 
-  uint4 a_reg[A_IT], b_reg[B_IT];
-  int xacc[B_IT];
-#pragma unroll
-  for (int r = 0; r < B_IT; ++r) xacc[r] = 0;
-
-  auto load = [&](int s) {
-    const int k0 = s * 8;
-#pragma unroll
-    for (int r = 0; r < A_IT; ++r) {
-      const int idx = tid + r * kThreads;
-      const int o = bm0 + (idx >> 1);
-      a_reg[r] = make_uint4(0u, 0u, 0u, 0u);
-      if (idx < A_VECS && o < p.O)
-        a_reg[r] = __ldg(reinterpret_cast<const uint4*>(p.wgt + (long long)o * p.Kw + k0 + (idx & 1) * 4));
+  for (int bn0 = blockIdx.x * BN; bn0 < NP; bn0 += gridDim.x * BN) {
+    __syncthreads();  // the previous tile's epilogue is done with Pw, cols, Xs (and Aw is written)
+    for (int i = tid; i < BN * (BM / 32); i += NTH) Pw[i] = 0u;
+    for (int j = tid; j < BN; j += NTH) {
+      const int pix = bn0 + j;
+      ColInfo c{-1, 0, 0};
+      if (pix < NP) {
+        const int n = pix / HoWo, sp = pix - n * HoWo;
+        const int oy = sp / p.Wo, ox = sp - oy * p.Wo;
+        const int iy = oy * p.SH - p.PH, ix = ox * p.SW - p.PW;
+        c.off = (long long)n * p.O * HoWo + sp;
+        c.sp = sp;
+        c.interior = iy >= 0 && ix >= 0 && iy + p.KH <= p.H && ix + p.KW <= p.W;
+      }
+      cols[j] = c;
     }
+
+    // Per B slot: the output pixel's top-left input corner and image base (invalid pixel: corner far outside).
+    int b_iy0[B_IT], b_ix0[B_IT];
+    long long b_base[B_IT];
 #pragma unroll
     for (int r = 0; r < B_IT; ++r) {
-      const int idx = tid + r * kThreads;
-      const int h = idx & 1;
-      b_reg[r] = make_uint4(0u, 0u, 0u, 0u);
-      if (idx >= B_VECS) continue;
-      if (ALIGNED) {
-        const int tap = k0 / p.Cw;
-        const int cw = k0 - tap * p.Cw + h * 4;
-        const int ky = tap / p.KW, kx = tap - ky * p.KW;
-        const int iy = b_iy0[r] + ky, ix = b_ix0[r] + kx;
-        if (tap < p.T && (unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W)
-          b_reg[r] = __ldg(reinterpret_cast<const uint4*>(p.act + b_base[r] + ((long long)iy * p.W + ix) * p.Cw + cw));
-      } else {
-        uint32_t v[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int k = k0 + h * 4 + q;
-          const int tap = k / p.Cw;
-          v[q] = 0u;
-          if (tap < p.T) {
-            const int cw = k - tap * p.Cw;
-            const int ky = tap / p.KW, kx = tap - ky * p.KW;
-            const int iy = b_iy0[r] + ky, ix = b_ix0[r] + kx;
-            if ((unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W)
-              v[q] = __ldg(p.act + b_base[r] + ((long long)iy * p.W + ix) * p.Cw + cw);
-          }
-        }
-        b_reg[r] = make_uint4(v[0], v[1], v[2], v[3]);
+      const int idx = tid + r * NTH;
+      const int pix = bn0 + (idx >> 1);
+      b_iy0[r] = -(1 << 29);
+      b_ix0[r] = -(1 << 29);
+      b_base[r] = 0;
+      if (idx < B_VECS && pix < NP) {
+        const int n = pix / HoWo, sp = pix - n * HoWo;
+        const int oy = sp / p.Wo, ox = sp - oy * p.Wo;
+        b_iy0[r] = oy * p.SH - p.PH;
+        b_ix0[r] = ox * p.SW - p.PW;
+        b_base[r] = (long long)n * p.H * p.W * p.Cw;
       }
     }
-  };
 
-  int acc[MT][NT][4];
+    uint4 a_reg[A_IT > 0 ? A_IT : 1], b_reg[B_IT];
+    int xacc[B_IT];
 #pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
+    for (int r = 0; r < B_IT; ++r) xacc[r] = 0;
 
-  load(s_begin);
-  for (int s = s_begin; s < s_end; ++s) {
-    const int buf = (s - s_begin) & 1;
-#pragma unroll
-    for (int r = 0; r < A_IT; ++r) {
-      const int idx = tid + r * kThreads;
-      if (idx < A_VECS) *reinterpret_cast<uint4*>(&As[buf][(idx >> 1) * RS + (idx & 1) * 4]) = a_reg[r];
+    // ALIGNED: the tap and channel word of the next step to load, advanced without divisions.
+    int it_cw = 0, it_ky = 0, it_kx = 0;
+    if (ALIGNED) {
+      const int k0 = s_begin * 8, tap = k0 / p.Cw;
+      it_cw = k0 - tap * p.Cw;
+      it_ky = tap / p.KW;
+      it_kx = tap - it_ky * p.KW;
     }
-#pragma unroll
-    for (int r = 0; r < B_IT; ++r) {
-      const int idx = tid + r * kThreads;
-      if (idx < B_VECS) *reinterpret_cast<uint4*>(&Bs[buf][(idx >> 1) * RS + (idx & 1) * 4]) = b_reg[r];
-      xacc[r] += popc4(b_reg[r]);  // +1 inputs of this pixel's receptive field (padding words are 0)
-    }
-    __syncthreads();
-    if (s + 1 < s_end) load(s + 1);  // in flight while the tensor cores run
 
-    uint32_t af[MT][4], bf[NT][2];
+    auto load = [&](int s) {
+      const int k0 = s * 8;
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi) {
-      const uint32_t* a = &As[buf][(wm * WM + mi * 16 + g) * RS + t];
-      af[mi][0] = a[0];
-      af[mi][1] = a[8 * RS];
-      af[mi][2] = a[4];
-      af[mi][3] = a[8 * RS + 4];
-    }
+      for (int r = 0; r < A_IT; ++r) {
+        const int idx = tid + r * NTH;
+        const int o = bm0 + (idx >> 1);
+        a_reg[r] = make_uint4(0u, 0u, 0u, 0u);
+        if (idx < A_VECS && o < p.O)
+          a_reg[r] = __ldg(reinterpret_cast<const uint4*>(p.wgt + (long long)o * p.Kw + k0 + (idx & 1) * 4));
+      }
 #pragma unroll
-    for (int ni = 0; ni < NT; ++ni) {
-      const uint32_t* b = &Bs[buf][(wn * WN + ni * 8 + g) * RS + t];
-      bf[ni][0] = b[0];
-      bf[ni][1] = b[4];
-    }
+      for (int r = 0; r < B_IT; ++r) {
+        const int idx = tid + r * NTH;
+        const int h = idx & 1;
+        b_reg[r] = make_uint4(0u, 0u, 0u, 0u);
+        if (idx >= B_VECS) continue;
+        if (ALIGNED) {
+          const int iy = b_iy0[r] + it_ky, ix = b_ix0[r] + it_kx;
+          if (it_ky < p.KH && (unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W)
+            b_reg[r] = __ldg(reinterpret_cast<const uint4*>(p.act + b_base[r] + ((long long)iy * p.W + ix) * p.Cw +
+                                                            it_cw + h * 4));
+        } else {
+          uint32_t v[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int k = k0 + h * 4 + q;
+            const int tap = k / p.Cw;
+            v[q] = 0u;
+            if (tap < p.T) {
+              const int cw = k - tap * p.Cw;
+              const int ky = tap / p.KW, kx = tap - ky * p.KW;
+              const int iy = b_iy0[r] + ky, ix = b_ix0[r] + kx;
+              if ((unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W)
+                v[q] = __ldg(p.act + b_base[r] + ((long long)iy * p.W + ix) * p.Cw + cw);
+            }
+          }
+          b_reg[r] = make_uint4(v[0], v[1], v[2], v[3]);
+        }
+      }
+      if (ALIGNED) {  // next step: 8 words further along the tap's channel words, then the next tap
+        it_cw += 8;
+        if (it_cw >= p.Cw) {
+          it_cw = 0;
+          if (++it_kx == p.KW) {
+            it_kx = 0;
+            ++it_ky;
+          }
+        }
+      }
+    };
+
+    int acc[MT][NT][4];
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < NT; ++ni) mma_b1_and(acc[mi][ni], af[mi], bf[ni]);
-  }
+      for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
 
-  // X per pixel: the two threads of a pixel are adjacent lanes.
+    load(s_begin);
+    for (int s = s_begin; s < s_end; ++s) {
+      const int buf = (s - s_begin) & 1;
 #pragma unroll
-  for (int r = 0; r < B_IT; ++r) {
-    const int idx = tid + r * kThreads;
-    const int x = xacc[r] + __shfl_xor_sync(0xffffffffu, xacc[r], 1);
-    if (idx < B_VECS && (idx & 1) == 0) Xs[idx >> 1] = x;
-  }
-  __syncthreads();
+      for (int r = 0; r < A_IT; ++r) {
+        const int idx = tid + r * NTH;
+        if (idx < A_VECS) *reinterpret_cast<uint4*>(&As[buf][(idx >> 1) * RS + (idx & 1) * 4]) = a_reg[r];
+      }
+#pragma unroll
+      for (int r = 0; r < B_IT; ++r) {
+        const int idx = tid + r * NTH;
+        if (idx < B_VECS) *reinterpret_cast<uint4*>(&Bs[buf][(idx >> 1) * RS + (idx & 1) * 4]) = b_reg[r];
+        xacc[r] += popc4(b_reg[r]);  // +1 inputs of this pixel's receptive field (padding words are 0)
+      }
+      __syncthreads();
+      if (s + 1 < s_end) load(s + 1);  // in flight while the tensor cores run
 
-  // acc <- 4 P - 2 X: the dot product without the valid-tap correction (additive over K slices).
+      uint32_t af[MT][4], bf[NT][2];
 #pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
+      for (int mi = 0; mi < MT; ++mi) {
+        const int row = wm * WM + mi * 16 + g;
+        const uint32_t* a = STATIONARY ? &Aw[row * RSW + s * 8 + t] : &As[buf][row * RS + t];
+        const int r8 = STATIONARY ? 8 * RSW : 8 * RS;
+        af[mi][0] = a[0];
+        af[mi][1] = a[r8];
+        af[mi][2] = a[4];
+        af[mi][3] = a[r8 + 4];
+      }
 #pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
+      for (int ni = 0; ni < NT; ++ni) {
+        const uint32_t* b = &Bs[buf][(wn * WN + ni * 8 + g) * RS + t];
+        bf[ni][0] = b[0];
+        bf[ni][1] = b[4];
+      }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 4 * acc[mi][ni][e] - 2 * Xs[wn * WN + ni * 8 + 2 * t + (e & 1)];
-  if (p.ws) {
-    auto index = [&](int mi, int ni, int e) -> long long {
-      const int o = bm0 + wm * WM + mi * 16 + g + (e >> 1) * 8, pix = bn0 + wn * WN + ni * 8 + 2 * t + (e & 1);
-      if (o >= p.O || pix >= NP) return -1;
-      const int n = pix / HoWo;
-      return ((long long)n * p.O + o) * HoWo + (pix - n * HoWo);
-    };
-    if (!split_k_reduce(acc, p.ws, p.counters, (long long)NP * p.O, index)) return;
-  }
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni) mma_b1_and(acc[mi][ni], af[mi], bf[ni]);
+    }
 
+    // X per pixel: the two threads of a pixel are adjacent lanes.
 #pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
+    for (int r = 0; r < B_IT; ++r) {
+      const int idx = tid + r * NTH;
+      const int x = xacc[r] + __shfl_xor_sync(0xffffffffu, xacc[r], 1);
+      if (idx < B_VECS && (idx & 1) == 0) Xs[idx >> 1] = x;
+    }
+    __syncthreads();
+
+    // acc <- 4 P - 2 X: the dot product without the valid-tap correction (additive over K slices).
 #pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = wm * WM + mi * 16 + g + (e >> 1) * 8;
-        const int col = wn * WN + ni * 8 + 2 * t + (e & 1);
-        const int o = bm0 + row, pix = bn0 + col;
-        if (o >= p.O || pix >= NP) continue;
-        const int n = pix / HoWo, sp = pix - n * HoWo;
-        const float y = bconv_value(p, o, acc[mi][ni][e] + valid_corr(p, o, sp));
-        if (p.out_mode == kOutPacked) {
-          if (y >= 0.f) atomicOr(&Pw[col * (BM / 32) + row / 32], 1u << (row & 31));
-        } else {
-          store_out(p.out, p.out_mode, ((long long)n * p.O + o) * HoWo + sp, y);
+      for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 4 * acc[mi][ni][e] - 2 * Xs[wn * WN + ni * 8 + 2 * t + (e & 1)];
+    if (!STATIONARY && p.ws) {
+      auto index = [&](int mi, int ni, int e) -> long long {
+        const int o = bm0 + wm * WM + mi * 16 + g + (e >> 1) * 8;
+        const long long off = cols[wn * WN + ni * 8 + 2 * t + (e & 1)].off;
+        return o >= p.O || off < 0 ? -1 : off + (long long)o * HoWo;
+      };
+      if (!split_k_reduce(acc, p.ws, p.counters, (long long)NP * p.O, index)) return;  // single-tile grid
+    }
+
+    // Epilogue: per row (channel) scale, bias and interior correction; per column the precomputed offsets.
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = wm * WM + mi * 16 + g + hr * 8;
+        const int o = bm0 + row;
+        if (o >= p.O) continue;
+        const int wtot = __ldg(p.wtot + o);
+        const float sc = p.scale ? __ldg(p.scale + o) : 0.f, bi = p.bias ? __ldg(p.bias + o) : 0.f;
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni) {
+          const int c0 = wn * WN + ni * 8 + 2 * t;
+          float y[2];
+          long long idx[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const ColInfo c = cols[c0 + e];
+            idx[e] = c.off < 0 ? -1 : c.off + (long long)o * HoWo;
+            const int corr = c.interior ? wtot : (c.off < 0 ? 0 : __ldg(p.cv + (long long)o * HoWo + c.sp));
+            float v = (float)(acc[mi][ni][hr * 2 + e] + corr);
+            if (p.scale) v = __fmul_rn(v, sc);
+            if (p.bias) v = __fadd_rn(v, bi);
+            y[e] = v;
+          }
+          if (p.out_mode == kOutPacked) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (idx[e] >= 0 && y[e] >= 0.f) atomicOr(&Pw[(c0 + e) * (BM / 32) + row / 32], 1u << (row & 31));
+          } else if (idx[0] >= 0 && idx[1] == idx[0] + 1 && (idx[0] & 1) == 0) {
+            store_pair(p.out, p.out_mode, idx[0], y[0], y[1]);  // two adjacent pixels, one aligned store
+          } else {
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (idx[e] >= 0) store_out(p.out, p.out_mode, idx[e], y[e]);
+          }
         }
       }
 
-  if (p.out_mode == kOutPacked) {
-    __syncthreads();
-    for (int i = tid; i < BN * (BM / 32); i += kThreads) {
-      const int col = i / (BM / 32), wq = i - col * (BM / 32);
-      const int pix = bn0 + col, word = bm0 / 32 + wq;
-      if (pix < NP && word < p.Ow) static_cast<uint32_t*>(p.out)[(long long)pix * p.Ow + word] = Pw[i];
+    if (p.out_mode == kOutPacked) {
+      __syncthreads();
+      for (int i = tid; i < BN * (BM / 32); i += NTH) {
+        const int col = i / (BM / 32), wq = i - col * (BM / 32);
+        const int pix = bn0 + col, word = bm0 / 32 + wq;
+        if (pix < NP && word < p.Ow) static_cast<uint32_t*>(p.out)[(long long)pix * p.Ow + word] = Pw[i];
+      }
     }
   }
 }
@@ -661,12 +739,35 @@ __global__ void __launch_bounds__(kThreads) pwconv_kernel(const PwconvParams p) 
 // ------------------------------------------------------------------------------------------ launchers
 inline unsigned blocks_for(long long n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 
-template <int BM, int BN>
-void launch_bconv(const BconvParams& p, int ksplit, cudaStream_t st) {
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool STATIONARY>
+cudaError_t launch_bconv(const BconvParams& p, int ksplit, int device, cudaStream_t st) {
+  constexpr int NTH = 32 * WARPS_M * WARPS_N;
   const int NP = p.N * p.Ho * p.Wo;
-  const dim3 grid((NP + BN - 1) / BN, (p.O + BM - 1) / BM, ksplit);
-  const auto kernel = p.Cw % 8 == 0 ? bconv_kernel<BM, BN, true> : bconv_kernel<BM, BN, false>;
-  DBGEN_LAUNCH(kernel, grid, kThreads, st, p);
+  const int tiles_n = (NP + BN - 1) / BN, tiles_m = (p.O + BM - 1) / BM;
+  const auto kernel = p.Cw % 8 == 0 ? bconv_kernel<BM, BN, WARPS_M, WARPS_N, true, STATIONARY>
+                                    : bconv_kernel<BM, BN, WARPS_M, WARPS_N, false, STATIONARY>;
+  dim3 grid(tiles_n, tiles_m, STATIONARY ? 1 : ksplit);
+  size_t dyn = 0;
+  if (STATIONARY) {
+    dyn = (size_t)BM * (p.Kw + 4) * sizeof(uint32_t);
+    cudaFuncAttributes attr;
+    cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+    if (err != cudaSuccess) return err;
+    int optin = 0, sms = 0, resident = 0;
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (dyn + attr.sharedSizeBytes > (size_t)optin) return cudaErrorInvalidConfiguration;  // stream weights instead
+    if (dyn > 48 * 1024) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
+      if (err != cudaSuccess) return err;
+    }
+    // Persistent grid: as many blocks as fit at once (registers and shared memory), at most 2 per SM.
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, NTH, dyn);
+    if (err != cudaSuccess) return err;
+    grid.x = max(1, min(tiles_n, sms * max(1, min(2, resident)) / tiles_m));
+  }
+  DBGEN_LAUNCH(kernel, grid, NTH, dyn, st, p);
+  return cudaGetLastError();
 }
 
 template <typename T, int BM, int BN, int KC>
@@ -674,7 +775,7 @@ void launch_pwconv_t(const PwconvParams& p, bool vec, int ksplit, cudaStream_t s
   const int NP = p.N * p.Ho * p.Wo;
   const dim3 grid((NP + BN - 1) / BN, (p.O + BM - 1) / BM, ksplit);
   const auto kernel = vec ? pwconv_kernel<T, BM, BN, KC, true> : pwconv_kernel<T, BM, BN, KC, false>;
-  DBGEN_LAUNCH(kernel, grid, kThreads, st, p);
+  DBGEN_LAUNCH(kernel, grid, kThreads, 0, st, p);
 }
 
 template <typename T, int KC>
@@ -686,7 +787,7 @@ void launch_pwconv(const PwconvParams& p, bool vec, int tile, int ksplit, cudaSt
 }  // namespace
 
 // ------------------------------------------------------------------------------------------- C API
-DBGEN_API int dbgen_abi_version() { return 2; }
+DBGEN_API int dbgen_abi_version() { return 3; }
 
 DBGEN_API const char* dbgen_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
 
@@ -697,10 +798,10 @@ DBGEN_API int dbgen_pack_signs(const void* x, int dtype, void* out, long long n,
   auto st = static_cast<cudaStream_t>(stream);
   const unsigned blocks = blocks_for(n, 256);
   auto* o = static_cast<uint8_t*>(out);
-  if (dtype == kF32) DBGEN_LAUNCH(pack_signs_kernel<float>, blocks, 256, st, static_cast<const float*>(x), o, n);
-  else if (dtype == kF16) DBGEN_LAUNCH(pack_signs_kernel<__half>, blocks, 256, st, static_cast<const __half*>(x), o, n);
+  if (dtype == kF32) DBGEN_LAUNCH(pack_signs_kernel<float>, blocks, 256, 0, st, static_cast<const float*>(x), o, n);
+  else if (dtype == kF16) DBGEN_LAUNCH(pack_signs_kernel<__half>, blocks, 256, 0, st, static_cast<const __half*>(x), o, n);
   else if (dtype == kBF16)
-    DBGEN_LAUNCH(pack_signs_kernel<__nv_bfloat16>, blocks, 256, st, static_cast<const __nv_bfloat16*>(x), o, n);
+    DBGEN_LAUNCH(pack_signs_kernel<__nv_bfloat16>, blocks, 256, 0, st, static_cast<const __nv_bfloat16*>(x), o, n);
   else return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
@@ -717,20 +818,22 @@ DBGEN_API int dbgen_pack_activations(const void* x, int dtype, void* out, int N,
   const unsigned blocks = blocks_for(total, 256);
   auto* o = static_cast<uint32_t*>(out);
   if (dtype == kF32)
-    DBGEN_LAUNCH(pack_act_kernel<float>, blocks, 256, st, static_cast<const float*>(x), o, N, C, H, W, Cw, sN, sC, sH,
+    DBGEN_LAUNCH(pack_act_kernel<float>, blocks, 256, 0, st, static_cast<const float*>(x), o, N, C, H, W, Cw, sN, sC, sH,
                  sW);
   else if (dtype == kF16)
-    DBGEN_LAUNCH(pack_act_kernel<__half>, blocks, 256, st, static_cast<const __half*>(x), o, N, C, H, W, Cw, sN, sC,
+    DBGEN_LAUNCH(pack_act_kernel<__half>, blocks, 256, 0, st, static_cast<const __half*>(x), o, N, C, H, W, Cw, sN, sC,
                  sH, sW);
   else if (dtype == kBF16)
-    DBGEN_LAUNCH(pack_act_kernel<__nv_bfloat16>, blocks, 256, st, static_cast<const __nv_bfloat16*>(x), o, N, C, H,
+    DBGEN_LAUNCH(pack_act_kernel<__nv_bfloat16>, blocks, 256, 0, st, static_cast<const __nv_bfloat16*>(x), o, N, C, H,
                  W, Cw, sN, sC, sH, sW);
   else return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 
 // out_mode: 0 fp32, 1 fp16, 2 bf16 (N, O, Ho, Wo); 3 packed sign words (N, Ho, Wo, ceil(O/32)).
-// tile: 0 = 64x64, 1 = 32x32 (channels x pixels). ksplit > 1 needs ws, int32 (ksplit, N, O, Ho*Wo) (no
+// tile (channels x pixels): 0 = 64x64, 1 = 32x32 (streamed weights, optional split-K); 2 = 128x64, 3 = 256x32
+// (weights stationary in shared memory, persistent grid, no split-K; falls back to 0 where the weights do
+// not fit). ksplit > 1 needs ws, int32 (ksplit, N, O, Ho*Wo) (no
 // initialization needed), and counters, int32 with one zero per output tile, left zero again afterwards.
 DBGEN_API int dbgen_bconv(const void* act, const void* wgt, const int* cv, const int* wtot, const float* scale,
                           const float* bias, void* out, int out_mode, int* ws, int* counters, int N, int C, int H,
@@ -761,13 +864,22 @@ DBGEN_API int dbgen_bconv(const void* act, const void* wgt, const int* cv, const
   const int nsteps = Kw / 8;
   p.steps_per_split = (nsteps + ksplit - 1) / ksplit;
   ksplit = (nsteps + p.steps_per_split - 1) / p.steps_per_split;  // no empty slices
+  if (tile >= 2) ksplit = 1, p.steps_per_split = nsteps;
   p.ws = ksplit > 1 ? ws : nullptr;
   p.counters = counters;
   auto st = static_cast<cudaStream_t>(stream);
   if (p.N * p.Ho * p.Wo <= 0) return cudaSuccess;
-  if (tile == 0) launch_bconv<64, 64>(p, ksplit, st);
-  else launch_bconv<32, 32>(p, ksplit, st);
-  return cudaGetLastError();
+  switch (tile) {
+    case 1: return launch_bconv<32, 32, 2, 2, false>(p, ksplit, device, st);
+    case 2: err = launch_bconv<128, 64, 4, 2, true>(p, 1, device, st); break;
+    case 3: err = launch_bconv<256, 32, 8, 1, true>(p, 1, device, st); break;
+    default: return launch_bconv<64, 64, 2, 2, false>(p, ksplit, device, st);
+  }
+  if (err == cudaErrorInvalidConfiguration) {
+    cudaGetLastError();  // clear nothing sticky: the launch was never attempted
+    return launch_bconv<64, 64, 2, 2, false>(p, 1, device, st);
+  }
+  return err;
 }
 
 // x: channels-last (N, H, W, C) of dtype; wT: (T*Cw, O) words; out (N, O, Ho, Wo) of dtype.

@@ -49,6 +49,7 @@ struct Block {
 inline thread_local uint3 tid_, bid_;
 inline thread_local dim3 bdim_, gdim_;
 inline thread_local Block* block_ = nullptr;
+inline thread_local uint32_t* dyn_smem_ = nullptr;
 
 inline int lane() { return (int)(tid_.x & 31); }
 inline int warp() { return (int)(tid_.x >> 5); }
@@ -56,12 +57,13 @@ inline uint32_t* slot(int l) { return &block_->exchange[(warp() * 32 + l) * 16];
 inline void warp_sync() { block_->warps[warp()]->arrive_and_wait(); }
 
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   const int threads = (int)(block.x * block.y * block.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         Block b(threads);
+        std::vector<uint32_t> dyn((smem + 3) / 4 + 4);
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (int t = 0; t < threads; ++t)
@@ -71,6 +73,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
             bdim_ = block;
             gdim_ = grid;
             block_ = &b;
+            dyn_smem_ = dyn.data();
             kernel(args...);
           });
         for (auto& th : pool) th.join();
@@ -155,6 +158,19 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 
 inline const char* error_string(int err) { return err == 0 ? "no error" : "emulated launch error"; }
 
+// A small device: 4 multiprocessors, Hopper's shared-memory limits.
+inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr) {
+  if (attr == cudaDevAttrMultiProcessorCount) *value = 4;
+  else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = 227 * 1024;
+  else *value = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t func_attributes(cudaFuncAttributes* attr) {
+  std::memset(attr, 0, sizeof(*attr));
+  return cudaSuccess;
+}
+
 }  // namespace emu
 
 #define threadIdx (emu::tid_)
@@ -170,6 +186,10 @@ inline const char* error_string(int err) { return err == 0 ? "no error" : "emula
 #define cudaSetDevice(d) (cudaSuccess)
 #define cudaGetLastError() (cudaSuccess)
 #define cudaGetErrorString(e) emu::error_string((int)(e))
+#define cudaDeviceGetAttribute(value, attr, device) emu::device_attribute((value), (attr))
+#define cudaFuncGetAttributes(attr, kernel) emu::func_attributes((attr))
+#define cudaFuncSetAttribute(kernel, attr, value) (cudaSuccess)
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, threads, smem) (*(n) = 1, cudaSuccess)
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
@@ -180,4 +200,6 @@ inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
 
-#define DBGEN_LAUNCH(kernel, grid, block, stream, ...) emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__)
+#define DBGEN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  emu::launch(kernel, dim3(grid), dim3(block), (size_t)(smem), __VA_ARGS__)
+#define DBGEN_DYNAMIC_SMEM(name) uint32_t* name = emu::dyn_smem_

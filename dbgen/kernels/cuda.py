@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (8, 0)
 SOURCE_NAME = "binary_kernels.cu"
-ABI_VERSION = 2
+ABI_VERSION = 3
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _OUT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 OUT_PACKED = 3
@@ -289,12 +289,29 @@ def default_split(blocks: int, ksteps: int, sms: int) -> int:
     return max(1, min(ksteps // 2, (2 * sms + blocks - 1) // blocks, 16))
 
 
-def _tile_for(np_: int, o: int, sms: int, tile: int | None) -> int:
-    """Tile 0 (64 channels x 64 pixels) when it fills the GPU, else tile 1 (32 x 32)."""
+def _pw_tile(np_: int, o: int, sms: int, tile: int | None) -> int:
+    """Packed-weight conv: tile 0 (64 channels x 64 pixels) when it fills the GPU, else tile 1 (32 x 32)."""
     if tile is not None:
         return tile
     big = ((np_ + 63) // 64) * ((o + 63) // 64)
     return 0 if big >= sms else 1
+
+
+STATIONARY_SMEM = 110 * 1024  # weight rows kept in shared memory: at most about half an SM's
+
+
+def _bconv_tile(np_: int, o: int, kw: int, sms: int, tile: int | None) -> int:
+    """Binary conv tile: 1 (32x32, streamed weights, split-K) when 64x64 tiles cannot fill the GPU; else the
+    weight-stationary 3 (256 channels x 32 pixels) or 2 (128 x 64) if their weight rows fit, else 0 (64x64)."""
+    if tile is not None:
+        return tile
+    if ((np_ + 63) // 64) * ((o + 63) // 64) < sms:
+        return 1
+    if o > 128 and 256 * (kw + 4) * 4 <= STATIONARY_SMEM:
+        return 3
+    if 128 * (kw + 4) * 4 <= STATIONARY_SMEM:
+        return 2
+    return 0
 
 
 def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias, stride, padding, *,
@@ -320,10 +337,11 @@ def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias,
             raise ValueError(f"binary conv: out_dtype {out_dtype} not supported (float32, float16, bfloat16)")
         out = _out(out, (n, o, ho, wo), out_dtype, dev)
         mode = _OUT_CODE[out_dtype]
-    t = _tile_for(n * ho * wo, o, sms, tile)
-    bm = 64 if t == 0 else 32
+    t = _bconv_tile(n * ho * wo, o, wwords.shape[1], sms, tile)
+    bm = 32 if t == 1 else 64  # split-K tiles (streamed-weight tiles only)
     blocks = ((n * ho * wo + bm - 1) // bm) * ((o + bm - 1) // bm)
     ks = ksplit if ksplit is not None else default_split(blocks, wwords.shape[1] // 8, sms)
+    ks = 1 if t >= 2 else ks
     ws, counters = _split_buffers(ks, n * o * ho * wo, blocks, torch.int32, dev, stream)
     err = lib.dbgen_bconv(_ptr(words), _ptr(wwords), _ptr(cv), _ptr(wtot), _ptr(scale), _ptr(bias), _ptr(out), mode,
                           _ptr(ws), _ptr(counters), n, channels, h, wd, o, kh, kw, sh, sw, ph, pw, wwords.shape[1], t,
@@ -347,7 +365,7 @@ def pwconv_cuda(x: torch.Tensor, w: PackedWeight, scale, bias, stride, padding, 
     wT = w.transposed_words()
     scale, bias = _float_vec(scale, dev), _float_vec(bias, dev)
     out = _out(out, (n, o, ho, wo), x.dtype, dev)
-    t = _tile_for(n * ho * wo, o, sms, tile)
+    t = _pw_tile(n * ho * wo, o, sms, tile)
     bm = 64 if t == 0 else 32
     kc = 1 if x.dtype == torch.float32 else 4
     blocks = ((n * ho * wo + bm - 1) // bm) * ((o + bm - 1) // bm)
