@@ -14,7 +14,8 @@ streamed weights x split-K 1..8, and the weight-stationary tiles). TOPS count 2 
 checked against an fp32 conv before it is timed (relative errors in the table).
 
 Without CUDA it runs the pure-PyTorch reference (what dbgen.kernels uses on CPU) against F.conv2d fp32 on the
-CPU: those numbers describe the reference path only, not the goal.
+CPU: those numbers describe the reference path only, not the goal. ``--emulate`` runs the GPU benchmark's code
+on the host emulation of the kernels (a smoke test of this script without a GPU; its times mean nothing).
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def bench_case_gpu(name, c, o, h, w, k, pad, n, sweep: bool) -> dict:
+def bench_case_gpu(name, c, o, h, w, k, pad, n, sweep: bool, dev: str = "cuda", timer=time_gpu) -> dict:
     from dbgen.kernels import cuda
 
-    dev = torch.device("cuda")
+    dev = torch.device(dev)
+    time_gpu = timer
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(n, c, h, w, device=dev, generator=g, dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last)
@@ -240,21 +242,39 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=None, help=f"subset of {[c[0] for c in CASES]}")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here (default benchmarks/out/...)")
     ap.add_argument("--no-sweep", action="store_true", help="GPU: only the heuristic launch config")
+    ap.add_argument("--emulate", action="store_true", help="GPU code path on the CPU host emulation (smoke test)")
     args = ap.parse_args(argv)
     on_gpu = torch.cuda.is_available() and os.environ.get("DBGEN_KERNELS", "auto") != "reference"
+    dev, timer = "cuda", time_gpu
+    if args.emulate:
+        import tempfile
+
+        from dbgen.kernels import cuda, ops
+
+        cuda.set_emulator(cuda.load_library(cuda.build_emulator(Path(tempfile.mkdtemp(prefix="dbgen-emu-")))))
+        ops.backend = lambda device: "cuda"  # CPU tensors go to the emulated kernels
+        on_gpu, dev = True, "cpu"
+
+        def timer(fn, reps=1, inner=1):
+            return time_cpu(fn, 1), "emulated"
+
     batches = args.batches or ([1, 16, 128] if on_gpu else [1, 16])
     cases = [c for c in CASES if args.cases is None or c[0] in args.cases]
+    if args.emulate:
+        device = "host emulation (times meaningless)"
+    elif on_gpu:
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(), "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()}, "
-                                                              f"{torch.get_num_threads()} threads)",
+        "host": platform.node(), "torch": torch.__version__, "device": device,
         "mode": "gpu kernels vs cuDNN bf16" if on_gpu else "CPU REFERENCE path vs F.conv2d fp32 (not the goal)",
     }
     rows = []
     for name, c, o, h, w, k, pad in cases:
         for n in batches:
-            row = (bench_case_gpu(name, c, o, h, w, k, pad, n, not args.no_sweep) if on_gpu
+            row = (bench_case_gpu(name, c, o, h, w, k, pad, n, not args.no_sweep, dev, timer) if on_gpu
                    else bench_case_cpu(name, c, o, h, w, k, pad, n))
             rows.append(row)
             print(f"done {name} batch {n}", file=sys.stderr, flush=True)

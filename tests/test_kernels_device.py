@@ -318,3 +318,22 @@ def test_real_model_packed_on_gpu_matches_training_path(config_name):
         torch.backends.cudnn.allow_tf32 = tf32
     assert samples.shape == (2, 3, 32, 32) and samples.dtype == torch.uint8
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.skipif(not CAN_EMULATE, reason="needs g++ and CUDA headers")
+def test_benchmark_gpu_code_path_on_emulator(tmp_path, monkeypatch):
+    """benchmarks/bench_kernels.py's GPU branch (everything but the CUDA-graph timer) runs and checks itself."""
+    import importlib.util
+    import json
+
+    monkeypatch.setattr(kops, "backend", kops.backend)  # restored afterwards: --emulate reroutes both
+    monkeypatch.setattr(cuda, "_emulator", cuda._emulator)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--emulate", "--batches", "1", "--cases", "flowpp_gate1x1", "--no-sweep", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["binary_bits_exact"] and row["binary_err"] < 1e-2 and row["packed_w_err"] < 1e-2
+    assert row["timing"] == "emulated" and row["binary_us"] > 0
