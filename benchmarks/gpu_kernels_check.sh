@@ -78,10 +78,10 @@ pw = PackedWeight.from_signs(torch.randn(45, 37, 3, 3)).to(dev)
 s, b = torch.rand(45, device=dev), torch.randn(45, device=dev)
 cuda.pack_signs_cuda(x)
 words = cuda.pack_activations_cuda(x, 1)
-for tile in (0, 1):
-    for ks in (1, 2):
-        cuda.bconv_cuda(words, 37, pw, s, b, (1, 1), (1, 1), tile=tile, ksplit=ks)
-        cuda.bconv_cuda(words, 37, pw, s, b, (2, 2), (1, 1), tile=tile, ksplit=ks, pack_output=True)
+for tile, ks in ((0, 1), (0, 2), (1, 1), (1, 3), (2, 1), (3, 1)):
+    cuda.bconv_cuda(words, 37, pw, s, b, (1, 1), (1, 1), tile=tile, ksplit=ks)
+    cuda.bconv_cuda(words, 37, pw, s, b, (2, 2), (1, 1), tile=tile, ksplit=ks, pack_output=True)
+    if tile < 2:
         for dt in (torch.float32, torch.bfloat16):
             cuda.pwconv_cuda(x.to(dt), pw, s, b, (1, 1), (1, 1), tile=tile, ksplit=ks)
 torch.cuda.synchronize()
