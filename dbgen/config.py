@@ -167,6 +167,8 @@ class TrainConfig:
     sample_every: int = 500
     num_samples: int = 64
     log_every: int = 10
+    # Serve metrics with prometheus_client on 127.0.0.1:metrics_port+rank instead of Ray's metrics agent.
+    metrics_port: int | None = None
 
 
 @dataclass(kw_only=True)

@@ -142,21 +142,24 @@ class TrainMetrics:
             self._b.set(name, value, {**self._labels, **extra})
 
     def record_step(self, stats: dict, images: int) -> None:
-        """One optimizer step. ``stats`` keys: loss (bpd), grad_norm, lr, skipped (bool), and per-phase
-        seconds ``t_<phase>`` for the phases in :data:`PHASES` (missing phases count as 0)."""
+        """One optimizer step of this worker: ``images`` it processed; ``stats`` keys (all optional):
+        ``grad_norm``, ``lr``, ``skipped`` (bool), per-phase seconds ``t_<phase>`` for :data:`PHASES`, and
+        ``comm_bytes`` (kind -> bytes sent since the last step)."""
         self._inc("dbgen_steps", 1)
         self._inc("dbgen_skipped_steps", int(bool(stats.get("skipped", False))))
         self._inc("dbgen_images", images)
         for phase in PHASES:
             self._inc("dbgen_step_phase_seconds", stats.get(f"t_{phase}", 0.0), kind=phase)
-        for key, name in (("loss", "dbgen_train_bpd"), ("grad_norm", "dbgen_grad_norm"),
-                          ("lr", "dbgen_learning_rate")):
-            if key in stats:
+        for kind, nbytes in (stats.get("comm_bytes") or {}).items():
+            self.add_comm_bytes(kind, nbytes)
+        for key, name in (("grad_norm", "dbgen_grad_norm"), ("lr", "dbgen_learning_rate")):
+            if key in stats and stats[key] is not None:
                 self._set(name, stats[key])
 
-    def record_throughput(self, step_s: float, images_per_s: float, job_images_per_s: float | None,
-                          peak_memory_bytes: int) -> None:
-        """Once per logging interval."""
+    def record_interval(self, train_bpd: float, step_s: float, images_per_s: float,
+                        job_images_per_s: float | None, peak_memory_bytes: int) -> None:
+        """Once per logging interval: loss, step time, this worker's and (rank 0) the job's throughput."""
+        self._set("dbgen_train_bpd", train_bpd)
         self._set("dbgen_step_seconds", step_s)
         self._set("dbgen_images_per_second", images_per_s)
         self._set("dbgen_peak_memory_bytes", peak_memory_bytes)

@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import random
+import resource
 import socket
 import sys
 import tempfile
@@ -64,6 +65,7 @@ from torch import nn
 from . import comm
 from .config import Config, ConfigError, config_hash, load_config
 from .evaluate import DS_MODEL_FILE, DS_TAG, META_FILE
+from .metrics import TrainMetrics
 from .nn import binary_latents, data_dependent_init
 from .sample import save_grid
 
@@ -378,9 +380,17 @@ class Reporter:
     checkpoint, samples, resume) and the log line per ``train.log_every`` steps.
     """
 
-    def __init__(self, run_dir: Path, rank: int, max_steps: int):
-        self.run_dir, self.rank, self.max_steps = run_dir, rank, max_steps
+    def __init__(self, run_dir: Path, rank: int, max_steps: int, world_size: int = 1,
+                 metrics: TrainMetrics | None = None, device: torch.device | None = None):
+        self.run_dir, self.rank, self.max_steps, self.world_size = run_dir, rank, max_steps, world_size
         self.metrics_path = run_dir / METRICS_FILE
+        self.metrics = metrics  # Prometheus exporter (dbgen.metrics); None records nothing
+        self.device = device or torch.device("cpu")
+
+    def _peak_memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     def _record(self, record: dict) -> None:
         if self.rank == 0:
@@ -388,10 +398,16 @@ class Reporter:
 
     def on_step(self, stats: dict) -> None:
         """Every optimizer step, every rank, with :meth:`Trainer.train_step`'s stats (no host syncs here)."""
+        if self.metrics is not None:
+            self.metrics.record_step(stats, images=stats["images"] // self.world_size)
 
     def on_interval(self, rec: dict) -> None:
         """Every ``log_every`` steps with the interval's job-level numbers (bpd averaged over ranks)."""
         self._record({"kind": "train", **rec})
+        if self.metrics is not None:
+            self.metrics.record_interval(rec["bpd"], rec["step_s"], rec["images_per_s"] / self.world_size,
+                                         rec["images_per_s"] if self.rank == 0 else None,
+                                         self._peak_memory_bytes())
         if self.rank == 0:
             log.info("step %d/%d | %.1f img/s | bpd %.4f | grad norm %.3g | lr %.3g | skipped %d | eta %s",
                      rec["step"], self.max_steps, rec["images_per_s"], rec["bpd"], rec["grad_norm"], rec["lr"],
@@ -399,12 +415,16 @@ class Reporter:
 
     def on_eval(self, step: int, bpd: float, rows: int, seconds: float) -> None:
         self._record({"kind": "eval", "step": step, "eval_bpd": bpd, "rows": rows, "seconds": round(seconds, 3)})
+        if self.metrics is not None and bpd is not None:
+            self.metrics.record_eval(bpd)
         if self.rank == 0:
             log.info("step %d | eval bpd %.4f on %d rows (%.1fs)", step, bpd, rows, seconds)
 
     def on_checkpoint(self, step: int, seconds: float, nbytes: int, total_bytes: int) -> None:
         """``nbytes``: written by this rank; ``total_bytes``: all ranks."""
         self._record({"kind": "checkpoint", "step": step, "seconds": round(seconds, 3), "bytes": total_bytes})
+        if self.metrics is not None:
+            self.metrics.record_checkpoint(seconds, nbytes)
         if self.rank == 0:
             log.info("step %d | checkpoint %.1f MB in %.1fs", step, total_bytes / 1e6, seconds)
 
@@ -423,6 +443,20 @@ class Reporter:
         if self.rank == 0:
             log.info("resumed from the checkpoint at step %d (%s)", step,
                      "worker-group restart" if restart else "earlier submission")
+
+
+def _metrics_exporter(cfg: Config, run: str, rank: int) -> TrainMetrics | None:
+    """Prometheus metrics of this worker: on ``train.metrics_port`` if set, else through Ray's metrics agent
+    when running inside Ray, else none (a bare process group, e.g. in unit tests)."""
+    import ray
+
+    if cfg.train.metrics_port is not None:
+        backend = "http"
+    elif ray.is_initialized():
+        backend = "ray"
+    else:
+        return None
+    return TrainMetrics(run, rank, cfg.model.name, config_hash(cfg), backend=backend, port=cfg.train.metrics_port)
 
 
 @contextmanager
@@ -500,7 +534,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         t = cfg.train
         self.micro = micro_batch_size(cfg, self.world_size)
-        self.reporter = Reporter(self.run_dir, self.rank, t.max_steps)
+        self.reporter = Reporter(self.run_dir, self.rank, t.max_steps, world_size, device=self.device,
+                                 metrics=_metrics_exporter(cfg, self.run_dir.name, rank))
 
         backend = "ray" if datasets_in_ray else "arrow"
         self.loader = TrainLoader(None if datasets_in_ray else train_dir, batch_size=self.micro, seed=t.seed,

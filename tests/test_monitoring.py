@@ -66,14 +66,13 @@ def test_http_exporter_serves_recorded_values_on_loopback():
     m = TrainMetrics("r1", 0, "rvae", "abc123", backend="http", port=port)
     try:
         for _ in range(3):
-            m.record_step({"loss": 5.5, "grad_norm": 2.0, "lr": 1e-3, "skipped": False, "t_forward": 0.25,
-                           "t_backward": 0.5}, images=32)
-        m.record_step({"loss": 5.0, "skipped": True}, images=32)
-        m.record_throughput(step_s=0.8, images_per_s=40.0, job_images_per_s=80.0, peak_memory_bytes=1024)
+            m.record_step({"grad_norm": 2.0, "lr": 1e-3, "skipped": False, "t_forward": 0.25,
+                           "t_backward": 0.5, "comm_bytes": {"grad": 1000}}, images=32)
+        m.record_step({"skipped": True, "comm_bytes": {"weight": 24}}, images=32)
+        m.record_interval(train_bpd=5.0, step_s=0.8, images_per_s=40.0, job_images_per_s=80.0,
+                          peak_memory_bytes=1024)
         m.record_eval(4.75)
         m.record_checkpoint(1.5, 4096)
-        m.add_comm_bytes("grad", 1000)
-        m.add_comm_bytes("weight", 24)
         with pytest.raises(ValueError, match="kind 'bogus'"):
             m.add_comm_bytes("bogus", 1)
         v = scrape(port)
@@ -88,4 +87,6 @@ def test_http_exporter_serves_recorded_values_on_loopback():
     assert v['ray_dbgen_job_images_per_second{run="r1"}'] == 80.0
     assert v['ray_dbgen_eval_bpd{run="r1"}'] == 4.75
     assert v[f'ray_dbgen_comm_bytes_total{{kind="weight",{w}}}'] == 24
+    assert v[f'ray_dbgen_comm_bytes_total{{kind="grad",{w}}}'] == 3000
+    assert v[f"ray_dbgen_grad_norm{{{w}}}"] == 2.0
     assert v['ray_dbgen_run_info{config_hash="abc123",model="rvae",run="r1"}'] == 1
