@@ -5,6 +5,8 @@ highest step among ``checkpoint_*/meta.json``) is read with ``torch.load(weights
 rebuilt from the config stored in that checkpoint, and every row of the held-out split (``--data``, default the
 run's ``data.eval``) is evaluated once with the importance-weighted bound of ``--samples`` posterior samples
 (K=1 is the ELBO / the flow's dequantized bound). EMA weights are used when the run kept an EMA.
+``--packed FILE`` evaluates an exported artifact (``python -m dbgen.export``) instead of a run; ``--workers N``
+spreads the split over N Ray actors that receive the weights as packed bytes through the object store.
 """
 
 from __future__ import annotations
@@ -94,7 +96,11 @@ def main(argv=None) -> int:
     from .data import DataError, EvalLoader, resolve_split
 
     p = argparse.ArgumentParser(prog="python -m dbgen.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (<storage>/<name>)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (<storage>/<name>)")
+    src.add_argument("--packed", help="a packed artifact (python -m dbgen.export) instead of a run")
+    p.add_argument("--workers", type=int, default=0, help="evaluate with N Ray actors that get the weights as "
+                   "packed bytes through the object store (shard i seeded with dbgen.export.shard_seed)")
     p.add_argument("--data", default=None, help="held-out split (directory or builtin:NAME); default: the "
                    "run's data.eval")
     p.add_argument("--samples", type=int, default=1, help="importance samples per example (1 = ELBO)")
@@ -108,8 +114,17 @@ def main(argv=None) -> int:
         p.error("--samples and --batch-size must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    artifact = None
     try:
-        model, info = load_run(args.run, ema=not args.no_ema, device=device)
+        if args.packed:
+            from .export import ArtifactError, load_artifact
+
+            try:
+                model, info, artifact = load_artifact(args.packed, device=device)
+            except ArtifactError as e:
+                raise RunError(str(e)) from None
+        else:
+            model, info = load_run(args.run, ema=not args.no_ema, device=device)
         spec = args.data or info["config"].data.eval
         if spec is None:
             raise RunError("the run has no data.eval; pass --data")
@@ -120,8 +135,19 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    bpd, rows = evaluate_bpd(model, loader, samples=args.samples, max_batches=args.max_batches)
-    result = {"run": str(Path(args.run)), "checkpoint": info["checkpoint"], "step": info["step"],
+    if args.workers > 0:
+        from .export import evaluate_with_actors, pack_model
+        from .train import connect_ray
+
+        log.info(connect_ray())
+        artifact = artifact or pack_model(model, info["config"], {"checkpoint": info["checkpoint"],
+                                                                  "step": info["step"], "ema": info["ema"]})
+        res = evaluate_with_actors(artifact, split, args.workers, batch_size=args.batch_size,
+                                   samples=args.samples, seed=args.seed, max_batches=args.max_batches)
+        bpd, rows = res["bpd"], res["rows"]
+    else:
+        bpd, rows = evaluate_bpd(model, loader, samples=args.samples, max_batches=args.max_batches)
+    result = {"run": str(Path(args.run or args.packed)), "checkpoint": info["checkpoint"], "step": info["step"],
               "data": str(split), "rows": rows, "samples": args.samples, "ema": info["ema"], "bpd": bpd,
               "seconds": round(time.perf_counter() - t0, 3)}
     if args.json:

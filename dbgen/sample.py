@@ -2,7 +2,8 @@
 
 Loads the latest checkpoint of the run (EMA weights when the run kept an EMA, unless ``--no-ema``), draws
 ``n`` images from the model's prior at ``--temperature`` with the global torch RNG seeded by ``--seed``, and
-writes them as one PNG grid (``ceil(sqrt(n))`` columns, 2-pixel gaps).
+writes them as one PNG grid (``ceil(sqrt(n))`` columns, 2-pixel gaps). ``--packed FILE`` samples from an
+exported artifact (``python -m dbgen.export``) instead of a run.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def main(argv=None) -> int:
     from .evaluate import RunError, load_run
 
     p = argparse.ArgumentParser(prog="python -m dbgen.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (<storage>/<name>)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (<storage>/<name>)")
+    src.add_argument("--packed", help="a packed artifact (python -m dbgen.export) instead of a run")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--out", default="samples.png", help="output PNG")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -69,7 +72,15 @@ def main(argv=None) -> int:
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     try:
-        model, info = load_run(args.run, ema=not args.no_ema)
+        if args.packed:
+            from .export import ArtifactError, load_artifact
+
+            try:
+                model, info, _ = load_artifact(args.packed)
+            except ArtifactError as e:
+                raise RunError(str(e)) from None
+        else:
+            model, info = load_run(args.run, ema=not args.no_ema)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
