@@ -215,7 +215,8 @@ def _read_runs_batch(batch: dict, split: Split) -> dict:
     """Ray Data map_batches function: the runs of a batch of index rows -> their pixels, in order."""
     parts = [read_unit(split, int(s), int(g), int(lo), int(hi))
              for s, g, lo, hi in zip(batch["shard"], batch["group"], batch["lo"], batch["hi"], strict=True)]
-    return {"image": np.concatenate(parts)}  # (n, R*R*C)
+    seq = np.repeat(batch["seq"], batch["hi"] - batch["lo"])  # (n,) which run each row came from
+    return {"image": np.concatenate(parts), "seq": seq}  # image: (n, R*R*C)
 
 
 def _ray_arrays(split: Split, runs):
@@ -224,14 +225,21 @@ def _ray_arrays(split: Split, runs):
 
     if not runs:
         return
-    items = [{"shard": s, "group": g, "lo": lo, "hi": hi} for s, g, lo, hi in runs]
+    items = [{"seq": i, "shard": s, "group": g, "lo": lo, "hi": hi} for i, (s, g, lo, hi) in enumerate(runs)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // RAY_RUNS_PER_TASK)))
     ds = ds.map_batches(_read_runs_batch, fn_kwargs={"split": split}, batch_size=RAY_RUNS_PER_TASK,
                         batch_format="numpy", num_cpus=RAY_READ_CPUS)
     ds.context.execution_options.preserve_order = True  # the plan's order, not completion order
     ds.context.enable_progress_bars = False  # one pipeline per epoch and rank: keep the logs quiet
     ds.context.print_on_execution_start = False
+    # Check what preserve_order promises: rows arrive run by run, as planned (an exact resume depends on it).
+    expected = np.repeat(np.arange(len(runs)), [hi - lo for _, _, lo, hi in runs])
+    done = 0
     for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=RAY_PREFETCH_BLOCKS):
+        n = len(block["seq"])
+        if not np.array_equal(block["seq"], expected[done:done + n]):
+            raise DataError(f"{split.path}: Ray Data delivered read units out of the planned order")
+        done += n
         yield block["image"]
 
 
