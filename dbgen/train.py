@@ -158,6 +158,9 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log.info("run %s in %s (%s)", name, run_dir, "resuming from " + paths["resume_from"]
              if paths["resume_from"] else "new run")
+    import ray
+
+    owns_ray = not ray.is_initialized()
     log.info(connect_ray())
 
     s = cfg.scale
@@ -189,6 +192,8 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
         stop.set()
         if bar is not None:
             bar.join(timeout=5)
+        if owns_ray:
+            ray.shutdown()  # also ends the stream of worker logs, so the summary prints last
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -197,13 +202,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dbgen.train", description=__doc__.split("\n\n")[0],
                                 epilog="Example: python -m dbgen.train --config configs/rvae_binary_tiny.yaml "
                                        "train.max_steps=200 --name demo --storage runs")
-    p.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
+    p.add_argument("--config", help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=20")
     p.add_argument("--name", default=None, help="run name (default: <config stem>-<date>-<time>); an existing "
                    "run of this name is resumed")
     p.add_argument("--storage", default=os.environ.get("DBGEN_STORAGE", DEFAULT_STORAGE),
                    help=f"directory of runs (default $DBGEN_STORAGE or {DEFAULT_STORAGE})")
+    p.add_argument("--print-config-table", action="store_true",
+                   help="print every config key as a Markdown table (the README's) and exit")
     args = p.parse_args(argv)
+    if args.print_config_table:
+        from .config import schema_markdown
+
+        print(schema_markdown())
+        return 0
+    if not args.config:
+        p.error("--config is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -745,7 +745,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
         t = self.cfg.train
-        start_step, loop_start = self.step, time.perf_counter()
+        start_step, step_seconds = self.step, 0.0
         data = iter(self.loader)
         interval = {"step_s": 0.0, "steps": 0, "loss": torch.zeros((), device=self.device)}
         while self.step < t.max_steps:
@@ -755,6 +755,7 @@ class Trainer:
             self.images_seen += stats["images"]
             interval["steps"] += 1
             interval["step_s"] += stats["t_step"]
+            step_seconds += stats["t_step"]
             interval["loss"] += stats["loss"]
             self.reporter.on_step(stats)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -777,7 +778,6 @@ class Trainer:
                     self.save_samples()
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self.checkpoint()
-        loop_s = time.perf_counter() - loop_start
         trained = self.step - start_step
         self.evaluate()
         samples = self.save_samples()
@@ -787,7 +787,8 @@ class Trainer:
             "run": self.run_dir.name, "steps": self.step, "images_seen": self.images_seen,
             "final_train_bpd": self.train_bpd, "final_eval_bpd": self.eval_bpd, "eval_rows": self.eval_rows,
             "skipped_steps": self.skipped, "wall_s": round(time.time() - self.driver_start, 3),
-            "images_per_s": trained * t.batch_size / loop_s if trained else None,
+            # training throughput of this attempt: optimizer steps incl. data wait, not eval or checkpoints
+            "images_per_s": trained * t.batch_size / step_seconds if trained else None,
             "steps_this_attempt": trained, "resumed_from": self.resumed_from,
             "recovered_from": self._restarts(), "world_size": self.world_size,
             "micro_batch_size": self.micro, "grad_accum": t.grad_accum, "zero_stage": self.cfg.scale.zero_stage,

@@ -104,16 +104,32 @@ class RayNode:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the ``ray start --block`` PID (it stops every process it started), SIGKILL to its
-        process group only if it does not exit within ``timeout``."""
+    def session_alive(self) -> bool:
+        """Whether any process of this node's session (``ray start`` and what it started) still runs."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self, grace: float = 10.0, timeout: float = 30.0) -> None:
+        """SIGTERM to the ``ray start --block`` PID: it stops every process it started (about 5 s on an idle
+        node). After a Ray Train job its shutdown can take ~30 s (orphaned worker processes wait for their
+        raylet), so whatever of its session is still running after ``grace`` seconds gets SIGKILL: the process
+        group of that PID (its own session, so only what it started). Waits until nothing of it is left."""
         if self.alive():
             os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: only what it started
-                self.proc.wait(timeout=10)
+        deadline = time.monotonic() + grace
+        killed = False
+        while self.session_alive():
+            self.proc.poll()  # reap `ray start` once it exits (a zombie still counts as alive)
+            if not killed and time.monotonic() > deadline:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                killed, deadline = True, time.monotonic() + timeout
+            elif killed and time.monotonic() > deadline:
+                raise RuntimeError(f"processes of ray node {self.proc.pid} survive SIGKILL")
+            time.sleep(0.25)
+        self.proc.wait(timeout=10)
         self._log.close()
 
 
@@ -209,9 +225,16 @@ class RayHead:
         return self
 
     def add_node(self, num_cpus: int = 1, resources: dict | None = None, timeout: float = 90.0) -> RayNode:
-        """A second (third, ...) node on this host joined to the head: its own ports, same temp dir."""
+        """A second (third, ...) node on this host joined to the head: its own ports, same temp dir.
+
+        ``ray start --address`` refuses to start a worker node while Ray's "cluster mode" is off
+        (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which tests/conftest.py sets to keep single-node Ray on
+        loopback), so it is switched on for this process only; Ray then registers the node under the host's
+        own address instead of 127.0.0.1 (still this host).
+        """
         args = [ray_bin(), "start", f"--address={self.address}"] + self._node_args(num_cpus, resources)
-        node = RayNode(args, self._env(), self.temp_dir / f"ray-start-node{len(self.nodes)}.log")
+        env = {**self._env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        node = RayNode(args, env, self.temp_dir / f"ray-start-node{len(self.nodes)}.log")
         self.nodes.append(node)
         self._wait_ready(expected_nodes=len(self.nodes), timeout=timeout)
         return node

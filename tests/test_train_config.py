@@ -1,0 +1,222 @@
+"""Fast checks of the training configuration: DeepSpeed config derivation, LR schedule, config validation,
+the client optimizer's skip/clip/clamp, EMA, sample grids, and the driver's errors before any worker starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbgen.config import ConfigError, load_config, schema_markdown
+from dbgen.trainer import EMA, ClientAdam, build_optimizer, check_train_config, deepspeed_config, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "rvae_binary_tiny.yaml"
+
+
+def cfg(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+# ---------------------------------------------------------------------------------------- DeepSpeed config
+def test_deepspeed_config_is_derived_from_ours():
+    c = cfg("train.batch_size=48", "train.grad_accum=3", "scale.num_workers=2", "scale.zero_stage=2")
+    ds = deepspeed_config(c, world_size=2)
+    assert ds["train_batch_size"] == 48
+    assert ds["train_micro_batch_size_per_gpu"] == 8  # 48 / (2 workers * 3 micro-batches)
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["gradient_clipping"] == 0.0  # ours, on the agreed norm
+    assert "fp16" not in ds and "bf16" not in ds and "optimizer" not in ds  # fp32 engine, client optimizer
+    # DeepSpeed's own parser accepts the derived dict (it checks batch = micro * accumulation * world size;
+    # without a process group it assumes world size 1)
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = DeepSpeedConfig(deepspeed_config(c, world_size=1))
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps,
+            parsed.zero_optimization_stage, parsed.gradient_clipping) == (48, 16, 3, 2, 0.0)
+
+
+def test_batch_must_split_over_workers_and_accumulation():
+    with pytest.raises(ConfigError, match=r"'train.batch_size' = 30: expected a positive multiple of .* = 4"):
+        deepspeed_config(cfg("train.batch_size=30", "train.grad_accum=2"), world_size=2)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        check_train_config(cfg("train.batch_size=33"))  # 2 workers in the tiny preset
+
+
+def test_lr_schedule_decay_floor_and_warmup():
+    c = cfg("optimizer.lr=2e-3", "schedule.decay=0.5", "schedule.min_lr=3e-4", "schedule.warmup_steps=0")
+    assert lr_at(c, 0) == pytest.approx(2e-3)
+    assert lr_at(c, 1) == pytest.approx(1e-3)
+    assert lr_at(c, 2) == pytest.approx(5e-4)
+    assert lr_at(c, 3) == pytest.approx(3e-4)  # floor
+    assert lr_at(c, 100) == pytest.approx(3e-4)
+    w = cfg("optimizer.lr=1e-3", "schedule.decay=1.0", "schedule.min_lr=0", "schedule.warmup_steps=4")
+    assert [lr_at(w, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    paper = cfg()  # 2e-3 * 0.999995**step, floor 5e-4
+    assert lr_at(paper, 100_000) == pytest.approx(2e-3 * 0.999995**100_000)
+    assert lr_at(paper, 10**6) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.grad_clip=0", "train.grad_clip"),
+    ("train.skip_threshold=-1", "train.skip_threshold"),
+    ("train.ema_decay=1.5", "train.ema_decay"),
+    ("train.log_every=0", "train.log_every"),
+    ("scale.num_workers=0", "scale.num_workers"),
+    ("scale.cpus_per_worker=0", "scale.cpus_per_worker"),
+    ("train.eval_batches=0", "train.eval_batches"),
+    ("comm.binary_weights=packed", "comm"),
+])
+def test_invalid_training_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_train_config(cfg(override))
+
+
+# ------------------------------------------------------------------------------------------ client optimizer
+def _model_and_grads():
+    from dbgen.models import build
+    from dbgen.nn import binary_latents
+
+    torch.manual_seed(0)
+    model = build(cfg().model)
+    with torch.no_grad():
+        for v in binary_latents(model):
+            v.copy_(0.8 * torch.randn_like(v).sign())  # near the clamp, so one step at lr 0.5 crosses it
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+def test_optimizer_groups_binary_latents_by_layer_type():
+    from dbgen.nn import binary_latents
+
+    model = _model_and_grads()
+    opt = build_optimizer(cfg(), model)
+    binary = [g for g in opt.param_groups if g["binary"]]
+    assert len(binary) == 1
+    assert {id(p) for p in binary[0]["params"]} == {id(p) for p in binary_latents(model)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_client_adam_skip_clip_and_clamp():
+    model = _model_and_grads()
+    ref = _model_and_grads()
+    opt, ref_opt = build_optimizer(cfg("optimizer.lr=0.5"), model), build_optimizer(cfg("optimizer.lr=0.5"), ref)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    opt.skip = True
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not opt.state  # no moments either
+
+    # clip: gradients scaled by clip_coef, then a plain Adam step (compared against torch.optim.Adam)
+    opt.skip, opt.clip_coef = False, 0.25
+    opt.step()
+    plain = torch.optim.Adam(ref.parameters(), lr=0.5)
+    for p in ref.parameters():
+        p.grad.mul_(0.25)
+    plain.step()
+    binary_ids = {id(p) for g in ref_opt.param_groups if g["binary"] for p in g["params"]}
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        expected = q.detach().clamp(-1, 1) if id(q) in binary_ids else q.detach()
+        torch.testing.assert_close(p.detach(), expected, msg=n)
+    latents = [p for g in opt.param_groups if g["binary"] for p in g["params"]]
+    assert max(p.abs().max().item() for p in latents) == 1.0  # lr 0.5 pushed some past 1: clamped
+    others = [p for g in opt.param_groups if not g["binary"] for p in g["params"]]
+    assert max(p.abs().max().item() for p in others) > 1.0  # gains and biases are not clamped
+
+
+def test_adamw_is_decoupled_weight_decay():
+    model = _model_and_grads()
+    opt = build_optimizer(cfg("optimizer.name=adamw", "optimizer.weight_decay=0.1"), model)
+    assert all(g["decoupled_weight_decay"] for g in opt.param_groups)
+    assert isinstance(opt, ClientAdam)
+
+
+def test_ema_update_and_swap():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.params["weight"], start + 0.1)
+    with ema.applied(model):
+        torch.testing.assert_close(model.weight.detach(), start + 0.1)
+    torch.testing.assert_close(model.weight.detach(), start + 1.0)
+    state = ema.state_dict(model)
+    assert set(state) == set(model.state_dict())
+    torch.testing.assert_close(state["weight"], start + 0.1)
+
+
+def test_sample_grid_layout(tmp_path):
+    from PIL import Image
+
+    from dbgen.sample import image_grid, save_grid
+
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 4, 4).contiguous() * 50
+    grid = image_grid(images, pad=2)
+    assert grid.shape == (2 * 6 - 2, 3 * 6 - 2, 3)  # 5 images -> 3 columns, 2 rows
+    assert (grid[0:4, 6:10] == 50).all() and (grid[6:10, 6:10] == 200).all() and (grid[6:10, 12:16] == 255).all()
+    out = save_grid(images, tmp_path / "g.png")
+    assert (Image.open(out).size, Image.open(out).mode) == ((16, 10), "RGB")
+
+
+# ----------------------------------------------------------------------------- driver errors before workers
+def _main(args, capsys):
+    import ray
+
+    from dbgen.train import main
+
+    rc = main(args)
+    assert not ray.is_initialized(), "no Ray (and so no worker) may start on a bad config"
+    return rc, capsys.readouterr().err
+
+
+def test_unknown_key_is_a_clear_error(tmp_path, capsys):
+    rc, err = _main(["--config", str(TINY), "train.max_stepz=3", "--storage", str(tmp_path)], capsys)
+    assert rc == 2 and "unknown key 'train.max_stepz'" in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    rc, err = _main(["--config", str(tmp_path / "nope.yaml"), "--storage", str(tmp_path)], capsys)
+    assert rc == 2 and "config file not found" in err and "nope.yaml" in err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    rc, err = _main(["--config", str(TINY), f"data.train={missing}", "--storage", str(tmp_path)], capsys)
+    assert rc == 2 and "data.train" in err and str(missing) in err
+
+
+def test_indivisible_batch(tmp_path, capsys):
+    rc, err = _main(["--config", str(TINY), "train.batch_size=33", "--storage", str(tmp_path)], capsys)
+    assert rc == 2 and "'train.batch_size' = 33" in err
+
+
+def test_resuming_a_run_of_another_model_is_refused(tmp_path, capsys):
+    import json
+
+    ck = tmp_path / "r" / "checkpoint_0000010"
+    ck.mkdir(parents=True)
+    other = cfg("model.width=8").to_dict()
+    (ck / "meta.json").write_text(json.dumps({"step": 10, "world_size": 2, "zero_stage": 0, "config": other}))
+    rc, err = _main(["--config", str(TINY), "--name", "r", "--storage", str(tmp_path)], capsys)
+    assert rc == 2 and "another model" in err and "--name" in err
+
+
+def test_cli_exits_2_without_starting_ray(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dbgen.train", "--config", str(TINY), "scale.zero_stage=3",
+                          "--storage", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "'scale.zero_stage' = 3: expected one of 0, 1, 2" in out.stderr
+    assert "Started a local Ray" not in out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ README
+def test_readme_config_table_is_current():
+    """The README's config table is generated: `python -m dbgen.train --print-config-table` prints it."""
+    assert schema_markdown() in (ROOT / "README.md").read_text(), (
+        "README config table is stale: replace it with the output of python -m dbgen.train --print-config-table")
