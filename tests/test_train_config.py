@@ -67,7 +67,7 @@ def test_lr_schedule_decay_floor_and_warmup():
     ("scale.num_workers=0", "scale.num_workers"),
     ("scale.cpus_per_worker=0", "scale.cpus_per_worker"),
     ("train.eval_batches=0", "train.eval_batches"),
-    ("comm.binary_weights=packed", "comm"),
+    ("train.max_steps=-1", "train.max_steps"),
 ])
 def test_invalid_training_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
