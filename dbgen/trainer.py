@@ -52,6 +52,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -520,14 +521,15 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, train_dir: str, eval_dir: str | None = None, *, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", checkpoint_dir: Path | None = None,
-                 submission: str = "local", driver_start: float | None = None, datasets_in_ray: bool = False,
+                 submission: str | None = None, driver_start: float | None = None, datasets_in_ray: bool = False,
                  persist: Callable[[dict, Path, str], None] | None = None):
         import deepspeed
 
         from .data import EvalLoader, TrainLoader
         from .models import build
 
-        self.cfg, self.run_dir, self.submission = cfg, Path(run_dir), submission
+        # submission: id of the driver invocation; a checkpoint of the same one means a worker-group restart
+        self.cfg, self.run_dir, self.submission = cfg, Path(run_dir), submission or uuid.uuid4().hex
         self.driver_start = time.time() if driver_start is None else driver_start
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.persist = persist or ray_persist

@@ -207,6 +207,18 @@ def test_resuming_a_run_of_another_model_is_refused(tmp_path, capsys):
     assert rc == 2 and "another model" in err and "--name" in err
 
 
+def test_resuming_zero1_with_another_worker_count_is_refused(tmp_path, capsys):
+    import json
+
+    ck = tmp_path / "r" / "checkpoint_0000010"
+    ck.mkdir(parents=True)
+    meta = {"step": 10, "world_size": 2, "zero_stage": 1, "config": cfg("scale.zero_stage=1").to_dict()}
+    (ck / "meta.json").write_text(json.dumps(meta))
+    rc, err = _main(["--config", str(TINY), "scale.zero_stage=1", "scale.num_workers=1", "train.batch_size=32",
+                     "--name", "r", "--storage", str(tmp_path)], capsys)
+    assert rc == 2 and "scale.num_workers=2 scale.zero_stage=1" in err
+
+
 def test_cli_exits_2_without_starting_ray(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dbgen.train", "--config", str(TINY), "scale.zero_stage=3",
                           "--storage", str(tmp_path)], capture_output=True, text=True, timeout=120)

@@ -3,7 +3,8 @@
 Two spawned ranks run :class:`dbgen.trainer.Trainer` on the tiny binary RVAE and the built-in data and check:
 ZeRO 1 and 2 give the parameters of ZeRO 0 (same skip/clip/clamp decisions, applied to the partitions);
 gradient accumulation over two micro-batches equals one step on their mean; a NaN loss on ONE rank makes both
-ranks skip the step with parameters and optimizer state untouched, and training continues; ``fit`` counts it.
+ranks skip the step with parameters and optimizer state untouched, and training continues; ``fit`` counts it;
+a 2-worker checkpoint resumes on 1 worker (ZeRO 0: the optimizer state is whole).
 """
 
 import json
@@ -73,7 +74,9 @@ def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
         torch.manual_seed(1234)
 
     for name, overrides, batches in (("accum1", ["train.batch_size=16"], [x]),
-                                     ("accum2", ["train.batch_size=32", "train.grad_accum=2"], [x, x])):
+                                     ("accum2", ["train.batch_size=32", "train.grad_accum=2"], [x, x]),
+                                     ("accum2_zero2", ["train.batch_size=32", "train.grad_accum=2",
+                                                       "scale.zero_stage=2"], [x, x])):
         tr = trainer(name, *overrides)
         tr.model.register_forward_pre_hook(reseed)
         tr.train_step(iter(batches))
@@ -116,6 +119,25 @@ def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
     dist.destroy_process_group()
 
 
+def _resume_on_one_worker(rank: int, port: int, tmp: str, train_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1", TORCH_EXTENSIONS_DIR=str(EXT_DIR))
+    import torch.distributed as dist
+
+    from dbgen.config import load_config
+    from dbgen.trainer import Trainer
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    tmp = Path(tmp)
+    cfg = load_config(CONFIG, ["train.grad_clip=0.05", "optimizer.lr=0.01", "train.max_steps=8",
+                               "train.log_every=2", "train.checkpoint_every=0", "train.eval_every=0",
+                               "train.sample_every=0", "train.num_samples=4", "scale.num_workers=1"])
+    (tmp / "fit1").mkdir()
+    Trainer(cfg, tmp / "fit1", train_dir, None, checkpoint_dir=tmp / "fit" / "checkpoint_0000005",
+            persist=_copy_persist(tmp / "fit1")).fit()
+    dist.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_zero_stages_accumulation_and_nan_skip(tmp_path):
@@ -147,9 +169,10 @@ def test_zero_stages_accumulation_and_nan_skip(tmp_path):
     latents = [f"{name}.weight" for name, _ in binary_layers(model)]
     assert latents and all(z0["params"][k].abs().max() <= 1.0 for k in latents)
 
-    # accumulation
-    for n, p in r0["accum1"].items():
-        torch.testing.assert_close(r0["accum2"][n], p, rtol=1e-5, atol=1e-6, msg=n)
+    # accumulation (ZeRO 2 reduces each micro-batch into its partition)
+    for name in ("accum2", "accum2_zero2"):
+        for n, p in r0["accum1"].items():
+            torch.testing.assert_close(r0[name][n], p, rtol=1e-5, atol=1e-6, msg=f"{name} {n}")
 
     # NaN on rank 1 -> both ranks skip, nothing changes, training continues
     for r in (r0, r1):
@@ -164,3 +187,10 @@ def test_zero_stages_accumulation_and_nan_skip(tmp_path):
     train_recs = [json.loads(line) for line in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in train_recs if r["kind"] == "train"] == [1, 1, 1]  # steps 2, 4, 5
     assert (tmp_path / "fit" / "checkpoint_0000005" / "meta.json").exists()
+
+    # the 2-worker checkpoint resumes on 1 worker: same global batch, the loader finishes the epoch's rows
+    mp.start_processes(_resume_on_one_worker, args=(_free_port(), str(tmp_path), train_dir), nprocs=1, join=True,
+                       start_method="spawn")
+    resumed = json.loads((tmp_path / "fit1" / "summary.json").read_text())
+    assert resumed["resumed_from"] == 5 and resumed["steps"] == 8 and resumed["world_size"] == 1
+    assert resumed["images_seen"] == 8 * 32 and resumed["micro_batch_size"] == 32 and resumed["skipped_steps"] == 1
