@@ -119,7 +119,7 @@ def _progress_thread(run_dir: Path, max_steps: int, stop: threading.Event) -> th
     from tqdm import tqdm
 
     def follow():
-        bar = tqdm(total=max_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=max_steps, unit="step", file=sys.stderr)
         pos = 0
         path = run_dir / "metrics.jsonl"
         while not stop.wait(1.0):

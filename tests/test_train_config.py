@@ -232,3 +232,55 @@ def test_readme_config_table_is_current():
     """The README's config table is generated: `python -m dbgen.train --print-config-table` prints it."""
     assert schema_markdown() in (ROOT / "README.md").read_text(), (
         "README config table is stale: replace it with the output of python -m dbgen.train --print-config-table")
+
+
+# ------------------------------------------------------------------------------------------- progress bar
+_BAR_SCRIPT = """
+import json, sys, threading, time
+from pathlib import Path
+from dbgen.train import _progress_thread
+run = Path(sys.argv[1])
+stop = threading.Event()
+th = _progress_thread(run, 4, stop)
+print("bar" if th else "no bar", file=sys.stderr, flush=True)
+for step in range(1, 5):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": step, "bpd": 8.0 - step, "images_per_s": 10.0}) + chr(10))
+    time.sleep(0.3)
+time.sleep(1.5)
+stop.set()
+if th:
+    th.join()
+"""
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    cmd = [sys.executable, "-c", _BAR_SCRIPT, str(tmp_path)]
+    piped = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stderr.strip() == "no bar", piped.stderr
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    main_fd, sub_fd = pty.openpty()
+    fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(cmd, stderr=sub_fd, stdout=subprocess.DEVNULL)
+    os.close(sub_fd)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # the terminal closed: the process exited
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=60)
+    os.close(main_fd)
+    text = out.decode(errors="replace")
+    assert text.startswith("bar") and "4/4" in text and "bpd=4.000" in text, text[-500:]
