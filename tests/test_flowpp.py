@@ -41,13 +41,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 TOL = 1e-5  # inverse(forward(x)) in float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPUs are shared: two OpenMP threads fighting other processes run far slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

@@ -18,21 +18,12 @@ from dbgen.nn import BinaryConv2d, WeightNormLayer, binary_layers, clamp_latents
 ROOT = Path(__file__).parents[1]
 MODELS = ["rvae", "flowpp"]
 VARIANTS = ["fp", "binary", "binary_act"]
-HAS_FLOWPP = (ROOT / "dbgen/models/flowpp.py").exists()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPUs are shared: two OpenMP threads fighting other processes run ~10x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config_path(model, variant):
-    if model == "flowpp" and not HAS_FLOWPP:
-        pytest.skip("dbgen/models/flowpp.py does not exist yet")
     return ROOT / f"configs/{model}_{variant}_tiny.yaml"
 
 

@@ -36,13 +36,7 @@ TINY = {v: ROOT / f"configs/rvae_{v}_tiny.yaml" for v in ("fp", "binary", "binar
 PAPER = ROOT / "configs/rvae_cifar10_binary.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPUs are shared: two OpenMP threads fighting other processes run ~10x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(variant="binary", dtype=torch.float64, **model):
