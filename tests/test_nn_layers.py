@@ -11,7 +11,6 @@ from torch import nn
 import dbgen.nn as dnn
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     # float64 so the formula comparisons can use tight tolerances; restored so other test modules see float32.
