@@ -21,11 +21,11 @@ reduce_scatter              2(W-1)/W n  (an all-reduce)    (W-1)/W n
 all_to_all                  (W-1)/W n  (what leaves)       (W-1)/W n
 all_gather                  (W-1) n                        (W-1) n
 broadcast                   root (W-1) n, others 0         n on every rank but the ring's last
-reduce                      root 3/4 n, others 5/4 n (W=2) (W-1)/W n
+reduce                      root (W-1)/W n, others n       (W-1)/W n
 =========================  =============================  ====================================================
 
-(gloo's ``reduce`` is measured, not derived: root ``(W-0.5)/W n``, others ``(W+0.5)/W n`` for W = 2, 3; NCCL
-figures are the standard ring costs; NCCL may pick a tree all-reduce, which sends about the same.)
+(gloo's ``reduce`` was measured for W = 2, 3, 4: a reduce-scatter, then every other rank sends its part to the
+root. NCCL figures are the standard ring costs; NCCL may pick a tree all-reduce, which sends about the same.)
 
 Why the packed mode reduces binary gradients with ``all_to_all`` plus a local sum on gloo: gloo's
 ``reduce_scatter`` runs a full all-reduce and sends ``2(W-1)/W n``, twice what a reduce-scatter needs; an
@@ -33,6 +33,18 @@ Why the packed mode reduces binary gradients with ``all_to_all`` plus a local su
 native ``reduce_scatter`` is a ring that sends ``(W-1)/W n`` with no extra buffer, so it is used there.
 The signs go back with ``all_gather`` of packed bytes (both backends); NCCL has no bitwise reductions, so an
 OR-reduction of bit masks is not an option, and an all_gather of bytes is what both support.
+
+Modes (registered in :data:`dbgen.trainer.SYNC_MODES` by ``(comm.binary_weights, comm.binary_grads)``)
+---------------------------------------------------------------------------------------------------
+* ``packed/none``, ``packed/onebit``: :class:`PackedSync`, binary latents and their Adam state sharded over
+  the ranks (:class:`BinaryLayout`), module weights are +-1 signs refreshed by a packed all-gather.
+* ``dp/onebit``: :class:`DataParallelOnebitSync`, plain data parallelism whose binary-gradient all-reduce is
+  1-bit with sender- and receiver-side error feedback (1-bit Adam's compressed all-reduce).
+* 1-bit messages and error feedback: :class:`OneBitExchange`.
+* Per-rank checkpoint parts: ``<checkpoint>/packed/rank_<r>_of_<W>.pt`` (:func:`save_partition`), read back
+  by element range for any world size (:func:`load_partitions`).
+* :class:`CountedSync` labels each phase of a step with its byte kind; ``COUNTER.take()`` gives the bytes
+  sent since the last call, which :meth:`dbgen.trainer.Trainer.train_step` returns as ``comm_bytes``.
 """
 
 from __future__ import annotations
@@ -52,13 +64,27 @@ import torch.distributed as dist
 from .nn import pack_signs, unpack_signs
 
 __all__ = [
+    "ALIGN",
     "COUNTER",
     "KINDS",
+    "ONEBIT_CHUNK",
+    "BinaryLayout",
     "CommCounter",
+    "CountedSync",
+    "DataParallelOnebitSync",
+    "OneBitExchange",
+    "PackedSync",
+    "all_gather_flat",
     "bytes_sent",
     "comm_kind",
     "install",
     "installed",
+    "load_partitions",
+    "onebit_compress",
+    "onebit_decompress",
+    "reduce_scatter_sum",
+    "save_partition",
+    "slice_size",
     "uninstall",
 ]
 
@@ -142,7 +168,7 @@ def bytes_sent(op: str, nbytes: int, world: int, rank: int, backend: str = "gloo
     if op == "reduce":
         if nccl:
             return (w - 1) * nbytes // w
-        return (2 * w - 1) * nbytes // (2 * w) if rank == root else (2 * w + 1) * nbytes // (2 * w)
+        return (w - 1) * nbytes // w if rank == root else nbytes
     if op == "send":
         return nbytes
     raise ValueError(f"bytes_sent: unknown op {op!r}")
@@ -469,34 +495,6 @@ class OneBitExchange:
         self._pending.clear()
 
 
-@torch.no_grad()
-def frozen_variance_adam_(params, optimizer, group: dict, lr: float, clip_coef: float, freeze_step: int) -> None:
-    """Adam with the second moment frozen at Adam step ``freeze_step`` (1-bit Adam's rule), for ``params`` of
-    ``group`` whose state lives in ``optimizer.state``; binary groups are clamped to [-1, 1] after.
-
-    Why frozen: a 1-bit gradient's magnitude is its chunk's scale, so a second moment estimated from it would
-    wash out the per-element scale the uncompressed warm-up measured; the first moment is linear in the
-    gradient, so error feedback keeps its long-run mean right.
-    """
-    beta1, beta2 = group["betas"]
-    bc2 = 1 - beta2**freeze_step
-    for p in params:
-        g = p.grad if clip_coef >= 1.0 else p.grad * clip_coef
-        state = optimizer.state[p]
-        if group["weight_decay"]:
-            if group.get("decoupled_weight_decay"):
-                p.mul_(1 - lr * group["weight_decay"])
-            else:
-                g = g.add(p, alpha=group["weight_decay"])
-        state["step"] += 1
-        state["exp_avg"].lerp_(g, 1 - beta1)
-        bc1 = 1 - beta1 ** float(state["step"])
-        denom = (state["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / bc1)
-        if group.get("binary"):
-            p.clamp_(-1.0, 1.0)
-
-
 # ------------------------------------------------------------------------------------------ binary layout
 class BinaryLayout:
     """The binary latents as one flat vector and each rank's slice of it.
@@ -684,8 +682,14 @@ class PackedSync:
     With 1-bit gradients, only the sender side of :class:`OneBitExchange` is used: the receiver owns the
     optimizer of its slice and consumes the averaged gradient at full precision, and what goes back is the
     lossless sign all-gather, so unlike 1-bit Adam's compressed all-reduce there is no second compression and
-    nothing for a receiver-side error buffer to hold (:class:`DataParallelOnebitSync` has both sides). The
-    slice's second moment is frozen after the warm-up (:func:`frozen_variance_adam_`).
+    nothing for a receiver-side error buffer to hold (:class:`DataParallelOnebitSync` has both sides).
+
+    Adam runs unchanged on the decoded 1-bit gradients. 1-bit Adam freezes the second moment after its
+    warm-up (it compresses the momentum); we measured that rule here and dropped it: frozen from a short
+    warm-up it diverged (paper RVAE, 1 warm-up step: elements whose first gradient was tiny got huge steps,
+    and steps were skipped), and it was not better on the tiny RVAE (0.6% vs 0.2% above uncompressed after
+    80 steps, 15 warm-up). The per-chunk scale keeps the decoded gradients, and so the second moment, at the
+    gradient's scale; the warm-up keeps the first, fastest-changing steps exact.
 
     Checkpoints: every rank writes ``packed/rank_<r>_of_<W>.pt`` (latent slice, Adam moments and step, sender
     error) next to DeepSpeed's files; on resume every rank reads the element ranges it now owns from whichever
@@ -712,7 +716,6 @@ class PackedSync:
         self.exchange = OneBitExchange(self.layout, receiver_side=False) if self.onebit else None
         self.warmup = cfg.comm.onebit_warmup_steps
         self.steps = 0  # reduce() calls (skipped steps included): the warm-up clock
-        self.freeze_step = None  # Adam step at which the slice's second moment froze
         self._compressed = False
         log.info("packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s",
                  self.layout.numel, len(self.layout.params), self.layout.slice, self.layout.valid,
@@ -729,8 +732,7 @@ class PackedSync:
             g = self.layout.flat([p.grad for p in self.layout.params])  # (padded,)
             for p in self.layout.params:
                 p.grad = None
-            self._compressed = (self.onebit and self.steps >= self.warmup
-                                and bool(self.binary_optimizer.state.get(self.latent)))
+            self._compressed = self.onebit and self.steps >= self.warmup
             if self._compressed:
                 mine = self.exchange.reduce_scatter(g)
             else:
@@ -751,18 +753,12 @@ class PackedSync:
             g["lr"] = lr
         self.optimizer.skip, self.optimizer.clip_coef = skip, clip_coef
         self.engine.step()  # full-precision update (ClientAdam), DeepSpeed's counters, module grads cleared
-        if self._compressed:
-            if not skip:
-                if self.freeze_step is None:
-                    self.freeze_step = int(self.binary_optimizer.state[self.latent]["step"])
-                frozen_variance_adam_([self.latent], self.binary_optimizer, self.binary_optimizer.param_groups[0],
-                                      lr, clip_coef, self.freeze_step)
-                self.exchange.commit()
-            else:
-                self.exchange.discard()
-        else:
-            self.binary_optimizer.skip, self.binary_optimizer.clip_coef = skip, clip_coef
-            self.binary_optimizer.step()  # Adam + clamp on the slice
+        self.binary_optimizer.skip, self.binary_optimizer.clip_coef = skip, clip_coef
+        self.binary_optimizer.step()  # Adam + clamp on the slice
+        if self._compressed and skip:
+            self.exchange.discard()  # the step's gradient is dropped, and so is what it left unsent
+        elif self._compressed:
+            self.exchange.commit()
         self.latent.grad = None
         if not skip:
             self._gather_signs()
@@ -777,12 +773,12 @@ class PackedSync:
     # ---------------------------------------------------------------------------------------- checkpoints
     def state_dict(self):
         """The rank-independent part (in the engine's client state, written by rank 0)."""
-        return {"mode": self.mode, "steps": self.steps, "freeze_step": self.freeze_step}
+        return {"mode": self.mode, "steps": self.steps}
 
     def load_state_dict(self, state):
         if state.get("mode") != self.mode:
             raise RuntimeError(f"checkpoint written with comm mode {state.get('mode', 'dp')!r}, not {self.mode!r}")
-        self.steps, self.freeze_step = state["steps"], state["freeze_step"]
+        self.steps = state["steps"]
 
     def save_partition(self, directory):
         state = self.binary_optimizer.state.get(self.latent, {})
@@ -841,12 +837,11 @@ class DataParallelOnebitSync:
         self.engine, self.optimizer = engine, optimizer
         engine.enable_backward_allreduce = False
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        self.binary_group = _binary_group(optimizer, "binary_grads=onebit")
-        self.layout = BinaryLayout(self.binary_group["params"], self.world, self.rank)
+        self.layout = BinaryLayout(_binary_group(optimizer, "binary_grads=onebit")["params"], self.world, self.rank)
         self.fp_params = [p for g in optimizer.param_groups if not g.get("binary") for p in g["params"]]
         self.exchange = OneBitExchange(self.layout, receiver_side=True)
         self.warmup = cfg.comm.onebit_warmup_steps
-        self.steps, self.freeze_step, self._compressed = 0, None, False
+        self.steps, self._compressed = 0, False
 
     def backward(self, loss, last):
         self.engine.set_gradient_accumulation_boundary(last)
@@ -854,8 +849,7 @@ class DataParallelOnebitSync:
 
     @torch.no_grad()
     def reduce(self):
-        self._compressed = (self.steps >= self.warmup
-                            and all(self.optimizer.state.get(p) for p in self.layout.params))
+        self._compressed = self.steps >= self.warmup
         with comm_kind("grad"):
             if not self._compressed:
                 self.engine.allreduce_gradients()
@@ -880,34 +874,21 @@ class DataParallelOnebitSync:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.skip, self.optimizer.clip_coef = skip, clip_coef
-        if not self._compressed:
-            self.engine.step()
-            return
-        if skip:
-            self.exchange.discard()
-        else:
-            first = self.layout.params[0]
-            if self.freeze_step is None:
-                self.freeze_step = int(self.optimizer.state[first]["step"])
-            frozen_variance_adam_(self.layout.params, self.optimizer, self.binary_group, lr, clip_coef,
-                                  self.freeze_step)  # before engine.step(), which clears the module's grads
+        self.engine.step()  # ClientAdam on every (replicated) parameter
+        if self._compressed and skip:
+            self.exchange.discard()  # the step's gradient is dropped, and so is what it left unsent
+        elif self._compressed:
             self.exchange.commit()
-        index = self.optimizer.param_groups.index(self.binary_group)
-        self.optimizer.param_groups.remove(self.binary_group)  # ClientAdam updates the full-precision params
-        try:
-            self.engine.step()
-        finally:
-            self.optimizer.param_groups.insert(index, self.binary_group)
 
     def state_dict(self):
-        return {"mode": self.mode, "steps": self.steps, "freeze_step": self.freeze_step}
+        return {"mode": self.mode, "steps": self.steps}
 
     def load_state_dict(self, state):
         if not state:  # a plain data-parallel checkpoint: same latents and optimizer; warm up, zero errors
             return
         if state.get("mode") != self.mode:
             raise RuntimeError(f"checkpoint written with comm mode {state.get('mode')!r}, not {self.mode!r}")
-        self.steps, self.freeze_step = state["steps"], state["freeze_step"]
+        self.steps = state["steps"]
 
     def save_partition(self, directory):
         return save_partition(directory, self.layout, {"recv_error": self.exchange.recv_error},

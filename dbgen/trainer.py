@@ -180,9 +180,8 @@ def check_train_config(cfg: Config) -> None:
         need(s.zero_stage == 0, "scale.zero_stage", s.zero_stage,
              f"0 with comm.binary_weights={mode[0]}, comm.binary_grads={mode[1]} (the mode exchanges gradients "
              f"itself{' and shards the binary latents and their optimizer state' if mode[0] == 'packed' else ''})")
-    if mode[1] == "onebit":
-        need(cfg.comm.onebit_warmup_steps >= 1, "comm.onebit_warmup_steps", cfg.comm.onebit_warmup_steps,
-             "an int >= 1 (uncompressed steps that estimate Adam's second moment, frozen afterwards)")
+    need(cfg.comm.onebit_warmup_steps >= 0, "comm.onebit_warmup_steps", cfg.comm.onebit_warmup_steps,
+         "an int >= 0 (uncompressed steps before 1-bit gradients)")
 
 
 # ------------------------------------------------------------------------------------ optimizer and the seam

@@ -219,6 +219,7 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str):
     with comm_kind("weight"):
         full = record("all_gather_flat", "weight", lambda: comm.all_gather_flat(torch.empty(n), x[:n // world]))
     record("broadcast", "other", lambda: dist.broadcast(x.clone(), src=1))
+    record("reduce", "other", lambda: dist.reduce(x.clone(), dst=2))
     record("all_reduce_max", "other", lambda: dist.all_reduce(torch.ones(1), op=dist.ReduceOp.MAX))
     # the correct values, too
     total = x.clone()
@@ -263,7 +264,8 @@ def test_counted_bytes_equal_socket_bytes_for_each_collective(tmp_path):
                 "onebit_all_gather": (world - 1) * msg}
     for rank in range(world):
         res = torch.load(tmp_path / f"collectives{rank}.pt", weights_only=False)
-        for name, want in {**expected, "broadcast": 2 * n_bytes if rank == 1 else 0}.items():
+        reduce = (world - 1) * n_bytes // world if rank == 2 else n_bytes  # gloo: root (W-1)/W n, others n
+        for name, want in {**expected, "broadcast": 2 * n_bytes if rank == 1 else 0, "reduce": reduce}.items():
             r = res[name]
             assert r["counted"] == r["all"] == want, (rank, name, r)
             # what the kernel saw written: the payload plus gloo's small headers, never less
