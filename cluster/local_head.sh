@@ -5,6 +5,7 @@
 #   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
 #       -- python -m dbgen.train --config configs/rvae_binary_tiny.yaml
 #   kill <PID of this script>                     # SIGTERM stops the head and everything it started
+#                                                 # (in ~5 s; up to ~30 s after a Ray Train job)
 #
 # Why every port is explicit: with Ray's defaults a leftover dashboard agent from an earlier cluster on the host
 # (port 52365) makes every later `ray job submit` fail with "No available agent to submit job". Each port can be
