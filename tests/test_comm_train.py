@@ -288,3 +288,22 @@ def test_killed_worker_resumes_exactly_and_reshards(compare, cluster, splits, tm
     torch.testing.assert_close(re["state"]["send_error_sum"], got["state"]["send_error_sum"] / 2)
     assert all(not r["skipped"] and r["loss"] < 12 for r in re["rows"])
     assert re["rows"][1]["signs"] != got["state"]["signs"]  # it keeps training
+
+
+@pytest.mark.timeout(600)
+def test_bench_comm_cli(cluster, capsys):
+    """``python -m dbgen.bench comm`` (in-process, on this module's cluster): one JSON object, per-mode bytes."""
+    from dbgen.bench.__main__ import main
+    from dbgen.comm import slice_size
+
+    assert main(["comm", "--config", str(CONFIG), "--workers", "2", "--steps", "1", "--modes", "zero1,packed",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["workers"] == 2 and out["batch_per_worker"] == 16 and [m["mode"] for m in out["modes"]] == [
+        "zero1", "packed"]
+    zero1, packed = out["modes"]
+    P, B = packed["params"], packed["binary_params"]
+    assert packed["weight_bytes_per_step"] == slice_size(B, 2) // 8 <= B / 16 + 2048
+    assert zero1["grad_bytes_per_step"] == 4 * P and zero1["total_vs_zero1"] == 1.0
+    assert packed["total_bytes_per_step"] == sum(packed[f"{k}_bytes_per_step"] for k in ("weight", "grad", "other"))
+    assert packed["total_vs_zero1"] < 0.45 and packed["step_s"] > 0
