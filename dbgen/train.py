@@ -208,6 +208,9 @@ def main(argv=None) -> int:
                    "run of this name is resumed")
     p.add_argument("--storage", default=os.environ.get("DBGEN_STORAGE", DEFAULT_STORAGE),
                    help=f"directory of runs (default $DBGEN_STORAGE or {DEFAULT_STORAGE})")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics with prometheus_client on 127.0.0.1:P+rank (for setups without "
+                        "a Ray metrics endpoint); same as train.metrics_port=P")
     p.add_argument("--print-config-table", action="store_true",
                    help="print every config key as a Markdown table (the README's) and exit")
     args = p.parse_args(argv)
@@ -221,7 +224,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.metrics_port is not None:
+            overrides.append(f"train.metrics_port={args.metrics_port}")
+        cfg = load_config(args.config, overrides)
         paths = prepare(cfg, name, args.storage)
     except (ConfigError, RunSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
