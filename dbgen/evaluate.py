@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     src.add_argument("--run", help="run directory (<storage>/<name>)")
     src.add_argument("--packed", help="a packed artifact (python -m dbgen.export) instead of a run")
     p.add_argument("--workers", type=int, default=0, help="evaluate with N Ray actors that get the weights as "
-                   "packed bytes through the object store (shard i seeded with dbgen.export.shard_seed)")
+                   "packed bytes through the object store (shard i seeded with dbgen.export.shard_seed; --max-batches "
+                   "then bounds each shard)")
     p.add_argument("--data", default=None, help="held-out split (directory or builtin:NAME); default: the "
                    "run's data.eval")
     p.add_argument("--samples", type=int, default=1, help="importance samples per example (1 = ELBO)")
