@@ -691,6 +691,9 @@ class PackedSync:
     80 steps, 15 warm-up). The per-chunk scale keeps the decoded gradients, and so the second moment, at the
     gradient's scale; the warm-up keeps the first, fastest-changing steps exact.
 
+    The module's binary weights are +-1, so an EMA (``train.ema_decay``) averages signs, not latents: EMA
+    weights then use the sign of a running average of signs (a majority vote over recent steps).
+
     Checkpoints: every rank writes ``packed/rank_<r>_of_<W>.pt`` (latent slice, Adam moments and step, sender
     error) next to DeepSpeed's files; on resume every rank reads the element ranges it now owns from whichever
     files hold them (:func:`load_partitions`), so any number of workers can resume any packed checkpoint.

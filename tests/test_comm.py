@@ -168,6 +168,38 @@ def test_partitions_refuse_incomplete_or_foreign_sets(tmp_path):
         load_partitions(tmp_path, other, ["latent"], [])
 
 
+# ----------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("overrides, message", [
+    (["comm.binary_weights=packed", "scale.zero_stage=1"], r"'scale.zero_stage' = 1: expected 0 with comm"),
+    (["comm.binary_grads=onebit", "scale.zero_stage=2"], r"'scale.zero_stage' = 2: expected 0 with comm"),
+    (["comm.binary_weights=packed", "model.binary_weights=false"], r"'model.binary_weights' = False: expected true"),
+    (["comm.binary_grads=onebit", "comm.onebit_warmup_steps=-1"], r"'comm.onebit_warmup_steps' = -1"),
+])
+def test_comm_modes_check_their_settings(overrides, message):
+    from dbgen.config import ConfigError, load_config
+    from dbgen.trainer import SYNC_MODES, check_train_config
+
+    assert {("dp", "none"), ("packed", "none"), ("packed", "onebit"), ("dp", "onebit")} <= set(SYNC_MODES)
+    check_train_config(load_config(CONFIG, ["comm.binary_weights=packed", "comm.binary_grads=onebit"]))
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(load_config(CONFIG, overrides))
+
+
+def test_resuming_with_another_binary_weights_mode_is_refused(tmp_path, capsys):
+    import json
+
+    from dbgen.config import load_config
+    from dbgen.train import main
+
+    ck = tmp_path / "r" / "checkpoint_0000010"
+    ck.mkdir(parents=True)
+    meta = {"step": 10, "world_size": 2, "zero_stage": 0, "config": load_config(CONFIG).to_dict()}
+    (ck / "meta.json").write_text(json.dumps(meta))
+    rc = main(["--config", str(CONFIG), "comm.binary_weights=packed", "--name", "r", "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "written with comm.binary_weights=dp" in err and "resume it with" in err
+
+
 # ------------------------------------------------------------------------------ real process groups (gloo)
 def _free_port() -> int:
     with socket.socket() as s:
