@@ -99,17 +99,10 @@ def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------- Ray
 def connect_ray() -> str:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray (dashboard on 127.0.0.1). Returns a description."""
-    import ray
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray on 127.0.0.1. Returns a description."""
+    from .ray_local import init_ray
 
-    if ray.is_initialized():
-        return "already connected"
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
-        return f"connected to {os.environ['RAY_ADDRESS']}"
-    ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                   logging_level=logging.WARNING)
-    return f"started a local Ray (dashboard {ctx.dashboard_url or 'n/a'})"
+    return init_ray(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 
 def _progress_thread(run_dir: Path, max_steps: int, stop: threading.Event) -> threading.Thread | None:

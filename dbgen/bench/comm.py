@@ -102,10 +102,9 @@ def run_mode(name: str, cfg, args, train_dir: str, work: str) -> dict:
 def main(args) -> int:
     import tempfile
 
-    import ray
-
     from ..config import load_config
     from ..data import resolve_split
+    from ..ray_local import init_ray
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -114,9 +113,8 @@ def main(args) -> int:
     base = load_config(args.config, args.overrides)
     batch = args.batch or base.train.batch_size // args.workers
     train_dir = str(resolve_split(base.data.train, "train"))
-    if not ray.is_initialized():  # RAY_ADDRESS (a cluster) if set, else a local Ray; worker logs stay off stdout
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    # RAY_ADDRESS (a cluster) if set, else a local Ray on loopback; worker logs stay off stdout
+    init_ray(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="dbgen-bench-comm-") as work:
         for name in modes:

@@ -132,10 +132,11 @@ def _ray_rank(split_dir: str, rank: int, world: int, batch_size: int, shuffle_bu
 def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
     import ray
 
+    from ..ray_local import init_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False,
-                 **({} if "RAY_ADDRESS" in os.environ else {"_node_ip_address": "127.0.0.1"}))
+        init_ray(include_dashboard=False, log_to_driver=False)
     try:
         rank_fn = ray.remote(num_cpus=0.25)(_ray_rank)
         t0 = time.perf_counter()
