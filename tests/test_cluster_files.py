@@ -123,7 +123,8 @@ def test_local_head_script_starts_and_stops_on_sigterm(tmp_path):
                             start_new_session=True)
     try:
         deadline, version, metrics = time.monotonic() + 120, None, None
-        while time.monotonic() < deadline and (version is None or metrics is None):
+        # The metrics endpoint answers with process metrics before Ray's own (ray_*) appear: wait for those.
+        while time.monotonic() < deadline and (version is None or metrics is None or "ray_" not in metrics):
             assert proc.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             try:
                 version = urllib.request.urlopen(f"http://127.0.0.1:{ports['DASHBOARD_PORT']}/api/version",
@@ -131,7 +132,8 @@ def test_local_head_script_starts_and_stops_on_sigterm(tmp_path):
                 metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics",
                                                  timeout=3).read().decode()
             except OSError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         assert version and b"ray_version" in version
         assert metrics is not None and "ray_" in metrics  # the node's Prometheus endpoint on the given port
     finally:
