@@ -15,12 +15,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dbgen.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"dbgen.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"dbgen.bench.{name}":
-                raise
-            continue  # not built yet
+        module = importlib.import_module(f"dbgen.bench.{name}")
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)
         p.set_defaults(_main=module.main)
