@@ -44,6 +44,13 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- models
+def _require(section, prefix: str, checks) -> None:
+    """Raise ConfigError for the first ``(key, ok, expected)`` check that fails, naming ``prefix.key``."""
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"'{prefix}.{key}' = {getattr(section, key)!r}: expected {expected}")
+
+
 @dataclass(kw_only=True)
 class RVAEConfig:
     """ResNet VAE (Kingma et al. 2016 without IAF) as in Bird et al. 2021."""
@@ -63,7 +70,7 @@ class RVAEConfig:
 
     def __post_init__(self):
         # Shapes the model cannot be built with fail here, at load time, naming the key.
-        checks = [
+        _require(self, "model", [
             ("channels", self.channels >= 1, "a positive int"),
             ("image_size", self.image_size >= 2 and self.image_size % 2 == 0,
              "an even int >= 2 (the first conv halves it)"),
@@ -74,10 +81,7 @@ class RVAEConfig:
             ("proc_kernel", self.proc_kernel >= 1 and self.proc_kernel % 2 == 1, "an odd positive int"),
             ("kernel", self.kernel >= 1 and self.kernel % 2 == 1, "an odd positive int"),
             ("kl_min", self.kl_min >= 0, "a float >= 0"),
-        ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"'model.{key}' = {getattr(self, key)!r}: expected {expected}")
+        ])
 
 
 @dataclass(kw_only=True)
@@ -100,7 +104,7 @@ class FlowPPConfig:
 
     def __post_init__(self):
         # Shapes the model cannot be built with fail here, at load time, naming the key.
-        checks = [
+        _require(self, "model", [
             ("channels", self.channels >= 1, "a positive int"),
             ("image_size", self.image_size >= 4 and self.image_size % 4 == 0,
              "a multiple of 4 (stripe split at full size, squeeze, stripe split at half size)"),
@@ -112,10 +116,7 @@ class FlowPPConfig:
             ("dequant_blocks", self.dequant_blocks >= 1, "an int >= 1"),
             ("dequant_context_hdim", self.dequant_context_hdim >= 1, "a positive int"),
             ("dequant_context_blocks", self.dequant_context_blocks >= 0, "an int >= 0"),
-        ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"'model.{key}' = {getattr(self, key)!r}: expected {expected}")
+        ])
 
 
 # -------------------------------------------------------------------------------------------- training
