@@ -752,6 +752,7 @@ class PackedSync:
         return torch.nan_to_num(torch.sqrt(fp + mine[0]), nan=math.inf)
 
     def step(self, lr, clip_coef, skip):
+        skip = bool(skip)  # a host decision: whether to send this step's signs and keep its errors depends on it
         for g in (*self.optimizer.param_groups, *self.binary_optimizer.param_groups):
             g["lr"] = lr
         self.optimizer.skip, self.optimizer.clip_coef = skip, clip_coef
@@ -874,6 +875,7 @@ class DataParallelOnebitSync:
         return norm[0]
 
     def step(self, lr, clip_coef, skip):
+        skip = bool(skip)  # a host decision: whether to keep this step's compression errors depends on it
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.skip, self.optimizer.clip_coef = skip, clip_coef

@@ -160,6 +160,8 @@ class TrainConfig:
     init_batch_size: int = 256  # rows for data-dependent initialization (rank 0, then broadcast)
     ema_decay: float | None = None  # EMA of weights for eval and sampling; null disables
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    channels_last: bool | None = None  # NHWC activations and weights; null: on GPU, off on CPU
+    compile: bool = False  # torch.compile the model's forward (fuses its element-wise work; compiles at start)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 500

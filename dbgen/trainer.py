@@ -1,7 +1,8 @@
 """The training worker: one DeepSpeed engine per Ray Train worker, the training step, eval, checkpoints.
 
 Everything distributed lives here; model code is single-device. :func:`train_worker` is the function Ray Train
-runs in every worker (``dbgen.train`` is the driver). One optimizer step (:meth:`Trainer.train_step`)::
+runs in every worker (``dbgen.train`` is the driver). One optimizer step (:meth:`Trainer.train_step`) is
+:func:`dbgen.step.run_step` with the DeepSpeed engine as the forward and a :class:`GradientSync` as ``sync``::
 
     for each of train.grad_accum micro-batches:
         loss = engine(x)                      forward; bf16 autocast on GPU, fp32 on CPU (train.precision)
@@ -11,16 +12,19 @@ runs in every worker (``dbgen.train`` is the driver). One optimizer step (:meth:
     skip = norm not finite or norm > train.skip_threshold     (counted; the step still consumes its data)
     sync.step(lr, clip_coef, skip)            update with gradients scaled by min(1, grad_clip / norm), binary
                                               latents clamped to [-1, 1]; a skipped step changes nothing
-    ema.update(model)                         (train.ema_decay, not on skipped steps)
+    ema.update(model, skip)                   (train.ema_decay, not on skipped steps)
 
-The skip decision uses a value every rank agrees on (an all-reduced norm), so ranks never diverge.
+The skip decision uses a value every rank agrees on (an all-reduced norm), so ranks never diverge. It stays on
+the device (no host sync inside a step): :meth:`Trainer.fit` reads the steps' losses, norms, skip flags and
+phase times once per logging interval (and before eval and checkpoints).
 
 Seams for later work
 --------------------
 * **Gradient communication** (``cfg.comm``) is behind :class:`GradientSync` (``backward``/``reduce``/
   ``grad_norm``/``step``/``state_dict``), built by :func:`build_gradient_sync` from :data:`SYNC_MODES`. The
   default, :class:`DataParallelSync`, is plain DeepSpeed data parallelism (ZeRO 0/1/2). Its pieces are the ones
-  a packed/1-bit mode needs: a client optimizer (:class:`ClientAdam`, binary latents in their own param group)
+  a packed/1-bit mode needs: a client optimizer (:class:`dbgen.step.ClientAdam`, binary latents in their own
+  param group)
   handed to ``deepspeed.initialize``, DeepSpeed's backward all-reduce switched off and called explicitly,
   DeepSpeed's clipping off (we clip on the agreed global norm).
 * **Metrics**: :meth:`Trainer.train_step` returns a stats dict (``loss`` tensor, ``grad_norm``, ``lr``,
@@ -67,19 +71,29 @@ from . import comm
 from .config import Config, ConfigError, config_hash, load_config
 from .evaluate import DS_MODEL_FILE, DS_TAG, META_FILE
 from .metrics import TrainMetrics
-from .nn import binary_latents, data_dependent_init
+from .nn import data_dependent_init
 from .sample import save_grid
+from .step import (
+    EMA,
+    ClientAdam,
+    PhaseClock,
+    autocast_context,
+    autocast_dtype,
+    batch_to_device,
+    build_optimizer,
+    prepare_model,
+    resolve_stats,
+    run_step,
+    use_channels_last,
+)
 
 __all__ = [
     "SYNC_MODES",
-    "ClientAdam",
     "DataParallelSync",
-    "EMA",
     "GradientSync",
     "Reporter",
     "Trainer",
     "build_gradient_sync",
-    "build_optimizer",
     "check_train_config",
     "deepspeed_config",
     "lr_at",
@@ -108,7 +122,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config of a run, derived from our config (the only place it is written).
 
     Precision: the engine is always fp32 (no DeepSpeed fp16/bf16 section); bf16 on GPU is torch autocast
-    around the forward pass (:func:`autocast_dtype`), so the module's parameters stay the fp32 master weights
+    around the forward pass (:func:`dbgen.step.autocast_dtype`), so the module's parameters stay the fp32 master weights
     the client optimizer updates and clamps. Clipping is ours (on the agreed global norm, which also decides
     the skip rule), so DeepSpeed's ``gradient_clipping`` is 0. ``zero_allow_untested_optimizer``: the client
     optimizer is a ``torch.optim.Adam`` subclass, which DeepSpeed's ZeRO whitelist does not list by type.
@@ -134,14 +148,6 @@ def lr_at(cfg: Config, step: int) -> float:
     if s.warmup_steps > 0:
         lr *= min(1.0, (step + 1) / s.warmup_steps)
     return lr
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU (``precision: auto``) or when asked for; None means plain fp32."""
-    p = cfg.train.precision
-    if p == "bf16" or (p == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def check_train_config(cfg: Config) -> None:
@@ -185,45 +191,6 @@ def check_train_config(cfg: Config) -> None:
 
 
 # ------------------------------------------------------------------------------------ optimizer and the seam
-class ClientAdam(torch.optim.Adam):
-    """Adam (AdamW with ``decoupled_weight_decay``) that applies the trainer's decision for the next step.
-
-    The trainer sets ``skip`` and ``clip_coef`` before ``engine.step()``: a skipped step returns without
-    touching parameters or moments; otherwise the gradients are scaled by ``clip_coef`` first. Param groups
-    flagged ``binary`` hold the binary latents and are clamped to [-1, 1] after the update. Because DeepSpeed
-    ZeRO 1/2 calls ``step()`` once per param group with that group's flat fp32 partition as its only param,
-    all of this works on whatever tensors the optimizer owns: the clamp reaches the master copy itself.
-    """
-
-    skip = False
-    clip_coef = 1.0
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if self.skip:
-            return None
-        if self.clip_coef < 1.0:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch._foreach_mul_(grads, self.clip_coef)
-        super().step()
-        for g in self.param_groups:
-            if g.get("binary"):
-                for p in g["params"]:
-                    p.clamp_(-1.0, 1.0)
-        return None
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> ClientAdam:
-    """Two param groups: the binary latents (``binary: True``, clamped) and everything else."""
-    o = cfg.optimizer
-    binary_ids = {id(p) for p in binary_latents(model)}
-    binary = [p for p in model.parameters() if id(p) in binary_ids]
-    other = [p for p in model.parameters() if id(p) not in binary_ids]
-    groups = [g for g in ({"params": binary, "binary": True}, {"params": other, "binary": False}) if g["params"]]
-    return ClientAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                      decoupled_weight_decay=o.name == "adamw")
-
-
 class GradientSync(Protocol):
     """Gradient reduction and the optimizer step: the one place a communication mode (``cfg.comm``) changes.
 
@@ -309,46 +276,6 @@ SYNC_MODES: dict[tuple[str, str], type] = {
 def build_gradient_sync(cfg: Config, engine, optimizer) -> GradientSync:
     """The configured mode, wrapped so its collectives count as grad/weight/other bytes (dbgen.comm)."""
     return comm.CountedSync(SYNC_MODES[(cfg.comm.binary_weights, cfg.comm.binary_grads)](engine, optimizer, cfg))
-
-
-# ----------------------------------------------------------------------------------------------------- EMA
-class EMA:
-    """Exponential moving average of the parameters (fp32), for eval and sampling; buffers are copied."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        names = list(self.params)
-        own = dict(model.named_parameters())
-        torch._foreach_lerp_([self.params[n] for n in names], [own[n].detach().float() for n in names],
-                             1.0 - self.decay)
-
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A full model state dict with EMA parameters (what evaluate/sample load)."""
-        return {n: (self.params[n].to(t.dtype) if n in self.params else t).detach().cpu().clone()
-                for n, t in model.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for n in self.params:
-            self.params[n].copy_(state[n])
-
-    @contextmanager
-    def applied(self, model: nn.Module):
-        """Temporarily swap the EMA parameters into ``model``."""
-        own = dict(model.named_parameters())
-        saved = {n: p.detach().clone() for n, p in own.items()}
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(self.params[n])
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for n, p in own.items():
-                    p.copy_(saved[n])
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -557,6 +484,8 @@ class Trainer:
             self._data_dependent_init(model, train_dir)
         comm.install()  # count every collective from here on (dbgen.comm.COUNTER, taken once per step)
         self._broadcast(model)
+        self.channels_last = use_channels_last(cfg, self.device)
+        prepare_model(model, cfg, self.device)  # channels_last / torch.compile: same math, after init
         self.optimizer = build_optimizer(cfg, model)
         deepspeed.utils.logger.setLevel(logging.WARNING)
         with _without_deepspeed_broadcast():
@@ -629,45 +558,22 @@ class Trainer:
         self.reporter.on_resume(self.step, self.submission, restart)
 
     # ---------------------------------------------------------------------------------------------- step
-    def _sync_device(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # phase timings would otherwise measure kernel launches
-
     def train_step(self, data) -> dict:
-        """One optimizer step over ``train.grad_accum`` micro-batches from the iterator ``data``."""
-        t, cfg = time.perf_counter, self.cfg.train
-        t0 = t()
-        batches = [next(data).to(self.device, non_blocking=True) for _ in range(cfg.grad_accum)]
-        t_data = t()
-        t_fwd = t_bwd = 0.0
-        loss_sum = torch.zeros((), device=self.device)
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
-        for i, x in enumerate(batches):
-            a = t()
-            with amp:
-                loss = self.engine(x)  # scalar bits/dim, mean over the micro-batch
-            self._sync_device()
-            b = t()
-            self.sync.backward(loss, last=i == cfg.grad_accum - 1)
-            self._sync_device()
-            t_fwd, t_bwd = t_fwd + b - a, t_bwd + t() - b
-            loss_sum += loss.detach().float()
-        c = t()
-        self.sync.reduce()
-        norm = self.sync.grad_norm().item()  # the one host sync per step: the skip rule needs the value
-        d = t()
-        skipped = not math.isfinite(norm) or norm > cfg.skip_threshold
+        """One optimizer step over ``train.grad_accum`` micro-batches from the iterator ``data``.
+
+        Returns without waiting for the device: ``loss``, ``grad_norm`` and ``skipped`` are device tensors and
+        ``clock`` holds the phase times; :func:`dbgen.step.resolve_stats` reads them (``fit`` does, once per
+        logging interval)."""
+        cfg = self.cfg.train
+        clock = PhaseClock(self.device)
+        t0 = time.perf_counter()
+        batches = [batch_to_device(next(data), self.device, self.channels_last) for _ in range(cfg.grad_accum)]
+        t_data = time.perf_counter() - t0  # host time blocked on the loader
+        clock.mark("data")
         lr = lr_at(self.cfg, self.step)
-        clip_coef = min(1.0, cfg.grad_clip / (norm + 1e-6)) if not skipped else 0.0
-        self.sync.step(lr, clip_coef, skipped)
-        if self.ema is not None and not skipped:
-            self.ema.update(self.model)
-        self._sync_device()
-        e = t()
-        return {"step": self.step + 1, "loss": loss_sum / cfg.grad_accum, "grad_norm": norm, "lr": lr,
-                "skipped": skipped, "images": cfg.batch_size, "t_data_wait": t_data - t0, "t_forward": t_fwd,
-                "t_backward": t_bwd, "t_communication": d - c, "t_optimizer": e - d, "t_step": e - t0,
-                "comm_bytes": comm.COUNTER.take()}  # bytes this rank sent since the last step, by kind
+        out = run_step(self.engine, self.sync, batches, cfg, lr, self.amp_dtype, clock, self.model, self.ema)
+        return {"step": self.step + 1, **out, "lr": lr, "images": cfg.batch_size, "t_data_wait": t_data,
+                "clock": clock, "comm_bytes": comm.COUNTER.take()}  # bytes sent since the last step, by kind
 
     # ---------------------------------------------------------------------------------------- eval, samples
     @contextmanager
@@ -689,12 +595,12 @@ class Trainer:
             return
         start = time.perf_counter()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of bpd, rows)
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
+        amp = autocast_context(self.device, self.amp_dtype)
         with self._eval_mode(_rank_seed(self.cfg.train.seed + 1, self.rank)) as model, amp:
             for i, x in enumerate(self.eval_loader):
                 if self.cfg.train.eval_batches is not None and i >= self.cfg.train.eval_batches:
                     break
-                bpd = model.log_likelihood_bpd(x.to(self.device, non_blocking=True), samples=1)  # (N,)
+                bpd = model.log_likelihood_bpd(batch_to_device(x, self.device, self.channels_last), samples=1)
                 total[0] += bpd.double().sum()
                 total[1] += x.shape[0]
         dist.all_reduce(total)
@@ -748,19 +654,28 @@ class Trainer:
         t = self.cfg.train
         start_step, step_seconds = self.step, 0.0
         data = iter(self.loader)
-        interval = {"step_s": 0.0, "steps": 0, "loss": torch.zeros((), device=self.device)}
+        pending: list[dict] = []  # steps whose device results are not read yet
+        interval = {"step_s": 0.0, "steps": 0, "loss": 0.0}
         while self.step < t.max_steps:
-            stats = self.train_step(data)
+            pending.append(self.train_step(data))
             self.step += 1
-            self.skipped += int(stats["skipped"])
-            self.images_seen += stats["images"]
-            interval["steps"] += 1
-            interval["step_s"] += stats["t_step"]
-            step_seconds += stats["t_step"]
-            interval["loss"] += stats["loss"]
-            self.reporter.on_step(stats)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                loss = interval["loss"].reshape(1).double()
+            self.images_seen += t.batch_size
+            log_now = self.step % t.log_every == 0 or self.step == t.max_steps
+            due = [every and self.step % every == 0 and self.step < t.max_steps
+                   for every in (t.eval_every, t.sample_every, t.checkpoint_every)]
+            if not (log_now or any(due) or self.step == t.max_steps):
+                continue
+            # Read the pending steps (the one host sync per interval), then report them in order.
+            for stats in resolve_stats(pending):
+                self.skipped += int(stats["skipped"])
+                interval["steps"] += 1
+                interval["step_s"] += stats["t_step"]
+                interval["loss"] += stats["loss"]
+                step_seconds += stats["t_step"]
+                self.reporter.on_step(stats)
+            pending = []
+            if log_now:
+                loss = torch.tensor([interval["loss"]], dtype=torch.float64, device=self.device)
                 dist.all_reduce(loss)  # every rank's micro-batches count equally
                 self.train_bpd = loss.item() / (self.world_size * interval["steps"])
                 step_s = interval["step_s"] / interval["steps"]  # training steps only (not eval, checkpoints)
@@ -771,14 +686,13 @@ class Trainer:
                     "t_data_wait": stats["t_data_wait"], "t_forward": stats["t_forward"],
                     "t_backward": stats["t_backward"], "t_communication": stats["t_communication"],
                     "t_optimizer": stats["t_optimizer"]})
-                interval = {"step_s": 0.0, "steps": 0, "loss": torch.zeros((), device=self.device)}
-            if self.step < t.max_steps:
-                if t.eval_every and self.step % t.eval_every == 0:
-                    self.evaluate()
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self.save_samples()
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                    self.checkpoint()
+                interval = {"step_s": 0.0, "steps": 0, "loss": 0.0}
+            if due[0]:
+                self.evaluate()
+            if due[1]:
+                self.save_samples()
+            if due[2]:
+                self.checkpoint()
         trained = self.step - start_step
         self.evaluate()
         samples = self.save_samples()

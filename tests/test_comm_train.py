@@ -99,6 +99,8 @@ def _trainer(overrides, config, run_dir, checkpoint_dir=None, persist=None):
 
 def _steps(tr, n: int, poison_step: int | None = None) -> list[dict]:
     """``n`` training steps; with ``poison_step`` the loss of rank 1 is NaN at that step (1-based)."""
+    from dbgen.step import resolve_stats
+
     calls = {"n": 0}
     if poison_step is not None:
         def poison(module, args, loss):
@@ -108,8 +110,8 @@ def _steps(tr, n: int, poison_step: int | None = None) -> list[dict]:
     data = iter(tr.loader)
     rows = []
     for _ in range(n):
-        st = tr.train_step(data)
-        rows.append({"loss": st["loss"].item(), "norm": st["grad_norm"], "skipped": st["skipped"],
+        (st,) = resolve_stats([tr.train_step(data)])
+        rows.append({"loss": st["loss"], "norm": st["grad_norm"], "skipped": st["skipped"],
                      "signs": _signs_hash(tr.model), "bytes": st["comm_bytes"]})
     if poison_step is not None:
         handle.remove()

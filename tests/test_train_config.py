@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dbgen.config import ConfigError, load_config, schema_markdown
-from dbgen.trainer import EMA, ClientAdam, build_optimizer, check_train_config, deepspeed_config, lr_at
+from dbgen.step import EMA, ClientAdam, build_optimizer
+from dbgen.trainer import check_train_config, deepspeed_config, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "rvae_binary_tiny.yaml"

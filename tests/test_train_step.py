@@ -8,6 +8,7 @@ a 2-worker checkpoint resumes on 1 worker (ZeRO 0: the optimizer state is whole)
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -45,6 +46,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
     import torch.distributed as dist
 
     from dbgen.config import load_config
+    from dbgen.step import resolve_stats
     from dbgen.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -62,7 +64,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
     for stage in (0, 1, 2):
         tr = trainer(f"zero{stage}", f"scale.zero_stage={stage}")
         data = iter(tr.loader)
-        stats = [tr.train_step(data) for _ in range(3)]
+        stats = resolve_stats([tr.train_step(data) for _ in range(3)])
         out[f"zero{stage}"] = {"params": _params(tr.model), "norms": [s["grad_norm"] for s in stats],
                                "skipped": [s["skipped"] for s in stats]}
 
@@ -95,17 +97,17 @@ def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
     tr.train_step(data)
     before = _params(tr.model)
     adam = {k: v.clone() for k, v in tr.optimizer.state[next(iter(tr.model.parameters()))].items()}
-    nan_step = tr.train_step(data)
+    (nan_step,) = resolve_stats([tr.train_step(data)])
     after_skip = _params(tr.model)
     adam_after = tr.optimizer.state[next(iter(tr.model.parameters()))]
     adam_unchanged = all(torch.equal(adam[k], adam_after[k]) for k in adam)
-    next_step = tr.train_step(data)
+    (next_step,) = resolve_stats([tr.train_step(data)])
     out["nan"] = {
         "skipped": nan_step["skipped"], "norm": nan_step["grad_norm"], "next_skipped": next_step["skipped"],
         "unchanged": all(torch.equal(before[n], after_skip[n]) for n in before),
         "adam_unchanged": adam_unchanged,
         "changed_after": any(not torch.equal(after_skip[n], p) for n, p in _params(tr.model).items()),
-        "next_loss_finite": bool(torch.isfinite(next_step["loss"])),
+        "next_loss_finite": math.isfinite(next_step["loss"]),
     }
 
     # 4. fit() counts the skipped step and finishes the run (checkpoint persisted by copying, as Ray would).

@@ -58,6 +58,7 @@ def _bench_loop(config: dict) -> None:
 
     from dbgen.config import load_config
     from dbgen.nn import size_report
+    from dbgen.step import resolve_stats
     from dbgen.trainer import Trainer
 
     ctx = ray.train.get_context()
@@ -67,12 +68,13 @@ def _bench_loop(config: dict) -> None:
     tr = Trainer(cfg, config["run_dir"], config["train_dir"], None, rank=rank, world_size=world,
                  device=ray.train.torch.get_device(), persist=lambda *a: None)
     data = iter(tr.loader)
-    steps = [tr.train_step(data) for _ in range(config["warmup"] + config["steps"])][config["warmup"]:]
+    steps = resolve_stats([tr.train_step(data) for _ in range(config["warmup"] + config["steps"])])
+    steps = steps[config["warmup"]:]
     if rank == 0:
         sizes = size_report(tr.model)
         out = {"params": sizes["params"], "binary_params": sizes["binary_params"],
                "bytes": [s["comm_bytes"] for s in steps], "step_s": [s["t_step"] for s in steps],
-               "loss": [s["loss"].item() for s in steps]}
+               "loss": [s["loss"] for s in steps]}
         with open(config["out"], "w") as f:
             json.dump(out, f)
 

@@ -1,0 +1,303 @@
+"""One optimizer step on one device: the math every training path shares (``dbgen.train``'s workers and
+``python -m dbgen.bench train``). Distribution lives behind the ``sync`` object (:mod:`dbgen.trainer`)::
+
+    for each of train.grad_accum micro-batches:
+        with autocast: loss = forward(x)       bf16 autocast on GPU (train.precision), fp32 master weights
+        sync.backward(loss, last)              local backward (a distributed sync may reduce buckets here)
+    sync.reduce()                              finish the gradient reduction of this step
+    norm = sync.grad_norm()                    global L2 norm, a device tensor equal on every rank
+    clip_coef, skip = clip_and_skip(norm)      skip: norm not finite or > train.skip_threshold
+    sync.step(lr, clip_coef, skip)             fused Adam; a skipped step changes nothing (its found_inf flag)
+    ema.update(model, skip)                    a lerp with weight 0 on a skipped step
+
+Nothing here waits for the GPU: the skip decision, the clip and the EMA stay on the device, and the phase times
+are CUDA events (:class:`PhaseClock`) that the trainer reads once per logging interval. Settings that speed
+the step up without changing its math (``train.channels_last``, ``train.compile``) are applied by
+:func:`prepare_model`; ``tests/test_step.py`` checks that they give the plain fp32 loss and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from .config import Config, TrainConfig
+from .nn import binary_latents
+
+__all__ = [
+    "EMA",
+    "ClientAdam",
+    "LocalSync",
+    "PhaseClock",
+    "autocast_context",
+    "autocast_dtype",
+    "batch_to_device",
+    "build_optimizer",
+    "clip_and_skip",
+    "prepare_model",
+    "resolve_stats",
+    "run_step",
+    "use_channels_last",
+]
+
+
+# --------------------------------------------------------------------------------- settings that keep the math
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU (``precision: auto``) or when asked for; None means plain fp32."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    """``train.channels_last``; null (the default) means on for CUDA, where cuDNN's bf16 convolutions want
+    NHWC, and off for CPU."""
+    c = cfg.train.channels_last
+    return device.type == "cuda" if c is None else c
+
+
+def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """Apply ``train.channels_last`` and ``train.compile`` to a model that is already initialized (data-dependent
+    init runs eager, through forward hooks). ``compile`` compiles ``forward`` in place (``nn.Module.compile``),
+    so parameter names, state dicts and checkpoints are those of the eager model."""
+    if use_channels_last(cfg, device):
+        model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
+    return model
+
+
+def batch_to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A CPU batch onto ``device``: through pinned memory and a non-blocking copy on CUDA."""
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    else:
+        x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+# ------------------------------------------------------------------------------------------------- optimizer
+class ClientAdam(torch.optim.Adam):
+    """Fused Adam (AdamW with ``decoupled_weight_decay``) that applies the step's clip and skip decision.
+
+    Set ``clip_coef`` and ``skip`` before :meth:`step`, as Python numbers or as 0-dim device tensors (then
+    nothing waits for the GPU): the update uses gradients scaled by ``clip_coef`` (given to the fused kernel as
+    its ``grad_scale = 1 / clip_coef``) and a skipped step leaves parameters, moments and step counts exactly as
+    they were (the kernel's ``found_inf`` flag). Param groups flagged ``binary`` hold the binary latents and are
+    clamped to [-1, 1] after the update (a no-op on a skipped step: they were clamped already). DeepSpeed ZeRO
+    1/2 calls ``step()`` once per param group with that group's flat fp32 partition as its only param, so all of
+    this works on whatever tensors the optimizer owns: the clamp reaches the master copy itself.
+    """
+
+    skip: bool | torch.Tensor = False
+    clip_coef: float | torch.Tensor = 1.0
+
+    def __init__(self, params, **kwargs):
+        kwargs.setdefault("fused", True)
+        super().__init__(params, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip is True:  # decided on the host: nothing to launch
+            return None
+        first = next(p for g in self.param_groups for p in g["params"])
+        self.found_inf = torch.as_tensor(self.skip, dtype=torch.float32).to(first.device, non_blocking=True)
+        coef = self.clip_coef
+        self.grad_scale = None if isinstance(coef, float | int) and coef == 1.0 else (
+            1.0 / torch.as_tensor(coef, dtype=torch.float32)).to(first.device, non_blocking=True)
+        super().step()
+        for g in self.param_groups:
+            if g.get("binary"):
+                torch._foreach_clamp_min_(g["params"], -1.0)
+                torch._foreach_clamp_max_(g["params"], 1.0)
+        return None
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> ClientAdam:
+    """Two param groups: the binary latents (``binary: True``, clamped) and everything else."""
+    o = cfg.optimizer
+    binary_ids = {id(p) for p in binary_latents(model)}
+    binary = [p for p in model.parameters() if id(p) in binary_ids]
+    other = [p for p in model.parameters() if id(p) not in binary_ids]
+    groups = [g for g in ({"params": binary, "binary": True}, {"params": other, "binary": False}) if g["params"]]
+    return ClientAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                      decoupled_weight_decay=o.name == "adamw")
+
+
+def clip_and_skip(norm: torch.Tensor, t: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's decision from the global gradient norm, on its device: ``skip`` when the norm is not finite
+    or exceeds ``skip_threshold``; ``clip_coef = min(1, grad_clip / (norm + 1e-6))`` (1 on a skipped step)."""
+    skip = ~torch.isfinite(norm) | (norm > t.skip_threshold)
+    coef = torch.clamp(t.grad_clip / (norm + 1e-6), max=1.0)
+    return torch.where(skip, torch.ones_like(coef), coef), skip
+
+
+# ------------------------------------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of the parameters (fp32), for eval and sampling; buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, skip: bool | torch.Tensor = False) -> None:
+        """``ema += (1 - decay) * (param - ema)``; a skipped step (host bool or device tensor) leaves it as is."""
+        if skip is True:
+            return
+        names = list(self.params)
+        own = dict(model.named_parameters())
+        weight = 1.0 - self.decay
+        if isinstance(skip, torch.Tensor):  # weight 0 on a skipped step: lerp returns the average exactly
+            weight = torch.where(skip, 0.0, weight).float()
+        torch._foreach_lerp_([self.params[n] for n in names], [own[n].detach().float() for n in names], weight)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A full model state dict with EMA parameters (what evaluate/sample load)."""
+        return {n: (self.params[n].to(t.dtype) if n in self.params else t).detach().cpu().clone()
+                for n, t in model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.params:
+            self.params[n].copy_(state[n])
+
+    @contextmanager
+    def applied(self, model: nn.Module):
+        """Temporarily swap the EMA parameters into ``model``."""
+        own = dict(model.named_parameters())
+        saved = {n: p.detach().clone() for n, p in own.items()}
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(self.params[n])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in own.items():
+                    p.copy_(saved[n])
+
+
+# ---------------------------------------------------------------------------------------------- phase times
+class PhaseClock:
+    """Durations of a step's phases without waiting for the GPU.
+
+    :meth:`mark` ends the current phase: on CUDA it records an event on the current stream, on CPU it reads
+    ``perf_counter`` (CPU work is synchronous). :meth:`seconds` sums the durations per phase name; on CUDA it
+    waits for the last event, so call it when the step's results are read anyway (once per log interval).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = [("start", self._now())]
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds per phase name and ``step`` (first mark to last)."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+
+            def between(a, b):
+                return a.elapsed_time(b) / 1000.0
+        else:
+            def between(a, b):
+                return b - a
+        out: dict[str, float] = {}
+        for (_, a), (phase, b) in zip(self.marks, self.marks[1:], strict=False):
+            out[phase] = out.get(phase, 0.0) + between(a, b)
+        out["step"] = between(self.marks[0][1], self.marks[-1][1])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- the step
+class LocalSync:
+    """The gradient-sync interface (:class:`dbgen.trainer.GradientSync`) for one process without DeepSpeed:
+    what ``dbgen.bench train`` and single-device tests run. Same math as ZeRO 0 on one worker."""
+
+    def __init__(self, model: nn.Module, optimizer: ClientAdam, grad_accum: int = 1):
+        self.model, self.optimizer, self.grad_accum = model, optimizer, grad_accum
+
+    def backward(self, loss, last):
+        (loss / self.grad_accum).backward()
+
+    def reduce(self):
+        pass
+
+    def grad_norm(self):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False).float()
+        return torch.nan_to_num(norm, nan=math.inf)
+
+    def step(self, lr, clip_coef, skip):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.skip, self.optimizer.clip_coef = skip, clip_coef
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def run_step(forward, sync, batches: list[torch.Tensor], t: TrainConfig, lr: float, amp_dtype: torch.dtype | None,
+             clock: PhaseClock, model: nn.Module | None = None, ema: EMA | None = None) -> dict:
+    """One optimizer step over ``batches`` (the micro-batches, already on the device); see the module docstring.
+
+    Returns device tensors (``loss``: mean bits/dim over the micro-batches, ``grad_norm``, ``skipped``); read
+    them with :func:`resolve_stats`. ``model``: the parameters the EMA follows (needed with ``ema``).
+    """
+    device = batches[0].device
+    loss_sum = torch.zeros((), device=device)
+    for i, x in enumerate(batches):
+        with autocast_context(device, amp_dtype):
+            loss = forward(x)  # scalar bits/dim, mean over the micro-batch
+        clock.mark("forward")
+        sync.backward(loss, last=i == len(batches) - 1)
+        clock.mark("backward")
+        loss_sum += loss.detach().float()
+    sync.reduce()
+    norm = sync.grad_norm()
+    clock.mark("communication")
+    clip_coef, skip = clip_and_skip(norm, t)
+    sync.step(lr, clip_coef, skip)
+    if ema is not None:
+        ema.update(model, skip)
+    clock.mark("optimizer")
+    return {"loss": loss_sum / len(batches), "grad_norm": norm, "skipped": skip}
+
+
+def resolve_stats(steps: list[dict]) -> list[dict]:
+    """Host values of :func:`run_step` results (plus ``clock``: a :class:`PhaseClock`, giving ``t_<phase>`` and
+    ``t_step``): one device-to-host copy for all of them."""
+    if not steps:
+        return []
+    values = torch.stack([torch.stack([s["loss"].float(), s["grad_norm"].float(), s["skipped"].float()])
+                          for s in steps]).cpu().tolist()
+    out = []
+    for s, (loss, norm, skipped) in zip(steps, values, strict=True):
+        r = {k: v for k, v in s.items() if k != "clock"}
+        r.update(loss=loss, grad_norm=norm, skipped=bool(skipped))
+        if "clock" in s:
+            r.update({f"t_{phase}": sec for phase, sec in s["clock"].seconds().items()})
+        out.append(r)
+    return out
