@@ -154,12 +154,18 @@ class EMA:
         """``ema += (1 - decay) * (param - ema)``; a skipped step (host bool or device tensor) leaves it as is."""
         if skip is True:
             return
-        names = list(self.params)
         own = dict(model.named_parameters())
-        weight = 1.0 - self.decay
-        if isinstance(skip, torch.Tensor):  # weight 0 on a skipped step: lerp returns the average exactly
-            weight = torch.where(skip, 0.0, weight).float()
-        torch._foreach_lerp_([self.params[n] for n in names], [own[n].detach().float() for n in names], weight)
+        ema = list(self.params.values())
+        params = [own[n].detach().float() for n in self.params]
+        if isinstance(skip, torch.Tensor):
+            # ema + w * (param - ema) with w a device tensor, 0 on a skipped step (the average stays exactly as
+            # it was). _foreach_lerp_ with a tensor weight would read it on the host.
+            w = torch.where(skip, 0.0, 1.0 - self.decay).float()
+            diff = torch._foreach_sub(params, ema)
+            torch._foreach_mul_(diff, w)
+            torch._foreach_add_(ema, diff)
+        else:
+            torch._foreach_lerp_(ema, params, 1.0 - self.decay)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """A full model state dict with EMA parameters (what evaluate/sample load)."""

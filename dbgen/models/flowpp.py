@@ -110,7 +110,7 @@ class FlowPP(nn.Module):
         self._check_input(x_uint8)
         dtype = self.stage1[0].norms[0].logscale.dtype
         x = x_uint8.to(dtype)
-        eps = torch.randn_like(x)
+        eps = torch.randn(x.shape, dtype=x.dtype, device=x.device)  # logical order, whatever x's memory format
         u, ld_q = self.dequant(eps, x)
         log_q = _std_normal_logp(eps) - ld_q  # log q(u | x), change of variables eps -> u
         z, ld_p = self.flow_forward(x + u)

@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "BITS",
     "DiscretizedLogistic",
+    "at_least_fp32",
     "bits_per_dim",
     "discretized_logistic_logp",
     "discretized_logistic_sample",
@@ -32,7 +33,7 @@ _HALF_BIN = 1.0 / (_LEVELS - 1)  # half the distance between neighbouring bin ce
 _U_EPS = 1e-5
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
@@ -53,14 +54,17 @@ def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
 
 def logistic_logp(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log density of Logistic(loc, scale) at z: ``-y - log(scale) - 2 softplus(-y)``, ``y = (z - loc) / scale``."""
-    z, loc, scale = _at_least_fp32(z), _at_least_fp32(loc), _at_least_fp32(scale)
+    z, loc, scale = at_least_fp32(z), at_least_fp32(loc), at_least_fp32(scale)
     y = (z - loc) / scale
     return -y - torch.log(scale) - 2.0 * F.softplus(-y)
 
 
 def _logistic_noise(like: torch.Tensor) -> torch.Tensor:
-    """Standard logistic noise ``log(u) - log(1 - u)`` with the shape, dtype and device of ``like``."""
-    u = torch.rand_like(like).clamp_(_U_EPS, 1.0 - _U_EPS)
+    """Standard logistic noise ``log(u) - log(1 - u)`` with the shape, dtype and device of ``like``.
+
+    Drawn in logical (NCHW) order whatever the memory format of ``like`` (``rand_like`` would follow a
+    channels_last layout), so the same seed gives the same sample with ``train.channels_last`` on or off."""
+    u = torch.rand(like.shape, dtype=like.dtype, device=like.device).clamp_(_U_EPS, 1.0 - _U_EPS)
     return torch.log(u) - torch.log1p(-u)
 
 
@@ -78,7 +82,7 @@ def discretized_logistic_logp(x: torch.Tensor, loc: torch.Tensor, log_scale: tor
     ``sigmoid(a) * sigmoid(-b) * (1 - exp(b - a))``, which is exact and needs no branch for far-away bins
     (the original code switched to a density approximation there).
     """
-    x, loc, log_scale = _at_least_fp32(x), _at_least_fp32(loc), _at_least_fp32(log_scale)
+    x, loc, log_scale = at_least_fp32(x), at_least_fp32(loc), at_least_fp32(log_scale)
     inv_scale = torch.exp(-log_scale)
     centered = x - loc
     upper = inv_scale * (centered + _HALF_BIN)  # standardized upper bin edge
@@ -116,7 +120,7 @@ class DiscretizedLogistic(nn.Module):
 
     @torch.no_grad()
     def data_init(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-        mean_sq = (_at_least_fp32(x) - _at_least_fp32(loc)).square().mean()
+        mean_sq = (at_least_fp32(x) - at_least_fp32(loc)).square().mean()
         scale = torch.sqrt(3.0 * mean_sq) / math.pi
         self.log_scale.copy_(torch.log(scale.clamp(min=1e-3)))
         return self(x, loc)

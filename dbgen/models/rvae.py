@@ -37,7 +37,7 @@ from torch import nn
 
 from ..config import RVAEConfig
 from ..nn import BinaryConv2d, WNConv2d, WNConvTranspose2d, binary_act
-from .likelihoods import DiscretizedLogistic, bits_per_dim, logistic_logp, logistic_sample, to_unit
+from .likelihoods import DiscretizedLogistic, at_least_fp32, bits_per_dim, logistic_logp, logistic_sample, to_unit
 
 __all__ = ["RVAE", "ResidualLayer", "StochasticLayer", "free_bits_kl"]
 
@@ -98,13 +98,16 @@ class StochasticLayer(nn.Module):
     def up(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bottom-up step: the next state (N, w, h, w) and the posterior parameters (N, 2z, h, w)."""
         u = self.up_res(u)
-        return u, self.up_params(F.elu(u))
+        # Latent parameters in fp32 even under bf16 autocast: the KL estimate subtracts two log densities of the
+        # same sample, and bf16 sums like q_loc + r_loc moved the paper model's initial loss by 8e-3 bits/dim
+        # (1.8e-4 with these casts; the convolutions themselves stay bf16).
+        return u, at_least_fp32(self.up_params(F.elu(u)))
 
     def down(self, d: torch.Tensor, q_params: torch.Tensor | None, temperature: float = 1.0):
         """Top-down step. With ``q_params`` z comes from the posterior and the elementwise KL estimate
         ``log q(z|x) - log p(z)`` (N, z, h, w) is returned; without, z comes from the prior (at
         ``temperature``) and the KL is None."""
-        p_loc, p_raw, r_loc, r_raw = self.down_params(F.elu(d)).chunk(4, dim=1)  # 4 x (N, z, h, w)
+        p_loc, p_raw, r_loc, r_raw = at_least_fp32(self.down_params(F.elu(d))).chunk(4, dim=1)  # 4 x (N, z, h, w)
         p_scale = latent_scale(p_raw)
         if q_params is None:
             z = logistic_sample(p_loc, p_scale, temperature)

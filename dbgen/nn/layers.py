@@ -64,6 +64,31 @@ class _SignClippedSTE(torch.autograd.Function):
         return grad * (x.abs() <= 1).to(grad.dtype)
 
 
+class _BWNWeight(torch.autograd.Function):
+    """The BWN weight ``sign(v) * scale`` as one select, ``where(v >= 0, scale, -scale)``, in ``dtype``.
+
+    ``scale`` is ``gain / sqrt(fan_in)`` shaped to broadcast over ``v``. Forward writes the weight once, already
+    in the autocast dtype (bf16 on GPU), instead of sign, two multiplies and autocast's cast (four passes over
+    the weights). The values are those of the unfused formula: +-round(gain / sqrt(fan_in)), then the same
+    rounding to ``dtype``. Backward is the straight-through gradient ``dv = grad * scale`` and
+    ``dscale = sum(grad * sign(v))`` over each channel's fan-in, in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, v, scale, dtype):
+        ctx.save_for_backward(v, scale)
+        s = scale.to(dtype)
+        return torch.where(v >= 0, s, -s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, scale = ctx.saved_tensors
+        grad = grad.to(scale.dtype)
+        dims = [d for d in range(v.dim()) if scale.shape[d] == 1]
+        grad_scale = torch.where(v >= 0, grad, -grad).sum(dim=dims, keepdim=True)
+        return grad * scale, grad_scale, None
+
+
 def sign_ste(v: torch.Tensor) -> torch.Tensor:
     """+-1 with sign(0) = +1; gradient passes straight through (binary weights)."""
     return _SignSTE.apply(v)
@@ -120,8 +145,16 @@ class WeightNormLayer(nn.Module):
         return v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
 
     def effective_weight(self) -> torch.Tensor:
-        """``direction * gain``: the float weight the layer applies (``W_eff`` of the BWN formula)."""
-        return self.direction() * self._per_channel(self.gain)
+        """``direction * gain``: the float weight the layer applies (``W_eff`` of the BWN formula).
+
+        Binary layers build it in one fused pass (:class:`_BWNWeight`), in the autocast dtype when autocast is
+        on, so the convolution reads it without another cast."""
+        if not self.binary:
+            return self.direction() * self._per_channel(self.gain)
+        v = self.weight
+        device = v.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
+        return _BWNWeight.apply(v, self._per_channel(self.gain) * (1.0 / math.sqrt(self.fan_in)), dtype)
 
     def forward(self, x):
         return self._op(x, self.effective_weight(), self.bias)
