@@ -162,6 +162,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool | None = None  # NHWC activations and weights; null: on GPU, off on CPU
     compile: bool = False  # torch.compile the model's forward (fuses its element-wise work; compiles at start)
+    # torch.compile mode; reduce-overhead also replays the step's kernels as CUDA graphs (launch-bound models)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 500

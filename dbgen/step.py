@@ -66,13 +66,13 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
 
 
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """Apply ``train.channels_last`` and ``train.compile`` to a model that is already initialized (data-dependent
+    """Apply ``train.channels_last`` and ``train.compile`` (with ``train.compile_mode``) to a model that is already initialized (data-dependent
     init runs eager, through forward hooks). ``compile`` compiles ``forward`` in place (``nn.Module.compile``),
     so parameter names, state dicts and checkpoints are those of the eager model."""
     if use_channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        model.compile()
+        model.compile(mode=cfg.train.compile_mode)
     return model
 
 
