@@ -56,7 +56,8 @@ def test_two_variants_in_one_call(tmp_path, capsys):
     """Two variants of the tiny binary RVAE: sane numbers, conv FLOPs equal to the hand count, JSON and table."""
     out = tmp_path / "train.json"
     rc = bench_main(["train", "--config", str(CONFIGS / "rvae_binary_tiny.yaml"), "--batch", "4", "--steps", "2",
-                     "--warmup", "1", "--variant", "fp32:train.precision=fp32,train.channels_last=false",
+                     "--repeats", "2", "--warmup", "1",
+                     "--variant", "fp32:train.precision=fp32,train.channels_last=false",
                      "--variant", "bf16_nhwc:train.precision=bf16,train.channels_last=true", "--json-out", str(out)])
     assert rc == 0
     results = json.loads(out.read_text())
@@ -67,6 +68,7 @@ def test_two_variants_in_one_call(tmp_path, capsys):
     expected = hand_conv_flops(load_config(CONFIGS / "rvae_binary_tiny.yaml"), 4)
     for r in results:
         assert r["config"] == "rvae_binary_tiny" and r["batch"] == 4 and r["steps"] == 2
+        assert len(r["step_ms_windows"]) == 2 and r["step_ms"] == pytest.approx(sum(r["step_ms_windows"]) / 2)
         assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(4e3 / r["step_ms"])
         assert 1.0 < r["final_loss_bpd"] < 16.0 and math.isfinite(r["final_grad_norm"])
         assert r["skipped_steps"] == 0 and r["peak_mem_mb"] > 0
@@ -93,7 +95,7 @@ def test_bench_loss_is_run_steps_loss():
     trainer's step with its lr schedule (a warm-up, so lr changes every step), accumulation, EMA and clamp."""
     overrides = ["schedule.warmup_steps=10", "train.grad_accum=2", "train.ema_decay=0.9", "train.precision=fp32"]
     cfg = load_config(CONFIGS / "rvae_binary_tiny.yaml", overrides)
-    r = bench(cfg, batch=4, steps=2, warmup=1, flops=False)
+    r = bench(cfg, batch=4, steps=1, repeats=2, warmup=1, flops=False)
     assert r["ema"] and r["grad_accum"] == 2
 
     # The documented setup order: seed, build, one CPU uint8 batch, init, prepare, optimizer.

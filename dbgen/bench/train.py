@@ -14,11 +14,12 @@ numbers), init on it, prepare, optimizer. That batch (moved once to the device, 
 every step's input: this measures the model and optimizer, not the input pipeline (``dbgen.bench data`` does).
 
 Per config and variant (``--variant NAME:key=value,key=value``, overrides applied after the positional ones):
-``--warmup`` untimed steps (torch.compile compiles here; their wall time is ``warmup_s``), then ``--steps``
-timed steps with one synchronize before and one after the loop, nothing in between (as in training, the step
-never waits for the GPU). Then, untimed: one more step under ``FlopCounterMode`` to count the convolution FLOPs
-of a step (forward and backward; always counted on an eager run, ``torch.compiler.set_stance("force_eager")``,
-because the counter cannot see inside compiled graphs; shapes and hence FLOPs are the same), and with
+``--warmup`` untimed steps (torch.compile compiles here; their wall time is ``warmup_s``), then ``--repeats``
+windows of ``--steps`` timed steps, each with one synchronize before and one after its loop and nothing in
+between (as in training, the step never waits for the GPU); ``step_ms`` is the median window's mean. Then,
+untimed: one more step under ``FlopCounterMode`` to count the convolution FLOPs of a step (forward and
+backward; always counted on an eager run, ``torch.compiler.set_stance("force_eager")``, because the counter
+cannot see inside compiled graphs; shapes and hence FLOPs are the same), and with
 ``--profile N`` N steps under ``torch.profiler`` whose top-20 kernels by self time go to a text file.
 
 Reported: step ms, images/s, the mean phase times of :class:`~dbgen.step.PhaseClock`, peak memory (CUDA: max
@@ -36,6 +37,7 @@ import math
 import os
 import re
 import resource
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -92,7 +94,8 @@ def add_arguments(p):
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                    help="a named set of overrides, measured for every config (repeat; default: the config as is)")
     p.add_argument("--batch", type=int, help="batch size (default: each config's train.batch_size)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per timing window")
+    p.add_argument("--repeats", type=int, default=1, help="timing windows (step_ms is their median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a shared CPU)")
@@ -188,14 +191,14 @@ def _profile(one_step, n: int, device: torch.device, path: Path) -> dict:
     return out
 
 
-def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int = 2, device: str = "cpu",
-          flops: bool = True, profile: int = 0, profile_path: Path | None = None) -> dict:
+def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int = 2, repeats: int = 1,
+          device: str = "cpu", flops: bool = True, profile: int = 0, profile_path: Path | None = None) -> dict:
     """Measure the trainer's step for one config (see the module docstring); returns the result dict."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda: no CUDA device is available")
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if steps < 1 or warmup < 0 or repeats < 1:
+        raise ValueError(f"need steps >= 1, warmup >= 0, repeats >= 1; got {steps}, {warmup}, {repeats}")
     t = cfg.train
     batch = batch or t.batch_size
     if batch % t.grad_accum:
@@ -236,10 +239,13 @@ def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    t0 = time.perf_counter()
-    timed = [one_step() for _ in range(steps)]
-    _sync(device)
-    step_s = (time.perf_counter() - t0) / steps
+    timed, windows = [], []
+    for _ in range(repeats):  # a synchronize only between windows, never inside one
+        t0 = time.perf_counter()
+        timed += [one_step() for _ in range(steps)]
+        _sync(device)
+        windows.append((time.perf_counter() - t0) / steps)
+    step_s = statistics.median(windows)
     peak_mb, peak_kind = _peak_memory_mb(device)
     stats = resolve_stats(timed)  # one device-to-host copy, after the clock stopped
 
@@ -262,11 +268,13 @@ def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int
         "grad_accum": t.grad_accum,
         "warmup": warmup,
         "steps": steps,
+        "repeats": repeats,
         "setup_s": setup_s,
         "warmup_s": warmup_s,
         "step_ms": 1e3 * step_s,
+        "step_ms_windows": [1e3 * w for w in windows],
         "images_per_s": batch / step_s,
-        "phase_ms": {p: 1e3 * sum(s[f"t_{p}"] for s in stats) / steps
+        "phase_ms": {p: 1e3 * sum(s[f"t_{p}"] for s in stats) / len(stats)
                      for p in ("forward", "backward", "communication", "optimizer")},
         "peak_mem_mb": peak_mb,
         "peak_mem_kind": peak_kind,
@@ -351,19 +359,19 @@ def _f(v, spec: str) -> str:
 
 def format_table(results: list[dict]) -> str:
     """The results as an aligned text table (one row per run)."""
-    cols = [("config", "<28"), ("variant", "<20"), ("batch", ">5"), ("step ms", ">9"), ("images/s", ">9"),
+    cols = [("config", "<28"), ("variant", "<26"), ("batch", ">5"), ("step ms", ">9"), ("images/s", ">9"),
             ("conv TFLOP/s", ">12"), ("% bf16 peak", ">11"), ("peak MB", ">8"), ("final bpd", ">9"),
             ("vs orig", ">7"), ("target", ">13")]
     lines = [" ".join(format(c, s) for c, s in cols)]
     lines.append(" ".join("-" * int(s[1:]) for _, s in cols))
     for r in results:
         if "error" in r:
-            lines.append(f"{r['config']:<28} {r['variant']:<20} ERROR {r['error'][:160]}")
+            lines.append(f"{r['config']:<28} {r['variant']:<26} ERROR {r['error'][:160]}")
             continue
         frac = r.get("frac_bf16_peak")
         target = r.get("target_images_per_s")
         target_txt = f">={target} {'ok' if r['target_met'] else 'NO'}" if target else "-"
-        vals = [r["config"][:28], r["variant"][:20], r["batch"], _f(r["step_ms"], ".1f"),
+        vals = [r["config"][:28], r["variant"][:26], r["batch"], _f(r["step_ms"], ".1f"),
                 _f(r["images_per_s"], ".1f"), _f(r.get("conv_tflops"), ".3f"),
                 _f(100 * frac if frac is not None else None, ".1f"), _f(r["peak_mem_mb"], ".0f"),
                 _f(r["final_loss_bpd"], ".4f"), _f(r.get("vs_original"), ".2f"), target_txt]
@@ -396,7 +404,7 @@ def main(args) -> int:
             os.replace(tmp, args.json_out)
 
     results = run_all(args.config, variants, args.overrides, profile_dir=profile_dir, on_result=write_json,
-                      batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device, flops=args.flops,
-                      profile=args.profile)
+                      batch=args.batch, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                      device=args.device, flops=args.flops, profile=args.profile)
     print(json.dumps(results) if args.json else format_table(results))
     return 1 if any("error" in r for r in results) else 0
