@@ -21,7 +21,8 @@
 # summary.txt, train_results.json (every run's result dict), profiles.txt (the top-kernel tables), gpu_tests.log,
 # details.tar.gz (every stage's stdout/stderr/JSON).
 # Knobs: BUDGET_S, TEST_TIMEOUT (180), LADDER_TIMEOUT (150), TWINS_TIMEOUT (120), COMPILE_TIMEOUT (240 per
-# model), STEPS/REPEATS/WARMUP/COMPILE_WARMUP (10/3/3/6), PROFILE (3 steps), PY (python3).
+# model), STEPS/REPEATS/WARMUP/COMPILE_WARMUP (10/3/3/6), PROFILE (3 steps), COMPILE_MODES ("default
+# reduce-overhead"; empty: no compile stage), PY (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-benchmarks/out}"
@@ -50,7 +51,7 @@ if [ "$DRY_RUN" = 1 ]; then
   RVAE_BATCH=4; FLOW_BATCH=4
   COMMON="--device cpu --threads 1 --steps ${STEPS:-2} --repeats ${REPEATS:-2}"
   WARMUP="${WARMUP:-1}"; COMPILE_WARMUP="${COMPILE_WARMUP:-1}"; PROFILE="${PROFILE:-1}"
-  COMPILE_MODES="${COMPILE_MODES:-default}"
+  COMPILE_MODES="${COMPILE_MODES-default}"
   TEST_TIMEOUT="${TEST_TIMEOUT:-120}"; LADDER_TIMEOUT="${LADDER_TIMEOUT:-120}"; TWINS_TIMEOUT="${TWINS_TIMEOUT:-120}"
   COMPILE_TIMEOUT_RVAE="${COMPILE_TIMEOUT:-180}"; COMPILE_TIMEOUT_FLOW="${COMPILE_TIMEOUT:-420}"
   export OMP_NUM_THREADS=1
@@ -60,7 +61,7 @@ else
   RVAE_BATCH=128; FLOW_BATCH=64
   COMMON="--device cuda --steps ${STEPS:-10} --repeats ${REPEATS:-3}"
   WARMUP="${WARMUP:-3}"; COMPILE_WARMUP="${COMPILE_WARMUP:-6}"; PROFILE="${PROFILE:-3}"
-  COMPILE_MODES="${COMPILE_MODES:-default reduce-overhead}"
+  COMPILE_MODES="${COMPILE_MODES-default reduce-overhead}"
   TEST_TIMEOUT="${TEST_TIMEOUT:-180}"; LADDER_TIMEOUT="${LADDER_TIMEOUT:-150}"; TWINS_TIMEOUT="${TWINS_TIMEOUT:-120}"
   COMPILE_TIMEOUT_RVAE="${COMPILE_TIMEOUT:-240}"; COMPILE_TIMEOUT_FLOW="${COMPILE_TIMEOUT:-240}"
 fi
@@ -193,13 +194,17 @@ mapfile -t CV_RVAE < <(compile_variants "$BEST_RVAE")
 mapfile -t CV_FLOW < <(compile_variants "$BEST_FLOW")
 # recompiles, graph breaks and skipped CUDA graphs are logged to the stage's stderr (counted in the summary)
 export TORCH_LOGS="${TORCH_LOGS:-recompiles,graph_breaks,perf_hints}"
-bench compile_rvae "$COMPILE_TIMEOUT_RVAE" "$RVAE_BATCH" "$RVAE" "${CV_RVAE[@]}" -- --warmup "$COMPILE_WARMUP" \
-  --profile "$PROFILE"
-if [ "$DRY_RUN" = 1 ] && [ "${DRY_RUN_COMPILE_FLOWPP:-0}" != 1 ]; then
-  echo; echo "== compile_flowpp: not in a DRY_RUN (DRY_RUN_COMPILE_FLOWPP=1 runs it: a cold CPU compile takes minutes)"
+if [ -z "${COMPILE_MODES// /}" ]; then
+  echo; echo "== compile stages: COMPILE_MODES is empty, none run"
 else
-  bench compile_flowpp "$COMPILE_TIMEOUT_FLOW" "$FLOW_BATCH" "$FLOW" "${CV_FLOW[@]}" -- --warmup "$COMPILE_WARMUP" \
+  bench compile_rvae "$COMPILE_TIMEOUT_RVAE" "$RVAE_BATCH" "$RVAE" "${CV_RVAE[@]}" -- --warmup "$COMPILE_WARMUP" \
     --profile "$PROFILE"
+  if [ "$DRY_RUN" = 1 ] && [ "${DRY_RUN_COMPILE_FLOWPP:-0}" != 1 ]; then
+    echo; echo "== compile_flowpp: not in a DRY_RUN (DRY_RUN_COMPILE_FLOWPP=1 runs it: a cold CPU compile takes minutes)"
+  else
+    bench compile_flowpp "$COMPILE_TIMEOUT_FLOW" "$FLOW_BATCH" "$FLOW" "${CV_FLOW[@]}" -- --warmup "$COMPILE_WARMUP" \
+      --profile "$PROFILE"
+  fi
 fi
 unset TORCH_LOGS
 
@@ -250,7 +255,7 @@ for name in ("compile_rvae", "compile_flowpp"):
                   (("recompiles", r"recompil"), ("graph breaks", r"graph break"),
                    ("skipped cudagraphs", r"skipping cudagraphs"))}
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (log lines in {name}.err)")
-profiles = sorted(work.glob("*/profile_*.txt"))
+profiles = [p for name in order for p in sorted((work / name).glob("profile_*.txt"))]
 with open(out / "profiles.txt", "w") as f:
     for p in profiles:
         f.write(f"===== {p.parent.name}/{p.name}\n{p.read_text()}\n")

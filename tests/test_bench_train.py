@@ -3,6 +3,8 @@ a hand count from the conv shapes gives, runs several variants in one process an
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +186,34 @@ def test_table_marks_targets():
     assert ">=5600 ok" in lines[2] and "40.4" in lines[2] and "4.57" in lines[2]
     assert ">=5600 NO" in lines[3]
     assert "ERROR OutOfMemoryError" in lines[4]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh end to end on the CPU (DRY_RUN: tiny configs; no compile stage, to stay short):
+    every stage passes, the twins run with the ladder's fastest variant, and at most 8 files land in OUT (what the
+    device tool returns)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "COMPILE_MODES": "", "STEPS": "1", "REPEATS": "1", "OUT": str(out),
+           "PY": sys.executable, "TMPDIR": str(tmp_path)}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:]
+    files = {f.name for f in out.iterdir()}
+    assert {"gpu_check.log", "summary.txt", "train_results.json", "profiles.txt", "details.tar.gz"} <= files
+    assert len(files) <= 8
+    results = json.loads((out / "train_results.json").read_text())
+    assert all("error" not in r for r in results)
+    ladder = ["plain", "bf16", "bf16_nhwc"]
+    for model, twins in (("rvae", ["rvae_fp_tiny", "rvae_binary_act_tiny"]),
+                         ("flowpp", ["flowpp_fp_tiny", "flowpp_binary_act_tiny"])):
+        rows = [r for r in results if r["stage"] == f"ladder_{model}"]
+        assert [r["variant"] for r in rows] == ladder and all(r["config"] == f"{model}_binary_tiny" for r in rows)
+        fastest = max(rows, key=lambda r: r["images_per_s"])
+        twin_rows = [r for r in results if r["stage"] == f"twins_{model}"]
+        assert [r["config"] for r in twin_rows] == twins
+        assert all(r["variant"] == fastest["variant"] for r in twin_rows)
+    summary = (out / "summary.txt").read_text()
+    for stage in ("env", "variants", "ladder_rvae", "ladder_flowpp", "twins_rvae", "twins_flowpp"):
+        assert re.search(rf"^  {stage} +ok ", summary, re.M), summary
+    assert len(re.findall(r"^===== ladder_", (out / "profiles.txt").read_text(), re.M)) == 6  # one per ladder run
