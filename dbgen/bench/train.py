@@ -388,7 +388,10 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(args) -> int:
-    variants = [parse_variant(v) for v in args.variant]
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     names = [n for n, _ in variants]
     if len(set(names)) != len(names):
         raise SystemExit(f"--variant names must be unique, got {names}")
