@@ -33,6 +33,7 @@ PY="${PY:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/dbgen_gpu_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT  # its files go to $OUT/details.tar.gz first
 [ "${DEVICE:-cuda}" = cpu ] && DRY_RUN=1
 DRY_RUN="${DRY_RUN:-0}"
 START=$SECONDS
