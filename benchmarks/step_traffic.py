@@ -13,7 +13,8 @@ The printed bounds are for an eager GPU step on a card with ``--bandwidth`` byte
 ``non-conv bytes / bandwidth`` (element-wise and optimizer work is memory-bound), ``conv FLOPs / peak`` (the
 convolutions' floor), and the number of kernel launches (each costs host time in eager PyTorch: the dispatch
 overhead per operator, measured on this CPU by timing the config's narrowest twin, where arithmetic is
-negligible, bounds a step that is not compiled into few kernels or captured in a CUDA graph). They are bounds, not timings: GPU timings come from ``dbgen.bench train``.
+negligible, bounds a step that is not compiled into few kernels or captured in a CUDA graph). They are bounds,
+not timings: GPU timings come from ``dbgen.bench train``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def _conv_flops(name, args, out) -> int:
         return 2 * out.numel() * w.numel() // w.shape[0]
     if name == "convolution_backward":
         grad_out, x, w = args[0], args[1], args[2]
-        transposed, mask = bool(args[6]), args[10]
+        # (grad_out, input, weight, bias_sizes, stride, padding, dilation, transposed, out_padding, groups, mask)
+        transposed, mask = bool(args[7]), args[10]
         per = 2 * (x.numel() if transposed else grad_out.numel()) * w.numel() // w.shape[0]
         return per * (int(mask[0]) + int(mask[1]))
     return 0
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
         t1, t2 = trace_step(cfg, b1), trace_step(cfg, b2)
         overhead, _ = host_us_per_op(path, ["train.precision=fp32", *args.overrides])
 
-        def at(v1, v2):  # linear in the batch
+        def at(v1, v2, batch=batch, b1=b1, b2=b2):  # linear in the batch
             return v1 + (v2 - v1) * (batch - b1) / (b2 - b1)
 
         conv_bytes = at(sum(t1.bytes[k] for k in CONV), sum(t2.bytes[k] for k in CONV))

@@ -66,13 +66,15 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
 
 
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """Apply ``train.channels_last`` and ``train.compile`` (with ``train.compile_mode``) to a model that is already initialized (data-dependent
-    init runs eager, through forward hooks). ``compile`` compiles ``forward`` in place (``nn.Module.compile``),
-    so parameter names, state dicts and checkpoints are those of the eager model."""
+    """Apply ``train.channels_last`` and ``train.compile`` (``train.compile_mode``) to a model that is already
+    initialized (data-dependent init runs eager, through forward hooks). ``compile`` compiles ``forward`` in
+    place (``nn.Module.compile``), so parameter names, state dicts and checkpoints are those of the eager model."""
     if use_channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        model.compile(mode=cfg.train.compile_mode)
+        # Static shapes: a training run has one micro-batch shape (a last partial batch recompiles once), and
+        # inductor's dynamic-shape path failed on Flow++'s couplings (a symbolic size comparison).
+        model.compile(mode=cfg.train.compile_mode, dynamic=False)
     return model
 
 
