@@ -10,7 +10,8 @@
 # fits the device tool's 10-minute limit; a stage that would start with under 20 s left is skipped):
 #   env       versions, device, and that the bench imports (no DeepSpeed/Ray there)
 #   variants  every config x variant below loads (a typo fails here, in seconds, not after a compile)
-#   tests     pytest -m gpu tests/test_step.py: the same-math checks on CUDA (skipped if the file is absent)
+#   tests     pytest -m "gpu and not slow" tests/test_step.py: the same-math checks on CUDA (skipped if the file is
+#             absent; the slow one, compiled vs eager paper RVAE, runs with: pytest -m gpu tests/test_step.py)
 #   ladder_*  the paper binary RVAE (batch 128) and Flow++ (batch 64), eager: plain fp32 NCHW, bf16 NCHW,
 #             bf16 NHWC; each with a torch.profiler table of its top kernels
 #   twins_*   the full-precision twin and the 1/1 config of each model with that model's fastest eager variant
@@ -165,7 +166,7 @@ print(f"{len(configs)} configs x {len(variants)} variants load")
 EOF
 
 if [ -f tests/test_step.py ]; then
-  stage tests "$TEST_TIMEOUT" $PY -m pytest -q -m gpu tests/test_step.py -p no:cacheprovider \
+  stage tests "$TEST_TIMEOUT" $PY -m pytest -q -m "gpu and not slow" tests/test_step.py -p no:cacheprovider \
     --junitxml="$WORK/gpu_tests.xml"
   cp "$WORK/tests.log" "$OUT/gpu_tests.log"
 else

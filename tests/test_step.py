@@ -279,6 +279,7 @@ def test_gpu_fast_step_matches_fp32_at_init(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.timeout(300)
 def test_gpu_compiled_rvae_matches_eager(monkeypatch):
