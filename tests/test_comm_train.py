@@ -137,7 +137,7 @@ def _fit_with_records(tr, kill: dict | None = None) -> list:
 
     def record(stats):
         on_step(stats)
-        losses.append((stats["step"], stats["loss"].item()))
+        losses.append((stats["step"], float(stats["loss"])))
         if kill and tr.rank == 1 and stats["step"] == kill["at"] and not Path(kill["marker"]).exists():
             snapshot, deadline = Path(kill["snapshot"]), time.monotonic() + 120
             while not (snapshot.exists() and kill["registered"] in snapshot.read_text()):
