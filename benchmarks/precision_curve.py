@@ -42,7 +42,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,19 +53,15 @@ from dbgen.data import TrainLoader, convert, open_split, read_rows, resolve_spli
 from dbgen.data.builtin import cache_root
 from dbgen.data.converters import ROW_GROUP_ROWS, Chunk, Source, write_split
 from dbgen.data.split import MANIFEST, sha256_file
-from dbgen.models import build
-from dbgen.nn import data_dependent_init
 from dbgen.step import (
-    EMA,
-    LocalSync,
     PhaseClock,
     autocast_context,
     autocast_dtype,
     batch_to_device,
-    build_optimizer,
-    prepare_model,
+    eval_mode,
     resolve_stats,
     run_step,
+    single_device_setup,
     use_channels_last,
 )
 from dbgen.trainer import lr_at, micro_batch_size
@@ -148,17 +143,11 @@ def eval_bpd(model, x: torch.Tensor, batch: int, device, channels_last: bool, am
     """Mean bits/dim of ``x`` (one sample), eval mode, EMA weights if kept, under the run's autocast; the noise
     comes from a forked RNG seeded with EVAL_SEED, so training randomness is untouched."""
     total = 0.0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(EVAL_SEED)
-        with ema.applied(model) if ema is not None else nullcontext():
-            model.eval()
-            try:
-                for lo in range(0, len(x), batch):
-                    xb = batch_to_device(x[lo:lo + batch], device, channels_last)
-                    with autocast_context(device, amp_dtype):
-                        total += model.log_likelihood_bpd(xb, samples=1).double().sum().item()
-            finally:
-                model.train()
+    with eval_mode(model, ema, EVAL_SEED, device):
+        for lo in range(0, len(x), batch):
+            xb = batch_to_device(x[lo:lo + batch], device, channels_last)
+            with autocast_context(device, amp_dtype):
+                total += model.log_likelihood_bpd(xb, samples=1).double().sum().item()
     return total / len(x)
 
 
@@ -171,12 +160,8 @@ def train_run(cfg, seed: int, train_dir: Path, x_eval: torch.Tensor, steps: int,
     init_x = next(iter(TrainLoader(train_dir, batch_size=t.init_batch_size, seed=t.seed, rank=0, world_size=1,
                                    shuffle_buffer=cfg.data.shuffle_buffer, backend="arrow")))
     seed_all(seed)  # model initialization and, continuing, the training noise
-    model = build(cfg.model).to(device)
-    data_dependent_init(model, init_x.to(device))  # eager fp32, as the trainer does
+    model, sync, ema = single_device_setup(cfg, init_x, device)
     channels_last = use_channels_last(cfg, device)
-    prepare_model(model, cfg, device)
-    sync = LocalSync(model, build_optimizer(cfg, model), t.grad_accum)
-    ema = EMA(model, t.ema_decay) if t.ema_decay else None
     loader = TrainLoader(train_dir, batch_size=micro_batch_size(cfg, 1), seed=t.seed, rank=0, world_size=1,
                          shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last, backend="arrow")
     data = iter(loader)

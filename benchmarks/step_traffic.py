@@ -28,9 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dbgen.config import load_config
-from dbgen.models import build
-from dbgen.nn import data_dependent_init
-from dbgen.step import EMA, LocalSync, PhaseClock, autocast_dtype, build_optimizer, run_step
+from dbgen.step import PhaseClock, autocast_dtype, run_step, single_device_setup
 
 # Operators that only create views or read metadata: no kernel, no bytes.
 NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "permute", "t", "transpose", "as_strided", "detach",
@@ -99,20 +97,22 @@ class OpTrace(TorchDispatchMode):
         return out
 
 
-def trace_step(cfg, batch: int, seed: int = 0) -> OpTrace:
+def _step_fn(cfg, batch: int, seed: int = 0):
+    """The trainer's single-device step on a random CPU batch, as ``step(amp_dtype)``."""
     torch.manual_seed(seed)
-    model = build(cfg)
     m = cfg.model
     x = torch.randint(0, 256, (batch, m.channels, m.image_size, m.image_size), dtype=torch.uint8)
-    data_dependent_init(model, x)
-    opt = build_optimizer(cfg, model)
-    sync = LocalSync(model, opt)
-    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    model, sync, ema = single_device_setup(cfg, x, x.device)
+    return lambda amp: run_step(model, sync, [x], cfg.train, 1e-4, amp, PhaseClock(x.device), model, ema)
+
+
+def trace_step(cfg, batch: int, seed: int = 0) -> OpTrace:
+    step = _step_fn(cfg, batch, seed)
     amp = autocast_dtype(cfg, torch.device("cuda"))  # the GPU's precision, emulated with CPU autocast
-    run_step(model, sync, [x], cfg.train, 1e-4, amp, PhaseClock(x.device), model, ema)  # optimizer state exists
+    step(amp)  # the optimizer state exists from here on
     trace = OpTrace()
     with trace:
-        run_step(model, sync, [x], cfg.train, 1e-4, amp, PhaseClock(x.device), model, ema)
+        step(amp)
     return trace
 
 
@@ -125,21 +125,18 @@ def host_us_per_op(path: str, overrides: list[str], steps: int = 5) -> tuple[flo
     narrowest twin at batch 1 where the arithmetic is negligible: (microseconds per operator, operators)."""
     cfg = load_config(path, overrides)
     cfg = load_config(path, [*overrides, *NARROW[cfg.model.name], "train.batch_size=1"])
-    trace = trace_step(cfg, 1)
-    torch.manual_seed(0)
-    model = build(cfg)
-    m = cfg.model
-    x = torch.randint(0, 256, (1, m.channels, m.image_size, m.image_size), dtype=torch.uint8)
-    data_dependent_init(model, x)
-    opt = build_optimizer(cfg, model)
-    sync = LocalSync(model, opt)
-    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    step = _step_fn(cfg, 1)
+    amp = autocast_dtype(cfg, torch.device("cuda"))
+    step(amp)
+    trace = OpTrace()
+    with trace:
+        step(amp)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host overhead, not parallel arithmetic (and no OpenMP waits on a busy machine)
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        run_step(model, sync, [x], cfg.train, 1e-4, None, PhaseClock(x.device), model, ema)
+        step(amp)
         times.append(time.perf_counter() - t0)
     torch.set_num_threads(threads)
     ops = sum(trace.launches.values())

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import Config, TrainConfig
-from .nn import binary_latents
+from .nn import binary_latents, data_dependent_init
 
 __all__ = [
     "EMA",
@@ -38,9 +38,11 @@ __all__ = [
     "batch_to_device",
     "build_optimizer",
     "clip_and_skip",
+    "eval_mode",
     "prepare_model",
     "resolve_stats",
     "run_step",
+    "single_device_setup",
     "use_channels_last",
 ]
 
@@ -153,21 +155,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, skip: bool | torch.Tensor = False) -> None:
-        """``ema += (1 - decay) * (param - ema)``; a skipped step (host bool or device tensor) leaves it as is."""
-        if skip is True:
-            return
+        """``ema += w * (param - ema)`` with ``w = 1 - decay``, or 0 on a skipped step (``skip``: a host bool or a
+        device tensor), which leaves the average exactly as it was. The weight stays a device tensor:
+        ``_foreach_lerp_`` with a tensor weight would read it on the host."""
         own = dict(model.named_parameters())
         ema = list(self.params.values())
-        params = [own[n].detach().float() for n in self.params]
-        if isinstance(skip, torch.Tensor):
-            # ema + w * (param - ema) with w a device tensor, 0 on a skipped step (the average stays exactly as
-            # it was). _foreach_lerp_ with a tensor weight would read it on the host.
-            w = torch.where(skip, 0.0, 1.0 - self.decay).float()
-            diff = torch._foreach_sub(params, ema)
-            torch._foreach_mul_(diff, w)
-            torch._foreach_add_(ema, diff)
-        else:
-            torch._foreach_lerp_(ema, params, 1.0 - self.decay)
+        w = torch.where(torch.as_tensor(skip, device=ema[0].device), 0.0, 1.0 - self.decay).float()
+        diff = torch._foreach_sub([own[n].detach().float() for n in self.params], ema)
+        torch._foreach_mul_(diff, w)
+        torch._foreach_add_(ema, diff)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """A full model state dict with EMA parameters (what evaluate/sample load)."""
@@ -192,6 +188,35 @@ class EMA:
             with torch.no_grad():
                 for n, p in own.items():
                     p.copy_(saved[n])
+
+
+# -------------------------------------------------------------------------------- one device, without DeepSpeed
+def single_device_setup(cfg: Config, init_x: torch.Tensor, device: torch.device):
+    """What a worker builds before its first step, for one process without DeepSpeed: the model (on ``device``,
+    data-initialized on ``init_x``, then :func:`prepare_model`), a :class:`LocalSync` with its
+    :func:`build_optimizer`, and the EMA (None without ``train.ema_decay``). Seed the RNG first."""
+    from .models import build
+
+    model = build(cfg.model).to(device)
+    data_dependent_init(model, init_x.to(device))  # eager fp32, as the trainer does
+    prepare_model(model, cfg, device)
+    sync = LocalSync(model, build_optimizer(cfg, model), cfg.train.grad_accum)
+    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    return model, sync, ema
+
+
+@contextmanager
+def eval_mode(model: nn.Module, ema: EMA | None, seed: int, device: torch.device):
+    """Evaluation state: EMA weights if kept, ``model.eval()``, and a forked RNG seeded with ``seed`` (eval's
+    noise is reproducible and training's random stream is untouched). Everything is restored on exit."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with ema.applied(model) if ema is not None else nullcontext():
+            model.eval()
+            try:
+                yield model
+            finally:
+                model.train()
 
 
 # ---------------------------------------------------------------------------------------------- phase times

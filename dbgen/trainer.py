@@ -81,6 +81,7 @@ from .step import (
     autocast_dtype,
     batch_to_device,
     build_optimizer,
+    eval_mode,
     prepare_model,
     resolve_stats,
     run_step,
@@ -324,7 +325,8 @@ class Reporter:
             _append_jsonl(self.metrics_path, {"time": round(time.time(), 3), **record})
 
     def on_step(self, stats: dict) -> None:
-        """Every optimizer step, every rank, with :meth:`Trainer.train_step`'s stats (no host syncs here)."""
+        """Every optimizer step, every rank, with its stats as host numbers (:func:`dbgen.step.resolve_stats`);
+        ``fit`` calls it for the interval's steps when it reads them, once per ``train.log_every`` steps."""
         if self.metrics is not None:
             self.metrics.record_step(stats, images=stats["images"] // self.world_size)
 
@@ -576,17 +578,9 @@ class Trainer:
                 "clock": clock, "comm_bytes": comm.COUNTER.take()}  # bytes sent since the last step, by kind
 
     # ---------------------------------------------------------------------------------------- eval, samples
-    @contextmanager
     def _eval_mode(self, seed: int):
         """Eval weights (EMA if kept), eval mode and a forked RNG: eval never perturbs training randomness."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            with self.ema.applied(self.model) if self.ema is not None else nullcontext():
-                self.model.eval()
-                try:
-                    yield self.model
-                finally:
-                    self.model.train()
+        return eval_mode(self.model, self.ema, seed, self.device)
 
     @torch.no_grad()
     def evaluate(self) -> None:

@@ -100,10 +100,10 @@ def test_bench_loss_is_run_steps_loss():
     r = bench(cfg, batch=4, steps=1, repeats=2, warmup=1, flops=False)
     assert r["ema"] and r["grad_accum"] == 2
 
-    # The documented setup order: seed, build, one CPU uint8 batch, init, prepare, optimizer.
+    # The documented setup order: seed, one CPU uint8 batch, build, init, prepare, optimizer.
     torch.manual_seed(cfg.train.seed)
-    model = build(cfg)
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    model = build(cfg)
     data_dependent_init(model, x)
     prepare_model(model, cfg, torch.device("cpu"))
     sync = LocalSync(model, build_optimizer(cfg, model), grad_accum=2)

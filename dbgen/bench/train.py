@@ -9,9 +9,10 @@ on the benchmark batch, :func:`~dbgen.step.prepare_model` (``train.channels_last
 :func:`~dbgen.step.build_optimizer` (fused Adam, device-side clip and skip, latent clamp),
 :class:`~dbgen.step.LocalSync` (one process, no DeepSpeed), bf16 autocast per ``train.precision``, the EMA when
 the config keeps one, the learning rate of :func:`dbgen.trainer.lr_at`. Setup, in this order (tests rely on it):
-``torch.manual_seed(train.seed)``, build, one random uint8 batch drawn on the CPU (so every device gets the same
-numbers), init on it, prepare, optimizer. That batch (moved once to the device, in NHWC when channels_last) is
-every step's input: this measures the model and optimizer, not the input pipeline (``dbgen.bench data`` does).
+``torch.manual_seed(train.seed)``, one random uint8 batch drawn on the CPU (so every device gets the same
+numbers), then :func:`dbgen.step.single_device_setup` (build, init on that batch, prepare, optimizer, EMA).
+That batch (moved once to the device, in NHWC when channels_last) is every step's input: this measures the
+model and optimizer, not the input pipeline (``dbgen.bench data`` does).
 
 Per config and variant (``--variant NAME:key=value,key=value``, overrides applied after the positional ones):
 ``--warmup`` untimed steps (torch.compile compiles here; their wall time is ``warmup_s``), then ``--repeats``
@@ -46,18 +47,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, load_config
-from ..models import build
-from ..nn import data_dependent_init, size_report
+from ..nn import size_report
 from ..step import (
-    EMA,
-    LocalSync,
     PhaseClock,
     autocast_dtype,
     batch_to_device,
-    build_optimizer,
-    prepare_model,
     resolve_stats,
     run_step,
+    single_device_setup,
     use_channels_last,
 )
 from ..trainer import lr_at
@@ -207,16 +204,11 @@ def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int
 
     start = time.perf_counter()
     torch.manual_seed(t.seed)
-    model = build(cfg).to(device)
     x_cpu = torch.randint(0, 256, (batch, m.channels, m.image_size, m.image_size), dtype=torch.uint8)
-    data_dependent_init(model, x_cpu.to(device))
-    prepare_model(model, cfg, device)
+    model, sync, ema = single_device_setup(cfg, x_cpu, device)
     channels_last = use_channels_last(cfg, device)
     x = batch_to_device(x_cpu, device, channels_last)  # (batch, C, H, W) uint8, NHWC in memory if channels_last
     batches = list(x.chunk(t.grad_accum))  # train.grad_accum micro-batches per optimizer step, as the trainer
-    optimizer = build_optimizer(cfg, model)
-    sync = LocalSync(model, optimizer, t.grad_accum)
-    ema = EMA(model, t.ema_decay) if t.ema_decay else None
     amp_dtype = autocast_dtype(cfg, device)
     step_index = 0
 
