@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # Create .venv and install dbgen with its test extra. On a CPU-only machine torch==2.13.0 (a local CPU
 # wheel on this machine kind) is installed first so the torch range in pyproject pulls nothing multi-GB.
+# Idempotent and quiet: skipped when .venv already holds an install of this pyproject.toml; pip's output goes
+# to .venv/setup.log and is shown only when an install fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install -q "torch==${DBGEN_TORCH_VERSION:-2.13.0}"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+stamp=.venv/.dbgen-installed
+if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
 fi
-.venv/bin/pip install -q -e ".[test]"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+log=.venv/setup.log
+quiet() { "$@" >>"$log" 2>&1 || { cat "$log" >&2; echo "setup failed: $*" >&2; exit 1; }; }
+: >"$log"
+echo "setting up .venv (torch ${DBGEN_TORCH_VERSION:-2.13.0} CPU, dbgen[test]; log: $log)" >&2
+quiet .venv/bin/pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  quiet .venv/bin/pip install -q "torch==${DBGEN_TORCH_VERSION:-2.13.0}"
+fi
+quiet .venv/bin/pip install -q -e ".[test]"
+echo "$want" >"$stamp"

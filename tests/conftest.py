@@ -1,7 +1,24 @@
 """Test-wide settings. Imported before any test module, so child processes (ray start, Ray workers, ray job
-submit) inherit the environment set here."""
+submit, spawned process groups) inherit the environment set here.
+
+Nothing left on the machine by an earlier run may help a test (a cache that happens to be warm, Ray's
+``/tmp/ray``, a built extension): every cache and temp root a test can reach is pointed at a fresh folder made
+for this pytest session and removed at its end:
+
+* ``TORCH_EXTENSIONS_DIR``: DeepSpeed's JIT-compiled shared-memory comm op (built once per session, ~75 s);
+* ``DBGEN_CACHE``: the built-in photos32 data set (built once per session from scikit-image's photographs);
+* ``DBGEN_KERNEL_CACHE``: the nvcc-built CUDA kernels;
+* ``RAY_TMPDIR``: Ray's default temp root (``ray.init()``'s session dirs, ``ray.cluster_utils``' address file).
+
+The folder sits directly under ``/tmp`` with a short name: Ray puts unix sockets under its temp dir and their
+paths must stay under 108 bytes. A developer iterating on one test file may set ``DBGEN_TEST_CACHE=DIR`` to
+keep the two slow caches (extensions, photos32) in DIR between sessions; CI never sets it.
+"""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +26,17 @@ import torch
 # Ray resolves 127.0.0.1 to the host's primary interface address unless "cluster mode" is off; with it off,
 # every Ray process of a test (GCS, raylet, workers, metrics agent, service-discovery file) stays on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+SESSION_ROOT = Path(tempfile.mkdtemp(prefix="dbt", dir="/tmp"))
+_kept = Path(os.environ["DBGEN_TEST_CACHE"]).resolve() if os.environ.get("DBGEN_TEST_CACHE") else SESSION_ROOT
+os.environ["TORCH_EXTENSIONS_DIR"] = str(_kept / "torch_extensions")
+os.environ["DBGEN_CACHE"] = str(_kept / "dbgen")
+os.environ["DBGEN_KERNEL_CACHE"] = str(SESSION_ROOT / "kernels")
+os.environ["RAY_TMPDIR"] = str(SESSION_ROOT)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rvae_binary_tiny.yaml"
-EXT_DIR = Path.home() / ".cache" / "dbgen-test-torch-ext"  # DeepSpeed's JIT-compiled comm op, shared by tests
 QUIET = ["train.eval_every=0", "train.sample_every=0", "train.num_samples=0", "train.eval_batches=1",
          "train.log_every=5"]
 ONEBIT = ["comm.binary_weights=packed", "comm.binary_grads=onebit"]
@@ -41,7 +40,7 @@ def cluster():
     import ray.cloudpickle
 
     saved = os.environ.get("RAY_AUTH_MODE")
-    head = RayHead(num_cpus=2, auth="disabled", env={"TORCH_EXTENSIONS_DIR": str(EXT_DIR)})
+    head = RayHead(num_cpus=2, auth="disabled")
     head.start()
     os.environ["RAY_AUTH_MODE"] = "disabled"  # this private cluster goes without token auth
     try:

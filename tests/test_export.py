@@ -26,7 +26,6 @@ from dbgen.nn import binary_layers, pack_signs, size_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "rvae_binary_tiny.yaml"
-EXT_DIR = Path.home() / ".cache" / "dbgen-test-torch-ext"
 
 
 def _signs(model) -> list[torch.Tensor]:
@@ -125,7 +124,7 @@ def _free_port() -> int:
 
 def _train_worker(rank: int, world: int, port: int, run_dir: str, train_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), TORCH_EXTENSIONS_DIR=str(EXT_DIR))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     import torch.distributed as dist
 
     from dbgen.trainer import Trainer

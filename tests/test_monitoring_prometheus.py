@@ -30,7 +30,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-EXT_DIR = Path.home() / ".cache" / "dbgen-test-torch-ext"
 
 
 def query(port: int, promql: str) -> list:
@@ -58,7 +57,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
 
 def test_prometheus_sees_job_throughput_and_steps(tmp_path):
     run = f"prom-{uuid.uuid4().hex[:6]}"
-    env = {"TORCH_EXTENSIONS_DIR": str(EXT_DIR), "RAY_metrics_report_interval_ms": "1000"}
+    env = {"RAY_metrics_report_interval_ms": "1000"}
     with RayHead(num_cpus=2, env=env) as head:
         # The project's scrape config, pointed at this head's service-discovery file, scraping every second.
         cfg = yaml.safe_load((ROOT / "cluster/prometheus.yml").read_text())
@@ -82,7 +81,6 @@ def test_prometheus_sees_job_throughput_and_steps(tmp_path):
             wait_ready(port, prom)
             driver_env = head.client_env()
             driver_env["RAY_ADDRESS"] = head.address
-            driver_env["TORCH_EXTENSIONS_DIR"] = str(EXT_DIR)
             out = subprocess.run(
                 [sys.executable, "-m", "dbgen.train", "--config", "configs/rvae_binary_tiny.yaml", "--name", run,
                  "--storage", str(tmp_path / "runs"), "train.max_steps=150", "train.log_every=10",

@@ -20,7 +20,6 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rvae_binary_tiny.yaml"
-EXT_DIR = Path.home() / ".cache" / "dbgen-test-torch-ext"  # DeepSpeed's JIT-compiled comm op, shared by tests
 
 
 def _free_port() -> int:
@@ -42,7 +41,7 @@ def _copy_persist(run_dir: Path):
 
 def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), TORCH_EXTENSIONS_DIR=str(EXT_DIR))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     import torch.distributed as dist
 
     from dbgen.config import load_config
@@ -123,7 +122,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
 
 def _resume_on_one_worker(rank: int, port: int, tmp: str, train_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1", TORCH_EXTENSIONS_DIR=str(EXT_DIR))
+                      LOCAL_WORLD_SIZE="1")
     import torch.distributed as dist
 
     from dbgen.config import load_config
