@@ -15,7 +15,8 @@
   directory (and the data) must be on a file system every node sees at the same path.
 
 Outputs in the run directory: ``config.yaml``, ``metrics.jsonl``, ``samples/step_*.png``, ``checkpoint_*/``,
-``summary.json``. The summary is also printed as JSON on the last line of stdout.
+``summary.json``; the console shows a header, dbgen's step/eval/checkpoint/sample lines and the summary
+(:mod:`dbgen.console`; ``--verbose`` or ``DBGEN_VERBOSE=1`` adds the workers' own output).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, ConfigError, load_config
+from .console import setup_logging, verbose_from_env
 
 log = logging.getLogger("dbgen.train")
 
@@ -98,50 +99,56 @@ def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- Ray
-def connect_ray() -> str:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray on 127.0.0.1. Returns a description."""
+def connect_ray(verbose: bool = False) -> str:
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray on 127.0.0.1. Returns a description.
+
+    Unless ``verbose``, the workers' output (DeepSpeed, Ray Train's per-rank reports, Ray Data's progress bars)
+    stays in Ray's log files instead of streaming to this console, and Ray's driver-side logger shows errors
+    only (not, e.g., its notice that token auth is on)."""
     from .ray_local import init_ray
 
-    return init_ray(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    return init_ray(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
+                    logging_level=logging.INFO if verbose else logging.ERROR)
 
 
-def _progress_thread(run_dir: Path, max_steps: int, stop: threading.Event) -> threading.Thread | None:
-    """A progress bar on the driver's terminal, fed by rank 0's ``metrics.jsonl`` (only on a TTY)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+def _rows(split_dir: str | None) -> str:
+    from .data import open_split
 
-    def follow():
-        bar = tqdm(total=max_steps, unit="step", file=sys.stderr)
-        pos = 0
-        path = run_dir / "metrics.jsonl"
-        while not stop.wait(1.0):
-            if not path.exists():
-                continue
-            with open(path) as f:
-                f.seek(pos)
-                chunk = f.read()
-            lines = chunk.split("\n")
-            pos += len(chunk) - len(lines[-1])  # keep a partial last line for the next round
-            for line in lines[:-1]:
-                rec = json.loads(line) if line.strip() else {}
-                if rec.get("kind") == "train":
-                    bar.n = rec["step"]
-                    bar.set_postfix(bpd=f"{rec['bpd']:.3f}", img_s=f"{rec['images_per_s']:.0f}", refresh=False)
-                    bar.refresh()
-        bar.close()
-
-    th = threading.Thread(target=follow, name="progress", daemon=True)
-    th.start()
-    return th
+    return "none" if split_dir is None else f"{open_split(split_dir).num_rows:,} rows ({split_dir})"
 
 
-def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: dict | None = None) -> dict:
+def header(cfg: Config, name: str, paths: dict, ray_desc: str) -> list[str]:
+    """The run's opening lines: run, model and parameter counts, workers and devices, data."""
+    from .models import build
+    from .nn import size_report
+
+    m, s, t = cfg.model, cfg.scale, cfg.train
+    size = size_report(build(cfg))
+    kind = (("binary weights" if m.binary_weights else "fp weights")
+            + (", binary activations" if m.binary_activations else ""))
+    resume = f"resuming from {Path(paths['resume_from']).name}" if paths["resume_from"] else "new run"
+    micro = t.batch_size // (s.num_workers * t.grad_accum)
+    device = "GPU" if s.use_gpu else "CPU"
+    return [
+        f"run {name} in {paths['run_dir']} ({resume})",
+        f"model {m.name} ({kind}): {size['params'] / 1e6:.2f}M parameters, {size['binary_params'] / 1e6:.2f}M binary "
+        f"({size['binary_fraction']:.0%}); packed {size['packed_fp16_mb']:.2f} MB",
+        f"{s.num_workers} worker(s) on {device} ({s.cpus_per_worker:g} CPU each), ZeRO {s.zero_stage}, comm "
+        f"{cfg.comm.binary_weights}/{cfg.comm.binary_grads}; batch {t.batch_size} = {s.num_workers} x "
+        f"{t.grad_accum} x {micro}; {t.max_steps} steps",
+        f"data train {_rows(paths['train_dir'])}; eval {_rows(paths['eval_dir'])}",
+        f"ray: {ray_desc}",
+    ]
+
+
+def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: dict | None = None,
+        verbose: bool = False) -> dict:
     """Train ``cfg`` as run ``name`` under ``storage``; returns the run's summary (see dbgen.trainer)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .config import to_yaml
+    from .console import MetricsFollower
     from .data import ray_data_config, ray_datasets
     from .trainer import train_worker
 
@@ -149,12 +156,12 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
     paths = paths or prepare(cfg, name, storage)
     run_dir = Path(paths["run_dir"])
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log.info("run %s in %s (%s)", name, run_dir, "resuming from " + paths["resume_from"]
-             if paths["resume_from"] else "new run")
     import ray
 
     owns_ray = not ray.is_initialized()
-    log.info(connect_ray())
+    ray_desc = connect_ray(verbose)
+    for line in header(cfg, name, paths, ray_desc):
+        log.info(line)
 
     s = cfg.scale
     resources = {"CPU": s.cpus_per_worker}
@@ -163,6 +170,9 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
     in_ray = cfg.data.loader == "ray"
     kwargs = {}
     if in_ray:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = verbose
         kwargs = {"datasets": ray_datasets(paths["train_dir"], paths["eval_dir"]),
                   "dataset_config": ray_data_config()}
     trainer = TorchTrainer(
@@ -177,16 +187,12 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         **kwargs,
     )
-    stop = threading.Event()
-    bar = _progress_thread(run_dir, cfg.train.max_steps, stop)
     try:
-        trainer.fit()
+        with MetricsFollower(run_dir, cfg.train.max_steps):
+            trainer.fit()
     finally:
-        stop.set()
-        if bar is not None:
-            bar.join(timeout=5)
         if owns_ray:
-            ray.shutdown()  # also ends the stream of worker logs, so the summary prints last
+            ray.shutdown()
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -204,6 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve Prometheus metrics with prometheus_client on 127.0.0.1:P+rank (for setups without "
                         "a Ray metrics endpoint); same as train.metrics_port=P")
+    p.add_argument("--verbose", action="store_true", default=verbose_from_env(),
+                   help="also stream Ray's, Ray Train's, Ray Data's and DeepSpeed's own output from every worker "
+                        "(default: only in Ray's log files; DBGEN_VERBOSE=1 does the same)")
     p.add_argument("--print-config-table", action="store_true",
                    help="print every config key as a Markdown table (the README's) and exit")
     args = p.parse_args(argv)
@@ -214,7 +223,7 @@ def main(argv=None) -> int:
         return 0
     if not args.config:
         p.error("--config is required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         overrides = list(args.overrides)
@@ -228,14 +237,15 @@ def main(argv=None) -> int:
     import ray.train
 
     try:
-        summary = run(cfg, name, args.storage, paths)
+        summary = run(cfg, name, args.storage, paths, verbose=args.verbose)
     except ray.train.TrainingFailedError as e:
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
-    print(yaml.safe_dump({k: summary[k] for k in ("steps", "images_seen", "final_train_bpd", "final_eval_bpd",
-                                                  "wall_s", "images_per_s", "resumed_from")}, sort_keys=False),
-          end="")
-    print(json.dumps(summary))
+    shown = {k: summary[k] for k in ("steps", "final_train_bpd", "final_eval_bpd", "skipped_steps", "images_per_s",
+                                     "wall_s", "resumed_from")}
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}
+    print(f"summary ({paths['run_dir']}/summary.json):")
+    print(yaml.safe_dump(shown, sort_keys=False).rstrip())
     return 0
 
 

@@ -69,6 +69,7 @@ from torch import nn
 
 from . import comm
 from .config import Config, ConfigError, config_hash, load_config
+from .console import format_record
 from .evaluate import DS_MODEL_FILE, DS_TAG, META_FILE
 from .metrics import TrainMetrics
 from .nn import data_dependent_init
@@ -294,18 +295,12 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 class Reporter:
     """Every training event goes through here (the single place metrics exporters attach, issue 6).
 
     All ranks call every method (cheap); rank 0 writes ``metrics.jsonl`` records (``kind``: train, eval,
-    checkpoint, samples, resume) and the log line per ``train.log_every`` steps.
+    checkpoint, samples, resume) and logs each as :func:`dbgen.console.format_record` words it (the driver
+    prints the same lines from the file).
     """
 
     def __init__(self, run_dir: Path, rank: int, max_steps: int, world_size: int = 1,
@@ -323,6 +318,9 @@ class Reporter:
     def _record(self, record: dict) -> None:
         if self.rank == 0:
             _append_jsonl(self.metrics_path, {"time": round(time.time(), 3), **record})
+            line = format_record(record, self.max_steps)
+            if line is not None:
+                log.info(line)
 
     def on_step(self, stats: dict) -> None:
         """Every optimizer step, every rank, with its stats as host numbers (:func:`dbgen.step.resolve_stats`);
@@ -337,25 +335,17 @@ class Reporter:
             self.metrics.record_interval(rec["bpd"], rec["step_s"], rec["images_per_s"] / self.world_size,
                                          rec["images_per_s"] if self.rank == 0 else None,
                                          self._peak_memory_bytes())
-        if self.rank == 0:
-            log.info("step %d/%d | %.1f img/s | bpd %.4f | grad norm %.3g | lr %.3g | skipped %d | eta %s",
-                     rec["step"], self.max_steps, rec["images_per_s"], rec["bpd"], rec["grad_norm"], rec["lr"],
-                     rec["skipped"], _fmt_eta(rec["eta_s"]))
 
     def on_eval(self, step: int, bpd: float, rows: int, seconds: float) -> None:
         self._record({"kind": "eval", "step": step, "eval_bpd": bpd, "rows": rows, "seconds": round(seconds, 3)})
         if self.metrics is not None and bpd is not None:
             self.metrics.record_eval(bpd)
-        if self.rank == 0:
-            log.info("step %d | eval bpd %.4f on %d rows (%.1fs)", step, bpd, rows, seconds)
 
     def on_checkpoint(self, step: int, seconds: float, nbytes: int, total_bytes: int) -> None:
         """``nbytes``: written by this rank; ``total_bytes``: all ranks."""
         self._record({"kind": "checkpoint", "step": step, "seconds": round(seconds, 3), "bytes": total_bytes})
         if self.metrics is not None:
             self.metrics.record_checkpoint(seconds, nbytes)
-        if self.rank == 0:
-            log.info("step %d | checkpoint %.1f MB in %.1fs", step, total_bytes / 1e6, seconds)
 
     def on_samples(self, step: int, path: Path) -> None:
         self._record({"kind": "samples", "step": step, "path": str(path)})
@@ -369,9 +359,6 @@ class Reporter:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         self._record({"kind": "resume", "step": step, "submission": submission, "restart": restart})
-        if self.rank == 0:
-            log.info("resumed from the checkpoint at step %d (%s)", step,
-                     "worker-group restart" if restart else "earlier submission")
 
 
 def _metrics_exporter(cfg: Config, run: str, rank: int) -> TrainMetrics | None:

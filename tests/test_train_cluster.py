@@ -14,6 +14,7 @@ dir; tests/ray_cluster.py), stopped by PID at the end. Tests:
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/rvae_binary_tiny.yaml"
-EXT_DIR = Path.home() / ".cache" / "dbgen-test-torch-ext"  # DeepSpeed's JIT-compiled comm op, shared by tests
 FAST = ["train.eval_batches=1", "train.num_samples=4", "train.log_every=5"]
 E2E_STEPS = ["train.max_steps=40", "train.checkpoint_every=10"]
 
@@ -43,7 +43,7 @@ def cluster():
     # Faster failure handling than Ray's defaults, so the killed-worker test restarts in seconds: the Train
     # controller polls workers every 0.5 s (and registers reported checkpoints then), and gives a surviving
     # worker blocked in a collective 5 s (not 30) to leave its process group before it is killed.
-    head = RayHead(num_cpus=2, env={"TORCH_EXTENSIONS_DIR": str(EXT_DIR), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    head = RayHead(num_cpus=2, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
                                     "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"})
     head.start()
     nodes = list(head.nodes)
@@ -117,6 +117,21 @@ def test_ray_job_submit_end_to_end(cluster, storage, tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert cluster._get_json(f"/api/jobs/{sid}")["status"] == "SUCCEEDED"
 
+    # The job's console (the driver's output) is dbgen's alone: header, step/eval/checkpoint/sample lines and
+    # the summary; the workers' DeepSpeed / Ray Train / Ray Data output stays in Ray's log files.
+    console = cluster._get_json(f"/api/jobs/{sid}/logs")["logs"]
+    lines = [line for line in console.splitlines() if line.strip()]
+    for noise in ("Reporting training result", "TrainingReport(", "Running Dataset", "RayTrainWorker",
+                  "(pid=", "DeepSpeed", "WARNING", "Traceback"):
+        assert noise not in console, f"{noise!r} on the job's console:\n{console[-3000:]}"
+    dbgen_line = re.compile(r"^\d\d:\d\d:\d\d (run |model |\d+ worker|data |ray: |step +\d+|resumed )"
+                            r"|^summary \(|^[a-z_]+: ")
+    assert all(dbgen_line.match(line) for line in lines), [line for line in lines if not dbgen_line.match(line)]
+    for step in range(5, 41, 5):
+        assert re.search(rf"step +{step}/40 \| bpd \d+\.\d+ \| \d+ img/s", console), step
+    assert re.search(r"step 20 \| eval bpd \d", console) and re.search(r"step 30 \| checkpoint", console)
+    assert "run e2e in" in console and "2 worker(s) on CPU" in console and "steps: 40" in console
+
     run = storage / "e2e"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["images_seen"] == 40 * 32
@@ -159,10 +174,13 @@ def test_two_nodes_one_worker_each(storage):
     from ray.cluster_utils import Cluster
     from ray_cluster import free_port, free_port_range
 
-    auth = {"RAY_AUTH_MODE": "disabled"}
     temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's unix socket paths
+    # Cluster writes its address file to <Ray's default temp root>/ray/ray_current_cluster and does not create
+    # that folder: point the root at this test's own folder (never /tmp/ray, which exists only where Ray ran).
+    os.mkdir(os.path.join(temp_dir, "ray"))
+    node_env = {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": temp_dir}
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**auth, "TORCH_EXTENSIONS_DIR": str(EXT_DIR)}.items():
+        for k, v in node_env.items():
             mp.setenv(k, v)  # the node processes inherit the test process's environment
 
         def ports(head: bool) -> dict:
