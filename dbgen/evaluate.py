@@ -137,14 +137,19 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     if args.workers > 0:
+        import ray
+
         from .export import evaluate_with_actors, pack_model
         from .train import connect_ray
 
         log.info(connect_ray())
         artifact = artifact or pack_model(model, info["config"], {"checkpoint": info["checkpoint"],
                                                                   "step": info["step"], "ema": info["ema"]})
+        # More actors than the cluster's CPUs share them (a whole CPU each would leave some never scheduled).
+        cpus_per_actor = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.workers)
         res = evaluate_with_actors(artifact, split, args.workers, batch_size=args.batch_size,
-                                   samples=args.samples, seed=args.seed, max_batches=args.max_batches)
+                                   samples=args.samples, seed=args.seed, max_batches=args.max_batches,
+                                   cpus_per_actor=cpus_per_actor)
         bpd, rows = res["bpd"], res["rows"]
     else:
         bpd, rows = evaluate_bpd(model, loader, samples=args.samples, max_batches=args.max_batches)

@@ -207,13 +207,25 @@ def test_resize_center_crop_box(tmp_path):
 
 
 def test_cli_convert_and_verify(tmp_path):
-    write_imagenet(tmp_path / "in", {"train_data_batch_1": 5})
+    # --out is the data set root: each split lands in OUT/<split>, where the presets' data.train/eval point
+    write_imagenet(tmp_path / "in", {"train_data_batch_1": 5, "val_data": 3})
+    for split, rows, shards in [("train", 5, 3), ("test", 3, 2)]:
+        r = run_cli("dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
+                    "--out", str(tmp_path / "out"), "--split", split, "--rows-per-shard", "2")
+        assert r.returncode == 0, r.stderr
+        assert f"{tmp_path / 'out' / split}: {rows} rows in {shards} shards, 0 skipped" in r.stdout
+        r = run_cli("dbgen.data.verify", str(tmp_path / "out" / split))
+        assert r.returncode == 0 and f"ok, {rows} rows in {shards} shards" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test", "train"]
+    assert resolve_split(tmp_path / "out", "test") == (tmp_path / "out" / "test").resolve()
+    # the default split is train; a split directory given as --out is refused, not nested
     r = run_cli("dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
-                "--out", str(tmp_path / "out"), "--rows-per-shard", "2")
-    assert r.returncode == 0, r.stderr
-    assert "5 rows in 3 shards, 0 skipped" in r.stdout
-    r = run_cli("dbgen.data.verify", str(tmp_path / "out"))
-    assert r.returncode == 0 and "ok, 5 rows in 3 shards" in r.stdout
+                "--out", str(tmp_path / "out2"))
+    assert r.returncode == 0 and (tmp_path / "out2" / "train" / "manifest.json").exists(), r.stderr
+    r = run_cli("dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
+                "--out", str(tmp_path / "out" / "train"), "--split", "test")
+    assert r.returncode == 1 and "is itself a converted split; --out takes the data set root" in r.stderr
+    assert not (tmp_path / "out" / "train" / "test").exists()
 
 
 def test_resolve_split(tmp_path):
@@ -233,7 +245,7 @@ def _cli_fails(tmp_path, fmt, src, *extra, match):
     r = run_cli("dbgen.data.convert", "--format", fmt, "--src", str(src), "--out", str(tmp_path / "out"), *extra)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert match in r.stderr, r.stderr
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out" / "train" / "manifest.json").exists()
     return r
 
 
@@ -385,12 +397,12 @@ def test_skip_bad(tmp_path):
                 "--skip-bad")
     assert r.returncode == 0, r.stderr
     assert "8 rows in 1 shards, 2 skipped" in r.stdout
-    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    m = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
     assert m["num_skipped"] == 2
     assert {s["source"] for s in m["skipped"]} == {"dog/001.jpg", "cat/small.png"}
     assert any("28x28" in s["reason"] for s in m["skipped"])
     good = sorted(k for k in expected if k != "dog/001.jpg")
-    rows = read_rows(tmp_path / "out")
+    rows = read_rows(tmp_path / "out" / "train")
     assert rows["source"] == good
     np.testing.assert_array_equal(rows["image"], np.stack([expected[k][0] for k in good]))
 
@@ -424,9 +436,9 @@ def test_failed_conversion_leaves_no_split_and_rerun_starts_clean(tmp_path):
 
 def test_killed_conversion_never_looks_complete(tmp_path):
     write_imagenet(tmp_path / "in", {f"train_data_batch_{i}": 4000 for i in range(1, 4)}, res=32)
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "train"  # the CLI writes the split to <--out>/<--split>
     cmd = [PY, "-m", "dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
-           "--out", str(out), "--rows-per-shard", "64"]
+           "--out", str(tmp_path / "out"), "--rows-per-shard", "64"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (out / "shard-00003.parquet").exists() and time.monotonic() < deadline and proc.poll() is None:

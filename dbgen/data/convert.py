@@ -6,9 +6,13 @@
         [--rows-per-shard N] [--row-group-rows N] [--skip-bad] [--resize] [--overwrite]
     python -m dbgen.data.convert --format builtin --src photos32 [--out DIR]
 
-``--format builtin`` writes ``DIR/train`` and ``DIR/test``, or without ``--out`` builds into the cache
-(``$DBGEN_CACHE`` or ``~/.cache/dbgen``) as ``builtin("photos32")`` does. Exit code 1 with a message naming
-the file / member / row on bad input.
+``--out DIR`` is the data set's root directory: the split is written to ``DIR/<split>`` (``DIR/train`` or
+``DIR/test``), so converting both splits into the same ``--out`` gives the layout the presets read
+(``data.train: DIR/train``, ``data.eval: DIR/test``; ``data.train: DIR`` also works). ``--format builtin``
+writes both, ``DIR/train`` and ``DIR/test``, or without ``--out`` builds into the cache (``$DBGEN_CACHE`` or
+``~/.cache/dbgen``) as ``builtin("photos32")`` does. An ``--out`` that is itself a converted split is refused
+(it would nest a split inside it). The Python function :func:`dbgen.data.convert` takes the split directory
+itself. Exit code 1 with a message naming the file / member / row on bad input.
 """
 
 import argparse
@@ -27,9 +31,10 @@ def main(argv=None) -> int:
                                 description="Convert an image data set into a Parquet split.")
     p.add_argument("--format", required=True, choices=FORMATS + ("builtin",))
     p.add_argument("--src", required=True, help=f"input path; for --format builtin one of {', '.join(BUILTINS)}")
-    p.add_argument("--out", default=None, help="output split directory (builtin: gets train/ and test/; "
-                                               "default for builtin: the cache)")
-    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--out", default=None, help="data set root directory: the split is written to OUT/SPLIT "
+                                               "(builtin: OUT/train and OUT/test; default for builtin: the cache)")
+    p.add_argument("--split", default="train", choices=("train", "test"),
+                   help="which split to read from --src and write to OUT/SPLIT (not for builtin: it writes both)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
     p.add_argument("--row-group-rows", type=int, default=ROW_GROUP_ROWS,
@@ -52,7 +57,11 @@ def main(argv=None) -> int:
             for name, path in paths.items():
                 print(f"{name}: {path}")
             return 0
-        out = convert(args.format, args.src, args.out, split=args.split, resolution=args.resolution,
+        root = Path(args.out).expanduser()
+        if (root / MANIFEST).exists():
+            raise DataError(f"--out {args.out}: is itself a converted split; --out takes the data set root "
+                            f"(the split is written to <out>/{args.split})")
+        out = convert(args.format, args.src, root / args.split, split=args.split, resolution=args.resolution,
                       rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows,
                       skip_bad=args.skip_bad, resize=args.resize, overwrite=args.overwrite)
     except DataError as e:
