@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from bounds import gamma
 
 from dbgen import comm
 from dbgen.comm import (
@@ -27,7 +28,6 @@ from dbgen.comm import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rvae_binary_tiny.yaml"
-EXT_DIR = Path.home() / ".cache" / "dbgen-test-torch-ext"  # DeepSpeed's JIT-compiled comm op, shared by tests
 
 
 # ------------------------------------------------------------------------------------------------ formulas
@@ -69,10 +69,10 @@ def test_onebit_message_is_sign_times_mean_abs_per_chunk():
     x = torch.randn(3 * ONEBIT_CHUNK)
     bits, scales = onebit_compress(x)
     assert bits.dtype == torch.uint8 and bits.numel() == x.numel() // 8 and scales.numel() == 3
-    torch.testing.assert_close(scales, x.view(3, -1).abs().mean(1))
+    assert torch.equal(scales, x.view(3, -1).abs().mean(1))  # the same reduction on the same values: identical
     y = onebit_decompress(bits, scales)
     assert torch.equal(torch.sign(y), torch.where(x >= 0, 1.0, -1.0))
-    torch.testing.assert_close(y.abs(), scales.repeat_interleave(ONEBIT_CHUNK))
+    assert torch.equal(y.abs(), scales.repeat_interleave(ONEBIT_CHUNK))  # +-1 * scale is exact
     # +-s inputs pass exactly
     z = torch.where(torch.rand(ONEBIT_CHUNK) > 0.5, 0.25, -0.25)
     assert torch.equal(onebit_decompress(*onebit_compress(z)), z)
@@ -93,6 +93,8 @@ def test_error_feedback_makes_the_mean_of_messages_converge():
         rel[t] = ((sent / t - g).norm() / g.norm()).item()
     plain = ((onebit_decompress(*onebit_compress(g)) - g).norm() / g.norm()).item()
     assert plain > 0.4  # one scale per chunk cannot carry magnitudes from 0.01 to 2
+    # Modelling, not rounding: the residual grows like sqrt(t), so the mean's error falls like 1/sqrt(t)
+    # (0.16, 0.09, 0.043 at t = 50, 200, 800 for this seed; 0.06 leaves ~40% at 800).
     assert rel[800] < 0.06 and rel[800] < rel[200] < rel[50] < plain
 
 
@@ -257,7 +259,11 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str):
     total = x.clone()
     dist.all_reduce(total)
     s = n // world
-    res["reduce_scatter_exact"] = torch.allclose(mine, total[rank * s:(rank + 1) * s], rtol=1e-6, atol=1e-6)
+    # Sums of the world's `world` fp32 values in two orders (all_to_all + local sum vs gloo's all-reduce):
+    # each within gamma_world * sum_r |x_r| of the exact sum; every rank's x is regenerated from its seed.
+    mags = sum(torch.randn(n, generator=torch.Generator().manual_seed(r)).abs().double() for r in range(world))
+    bound = 2 * gamma(world, torch.float32) * mags[rank * s:(rank + 1) * s]
+    res["reduce_scatter_exact"] = bool(((mine.double() - total[rank * s:(rank + 1) * s].double()).abs() <= bound).all())
     res["all_gather_exact"] = bool(torch.equal(full[rank * s:(rank + 1) * s], x[:s]))
 
     # 1-bit exchange (both sides) on a layout whose tail is padding
@@ -305,7 +311,8 @@ def test_counted_bytes_equal_socket_bytes_for_each_collective(tmp_path):
         assert res["reduce_scatter_exact"] and res["all_gather_exact"]
         sl_shape, avg_shape, lay_slice_, padded = res["onebit_shapes"]
         assert sl_shape == (lay_slice_,) and avg_shape == (padded,) and res["onebit_padding_zero"]
-        # one 1-bit message of a sum of 3 Gaussians: the signs mostly right, the values roughly
+        # one 1-bit message of a sum of 3 Gaussians: the signs mostly right, the values roughly (compression
+        # quality thresholds, not rounding)
         assert res["onebit_sign_agree"] > 0.75 and res["onebit_rel_err"] < 0.9
 
 
@@ -320,7 +327,7 @@ MODES = {  # name -> config overrides
 
 def _step_bytes_worker(rank: int, world: int, port: int, out_dir: str, train_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), TORCH_EXTENSIONS_DIR=str(EXT_DIR))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     import torch.distributed as dist
 
     from dbgen.config import load_config

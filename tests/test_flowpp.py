@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import assert_within, gamma, mean_bound, std_rel_bound, unit_roundoff
 from torch.autograd.functional import jacobian
 
 from dbgen.config import ConfigError, FlowPPConfig, load_config
@@ -38,7 +39,15 @@ from dbgen.models.flows import (
 from dbgen.nn import BinaryConv2d, WNConv2d, binary_layers, data_dependent_init, size_report
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-TOL = 1e-5  # inverse(forward(x)) in float64
+# inverse(forward(x)) in float64. Not a rounding bound: the mixture-logistic inverse is a bisection to 1e-12
+# (dbgen.models.flows.mixlogistic_invlogitcdf), amplified by the inverse layers' Lipschitz constants; the
+# round trips land ~1e-12 off, float64 rounding is ~1e-14, and a wrong inverse is off by O(1).
+TOL = 1e-5
+# Log-determinants against brute force (slogdet of the autograd Jacobian), both in float64: the same number
+# along two paths of ~10^2-10^3 float64 operations, ~1e-14 apart here. No short a-priori bound covers LU of an
+# autograd Jacobian, so this is an identity check: 1e-7 is ~10^7 times what rounding does here, and far below
+# a wrong term (a missing log-scale or dropped Jacobian block moves it by >= 1e-3).
+LOGDET_TOL = dict(rtol=1e-7, atol=1e-7)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -129,7 +138,7 @@ def test_layer_inverts_and_logdet_matches_jacobian(name):
     y, logdet = fwd(module, x)
     assert logdet.shape == (x.shape[0],)
     assert (inv(module, y) - x).abs().max() < TOL
-    torch.testing.assert_close(logdet, brute_logdet(lambda t: fwd(module, t)[0], x), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(logdet, brute_logdet(lambda t: fwd(module, t)[0], x), **LOGDET_TOL)
 
 
 @pytest.mark.parametrize("kind, channels, context", [("stripe", 3, 0), ("channel", 6, 0), ("stripe", 3, 4)])
@@ -147,7 +156,7 @@ def test_coupling_inverts_and_logdet_matches_jacobian(kind, channels, context, b
     assert (c.inverse(y, ctx) - x).abs().max() < TOL
     # Binary signs have straight-through (wrong) derivatives, but only in the conditioning path, i.e. in the
     # off-diagonal block of a triangular Jacobian, which the determinant ignores.
-    torch.testing.assert_close(logdet, brute_logdet(lambda t: c(t, ctx)[0], x), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(logdet, brute_logdet(lambda t: c(t, ctx)[0], x), **LOGDET_TOL)
 
 
 def test_dequant_flow_inverts_and_logdet_matches_jacobian():
@@ -160,7 +169,7 @@ def test_dequant_flow_inverts_and_logdet_matches_jacobian():
     u, logdet = dq(eps, x)
     assert ((u > 0) & (u < 1)).all()
     assert (dq.inverse(u, x) - eps).abs().max() < TOL
-    torch.testing.assert_close(logdet, brute_logdet(lambda t: dq(t, x)[0], eps), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(logdet, brute_logdet(lambda t: dq(t, x)[0], eps), **LOGDET_TOL)
     # the noise depends on the image (through the context network)
     assert not torch.allclose(dq(eps, x)[0], dq(eps, 255 - x)[0])
 
@@ -175,7 +184,7 @@ def test_whole_main_flow_inverts_and_logdet_matches_jacobian(binary_weights, bin
     z, logdet = model.flow_forward(x)
     assert z.shape == (1, 12, 2, 2)
     assert (model.flow_inverse(z) - x).abs().max() < TOL
-    torch.testing.assert_close(logdet, brute_logdet(lambda t: model.flow_forward(t)[0], x), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(logdet, brute_logdet(lambda t: model.flow_forward(t)[0], x), **LOGDET_TOL)
 
 
 def test_full_size_model_inverts_in_float64_and_float32():
@@ -189,7 +198,9 @@ def test_full_size_model_inverts_in_float64_and_float32():
         x64 = x.double()
         err64 = (model.flow_inverse(model.flow_forward(x64)[0]) - x64).abs().max()
     assert err64 < TOL
-    assert err32 < 1e-2  # in pixel units: sampling floors to integers, so fp32 is plenty
+    # A modelling tolerance, in pixel units (x in [0, 256)): sampling floors to integers, so a round trip within
+    # 1e-2 of a pixel is all fp32 needs (fp32 spacing near 256 is 3e-5; the bisection stops at 1e-6).
+    assert err32 < 1e-2
 
 
 # ------------------------------------------------------------------------------- mixture CDF
@@ -202,12 +213,19 @@ def test_mixture_cdf_pdf_and_inverse():
     logcdf, logsf = mixlogistic_logcdf_logsf(x, logits, means, logscales, dim=2)
     pi = torch.softmax(logits, dim=2)
     cdf = (pi * torch.sigmoid((x.unsqueeze(2) - means) / logscales.exp())).sum(2)
-    torch.testing.assert_close(logcdf.exp(), cdf)
-    torch.testing.assert_close(logsf.exp(), 1 - cdf)
-    # the density is the derivative of the CDF
+    # First-order float64 bounds: each side is <= 32 roundings or libm calls (each <= 2u) along any path
+    # (softmax, z = (x - mean) / scale, (log)sigmoid or softplus, a 5-term logsumexp or sum, exp); an error
+    # u |l| in log space is a relative error after exp, and z's relative rounding moves sigmoid(z) by <= |z| u
+    # relative. So gamma_32 (1 + |log value| + max_k |z_k|) relative; 1 - cdf also carries cdf's error.
+    zmax = ((x.unsqueeze(2) - means) * torch.exp(-logscales)).abs().amax(2)
+    g32 = gamma(32, torch.float64)
+    assert_within(logcdf.exp(), cdf, g32 * cdf * (1 + logcdf.abs() + zmax), "cdf")
+    assert_within(logsf.exp(), 1 - cdf, g32 * ((1 - cdf) * (1 + logsf.abs() + zmax) + cdf * (1 + zmax)), "sf")
+    # the density is the derivative of the CDF (same first-order bound: autograd's path has the same kinds of steps)
     xg = x.clone().requires_grad_()
     dcdf = torch.autograd.grad(mixlogistic_logcdf_logsf(xg, logits, means, logscales, 2)[0].exp().sum(), xg)[0]
-    torch.testing.assert_close(mixlogistic_logpdf(x, logits, means, logscales, 2).exp(), dcdf)
+    logpdf = mixlogistic_logpdf(x, logits, means, logscales, 2)
+    assert_within(logpdf.exp(), dcdf, g32 * logpdf.exp() * (1 + logpdf.abs() + zmax), "pdf")
 
     # inverse: logit targets from the far tails (F ~ 1e-13) to the middle
     t = torch.linspace(-30, 30, 4 * 3 * 6 * 6, dtype=torch.float64).reshape(4, 3, 6, 6)
@@ -216,11 +234,14 @@ def test_mixture_cdf_pdf_and_inverse():
     pdf = mixlogistic_logpdf(xi, logits, means, logscales, 2).exp()
     # error in x from the residual in logit space: dx = dt / (d logit F / dx) = dt * F (1 - F) / f
     dx = ((lc - ls) - t).abs() * (lc + ls).exp() / pdf
+    # Solver tolerances, not rounding bounds: the bisection stops within 1e-12 of the root in float64 (its
+    # default tol); 1e-10 / 1e-9 leave room for evaluating the residual, a non-converged solve is far off.
     assert dx.max() < 1e-10
     # and round trip x -> t -> x
     logcdf, logsf = mixlogistic_logcdf_logsf(x, logits, means, logscales, 2)
     assert (mixlogistic_invlogitcdf(logcdf - logsf, logits, means, logscales, 2) - x).abs().max() < 1e-9
-    # float32: bounded by float spacing, not by the iteration cap
+    # float32: bounded by float spacing, not by the iteration cap (|x| <= 20: fp32 spacing ~2e-6, flat tails
+    # of F amplify it; 1e-3 is the float32 solver's spec here, an iteration-capped solve is off by far more)
     x32 = mixlogistic_invlogitcdf((logcdf - logsf).float(), logits.float(), means.float(), logscales.float(), 2)
     assert (x32.double() - x).abs().max() < 1e-3
 
@@ -244,6 +265,8 @@ def test_bound_is_log_p_minus_log_q_by_brute_force():
     log_q = normal.log_prob(eps).flatten(1).sum(1) - brute_logdet(lambda t: model.dequant(t, xf)[0], eps)
     z, _ = model.flow_forward(xf + u)
     log_p = normal.log_prob(z).flatten(1).sum(1) + brute_logdet(lambda t: model.flow_forward(t)[0], xf + u)
+    # float64 identity checks as LOGDET_TOL's (the same numbers along two paths, ~1e-13 apart here; a wrong
+    # term of the bound is >= 1e-3 nats), tighter because these sums of 48 log-densities are well conditioned.
     torch.testing.assert_close(elbo, log_p - log_q, rtol=1e-9, atol=1e-8)
     torch.manual_seed(7)
     torch.testing.assert_close(model(x), -(log_p - log_q).mean() / (48 * math.log(2)), rtol=1e-9, atol=1e-9)
@@ -261,7 +284,7 @@ def test_importance_weighting_tightens_the_bound():
     k1 = torch.stack([model.log_likelihood_bpd(x, samples=1) for _ in range(8)]).mean(0)
     k16 = model.log_likelihood_bpd(x, samples=16)
     assert k16.shape == (4,)
-    assert (k16 <= k1 + 1e-4).all()
+    assert (k16 <= k1 + 1e-4).all()  # statistical: Jensen holds in expectation, k1 averages only 8 draws
     with pytest.raises(ValueError, match="samples must be >= 1"):
         model.log_likelihood_bpd(x, samples=0)
 
@@ -281,9 +304,20 @@ def test_actnorm_data_init_gives_unit_channels():
     an = ActNorm(4)
     assert data_dependent_init(an, x) == 1
     y, logdet = an(x)
-    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(an.inverse(y), x, atol=1e-4, rtol=1e-5)
+    # Bounds from the fp32 rounding of init and forward (M = 400 values per channel; libm exp/log <= 2u):
+    # s = exp(logscale), bias = -mean(x) s. y = x s + bias within e = gamma_2 (|x| s + |bias|), so |mean(y)| <=
+    # s * mean's error on x + u |bias| + mean(e) + y's own mean error; std(y) = s std(x) +- rms(e) with
+    # s std(x) = 1 up to exp(-log(std)) (gamma_4 (1 + |logscale|)) and x's and y's relative std errors.
+    dims, f32 = (0, 2, 3), torch.float32
+    s, b = an.logscale.detach().double().exp().view(1, -1, 1, 1), an.bias.detach().double().view(1, -1, 1, 1)
+    e = gamma(2, f32) * (x.double().abs() * s + b.abs())
+    mean_b = (s.view(-1) * mean_bound(x, dims) + unit_roundoff(f32) * b.abs().view(-1) + e.mean(dims)
+              + mean_bound(y, dims))
+    rel = gamma(4, f32) * (1 + an.logscale.detach().double().abs()) + std_rel_bound(x, dims) + std_rel_bound(y, dims)
+    assert_within(y.mean(dim=dims), torch.zeros(4), mean_b, "mean")
+    assert_within(y.std(dim=dims, unbiased=False), torch.ones(4), 1.01 * (rel + e.square().mean(dims).sqrt()), "std")
+    # inverse: (y - bias) * exp(-logscale) = x (1 + theta) + (bias / s) delta, <= 10 roundings/libm ulps.
+    assert_within(an.inverse(y), x, gamma(10, f32) * (x.double().abs() + b.abs() / s), "inverse")
 
 
 def test_model_data_init_normalizes_every_actnorm_in_place():
@@ -304,6 +338,7 @@ def test_model_data_init_normalizes_every_actnorm_in_place():
         h.remove()
     # The first actnorm of each flow sees the same distribution as at init (only the noise draw differs).
     for y in (seen[0], seen[8]):  # dequant flow's first coupling, main flow's first coupling
+        # statistical, not rounding: another noise draw on 32 images (0.05 is several standard errors)
         assert y.mean(dim=(0, 2, 3)).abs().max() < 0.05
         assert (y.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
 
@@ -426,5 +461,8 @@ def test_bf16_autocast_runs_only_the_conditioning_networks_in_bf16():
             torch.manual_seed(15)
             loss = model(x)
     assert z.dtype == ld.dtype == loss.dtype == torch.float32
+    # Modelling thresholds: the bf16 conditioning networks (u = 2^-8 = 3.9e-3) move the coupling parameters,
+    # so log-dets and loss differ; a flow path run in bf16 would put the log-dets ~2^-8 relative off, 40x this
+    # 1e-4, and the loss within 1e-2 bits/dim is the bf16 forward's budget (the step's spec is 1e-3 at init).
     assert ((ld - ld32).abs() / ld32.abs()).max() < 1e-4
     assert (loss - loss32).abs() < 1e-2

@@ -6,6 +6,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import (
+    assert_within,
+    conv2d_bound,
+    gamma,
+    linear_bound,
+    magnitude,
+    mean_bound,
+    rounding_bound,
+    std_rel_bound,
+)
 from torch import nn
 
 import dbgen.nn as dnn
@@ -50,9 +60,21 @@ def test_binary_conv2d_matches_formula(seed):
     randomize(layer, g)
     n = cin * k * k
     assert layer.fan_in == n
-    ref = F.conv2d(x, sign(layer.weight), None, stride, padding) * (layer.gain / math.sqrt(n)).view(1, -1, 1, 1)
+    scale = layer.gain / math.sqrt(n)
+    ref = F.conv2d(x, sign(layer.weight), None, stride, padding) * scale.view(1, -1, 1, 1)
     ref = ref + layer.bias.view(1, -1, 1, 1)
-    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+    # Both float64, n-term sums in different orders: the layer rounds gain * (1/sqrt(n)) (3 roundings) into
+    # its weights, the formula rounds gain / sqrt(n) (2) and then scales and adds (2): gamma_{n+5} each.
+    bound = conv2d_bound(x, sign(layer.weight), scale, layer.bias, stride, padding, roundings=5, dtype=torch.float64)
+    y = layer(x)
+    assert_within(y, ref, bound, "BinaryConv2d")
+    if seed == 0:  # ... and the bound fails on one wrong weight sign (of the largest-scale channel)
+        o = int(scale.argmax())
+        flipped = sign(layer.weight).detach().clone()
+        flipped[o].view(-1)[0] *= -1
+        bad = F.conv2d(x, flipped, None, stride, padding) * scale.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+        with pytest.raises(AssertionError, match="rounding-error bound"):
+            assert_within(y, bad, bound)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -63,8 +85,12 @@ def test_binary_conv_transpose2d_matches_formula(seed):
     n = cin * k * k  # weights feeding one output channel: (in, kh, kw)
     assert layer.weight.shape == (cin, cout, k, k) and layer.fan_in == n
     ref = F.conv_transpose2d(x, sign(layer.weight), None, stride, padding, stride - 1)
-    ref = ref * (layer.gain / math.sqrt(n)).view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
-    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+    scale = layer.gain / math.sqrt(n)
+    ref = ref * scale.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+    # As for BinaryConv2d: at most n terms per output, 5 roundings besides the sum, both float64.
+    mag = magnitude(lambda a, w: F.conv_transpose2d(a, w, None, stride, padding, stride - 1), x,
+                    sign(layer.weight), scale, layer.bias)
+    assert_within(layer(x), ref, rounding_bound(mag, n + 5, torch.float64, ref_dtype=torch.float64))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -75,7 +101,10 @@ def test_binary_linear_matches_formula(seed):
     randomize(layer, g)
     x = torch.randn(5, fin, generator=g)
     ref = F.linear(x, sign(layer.weight)) * layer.gain / math.sqrt(fin) + layer.bias
-    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+    # As for BinaryConv2d: fin-term sums, 5 roundings besides, both float64.
+    bound = linear_bound(x, sign(layer.weight), layer.gain / math.sqrt(fin), layer.bias, roundings=5,
+                         dtype=torch.float64)
+    assert_within(layer(x), ref, bound)
 
 
 def test_binary_conv2d_groups_fan_in_is_per_group():
@@ -83,7 +112,9 @@ def test_binary_conv2d_groups_fan_in_is_per_group():
     x = torch.randn(2, 8, 5, 5)
     assert layer.fan_in == 4 * 9 and layer.bias is None
     ref = F.conv2d(x, sign(layer.weight), None, 1, 1, 1, 2) * (layer.gain / 6.0).view(1, -1, 1, 1)
-    torch.testing.assert_close(layer(x), ref)
+    # 36-term sums per group (float64), the scale rounded into the weights vs applied after: gamma_{36+5}.
+    bound = conv2d_bound(x, sign(layer.weight), layer.gain / 6.0, None, 1, 1, 2, roundings=5, dtype=torch.float64)
+    assert_within(layer(x), ref, bound)
 
 
 @pytest.mark.parametrize("cls", [dnn.WNConv2d, dnn.WNConvTranspose2d])
@@ -97,7 +128,11 @@ def test_wn_conv_matches_formula(cls):
     w = layer.gain.view(shape) * v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
     x = torch.randn(2, 4, 7, 7, generator=g)
     op = F.conv2d if cls is dnn.WNConv2d else F.conv_transpose2d
-    torch.testing.assert_close(layer(x), op(x, w, layer.bias, 2, 1))
+    # Weights g * v / ||v|| rounded twice on either side (other order, same norm), then float64 sums of at
+    # most 36 terms plus the bias: gamma_{36+3} each.
+    mag = magnitude(lambda a, ww: op(a, ww, None, 2, 1), x, w, None, layer.bias)
+    assert_within(layer(x), op(x, w, layer.bias, 2, 1), rounding_bound(mag, 36 + 3, torch.float64,
+                                                                        ref_dtype=torch.float64))
 
 
 def test_wn_linear_matches_formula():
@@ -105,7 +140,9 @@ def test_wn_linear_matches_formula():
     randomize(layer, torch.Generator().manual_seed(2))
     x = torch.randn(4, 5)
     w = layer.gain[:, None] * layer.weight / layer.weight.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
+    # As for the WN convs: weights rounded twice either way, 5-term sums plus the bias, float64.
+    assert_within(layer(x), F.linear(x, w, layer.bias), linear_bound(x, w, None, layer.bias, roundings=3,
+                                                                      dtype=torch.float64))
 
 
 @pytest.mark.parametrize("binary, fp", [(dnn.BinaryConv2d, dnn.WNConv2d),
@@ -150,7 +187,11 @@ def test_straight_through_gradient(cls):
     w_eff = (sign(layer.weight.detach()) * scale.view(shape)).requires_grad_()
     op = F.conv2d if cls is dnn.BinaryConv2d else F.conv_transpose2d
     (op(x, w_eff, layer.bias.detach(), 1, 1) * upstream).sum().backward()
-    torch.testing.assert_close(layer.weight.grad, w_eff.grad * scale.view(shape))
+    # The weight gradient of the conv is the same op on the same (x, upstream) on both sides, so it is
+    # identical; only the scale differs: gain * (1/sqrt(n)) vs gain / sqrt(n), 3 and 2 roundings, plus the
+    # product's: gamma_4 + gamma_3 relative to the exact product, under gamma_8 of |ref|.
+    ref = w_eff.grad * scale.view(shape)
+    assert_within(layer.weight.grad, ref, gamma(8, torch.float64) * ref.abs())
 
 
 def test_binary_activation_forward_and_clipped_gradient():
@@ -178,6 +219,28 @@ def test_clamp_touches_only_latents():
     assert [n for n, _ in dnn.binary_layers(model)] == ["0", "3"]
 
 
+def init_bounds(layer, x, y, dims):
+    """Bounds on |mean(y)| and |std(y) - init_scale| over ``dims`` for ``y = layer(x)`` right after
+    ``data_init(x)`` (float64), from the rounding of each step; no tolerance of its own.
+
+    data_init computed z = op(x, d) (unit gain), gain = init_scale / std(z), bias = -mean(z) * gain, each with
+    its rounding; y = op(x, d * gain) + bias differs from gain * z + bias by e <= 2 gamma_{K+2} (op(|x|, |d|)
+    gain + |bias|) elementwise. Then mean(y) is gain times mean's error on z, plus u |bias|, mean(e) and the
+    error of y's own mean; std(y) is init_scale times (1 + z's and y's relative std errors + 2 roundings), plus
+    rms(e) (a population std moves by at most the rms of a perturbation).
+    """
+    with torch.no_grad():
+        d, g, b = layer.direction(), layer.gain, layer.bias
+        z = layer._op(x, d, None)
+        e = 2 * rounding_bound(magnitude(lambda a, w: layer._op(a, w, None), x, d, g, b, layer._output_dim),
+                               layer.fan_in + 2, torch.float64, ref_dtype=None)
+        e_mean = e.mean(dims).view(-1)
+        mean_b = g * mean_bound(z, dims) + gamma(1, torch.float64) * b.abs() + e_mean + mean_bound(y, dims)
+        rel = std_rel_bound(z, dims) + std_rel_bound(y, dims) + gamma(2, torch.float64)
+        std_b = 1.01 * (layer.init_scale * rel + e.square().mean(dims).sqrt())
+    return mean_b, std_b
+
+
 @pytest.mark.parametrize("cls", [dnn.BinaryConv2d, dnn.WNConv2d, dnn.BinaryLinear, dnn.WNLinear])
 @pytest.mark.parametrize("init_scale", [1.0, 0.3])
 def test_data_dependent_init_gives_mean0_std_init_scale(cls, init_scale):
@@ -188,8 +251,9 @@ def test_data_dependent_init_gives_mean0_std_init_scale(cls, init_scale):
     assert dnn.data_dependent_init(layer, x) == 1
     y = layer(x)
     dims = (0, 2, 3) if conv else (0,)
-    torch.testing.assert_close(y.mean(dims), torch.zeros(5), atol=1e-10, rtol=0)
-    torch.testing.assert_close(y.std(dims, unbiased=False), torch.full((5,), init_scale), atol=1e-10, rtol=0)
+    mean_b, std_b = init_bounds(layer, x, y, dims)  # rounding of init and forward, M = 4096 / 256 values
+    assert_within(y.mean(dims), torch.zeros(5), mean_b, "mean")
+    assert_within(y.std(dims, unbiased=False), torch.full((5,), init_scale), std_b, "std")
     assert not layer._forward_hooks  # nothing left behind
 
 
@@ -213,7 +277,8 @@ def test_init_scale_zero_makes_residual_branch_identity_and_init_is_sequential()
     assert torch.equal(model[1].conv2.gain, torch.zeros(4)) and torch.equal(model[1].conv2.bias, torch.zeros(4))
     # conv1 of the second block was initialized on the output of the (identity) first block
     z = model[2].conv1(F.elu(h))
-    torch.testing.assert_close(z.std((0, 2, 3), unbiased=False), torch.ones(4))
+    _, std_b = init_bounds(model[2].conv1, F.elu(h), z, (0, 2, 3))  # z is what its init saw, re-evaluated
+    assert_within(z.std((0, 2, 3), unbiased=False), torch.ones(4), std_b)
 
 
 def test_data_dependent_init_removes_hooks_on_error():
