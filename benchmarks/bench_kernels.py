@@ -10,8 +10,8 @@ On a CUDA GPU, per shape and batch: cuDNN bf16 conv (channels-last, cudnn.benchm
 timed with CUDA graphs (median of replays; launch overhead excluded, as for a captured model), with the
 launch config chosen by the library's heuristic and, unless --no-sweep, the best of a small sweep (tiles with
 streamed weights x split-K 1..8, and the weight-stationary tiles). TOPS count 2 ops per multiply-add; the
-1-bit peak is 10,104 TOPS (mma.sync b1.and, measured on an H200, method.md section 4). Each kernel's output is
-checked against an fp32 conv before it is timed (relative errors in the table).
+1-bit peak is 10,104 TOPS (mma.sync b1.and, measured on an H200 with a dedicated microbenchmark). Each kernel's
+output is checked against an fp32 conv before it is timed (relative errors in the table).
 
 Without CUDA it runs the pure-PyTorch reference (what dbgen.kernels uses on CPU) against F.conv2d fp32 on the
 CPU: those numbers describe the reference path only, not the goal. ``--emulate`` runs the GPU benchmark's code
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dbgen.atomic import write_atomic  # noqa: E402
 from dbgen.kernels import (  # noqa: E402
     PackedWeight,
     binary_act_conv2d,
@@ -284,10 +285,7 @@ def main(argv=None):
     for line in summary:
         print(line)
     path = args.json or Path(__file__).parent / "out" / f"kernels_{'gpu' if on_gpu else 'cpu'}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "goals": summary}, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"meta": meta, "rows": rows, "goals": summary}, indent=1))
     print(f"wrote {path}")
 
 

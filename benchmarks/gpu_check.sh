@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue 8 (training throughput with the same math), for a session with a lent
-# H100/H200. Nothing to install: it needs torch, numpy, pyyaml, pytest (the device image has them) and uses
-# dbgen from this checkout through PYTHONPATH.
+# The one prepared GPU check of training throughput with the same math (the step's fast paths), for a session
+# with a lent H100/H200. Nothing to install: it needs torch, numpy, pyyaml, pytest (the device image has them)
+# and uses dbgen from this checkout through PYTHONPATH.
 #
 #   bash benchmarks/gpu_check.sh                   # from anywhere; ~5-9 min on one H100, never over BUDGET_S
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh         # the same script on a CPU: tiny configs and batches

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of dbgen.kernels (issue 7), for a session with a lent H100/H200.
+# The one prepared GPU check of dbgen.kernels (correctness and speed of the bitwise kernels), for a session
+# with a lent H100/H200.
 #
 #   bash benchmarks/gpu_kernels_check.sh            # from the repo root; ~3-5 minutes
 #   SANITIZE=1 bash benchmarks/gpu_kernels_check.sh # also compute-sanitizer memcheck + racecheck (~+3 min)

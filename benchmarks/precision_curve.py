@@ -1,4 +1,4 @@
-"""bf16 vs fp32 training curve (issue 8, "Same math"): does bf16 autocast train like fp32?
+"""bf16 vs fp32 training curve ("same math"): does bf16 autocast train like fp32?
 
 ::
 
@@ -7,7 +7,7 @@
         [key=value ...]
 
 Trains the same config several times on one device with the trainer's own step (:func:`dbgen.step.run_step`
-with :class:`dbgen.step.LocalSync`, :func:`dbgen.step.build_optimizer`, :func:`dbgen.trainer.lr_at`): fp32 runs
+with :class:`dbgen.sync.LocalSync`, :func:`dbgen.step.build_optimizer`, :func:`dbgen.step.lr_at`): fp32 runs
 for every ``--seeds`` and bf16-autocast runs (``train.precision=bf16``, fp32 master weights) for every
 ``--bf16-seeds``. All runs see the same batches in the same order (the loader's seed is the config's
 ``train.seed``); ``--seed`` sets the model initialization and the latent / dequantization noise. It records the
@@ -48,29 +48,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dbgen.config import load_config
+from dbgen.config import load_config, micro_batch_size
 from dbgen.data import TrainLoader, convert, open_split, read_rows, resolve_split
 from dbgen.data.builtin import cache_root
-from dbgen.data.converters import ROW_GROUP_ROWS, Chunk, Source, write_split
 from dbgen.data.split import MANIFEST, sha256_file
+from dbgen.data.writer import ROW_GROUP_ROWS, Chunk, Source, write_split
 from dbgen.step import (
     PhaseClock,
     autocast_context,
     autocast_dtype,
     batch_to_device,
     eval_mode,
+    lr_at,
     resolve_stats,
     run_step,
     single_device_setup,
     use_channels_last,
 )
-from dbgen.trainer import lr_at, micro_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "train.tar"
 HOLDOUT_EVERY = 10  # every 10th image of the tar (archive order: class by class) is held out
 EVAL_SEED = 12345  # the held-out set's latent / dequantization noise: the same in every run and eval
-INIT_BOUND_BPD = 1e-3  # issue 8: at initialization the bf16 loss is within 1e-3 bits/dim of fp32
+INIT_BOUND_BPD = 1e-3  # the requirement: at initialization the bf16 loss is within 1e-3 bits/dim of fp32
 
 
 # ------------------------------------------------------------------------------------------------------ data

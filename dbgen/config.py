@@ -6,6 +6,13 @@
 * Unknown keys, wrong types and missing required keys raise :class:`ConfigError` naming the file and the
   dotted key, before anything is built.
 * ``model`` is a tagged union: ``model.name`` picks the model's section class.
+
+Validation lives here, all of it: every check that needs only the config runs when a config is built (by
+:func:`load_config`, or by constructing the dataclasses), so the training driver, the bench, the tests and a
+resumed worker all refuse the same configs with the same message. Each section checks its own values in
+``__post_init__``; :class:`Config` checks what spans sections (the batch split over workers and
+micro-batches, what a communication mode needs of the model and of ZeRO). Derived values that need only the
+config live here too (:func:`micro_batch_size`).
 """
 
 from __future__ import annotations
@@ -32,10 +39,13 @@ __all__ = [
     "ScaleConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "check_config",
     "config_hash",
     "load_config",
+    "micro_batch_size",
     "parse_overrides",
     "schema_markdown",
+    "to_yaml",
 ]
 
 
@@ -43,14 +53,19 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the dotted key."""
 
 
-# ----------------------------------------------------------------------------------------------- models
+# ------------------------------------------------------------------------------------------- validation
 def _require(section, prefix: str, checks) -> None:
-    """Raise ConfigError for the first ``(key, ok, expected)`` check that fails, naming ``prefix.key``."""
+    """Raise ConfigError for the first ``(key, ok, expected)`` check that fails, naming ``prefix.key`` (``key``
+    may be dotted, relative to ``section``; an empty prefix names ``key`` alone)."""
     for key, ok, expected in checks:
         if not ok:
-            raise ConfigError(f"'{prefix}.{key}' = {getattr(section, key)!r}: expected {expected}")
+            value = section
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"'{f'{prefix}.{key}' if prefix else key}' = {value!r}: expected {expected}")
 
 
+# ----------------------------------------------------------------------------------------------- models
 @dataclass(kw_only=True)
 class RVAEConfig:
     """ResNet VAE (Kingma et al. 2016 without IAF) as in Bird et al. 2021."""
@@ -139,6 +154,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    def __post_init__(self):
+        _require(self, "optimizer", [("lr", self.lr > 0, "a number > 0")])
+
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
@@ -175,6 +193,24 @@ class TrainConfig:
     # Serve metrics with prometheus_client on 127.0.0.1:metrics_port+rank instead of Ray's metrics agent.
     metrics_port: int | None = None
 
+    def __post_init__(self):
+        # What would otherwise only fail inside a worker, after Ray and DeepSpeed started.
+        _require(self, "train", [
+            ("max_steps", self.max_steps >= 0, "an int >= 0"),
+            ("grad_accum", self.grad_accum >= 1, "an int >= 1"),
+            ("grad_clip", self.grad_clip > 0, "a number > 0"),
+            ("skip_threshold", self.skip_threshold > 0, "a number > 0"),
+            ("init_batch_size", self.init_batch_size >= 1, "an int >= 1"),
+            ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "null or in (0, 1)"),
+            *[(key, getattr(self, key) >= 0, "an int >= 0 (0: only at the end)")
+              for key in ("checkpoint_every", "eval_every", "sample_every")],
+            ("log_every", self.log_every >= 1, "an int >= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "an int >= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "an int >= 1"),
+            ("eval_batches", self.eval_batches is None or self.eval_batches >= 1, "null or >= 1"),
+            ("num_samples", self.num_samples >= 0, "an int >= 0"),
+        ])
+
 
 @dataclass(kw_only=True)
 class ScaleConfig:
@@ -185,12 +221,23 @@ class ScaleConfig:
     max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
 
+    def __post_init__(self):
+        _require(self, "scale", [
+            ("num_workers", self.num_workers >= 1, "an int >= 1"),
+            ("cpus_per_worker", self.cpus_per_worker > 0, "a number > 0"),
+            ("max_failures", self.max_failures >= 0, "an int >= 0"),
+        ])
+
 
 @dataclass(kw_only=True)
 class CommConfig:
     binary_weights: Literal["dp", "packed"] = "dp"  # packed: sharded latents, 1-bit sign all-gather
     binary_grads: Literal["none", "onebit"] = "none"  # onebit: 1-bit gradient reduce-scatter, error feedback
     onebit_warmup_steps: int = 100
+
+    def __post_init__(self):
+        _require(self, "comm", [("onebit_warmup_steps", self.onebit_warmup_steps >= 0,
+                                 "an int >= 0 (uncompressed steps before 1-bit gradients)")])
 
 
 @dataclass(kw_only=True)
@@ -203,11 +250,40 @@ class Config:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     comm: CommConfig = field(default_factory=CommConfig)
 
+    def __post_init__(self):
+        # Checks across sections; each section checked itself when it was built.
+        micro_batch_size(self, self.scale.num_workers)
+        mode = (self.comm.binary_weights, self.comm.binary_grads)
+        if mode != ("dp", "none"):
+            with_mode = f"with comm.binary_weights={mode[0]}, comm.binary_grads={mode[1]}"
+            what = " and shards the binary latents and their optimizer state" if mode[0] == "packed" else ""
+            _require(self, "", [
+                ("model.binary_weights", self.model.binary_weights, f"true {with_mode} (they act on binary layers)"),
+                ("scale.zero_stage", self.scale.zero_stage == 0,
+                 f"0 {with_mode} (the mode exchanges gradients itself{what})"),
+            ])
+
     def to_dict(self) -> dict:
         return _plain(asdict(self))
 
 
 MODEL_CONFIGS = {"rvae": RVAEConfig, "flowpp": FlowPPConfig}
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Rows per micro-batch per worker: ``train.batch_size / (world_size * train.grad_accum)``, exactly."""
+    t = cfg.train
+    per_step = world_size * t.grad_accum
+    if t.grad_accum < 1 or t.batch_size < 1 or t.batch_size % per_step:
+        raise ConfigError(f"'train.batch_size' = {t.batch_size}: expected a positive multiple of "
+                          f"scale.num_workers ({world_size}) x train.grad_accum ({t.grad_accum}) = {per_step}")
+    return t.batch_size // per_step
+
+
+def check_config(cfg: Config) -> None:
+    """Every check :func:`load_config` runs, on a config that was built already (e.g. changed in code since);
+    raises :class:`ConfigError` naming the key."""
+    load_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------- loading

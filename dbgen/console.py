@@ -19,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .rundir import METRICS_FILE
+
 __all__ = ["MetricsFollower", "format_record", "setup_logging", "verbose_from_env"]
 
 log = logging.getLogger("dbgen")
@@ -79,13 +81,13 @@ class MetricsFollower:
 
     def __init__(self, run_dir: Path, max_steps: int, start_step: int = 0, progress: bool | None = None,
                  poll_s: float = 0.5):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.max_steps, self.poll_s = max_steps, poll_s
         self._seen = {line for line in self._lines()}
         self._stop = threading.Event()
         self._bar = None
         if progress if progress is not None else sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # here: only a terminal gets a bar
 
             self._bar = tqdm(total=max_steps, initial=start_step, unit="step", file=sys.stderr, leave=False,
                              dynamic_ncols=True)

@@ -7,6 +7,9 @@ run's ``data.eval``) is evaluated once with the importance-weighted bound of ``-
 (K=1 is the ELBO / the flow's dequantized bound). EMA weights are used when the run kept an EMA.
 ``--packed FILE`` evaluates an exported artifact (``python -m dbgen.export``) instead of a run; ``--workers N``
 spreads the split over N Ray actors that receive the weights as packed bytes through the object store.
+
+The loop is :func:`dbgen.eval_loop.bpd_sum`, the one the trainer and the actors run; reading the run is
+:func:`dbgen.rundir.load_run`.
 """
 
 from __future__ import annotations
@@ -14,93 +17,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config
+from .data import DataError, EvalLoader, resolve_split
+from .eval_loop import evaluate_bpd
+from .export import ArtifactError, evaluate_with_actors, load_artifact, pack_model
+from .ray_local import connect_ray
+from .rundir import RunError, load_run
 
-__all__ = ["RunError", "evaluate_bpd", "latest_checkpoint", "load_run", "main"]
+__all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
-# Layout of a checkpoint directory, written by dbgen.trainer (kept here: evaluate must not import DeepSpeed).
-META_FILE = "meta.json"
-DS_TAG = "ds"
-DS_MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-class RunError(ValueError):
-    """A run directory or checkpoint is missing or unreadable; the message names the path."""
-
-
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
-    """``(checkpoint dir, meta)`` of the run's checkpoint with the highest step."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise RunError(f"run directory not found: {run_dir}")
-    found = []
-    for meta_path in run_dir.glob(f"checkpoint_*/{META_FILE}"):
-        try:
-            meta = json.loads(meta_path.read_text())
-            found.append((int(meta["step"]), meta_path.parent, meta))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("skipping unreadable checkpoint %s: %s", meta_path.parent, e)
-    if not found:
-        raise RunError(f"{run_dir}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
-                       f"of python -m dbgen.train, and did it reach its first checkpoint?)")
-    _, path, meta = max(found, key=lambda t: t[0])
-    return path, meta
-
-
-def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu"):
-    """The model of a run's latest checkpoint, in eval mode, and ``info`` (checkpoint, step, config, ema)."""
-    from .models import build
-
-    ckpt, meta = latest_checkpoint(run_dir)
-    try:
-        cfg = load_config(meta["config"])
-    except (ConfigError, KeyError) as e:
-        raise RunError(f"{ckpt / META_FILE}: invalid config: {e}") from None
-    weights = ckpt / DS_TAG / DS_MODEL_FILE
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise RunError(f"{weights}: cannot read model weights: {e}") from None
-    model = build(cfg.model)
-    use_ema = ema and state.get("ema") is not None
-    model.load_state_dict(state["ema"] if use_ema else state["module"])
-    model.to(device).eval()
-    info = {"checkpoint": str(ckpt), "step": meta["step"], "config": cfg, "ema": use_ema}
-    return model, info
-
-
-@torch.no_grad()
-def evaluate_bpd(model, batches, samples: int = 1, max_batches: int | None = None) -> tuple[float, int]:
-    """Mean bits/dim over every row of ``batches`` (uint8 NCHW tensors) and the number of rows."""
-    device = next(model.parameters()).device
-    total, rows = 0.0, 0
-    for i, x in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        bpd = model.log_likelihood_bpd(x.to(device), samples=samples)  # (N,)
-        total += bpd.double().sum().item()
-        rows += x.shape[0]
-    return (total / rows if rows else math.nan), rows
-
 
 def main(argv=None) -> int:
-    from .data import DataError, EvalLoader, resolve_split
-
     p = argparse.ArgumentParser(prog="python -m dbgen.evaluate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (<storage>/<name>)")
     src.add_argument("--packed", help="a packed artifact (python -m dbgen.export) instead of a run")
     p.add_argument("--workers", type=int, default=0, help="evaluate with N Ray actors that get the weights as "
-                   "packed bytes through the object store (shard i seeded with dbgen.export.shard_seed; --max-batches "
+                   "packed bytes through the object store (shard i seeded with dbgen.rundir.derive_seed; --max-batches "
                    "then bounds each shard)")
     p.add_argument("--data", default=None, help="held-out split (directory or builtin:NAME); default: the "
                    "run's data.eval")
@@ -118,8 +58,6 @@ def main(argv=None) -> int:
     artifact = None
     try:
         if args.packed:
-            from .export import ArtifactError, load_artifact
-
             try:
                 model, info, artifact = load_artifact(args.packed, device=device)
             except ArtifactError as e:
@@ -137,10 +75,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     if args.workers > 0:
-        import ray
-
-        from .export import evaluate_with_actors, pack_model
-        from .train import connect_ray
+        import ray  # here: only --workers needs Ray (seconds to import)
 
         log.info(connect_ray())
         artifact = artifact or pack_model(model, info["config"], {"checkpoint": info["checkpoint"],

@@ -17,7 +17,9 @@ stored config: binary layers get exactly the stored signs (+-1 latents), the res
 
 Packed weights are also how models travel to Ray actors: :class:`PackedModelActor` gets the artifact's bytes
 from the object store (one ``ray.put`` of ~10 MB for the paper RVAE instead of 225 MB of fp32 tensors) and
-evaluates or samples; :func:`evaluate_with_actors` splits a held-out split over several of them.
+evaluates or samples; :func:`evaluate_with_actors` splits a held-out split over several of them. An actor's
+loop is :func:`dbgen.eval_loop.bpd_sum` (the trainer's and ``dbgen.evaluate``'s) and shard ``i`` is seeded
+with :func:`dbgen.rundir.derive_seed`.
 """
 
 from __future__ import annotations
@@ -27,10 +29,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +38,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
+from .atomic import write_atomic
 from .config import Config, ConfigError, load_config
+from .data import EvalLoader
+from .eval_loop import bpd_sum
+from .models import build
 from .nn import binary_layers, packed_state_dict
 from .nn.state import PACKED_SUFFIX, load_packed_state_dict
+from .rundir import RunError, derive_seed, load_run
 
 __all__ = ["ArtifactError", "PackedArtifact", "PackedModelActor", "evaluate_with_actors", "export_model",
            "export_run", "load_artifact", "load_packed", "main", "pack_model", "read_packed"]
@@ -94,32 +99,15 @@ def pack_model(model: nn.Module, cfg: Config, source: dict | None = None) -> byt
     return body + hashlib.sha256(body).digest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_model(model: nn.Module, cfg: Config, out: str | Path, source: dict | None = None) -> dict:
     """Write ``model`` as an artifact at ``out`` (atomically); returns path, bytes and sha256."""
     data = pack_model(model, cfg, source)
-    _write_atomic(Path(out), data)
+    write_atomic(out, data)
     return {"path": str(out), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def export_run(run_dir: str | Path, out: str | Path, ema: bool = True) -> dict:
     """Export the latest checkpoint of a training run (its EMA weights if it kept an EMA and ``ema``)."""
-    from .evaluate import load_run
-
     model, info = load_run(run_dir, ema=ema)
     source = {"run": str(Path(run_dir).resolve()), "checkpoint": info["checkpoint"], "step": info["step"],
               "ema": info["ema"]}
@@ -184,8 +172,6 @@ def load_packed(source: str | Path | bytes | PackedArtifact, device: str | torch
     """The model stored in an artifact (a path, its bytes or a :func:`read_packed` result), in eval mode on
     ``device``: binary layers hold exactly the stored signs as +-1 latents, other tensors the stored fp16
     values in fp32."""
-    from .models import build
-
     art = source if isinstance(source, PackedArtifact) else read_packed(source)
     try:
         cfg = art.config
@@ -206,7 +192,7 @@ def load_packed(source: str | Path | bytes | PackedArtifact, device: str | torch
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict, bytes]:
-    """``(model, info, bytes)`` of an artifact file; ``info`` like :func:`dbgen.evaluate.load_run`'s
+    """``(model, info, bytes)`` of an artifact file; ``info`` like :func:`dbgen.rundir.load_run`'s
     (checkpoint, step, config, ema; from the artifact's header)."""
     data, _ = _read_bytes(path)
     art = read_packed(data)
@@ -235,27 +221,15 @@ class PackedModelActor:
                  max_batches: int | None = None) -> tuple[float, int]:
         """(sum of bits/dim, rows) over this shard's rows of ``split`` (EvalLoader rank ``shard`` of
         ``shards``), with the RNG seeded by ``seed``."""
-        from .data import EvalLoader
-
         torch.manual_seed(seed)
         loader = EvalLoader(split, batch_size=batch_size, rank=shard, world_size=shards, backend="arrow")
-        total, rows = 0.0, 0
-        for i, x in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            total += self.model.log_likelihood_bpd(x, samples=samples).double().sum().item()
-            rows += x.shape[0]
-        return total, rows
+        total, rows = bpd_sum(self.model, loader, samples=samples, max_batches=max_batches)
+        return total.item(), rows
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
         torch.manual_seed(seed)
         return self.model.sample(n, temperature=temperature)
-
-
-def shard_seed(seed: int, shard: int) -> int:
-    """The RNG seed of eval shard ``shard`` (distinct and reproducible per shard)."""
-    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
 
 
 def evaluate_with_actors(artifact: bytes, split: str | Path, workers: int, batch_size: int = 256, samples: int = 1,
@@ -264,15 +238,15 @@ def evaluate_with_actors(artifact: bytes, split: str | Path, workers: int, batch
 
     The artifact's bytes go into the object store once (``ray.put``); each actor receives them as its
     constructor argument and evaluates shard ``i`` of ``workers`` of the split with seed
-    ``shard_seed(seed, i)``. ``max_batches`` bounds each shard.
+    ``derive_seed(seed, i)``. ``max_batches`` bounds each shard.
     """
-    import ray
+    import ray  # here: the rest of this module (export, load) needs no Ray
 
     ref = ray.put(bytes(artifact))
     Actor = ray.remote(num_cpus=cpus_per_actor)(PackedModelActor)
     actors = [Actor.remote(ref) for _ in range(workers)]
     try:
-        parts = ray.get([a.evaluate.remote(str(split), i, workers, batch_size, samples, shard_seed(seed, i),
+        parts = ray.get([a.evaluate.remote(str(split), i, workers, batch_size, samples, derive_seed(seed, i),
                                            max_batches) for i, a in enumerate(actors)])
         received = ray.get(actors[0].info.remote())
     finally:
@@ -291,8 +265,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    from .evaluate import RunError
-
     try:
         result = export_run(args.run, args.out, ema=not args.no_ema)
     except (RunError, ConfigError, OSError) as e:

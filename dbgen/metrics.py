@@ -4,8 +4,8 @@ One table (:data:`METRICS`) defines every metric; it drives both exporters and t
 
 * ``ray`` (default inside Ray): ``ray.util.metrics``, served by each node's metrics agent (the port given to
   ``ray start --metrics-export-port``); Ray prefixes ``ray_`` and appends ``_total`` to counters.
-* ``http``: ``prometheus_client`` on ``127.0.0.1:<port + worker rank>`` (``python -m dbgen.train
-  --metrics-port P``), for setups without a Ray metrics endpoint. Names are the same as the Ray ones
+* ``http``: ``prometheus_client`` on ``127.0.0.1:<port + worker rank>`` (``train.metrics_port=P``), for
+  setups without a Ray metrics endpoint. Names are the same as the Ray ones
   (``ray_dbgen_...``), so one scrape config and one dashboard serve both.
 
 Labels are bounded: ``run``, ``worker`` (rank), ``kind`` (a fixed set per metric); the info metric carries the
@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .sync.accounting import KINDS as COMM_KINDS
+
 log = logging.getLogger(__name__)
 
 __all__ = ["METRICS", "Metric", "TrainMetrics", "exported_name", "metrics_markdown"]
 
 PHASES = ("data_wait", "forward", "backward", "optimizer", "communication")
-COMM_KINDS = ("grad", "weight", "other")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class _HttpBackend:
         self._m[name].labels(**labels).set(value)
 
     def close(self):
-        self.server.shutdown()
+        self.server.shutdown()  # stops serving ...
+        self.server.server_close()  # ... and releases the port
 
 
 class TrainMetrics:
@@ -180,5 +182,6 @@ class TrainMetrics:
         self._inc("dbgen_comm_bytes", nbytes, kind=kind)
 
     def close(self) -> None:
+        """The end of the run (the trainer's ``fit``): stop the HTTP server, if this exporter runs one."""
         if isinstance(self._b, _HttpBackend):
             self._b.close()

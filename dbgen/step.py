@@ -1,5 +1,5 @@
 """One optimizer step on one device: the math every training path shares (``dbgen.train``'s workers and
-``python -m dbgen.bench train``). Distribution lives behind the ``sync`` object (:mod:`dbgen.trainer`)::
+``python -m dbgen.bench train``). Distribution lives behind the ``sync`` object (:mod:`dbgen.sync`)::
 
     for each of train.grad_accum micro-batches:
         with autocast: loss = forward(x)       bf16 autocast on GPU (train.precision), fp32 master weights
@@ -14,11 +14,12 @@ Nothing here waits for the GPU: the skip decision, the clip and the EMA stay on 
 are CUDA events (:class:`PhaseClock`) that the trainer reads once per logging interval. Settings that speed
 the step up without changing its math (``train.channels_last``, ``train.compile``) are applied by
 :func:`prepare_model`; ``tests/test_step.py`` checks that they give the plain fp32 loss and gradients.
+The optimizer (:class:`ClientAdam`, :func:`build_optimizer`) and its learning-rate schedule (:func:`lr_at`)
+are defined here, with the step that drives them.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -26,17 +27,19 @@ import torch
 from torch import nn
 
 from .config import Config, TrainConfig
+from .models import build
 from .nn import binary_latents, data_dependent_init
+from .sync.local import LocalSync
 
 __all__ = [
     "EMA",
     "ClientAdam",
-    "LocalSync",
     "PhaseClock",
     "autocast_context",
     "autocast_dtype",
     "batch_to_device",
     "build_optimizer",
+    "lr_at",
     "clip_and_skip",
     "eval_mode",
     "prepare_model",
@@ -137,6 +140,17 @@ def build_optimizer(cfg: Config, model: nn.Module) -> ClientAdam:
                       decoupled_weight_decay=o.name == "adamw")
 
 
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``max(min_lr, lr * decay**step)``, times a linear
+    warm-up ``min(1, (step + 1) / warmup_steps)``. A pure function of the step, so the schedule's state is
+    the step itself (checkpointed)."""
+    s = cfg.schedule
+    lr = max(s.min_lr, cfg.optimizer.lr * s.decay**step)
+    if s.warmup_steps > 0:
+        lr *= min(1.0, (step + 1) / s.warmup_steps)
+    return lr
+
+
 def clip_and_skip(norm: torch.Tensor, t: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's decision from the global gradient norm, on its device: ``skip`` when the norm is not finite
     or exceeds ``skip_threshold``; ``clip_coef = min(1, grad_clip / (norm + 1e-6))`` (1 on a skipped step)."""
@@ -193,10 +207,8 @@ class EMA:
 # -------------------------------------------------------------------------------- one device, without DeepSpeed
 def single_device_setup(cfg: Config, init_x: torch.Tensor, device: torch.device):
     """What a worker builds before its first step, for one process without DeepSpeed: the model (on ``device``,
-    data-initialized on ``init_x``, then :func:`prepare_model`), a :class:`LocalSync` with its
+    data-initialized on ``init_x``, then :func:`prepare_model`), a :class:`~dbgen.sync.LocalSync` with its
     :func:`build_optimizer`, and the EMA (None without ``train.ema_decay``). Seed the RNG first."""
-    from .models import build
-
     model = build(cfg.model).to(device)
     data_dependent_init(model, init_x.to(device))  # eager fp32, as the trainer does
     prepare_model(model, cfg, device)
@@ -226,6 +238,8 @@ class PhaseClock:
     :meth:`mark` ends the current phase: on CUDA it records an event on the current stream, on CPU it reads
     ``perf_counter`` (CPU work is synchronous). :meth:`seconds` sums the durations per phase name; on CUDA it
     waits for the last event, so call it when the step's results are read anyway (once per log interval).
+    ``mark(None)`` ends a stretch that is timed elsewhere (the trainer's data wait, host time): it counts in
+    ``step`` but is no phase.
     """
 
     def __init__(self, device: torch.device):
@@ -239,7 +253,7 @@ class PhaseClock:
             return event
         return time.perf_counter()
 
-    def mark(self, phase: str) -> None:
+    def mark(self, phase: str | None) -> None:
         self.marks.append((phase, self._now()))
 
     def seconds(self) -> dict[str, float]:
@@ -254,44 +268,13 @@ class PhaseClock:
                 return b - a
         out: dict[str, float] = {}
         for (_, a), (phase, b) in zip(self.marks, self.marks[1:], strict=False):
-            out[phase] = out.get(phase, 0.0) + between(a, b)
+            if phase is not None:
+                out[phase] = out.get(phase, 0.0) + between(a, b)
         out["step"] = between(self.marks[0][1], self.marks[-1][1])
         return out
 
 
 # ----------------------------------------------------------------------------------------------- the step
-class LocalSync:
-    """The gradient-sync interface (:class:`dbgen.trainer.GradientSync`) for one process without DeepSpeed:
-    what ``dbgen.bench train`` and single-device tests run. Same math as ZeRO 0 on one worker."""
-
-    def __init__(self, model: nn.Module, optimizer: ClientAdam, grad_accum: int = 1):
-        self.model, self.optimizer, self.grad_accum = model, optimizer, grad_accum
-
-    def backward(self, loss, last):
-        (loss / self.grad_accum).backward()
-
-    def reduce(self):
-        pass
-
-    def grad_norm(self):
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False).float()
-        return torch.nan_to_num(norm, nan=math.inf)
-
-    def step(self, lr, clip_coef, skip):
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.skip, self.optimizer.clip_coef = skip, clip_coef
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
 def run_step(forward, sync, batches: list[torch.Tensor], t: TrainConfig, lr: float, amp_dtype: torch.dtype | None,
              clock: PhaseClock, model: nn.Module | None = None, ema: EMA | None = None) -> dict:
     """One optimizer step over ``batches`` (the micro-batches, already on the device); see the module docstring.

@@ -14,9 +14,10 @@
   from its latest checkpoint (e.g. with a larger ``train.max_steps``). With several nodes the storage
   directory (and the data) must be on a file system every node sees at the same path.
 
-Outputs in the run directory: ``config.yaml``, ``metrics.jsonl``, ``samples/step_*.png``, ``checkpoint_*/``,
-``summary.json``; the console shows a header, dbgen's step/eval/checkpoint/sample lines and the summary
-(:mod:`dbgen.console`; ``--verbose`` or ``DBGEN_VERBOSE=1`` adds the workers' own output).
+Outputs in the run directory (its layout is :mod:`dbgen.rundir`'s): ``config.yaml``, ``metrics.jsonl``,
+``samples/step_*.png``, ``checkpoint_*/``, ``summary.json``; the console shows a header, dbgen's
+step/eval/checkpoint/sample lines and the summary (:mod:`dbgen.console`; ``--verbose`` or ``DBGEN_VERBOSE=1``
+adds the workers' own output).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, load_config
-from .console import setup_logging, verbose_from_env
+from .config import Config, ConfigError, load_config, micro_batch_size, schema_markdown, to_yaml
+from .console import MetricsFollower, setup_logging, verbose_from_env
+from .data import DataError, open_split, ray_data_config, ray_datasets, resolve_split
+from .models import build
+from .nn import size_report
+from .ray_local import connect_ray
+from .rundir import CONFIG_FILE, SUMMARY_FILE, RunError, check_resume, latest_checkpoint
+from .trainer import train_worker
 
 log = logging.getLogger("dbgen.train")
 
@@ -46,12 +53,9 @@ class RunSetupError(ValueError):
 
 # ------------------------------------------------------------------------------------------- preflight
 def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
-    """All checks that need no Ray; returns the paths the workers get. Raises ConfigError/RunSetupError."""
-    from .data import DataError, resolve_split
-    from .evaluate import RunError, latest_checkpoint
-    from .trainer import check_train_config
-
-    check_train_config(cfg)
+    """All checks that need no Ray (the config checked itself when it was loaded): the data splits, the run
+    directory and, when it holds a checkpoint, whether ``cfg`` can resume it. Returns the paths the workers get;
+    raises :class:`RunSetupError`."""
     try:
         train_dir = str(resolve_split(cfg.data.train, "train"))
     except DataError as e:
@@ -80,54 +84,27 @@ def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
     except RunError:
         ckpt = None
     if ckpt is not None:
-        old = load_config(meta["config"])
-        if old.model != cfg.model:
-            raise RunSetupError(f"{run_dir} holds a run of another model ({ckpt.name}: model {old.model}); "
-                                f"use another --name to start a new run")
-        if meta["zero_stage"] > 0 and (meta["world_size"] != cfg.scale.num_workers
-                                       or meta["zero_stage"] != cfg.scale.zero_stage):
-            raise RunSetupError(f"{ckpt} was written by {meta['world_size']} workers with ZeRO stage "
-                                f"{meta['zero_stage']}: its optimizer state is partitioned, resume it with "
-                                f"scale.num_workers={meta['world_size']} scale.zero_stage={meta['zero_stage']}")
-        if meta["zero_stage"] == 0 and cfg.scale.zero_stage > 0:
-            raise RunSetupError(f"{ckpt} was written with ZeRO stage 0; resume it with scale.zero_stage=0")
-        if old.comm.binary_weights != cfg.comm.binary_weights:  # packed keeps latents and their Adam state sharded
-            raise RunSetupError(f"{ckpt} was written with comm.binary_weights={old.comm.binary_weights}; resume it "
-                                f"with comm.binary_weights={old.comm.binary_weights}")
+        try:
+            check_resume(ckpt, meta, cfg, cfg.scale.num_workers)
+        except RunError as e:
+            raise RunSetupError(str(e)) from None
     return {"run_dir": str(run_dir), "train_dir": train_dir, "eval_dir": eval_dir,
             "resume_from": str(ckpt) if ckpt else None}
 
 
 # ------------------------------------------------------------------------------------------------- Ray
-def connect_ray(verbose: bool = False) -> str:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray on 127.0.0.1. Returns a description.
-
-    Unless ``verbose``, the workers' output (DeepSpeed, Ray Train's per-rank reports, Ray Data's progress bars)
-    stays in Ray's log files instead of streaming to this console, and Ray's driver-side logger shows errors
-    only (not, e.g., its notice that token auth is on)."""
-    from .ray_local import init_ray
-
-    return init_ray(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
-                    logging_level=logging.INFO if verbose else logging.ERROR)
-
-
 def _rows(split_dir: str | None) -> str:
-    from .data import open_split
-
     return "none" if split_dir is None else f"{open_split(split_dir).num_rows:,} rows ({split_dir})"
 
 
 def header(cfg: Config, name: str, paths: dict, ray_desc: str) -> list[str]:
     """The run's opening lines: run, model and parameter counts, workers and devices, data."""
-    from .models import build
-    from .nn import size_report
-
     m, s, t = cfg.model, cfg.scale, cfg.train
     size = size_report(build(cfg))
     kind = (("binary weights" if m.binary_weights else "fp weights")
             + (", binary activations" if m.binary_activations else ""))
     resume = f"resuming from {Path(paths['resume_from']).name}" if paths["resume_from"] else "new run"
-    micro = t.batch_size // (s.num_workers * t.grad_accum)
+    micro = micro_batch_size(cfg, s.num_workers)
     device = "GPU" if s.use_gpu else "CPU"
     return [
         f"run {name} in {paths['run_dir']} ({resume})",
@@ -144,19 +121,15 @@ def header(cfg: Config, name: str, paths: dict, ray_desc: str) -> list[str]:
 def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: dict | None = None,
         verbose: bool = False) -> dict:
     """Train ``cfg`` as run ``name`` under ``storage``; returns the run's summary (see dbgen.trainer)."""
+    # Ray here, not at the top: a bad config or path exits before Ray is imported (seconds) or started.
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from .config import to_yaml
-    from .console import MetricsFollower
-    from .data import ray_data_config, ray_datasets
-    from .trainer import train_worker
 
     driver_start = time.time()
     paths = paths or prepare(cfg, name, storage)
     run_dir = Path(paths["run_dir"])
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    import ray
+    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
 
     owns_ray = not ray.is_initialized()
     ray_desc = connect_ray(verbose)
@@ -193,7 +166,7 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
     finally:
         if owns_ray:
             ray.shutdown()
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / SUMMARY_FILE).read_text())
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -207,9 +180,6 @@ def main(argv=None) -> int:
                    "run of this name is resumed")
     p.add_argument("--storage", default=os.environ.get("DBGEN_STORAGE", DEFAULT_STORAGE),
                    help=f"directory of runs (default $DBGEN_STORAGE or {DEFAULT_STORAGE})")
-    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                   help="serve Prometheus metrics with prometheus_client on 127.0.0.1:P+rank (for setups without "
-                        "a Ray metrics endpoint); same as train.metrics_port=P")
     p.add_argument("--verbose", action="store_true", default=verbose_from_env(),
                    help="also stream Ray's, Ray Train's, Ray Data's and DeepSpeed's own output from every worker "
                         "(default: only in Ray's log files; DBGEN_VERBOSE=1 does the same)")
@@ -217,8 +187,6 @@ def main(argv=None) -> int:
                    help="print every config key as a Markdown table (the README's) and exit")
     args = p.parse_args(argv)
     if args.print_config_table:
-        from .config import schema_markdown
-
         print(schema_markdown())
         return 0
     if not args.config:
@@ -226,15 +194,12 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        overrides = list(args.overrides)
-        if args.metrics_port is not None:
-            overrides.append(f"train.metrics_port={args.metrics_port}")
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, args.overrides)
         paths = prepare(cfg, name, args.storage)
     except (ConfigError, RunSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import ray.train
+    import ray.train  # as in run(): only once the run can start
 
     try:
         summary = run(cfg, name, args.storage, paths, verbose=args.verbose)
@@ -244,7 +209,7 @@ def main(argv=None) -> int:
     shown = {k: summary[k] for k in ("steps", "final_train_bpd", "final_eval_bpd", "skipped_steps", "images_per_s",
                                      "wall_s", "resumed_from")}
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}
-    print(f"summary ({paths['run_dir']}/summary.json):")
+    print(f"summary ({Path(paths['run_dir']) / SUMMARY_FILE}):")
     print(yaml.safe_dump(shown, sort_keys=False).rstrip())
     return 0
 

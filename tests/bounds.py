@@ -1,4 +1,4 @@
-"""Tolerances from rounding-error bounds, for comparing a float result with a reference (issue 13).
+"""Tolerances from rounding-error bounds, for comparing a float result with a reference.
 
 A fixed ``atol`` passes or fails with the CPU's vector width and summation order: an fp32 sum of 2,304
 products lands ~1e-4 from the exact sum on one machine and further on another. These are the standard

@@ -17,8 +17,8 @@ from dbgen.bench.train import bench, bf16_peak, format_table, parse_variant, ref
 from dbgen.config import load_config
 from dbgen.models import build
 from dbgen.nn import BinaryConvTranspose2d, WeightNormLayer, WNConvTranspose2d, data_dependent_init
-from dbgen.step import EMA, LocalSync, PhaseClock, build_optimizer, prepare_model, resolve_stats, run_step
-from dbgen.trainer import lr_at
+from dbgen.step import EMA, PhaseClock, build_optimizer, lr_at, prepare_model, resolve_stats, run_step
+from dbgen.sync import LocalSync
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

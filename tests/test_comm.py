@@ -1,30 +1,21 @@
-"""dbgen.comm: byte accounting, 1-bit messages, the flat binary layout, per-rank partitions (fast, one process);
+"""dbgen.sync's communication: byte accounting, 1-bit messages, the flat binary layout, per-rank partitions (fast,
+one process);
 and, in spawned gloo process groups (slow): the counted bytes of every collective and of a whole training step
 in every comm mode equal what the kernel saw this process write to its sockets (``/proc/self/io`` wchar)."""
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from bounds import gamma
+from gloo_group import spawn
 
-from dbgen import comm
-from dbgen.comm import (
-    ALIGN,
-    ONEBIT_CHUNK,
-    BinaryLayout,
-    CommCounter,
-    bytes_sent,
-    comm_kind,
-    load_partitions,
-    onebit_compress,
-    onebit_decompress,
-    save_partition,
-    slice_size,
-)
+from dbgen.nn import pack_signs
+from dbgen.sync import accounting
+from dbgen.sync.accounting import CommCounter, bytes_sent, comm_kind, current_kind
+from dbgen.sync.collectives import all_gather_flat, reduce_scatter_sum
+from dbgen.sync.layout import ALIGN, BinaryLayout, load_partitions, save_partition, slice_size
+from dbgen.sync.onebit import ONEBIT_CHUNK, OneBitExchange, onebit_compress, onebit_decompress
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rvae_binary_tiny.yaml"
@@ -52,11 +43,11 @@ def test_counter_takes_per_kind_and_kinds_nest():
     assert c.take() == {"grad": 10, "weight": 3, "other": 0}
     assert c.take() == {"grad": 0, "weight": 0, "other": 0}
     assert c.total == {"grad": 10, "weight": 3, "other": 0}
-    assert comm.current_kind() == "other"
+    assert current_kind() == "other"
     with comm_kind("grad"):
         with comm_kind("weight"):
-            assert comm.current_kind() == "weight"
-        assert comm.current_kind() == "grad"
+            assert current_kind() == "weight"
+        assert current_kind() == "grad"
     with pytest.raises(ValueError, match="comm kind 'grads'"):
         c.add("grads", 1)
     with pytest.raises(ValueError, match="expected one of"), comm_kind("bytes"):
@@ -121,7 +112,7 @@ def test_layout_slices_flat_split_and_signs():
     assert torch.equal(lay.flat([None, *params[1:]])[:45], torch.zeros(45))
     # signs written from the packed flat vector, tensor by tensor at bit offsets 45, 52, 602, 603
     expected = [torch.where(p.detach() >= 0, 1.0, -1.0) for p in params]
-    lay.write_signs(comm.pack_signs(flat))
+    lay.write_signs(pack_signs(flat))
     for p, e in zip(params, expected, strict=True):
         assert torch.equal(p.detach(), e)
 
@@ -179,7 +170,8 @@ def test_partitions_refuse_incomplete_or_foreign_sets(tmp_path):
 ])
 def test_comm_modes_check_their_settings(overrides, message):
     from dbgen.config import ConfigError, load_config
-    from dbgen.trainer import SYNC_MODES, check_train_config
+    from dbgen.config import check_config as check_train_config  # load_config runs the same checks
+    from dbgen.sync import SYNC_MODES
 
     assert {("dp", "none"), ("packed", "none"), ("packed", "onebit"), ("dp", "onebit")} <= set(SYNC_MODES)
     check_train_config(load_config(CONFIG, ["comm.binary_weights=packed", "comm.binary_grads=onebit"]))
@@ -203,12 +195,6 @@ def test_resuming_with_another_binary_weights_mode_is_refused(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ real process groups (gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wchar() -> int:
     """Bytes this process has passed to write()/writev() so far (gloo's TCP transport sends with writev)."""
     for line in Path("/proc/self/io").read_text().splitlines():
@@ -222,20 +208,18 @@ def _measure(fn):
     import torch.distributed as dist
 
     dist.barrier()
-    comm.COUNTER.take()
+    accounting.COUNTER.take()
     before = _wchar()
     out = fn()
     written = _wchar() - before
-    return comm.COUNTER.take(), written, out
+    return accounting.COUNTER.take(), written, out
 
 
-def _collectives_worker(rank: int, world: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _collectives_worker(rank: int, world: int, out_dir: str):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    comm.install()
+    accounting.install()
     n = 3 * 2**17  # 384k fp32 per call, divisible by the world size
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(n, generator=g)
@@ -249,9 +233,9 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str):
     with comm_kind("grad"):
         record("all_reduce", "grad", lambda: dist.all_reduce(x.clone()))
         record("reduce_scatter_single", "grad", lambda: dist.reduce_scatter_single(torch.empty(n // world), x))
-        mine = record("reduce_scatter_sum", "grad", lambda: comm.reduce_scatter_sum(x.clone(), world))
+        mine = record("reduce_scatter_sum", "grad", lambda: reduce_scatter_sum(x.clone(), world))
     with comm_kind("weight"):
-        full = record("all_gather_flat", "weight", lambda: comm.all_gather_flat(torch.empty(n), x[:n // world]))
+        full = record("all_gather_flat", "weight", lambda: all_gather_flat(torch.empty(n), x[:n // world]))
     record("broadcast", "other", lambda: dist.broadcast(x.clone(), src=1))
     record("reduce", "other", lambda: dist.reduce(x.clone(), dst=2))
     record("all_reduce_max", "other", lambda: dist.all_reduce(torch.ones(1), op=dist.ReduceOp.MAX))
@@ -269,7 +253,7 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str):
     # 1-bit exchange (both sides) on a layout whose tail is padding
     params = [torch.nn.Parameter(torch.zeros(n - 1000))]
     lay = BinaryLayout(params, world, rank)
-    ex = comm.OneBitExchange(lay, receiver_side=True)
+    ex = OneBitExchange(lay, receiver_side=True)
     with comm_kind("grad"):
         sl = record("onebit_reduce_scatter", "grad", lambda: ex.reduce_scatter(lay.flat([x[:n - 1000]])))
         avg = record("onebit_all_gather", "grad", lambda: ex.all_gather(sl))
@@ -280,15 +264,13 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str):
     res["onebit_rel_err"] = ((avg[:lay.numel] - exact).norm() / exact.norm()).item()
     res["onebit_sign_agree"] = (torch.sign(avg[:lay.numel]) == torch.sign(exact)).float().mean().item()
     torch.save(res, Path(out_dir) / f"collectives{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_counted_bytes_equal_socket_bytes_for_each_collective(tmp_path):
     world = 3
-    mp.start_processes(_collectives_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
-                       start_method="spawn")
+    spawn(_collectives_worker, world, str(tmp_path))
     n_bytes = 3 * 2**17 * 4
     s = n_bytes // world
     lay_slice = slice_size(3 * 2**17 - 1000, world)
@@ -325,9 +307,7 @@ MODES = {  # name -> config overrides
 }
 
 
-def _step_bytes_worker(rank: int, world: int, port: int, out_dir: str, train_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+def _step_bytes_worker(rank: int, world: int, out_dir: str, train_dir: str):
     import torch.distributed as dist
 
     from dbgen.config import load_config
@@ -335,7 +315,6 @@ def _step_bytes_worker(rank: int, world: int, port: int, out_dir: str, train_dir
     from dbgen.trainer import Trainer
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     res = {}
     for name, overrides in MODES.items():
         cfg = load_config(CONFIG, overrides)
@@ -347,13 +326,12 @@ def _step_bytes_worker(rank: int, world: int, port: int, out_dir: str, train_dir
         steps = []
         for _ in range(2):
             dist.barrier()
-            comm.COUNTER.take()
+            accounting.COUNTER.take()
             before = _wchar()
             stats = tr.train_step(data)  # its comm_bytes: the counter's take() at the end of the step
             steps.append({"counted": stats["comm_bytes"], "written": _wchar() - before})
         res[name] = {"steps": steps, **size_report(tr.model)}
     torch.save(res, Path(out_dir) / f"steps{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -364,9 +342,7 @@ def test_training_step_bytes_per_mode_match_formulas_and_sockets(tmp_path):
     from dbgen.data import resolve_split
 
     world = 2
-    mp.start_processes(_step_bytes_worker, args=(world, _free_port(), str(tmp_path),
-                                                 str(resolve_split("builtin:photos32", "train"))),
-                       nprocs=world, start_method="spawn")
+    spawn(_step_bytes_worker, world, str(tmp_path), str(resolve_split("builtin:photos32", "train")))
     for rank in range(world):
         res = torch.load(tmp_path / f"steps{rank}.pt", weights_only=False)
         P, B = res["dp"]["params"], res["dp"]["binary_params"]

@@ -224,7 +224,7 @@ def test_packed_equals_data_parallel_at_every_step(compare):
 
 @pytest.mark.timeout(600)
 def test_bytes_per_step_by_kind(compare):
-    from dbgen.comm import slice_size
+    from dbgen.sync.layout import slice_size
 
     sizes = compare["dp"]["sizes"]
     P, B = sizes["params"], sizes["binary_params"]
@@ -296,7 +296,8 @@ def test_bench_comm_cli(cluster, capsys):
     """``python -m dbgen.bench comm`` (in-process, on this module's cluster; one mode to keep it short): one
     JSON object with the per-mode bytes (the other modes' counts are tested above and in test_comm.py)."""
     from dbgen.bench.__main__ import main
-    from dbgen.comm import ONEBIT_CHUNK, slice_size
+    from dbgen.sync.layout import slice_size
+    from dbgen.sync.onebit import ONEBIT_CHUNK
 
     assert main(["comm", "--config", str(CONFIG), "--workers", "2", "--steps", "1", "--modes", "packed_onebit",
                  "--json"]) == 0

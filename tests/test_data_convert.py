@@ -469,6 +469,18 @@ def test_existing_split_needs_overwrite_and_foreign_files_are_kept(tmp_path):
     assert (tmp_path / "mine" / "keep.txt").exists()
 
 
+def test_interrupted_conversion_leftovers_are_removed(tmp_path):
+    write_imagenet(tmp_path / "in", {"train_data_batch_1": 3})
+    out = tmp_path / "out"
+    out.mkdir()
+    leftovers = ["shard-00000.parquet.tmp", ".manifest.json.k2j4x1.tmp", "manifest.json.tmp"]  # the last: older
+    for name in leftovers:
+        (out / name).write_text("partial")
+    convert("imagenet-batches", tmp_path / "in", out)
+    assert open_split(out, verify=True).num_rows == 3
+    assert not [p.name for p in out.iterdir() if p.name in leftovers or p.name.endswith(".tmp")]
+
+
 # ------------------------------------------------------------------------------------------- real data
 CIFAR_JPEG_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "train.tar"
 

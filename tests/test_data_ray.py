@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_data_convert
+from ray_cluster import free_port, free_port_range
 from test_data_convert import id_split, ids_of
 
 pytestmark = pytest.mark.slow
@@ -27,37 +27,13 @@ pytestmark = pytest.mark.slow
 N_TRAIN, N_EVAL, BATCH, SEED = 1000, 333, 16, 7
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_range(n: int) -> int:
-    rng = np.random.default_rng()
-    for _ in range(50):
-        base = int(rng.integers(20000, 30000))
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency: a broken install must fail here, not skip
+
     temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray puts unix sockets under it
-    port, base = _free_port(), _free_range(200)
-    ports = {f"--{k}": str(_free_port()) for k in [
+    port, (base, _) = free_port(), free_port_range(200)
+    ports = {f"--{k}": str(free_port()) for k in [
         "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"]}
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",

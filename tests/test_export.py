@@ -10,13 +10,12 @@ weights from the object store as the artifact's bytes and evaluate/sample exactl
 import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_group import spawn
 
 import dbgen
 from dbgen.config import load_config
@@ -116,21 +115,10 @@ def test_artifact_of_another_shape_is_refused(tiny):
 
 
 # ----------------------------------------------------------------------------- a real run, exported (slow)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train_worker(rank: int, world: int, port: int, run_dir: str, train_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    import torch.distributed as dist
-
+def _train_worker(rank: int, world: int, run_dir: str, train_dir: str):
     from dbgen.trainer import Trainer
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(TINY, ["comm.binary_weights=packed", "train.max_steps=6", "train.checkpoint_every=0",
                              "train.eval_every=0", "train.sample_every=0", "train.num_samples=0",
                              "train.eval_batches=2"])
@@ -140,7 +128,6 @@ def _train_worker(rank: int, world: int, port: int, run_dir: str, train_dir: str
         shutil.copytree(local_dir, run / name, dirs_exist_ok=True)
 
     Trainer(cfg, run, train_dir, train_dir, rank=rank, world_size=world, persist=persist).fit()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +137,7 @@ def packed_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("export") / "run"
     run.mkdir()
     split = str(resolve_split("builtin:photos32", "test"))
-    mp.start_processes(_train_worker, args=(2, _free_port(), str(run), split), nprocs=2, start_method="spawn")
+    spawn(_train_worker, 2, str(run), split)
     return run, split
 
 
@@ -159,7 +146,8 @@ def packed_run(tmp_path_factory):
 def test_export_cli_round_trip_matches_the_run(packed_run, tmp_path, capsys):
     from dbgen import evaluate, export, sample
     from dbgen.data import EvalLoader
-    from dbgen.trainer import _rank_seed
+    from dbgen.eval_loop import evaluate_bpd
+    from dbgen.rundir import derive_seed as _rank_seed  # the trainer's per-rank seeds
 
     run, split = packed_run
     out = tmp_path / "tiny.dbgen"
@@ -180,7 +168,7 @@ def test_export_cli_round_trip_matches_the_run(packed_run, tmp_path, capsys):
     for r in range(2):
         torch.manual_seed(_rank_seed(cfg.train.seed + 1, r))
         loader = EvalLoader(split, batch_size=cfg.train.eval_batch_size, rank=r, world_size=2, backend="arrow")
-        bpd, n = evaluate.evaluate_bpd(model, loader, max_batches=cfg.train.eval_batches)
+        bpd, n = evaluate_bpd(model, loader, max_batches=cfg.train.eval_batches)
         total, rows = total + bpd * n, rows + n
     assert rows == summary["eval_rows"]
     assert abs(total / rows - summary["final_eval_bpd"]) < 1e-3, (total / rows, summary["final_eval_bpd"])
@@ -207,8 +195,10 @@ def test_ray_actors_receive_packed_bytes_through_the_object_store(packed_run, tm
     from ray_cluster import RayHead
 
     from dbgen.data import EvalLoader
-    from dbgen.evaluate import evaluate_bpd, load_run
-    from dbgen.export import PackedModelActor, evaluate_with_actors, shard_seed
+    from dbgen.eval_loop import evaluate_bpd
+    from dbgen.export import PackedModelActor, evaluate_with_actors
+    from dbgen.rundir import derive_seed as shard_seed  # the actors' per-shard seeds
+    from dbgen.rundir import load_run
 
     run, split = packed_run
     raw, _ = load_run(run)

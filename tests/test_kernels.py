@@ -18,6 +18,7 @@ import dbgen.kernels as K
 import dbgen.nn as dnn
 from dbgen.kernels.packing import PackedWeight, pack_bits_lastdim, popcount32, unpack_bits_lastdim
 from dbgen.kernels.reference import and_popcount_matmul
+from dbgen.models import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,19 +337,15 @@ def test_to_packed_keeps_unsupported_binary_layers():
     assert isinstance(m[0], dnn.BinaryConvTranspose2d) and isinstance(m[1], dnn.BinaryConv2d)
 
 
-def _model_or_skip(config_name):
-    path = ROOT / "configs" / config_name
-    if not path.is_file():
-        pytest.skip(f"{path} does not exist yet")
-    from dbgen.models import build
-
-    return build(path)
+def _model(config_name):
+    """The tiny preset's model; a missing (e.g. renamed) preset fails the test (ConfigError: not found)."""
+    return build(ROOT / "configs" / config_name)
 
 
 @pytest.mark.parametrize("config_name", ["rvae_binary_act_tiny.yaml", "rvae_binary_tiny.yaml",
                                          "flowpp_binary_act_tiny.yaml", "flowpp_binary_tiny.yaml"])
 def test_to_packed_real_model_same_bits_per_dim(config_name):
-    model = _model_or_skip(config_name)
+    model = _model(config_name)
     torch.manual_seed(3)
     g = gen(11)
     x = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -380,7 +377,7 @@ def test_to_packed_real_model_same_bits_per_dim(config_name):
     assert (samples == expected_samples).float().mean() > 0.95
 
     # The exported packed state (1 bit per binary weight) loads into a fresh model that packs the same way.
-    fresh = _model_or_skip(config_name)
+    fresh = _model(config_name)
     dnn.load_packed_state_dict(fresh, packed_state)
     K.to_packed(fresh.eval())
     with torch.no_grad():

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from dbgen.config import ConfigError, load_config
 from dbgen.models import build
-from dbgen.nn import BinaryConv2d, WeightNormLayer, binary_layers, clamp_latents_, data_dependent_init
+from dbgen.nn import BinaryConv2d, WeightNormLayer, binary_layers, data_dependent_init
+from dbgen.step import PhaseClock, build_optimizer, lr_at, run_step
+from dbgen.sync import LocalSync
 
 ROOT = Path(__file__).parents[1]
 MODELS = ["rvae", "flowpp"]
@@ -42,21 +44,27 @@ def smooth_images(n, seed):
     return (F.interpolate(coarse, size=32, mode="bilinear", align_corners=False) * 255).round().to(torch.uint8)
 
 
-def adam_steps(model, batches, lr=2e-3):
-    """The training step of method.md (Adam, clip 1.0, latent clamp); returns the last loss."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for x in batches:
-        loss = model(x)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        clamp_latents_(model)
-    return loss.item()
+class TrainingSteps:
+    """The optimizer step users run, on one process: :func:`dbgen.step.run_step` with the preset's optimizer
+    (:func:`~dbgen.step.build_optimizer`: fused Adam, clip to train.grad_clip, the skip rule, latents clamped to
+    [-1, 1]), :class:`~dbgen.sync.LocalSync` and the learning-rate schedule :func:`~dbgen.step.lr_at`. One batch
+    per step; the optimizer state and the step count carry over from call to call."""
+
+    def __init__(self, model, name, variant):
+        self.model, self.cfg, self.step = model, load_config(config_path(name, variant)), 0
+        self.sync = LocalSync(model, build_optimizer(self.cfg, model), grad_accum=1)
+
+    def __call__(self, batches) -> float:
+        """One step per batch; returns the last step's loss (bits/dim)."""
+        for x in batches:
+            out = run_step(self.model, self.sync, [x], self.cfg.train, lr_at(self.cfg, self.step), None,
+                           PhaseClock(x.device), self.model)
+            self.step += 1
+        return out["loss"].item()
 
 
 def expected_binary(model_name, model):
-    """The layers method.md names as binary, found by module type (never by parameter names)."""
+    """The layers the paper names as binary, found by module type (never by parameter names)."""
     if model_name == "rvae":
         from dbgen.models.rvae import ResidualLayer
 
@@ -106,7 +114,7 @@ def test_gradients_reach_every_trainable_parameter(name, variant):
     data_dependent_init(model, x)
     # Data-dependent init zeroes the last layer of every residual branch, which blocks the gradient of the
     # layers before it; two real steps move it off zero, as training does.
-    adam_steps(model, [x, x])
+    TrainingSteps(model, name, variant)([x, x])
     model.zero_grad()
     model(x).backward()
     for pname, p in model.named_parameters():
@@ -166,7 +174,7 @@ def test_no_bound_below_8_bits_on_uniform_noise(name, variant):
         assert bound.mean().item() >= floor, f"bound {bound.mean().item():.4f} < 8 bits/dim (floor {floor:.4f})"
 
     check(model.log_likelihood_bpd(held_out, samples=4))
-    last = adam_steps(model, (noise(8, seed=100 + i) for i in range(100)))
+    last = TrainingSteps(model, name, variant)(noise(8, seed=100 + i) for i in range(100))
     # the training loss (a bound on a fresh batch of 8) as well; statistical: 0.05 bits/dim is the sampling
     # noise allowance of a one-batch estimate (check's floor uses 3 standard errors of the held-out batch)
     assert last >= 8.0 - 0.05
@@ -183,9 +191,10 @@ def test_training_on_a_few_images_drives_bits_per_dim_down(name, variant):
     data_dependent_init(model, x)
     torch.manual_seed(0)
     before = model.log_likelihood_bpd(x).mean().item()
-    # Up to 200 Adam steps, in chunks of 25; stop early once the training loss is 1.5 bits/dim down.
+    # Up to 200 training steps, in chunks of 25; stop early once the training loss is 1.5 bits/dim down.
+    steps = TrainingSteps(model, name, variant)
     for _ in range(8):
-        if adam_steps(model, [x] * 25) < before - 1.5:
+        if steps([x] * 25) < before - 1.5:
             break
     torch.manual_seed(1)
     after = model.log_likelihood_bpd(x, samples=8).mean().item()

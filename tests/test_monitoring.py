@@ -3,23 +3,17 @@
 import json
 import re
 import shutil
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from ray_cluster import free_port
 
 from dbgen.metrics import METRICS, TrainMetrics, exported_name, metrics_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dashboard_queries_name_only_exported_metrics():

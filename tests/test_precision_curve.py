@@ -1,4 +1,4 @@
-"""benchmarks/precision_curve.py (issue 8, "Same math"): a tiny bf16 vs fp32 run on real photographs.
+"""benchmarks/precision_curve.py ("same math"): a tiny bf16 vs fp32 run on real photographs.
 
 What makes its noise comparison meaningful: a run is a pure function of its seed (two fp32 runs of one seed give
 the same curve, bit for bit), different seeds give different curves, and every run sees the same batches.

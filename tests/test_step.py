@@ -1,4 +1,4 @@
-"""Same math (issue 8): every fast path of the training step computes what the plain fp32 step computes.
+"""Same math: every fast path of the training step computes what the plain fp32 step computes.
 
 CPU tests: the fused BWN weight equals ``sign(v) * gain / sqrt(fan_in)`` (and its bf16 rounding) with the
 same gradients; channels_last and ``torch.compile`` give the plain loss and gradients; bf16 autocast moves the
@@ -24,7 +24,6 @@ from dbgen.models import build
 from dbgen.nn import BinaryConv2d, BinaryConvTranspose2d, BinaryLinear, WeightNormLayer, data_dependent_init, sign_ste
 from dbgen.step import (
     EMA,
-    LocalSync,
     PhaseClock,
     batch_to_device,
     build_optimizer,
@@ -33,6 +32,7 @@ from dbgen.step import (
     resolve_stats,
     run_step,
 )
+from dbgen.sync import LocalSync
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["rvae_binary_tiny", "rvae_fp_tiny", "rvae_binary_act_tiny", "flowpp_binary_tiny", "flowpp_fp_tiny",
@@ -138,7 +138,7 @@ def test_bf16_autocast_moves_the_initial_loss_by_under_1e3_bits_per_dim(name, on
     _, model, x = _setup(name, n=16, perturb=False)
     fp32, _ = _loss_grads(model, x)
     bf16, grads = _loss_grads(model, x, amp=torch.bfloat16)
-    # A product requirement (issue 8), not a rounding bound: bf16 autocast may move the initial loss by less
+    # A product requirement, not a rounding bound: bf16 autocast may move the initial loss by less
     # than 1e-3 bits/dim (README: it moved the paper RVAE's by 8e-3 before the likelihoods stayed fp32).
     assert abs(bf16 - fp32) < 1e-3, (fp32, bf16)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())  # fp32 masters
@@ -296,7 +296,7 @@ def test_gpu_fast_step_matches_fp32_at_init(name):
     ref, _ = _loss_grads(model, x.to(dev))
     prepare_model(model, cfg, dev)
     fast, grads = _loss_grads(model, batch_to_device(x, dev, True), amp=torch.bfloat16)
-    assert abs(fast - ref) < 1e-3, (ref, fast)  # the product requirement (issue 8), not a rounding bound
+    assert abs(fast - ref) < 1e-3, (ref, fast)  # the product requirement, not a rounding bound
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 

@@ -11,8 +11,9 @@ import torch
 from bounds import assert_within, gamma
 
 from dbgen.config import ConfigError, load_config, schema_markdown
-from dbgen.step import EMA, ClientAdam, build_optimizer
-from dbgen.trainer import check_train_config, deepspeed_config, lr_at
+from dbgen.config import check_config as check_train_config  # load_config runs the same checks
+from dbgen.step import EMA, ClientAdam, build_optimizer, lr_at
+from dbgen.trainer import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "rvae_binary_tiny.yaml"
@@ -164,7 +165,7 @@ def test_ema_update_and_swap():
 def test_sample_grid_layout(tmp_path):
     from PIL import Image
 
-    from dbgen.sample import image_grid, save_grid
+    from dbgen.images import image_grid, save_grid
 
     images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 4, 4).contiguous() * 50
     grid = image_grid(images, pad=2)

@@ -9,23 +9,15 @@ a 2-worker checkpoint resumes on 1 worker (ZeRO 0: the optimizer state is whole)
 
 import json
 import math
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_group import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rvae_binary_tiny.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _params(model) -> dict:
@@ -39,17 +31,12 @@ def _copy_persist(run_dir: Path):
     return persist
 
 
-def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    import torch.distributed as dist
-
+def _worker(rank: int, world: int, tmp: str, train_dir: str):
     from dbgen.config import load_config
     from dbgen.step import resolve_stats
     from dbgen.trainer import Trainer
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     tmp = Path(tmp)
     out = {}
 
@@ -117,18 +104,12 @@ def _worker(rank: int, world: int, port: int, tmp: str, train_dir: str):
     tr.fit()
 
     torch.save(out, tmp / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
-def _resume_on_one_worker(rank: int, port: int, tmp: str, train_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1")
-    import torch.distributed as dist
-
+def _resume_on_one_worker(rank: int, world: int, tmp: str, train_dir: str):
     from dbgen.config import load_config
     from dbgen.trainer import Trainer
 
-    dist.init_process_group("gloo", rank=0, world_size=1)
     tmp = Path(tmp)
     cfg = load_config(CONFIG, ["train.grad_clip=0.05", "optimizer.lr=0.01", "train.max_steps=8",
                                "train.log_every=2", "train.checkpoint_every=0", "train.eval_every=0",
@@ -136,7 +117,6 @@ def _resume_on_one_worker(rank: int, port: int, tmp: str, train_dir: str):
     (tmp / "fit1").mkdir()
     Trainer(cfg, tmp / "fit1", train_dir, None, checkpoint_dir=tmp / "fit" / "checkpoint_0000005",
             persist=_copy_persist(tmp / "fit1")).fit()
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -145,8 +125,7 @@ def test_zero_stages_accumulation_and_nan_skip(tmp_path):
     from dbgen.data import resolve_split
 
     train_dir = str(resolve_split("builtin:photos32", "train"))
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), train_dir), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn(_worker, 2, str(tmp_path), train_dir)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     # ZeRO 1/2 == ZeRO 0 (reduce-scatter vs all-reduce may round differently in the last bit)
@@ -190,8 +169,7 @@ def test_zero_stages_accumulation_and_nan_skip(tmp_path):
     assert (tmp_path / "fit" / "checkpoint_0000005" / "meta.json").exists()
 
     # the 2-worker checkpoint resumes on 1 worker: same global batch, the loader finishes the epoch's rows
-    mp.start_processes(_resume_on_one_worker, args=(_free_port(), str(tmp_path), train_dir), nprocs=1, join=True,
-                       start_method="spawn")
+    spawn(_resume_on_one_worker, 1, str(tmp_path), train_dir)
     resumed = json.loads((tmp_path / "fit1" / "summary.json").read_text())
     assert resumed["resumed_from"] == 5 and resumed["steps"] == 8 and resumed["world_size"] == 1
     assert resumed["images_seen"] == 8 * 32 and resumed["micro_batch_size"] == 32 and resumed["skipped_steps"] == 1

@@ -11,10 +11,10 @@ packed_onebit   packed, with the binary gradients sent as 1-bit messages (after 
 ==============  ===========================================================================================
 
 Per mode: ``weight_bytes_per_step``, ``grad_bytes_per_step``, ``other_bytes_per_step``,
-``total_bytes_per_step`` (bytes one worker sends per step, counted by :mod:`dbgen.comm` for the algorithm each
-collective runs; rank 0's, averaged over the timed steps), ``step_s`` (mean wall time of a timed step on rank
-0) and the model's ``params``/``binary_params``. The first ``--warmup`` steps of every mode are not measured
-(the first also carries the initial broadcast; 1-bit modes send uncompressed during them). Data-dependent
+``total_bytes_per_step`` (bytes one worker sends per step, counted by :mod:`dbgen.sync.accounting` for the
+algorithm each collective runs; rank 0's, averaged over the timed steps), ``step_s`` (mean wall time of a timed
+step on rank 0) and the model's ``params``/``binary_params``. The first ``--warmup`` steps of every mode are not
+measured (the first also carries the initial broadcast; 1-bit modes send uncompressed during them). Data-dependent
 init uses ``--init-rows`` rows (the paper config's 1,024 take minutes on a CPU); it does not change bytes.
 """
 
@@ -24,7 +24,17 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
+
+import torch
+
+from ..config import load_config
+from ..data import resolve_split
+from ..nn import size_report
+from ..ray_local import init_ray
+from ..step import resolve_stats
+from ..trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +62,8 @@ def add_arguments(p):
 
 def _bench_loop(config: dict) -> None:
     """Ray Train worker: ``warmup`` + ``steps`` training steps; rank 0 writes its per-step numbers."""
-    import ray.train
+    import ray.train  # Ray here and below: importing it takes seconds, and --help needs none of it
     import ray.train.torch
-    import torch
-
-    from dbgen.config import load_config
-    from dbgen.nn import size_report
-    from dbgen.step import resolve_stats
-    from dbgen.trainer import Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -102,12 +106,6 @@ def run_mode(name: str, cfg, args, train_dir: str, work: str) -> dict:
 
 
 def main(args) -> int:
-    import tempfile
-
-    from ..config import load_config
-    from ..data import resolve_split
-    from ..ray_local import init_ray
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or args.workers < 1 or args.steps < 1 or args.warmup < 1:

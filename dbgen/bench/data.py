@@ -31,6 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import EvalLoader, TrainLoader, convert, open_split
+from ..data.split import read_unit
+from ..ray_local import init_ray
+
 log = logging.getLogger(__name__)
 
 ROWS_PER_IMAGENET_FILE = 128_116
@@ -80,8 +84,6 @@ class RssTrace:
 
 
 def bench_reader(split, max_rows: int | None) -> dict:
-    from dbgen.data.split import read_unit
-
     total = min(split.num_rows, max_rows or split.num_rows)
     trace, rows, t0 = RssTrace(total), 0, time.perf_counter()
     for shard, group, _, _ in split.units():
@@ -95,8 +97,6 @@ def bench_reader(split, max_rows: int | None) -> dict:
 
 
 def bench_arrow_loader(split, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
-    from dbgen.data import TrainLoader
-
     loader = TrainLoader(split, batch_size=batch_size, shuffle_buffer=shuffle_buffer, backend="arrow",
                          rank=0, world_size=1)
     n = len(loader) if not max_rows else min(len(loader), -(-max_rows // batch_size))
@@ -112,8 +112,6 @@ def bench_arrow_loader(split, batch_size: int, shuffle_buffer: int, max_rows: in
 def _ray_rank(split_dir: str, rank: int, world: int, batch_size: int, shuffle_buffer: int,
               max_rows: int | None) -> dict:
     """One Ray rank: warm up (starts the read workers), then time one epoch of its share."""
-    from dbgen.data import EvalLoader, TrainLoader
-
     for _ in EvalLoader(split_dir, batch_size=batch_size, rank=rank, world_size=max(world, 64), backend="ray"):
         pass  # warm-up: a small slice through the same Ray Data path
     loader = TrainLoader(split_dir, batch_size=batch_size, shuffle_buffer=shuffle_buffer, rank=rank,
@@ -130,9 +128,7 @@ def _ray_rank(split_dir: str, rank: int, world: int, batch_size: int, shuffle_bu
 
 
 def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
-    import ray
-
-    from ..ray_local import init_ray
+    import ray  # here: only the Ray Data measurement needs Ray
 
     started = not ray.is_initialized()
     if started:
@@ -164,8 +160,6 @@ def make_synthetic(work: Path, rows: int) -> tuple[Path, dict]:
 
 def _synthetic(work: Path, rows: int) -> tuple[Path, dict]:
     """Random 32x32 downsampled-ImageNet batch files -> converted split; returns it and the timings."""
-    from dbgen.data import convert
-
     src = work / "src"
     src.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -185,8 +179,6 @@ def _synthetic(work: Path, rows: int) -> tuple[Path, dict]:
 
 
 def main(args) -> int:
-    from dbgen.data import open_split
-
     synthetic, work = None, Path(args.data)
     try:
         if args.synthetic_rows:

@@ -7,8 +7,8 @@
 The step is exactly the trainer's (:func:`dbgen.step.run_step`): the model of the config, data-dependent init
 on the benchmark batch, :func:`~dbgen.step.prepare_model` (``train.channels_last``, ``train.compile``),
 :func:`~dbgen.step.build_optimizer` (fused Adam, device-side clip and skip, latent clamp),
-:class:`~dbgen.step.LocalSync` (one process, no DeepSpeed), bf16 autocast per ``train.precision``, the EMA when
-the config keeps one, the learning rate of :func:`dbgen.trainer.lr_at`. Setup, in this order (tests rely on it):
+:class:`~dbgen.sync.LocalSync` (one process, no DeepSpeed), bf16 autocast per ``train.precision``, the EMA when
+the config keeps one, the learning rate of :func:`dbgen.step.lr_at`. Setup, in this order (tests rely on it):
 ``torch.manual_seed(train.seed)``, one random uint8 batch drawn on the CPU (so every device gets the same
 numbers), then :func:`dbgen.step.single_device_setup` (build, init on that batch, prepare, optimizer, EMA).
 That batch (moved once to the device, in NHWC when channels_last) is every step's input: this measures the
@@ -26,7 +26,7 @@ cannot see inside compiled graphs; shapes and hence FLOPs are the same), and wit
 Reported: step ms, images/s, the mean phase times of :class:`~dbgen.step.PhaseClock`, peak memory (CUDA: max
 allocated during the timed steps; CPU: the process's max RSS so far), the last timed step's loss (bits/dim),
 conv TFLOP/s = conv FLOPs / step time and its fraction of the card's dense bf16 peak (:data:`BF16_PEAK`), and
-for the paper configs the original implementation's throughput and issue 8's target (:data:`REFERENCE`).
+for the paper configs the original implementation's throughput and the target of 4x it (:data:`REFERENCE`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import gc
 import json
 import logging
 import math
-import os
 import re
 import resource
 import statistics
@@ -46,18 +45,19 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..atomic import write_atomic
 from ..config import Config, load_config
 from ..nn import size_report
 from ..step import (
     PhaseClock,
     autocast_dtype,
     batch_to_device,
+    lr_at,
     resolve_stats,
     run_step,
     single_device_setup,
     use_channels_last,
 )
-from ..trainer import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,12 @@ BF16_PEAK = [
     ("A100", 312e12),
 ]
 
-# The paper models' shapes (what makes a config "the paper's"), and what the original implementation reached
-# on one H200 (method.md section 4: fp32 defaults, random data, Adam + clip + clamp) with issue 8's targets.
+# The paper models' shapes (what makes a config "the paper's"), what the original implementation reached on one
+# H200 (its fp32 defaults, random data, Adam + clip + clamp), and the throughput target: 4x the original.
 PAPER_RVAE = {"name": "rvae", "width": 256, "zdim": 8, "num_stochastic": 12, "num_proc_layers": 4, "image_size": 32}
 PAPER_FLOWPP = {"name": "flowpp", "hdim": 120, "blocks": 10, "mix_components": 8, "image_size": 32}
 REFERENCE = [
-    # (shape, binary weights, binary activations, batch, original images/s on H200, issue 8 target, note)
+    # (shape, binary weights, binary activations, batch, original images/s on H200, target images/s, note)
     (PAPER_RVAE, True, False, 128, 1399, 5600, "the original's binary RVAE also binarizes activations"),
     (PAPER_RVAE, True, True, 128, 1399, None, ""),
     (PAPER_RVAE, False, False, 128, 1413, None, ""),
@@ -181,10 +181,7 @@ def _profile(one_step, n: int, device: torch.device, path: Path) -> dict:
     header = (f"# {n} profiled steps, {out['wall_ms_per_step']:.2f} ms/step wall"
               + (f", kernels {out['kernels_per_step']:.0f}/step, device busy {out['device_busy_ms_per_step']:.2f} "
                  f"ms/step ({100 * out['device_busy_fraction']:.0f}% of wall)" if cuda else "") + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(header + table + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, header + table + "\n")
     return out
 
 
@@ -374,8 +371,8 @@ def format_table(results: list[dict]) -> str:
     if any(r.get("bf16_peak_tflops") is None and "device" in r for r in results):
         notes.append("no bf16 peak known for this device (CPU or a card not in BF16_PEAK): no % given")
     if any("original_images_per_s" in r for r in results):
-        notes.append("vs orig: images/s over the original implementation's on one H200 (method.md section 4); "
-                     "target: issue 8 (4x the original)")
+        notes.append("vs orig: images/s over the original implementation's on one H200 (its fp32 defaults); "
+                     "target: 4x the original")
     return "\n".join(lines + [f"# {n}" for n in notes])
 
 
@@ -393,10 +390,7 @@ def main(args) -> int:
 
     def write_json(results):
         if args.json_out:
-            args.json_out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.json_out.with_suffix(args.json_out.suffix + ".tmp")
-            tmp.write_text(json.dumps(results, indent=1))
-            os.replace(tmp, args.json_out)
+            write_atomic(args.json_out, json.dumps(results, indent=1))
 
     results = run_all(args.config, variants, args.overrides, profile_dir=profile_dir, on_result=write_json,
                       batch=args.batch, steps=args.steps, warmup=args.warmup, repeats=args.repeats,

@@ -14,6 +14,11 @@ Build one with ``python -m dbgen.data.convert --format {cifar10,imagenet-batches
 --src PATH --out DIR`` (formats: :mod:`dbgen.data.converters`) or get the built-in one with
 ``builtin("photos32")``.
 
+Modules, each depending only on those before it: :mod:`~dbgen.data.split` (the on-disk format: open, verify,
+read), :mod:`~dbgen.data.writer` (write a split from records), :mod:`~dbgen.data.converters` (input formats)
+and :mod:`~dbgen.data.builtin` (the built-in data set), :mod:`~dbgen.data.resolve` (a data spec such as
+``builtin:photos32`` -> a split directory), :mod:`~dbgen.data.loader` (the training and eval loaders).
+
 Row order (the decision the exact-resume test depends on)
 ---------------------------------------------------------
 Ray Train's default ingest (``streaming_split``) hands blocks to whichever worker asks first, so which rows a
@@ -54,7 +59,8 @@ world size.
 from .builtin import BUILTINS, builtin
 from .converters import FORMATS, convert
 from .loader import EvalLoader, TrainLoader, ray_data_config, ray_datasets
-from .split import DataError, Split, open_split, read_rows, resolve_split, verify_split
+from .resolve import resolve_split
+from .split import DataError, Split, open_split, read_rows, verify_split
 
 __all__ = [
     "BUILTINS",

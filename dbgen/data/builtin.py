@@ -11,7 +11,7 @@ pixel) is ever part of a train patch. Patches come at three scales (the region a
 BOX-downsampled by 2 and 4) on a grid: train strides 8/6/4 px, test strides 16/8/4 px at scales 1/2/4;
 patches of a single pixel value (saturated areas) are left out. That gives 39,540 train and 3,561 test
 patches, fully deterministic (no random numbers), row order = photo, scale, y, x. Rows are written through
-the converter's writer (:func:`dbgen.data.converters.write_split`).
+the split writer (:func:`dbgen.data.writer.write_split`).
 
 Cache: ``$DBGEN_CACHE`` or ``~/.cache/dbgen``, directory ``photos32-<key>`` where the key hashes the recipe
 version and the photographs' sha256, so another scikit-image release with other files builds anew. Two
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .converters import Chunk, Source, write_split
 from .split import MANIFEST, DataError, open_split, sha256_file
+from .writer import Chunk, Source, write_split
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ STRIDES = {"train": {1: 8, 2: 6, 4: 4}, "test": {1: 16, 2: 8, 4: 4}}
 
 
 def _photo_dir() -> Path:
-    import skimage
+    import skimage  # here and below: only building the data set needs scikit-image (slow to import)
 
     return Path(skimage.__file__).parent / "data"
 

@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 from .builtin import BUILTINS, build_builtin, builtin
-from .converters import DEFAULT_ROWS_PER_SHARD, FORMATS, RESIZE_METHOD, ROW_GROUP_ROWS, convert
+from .converters import FORMATS, convert
 from .split import MANIFEST, DataError
+from .writer import DEFAULT_ROWS_PER_SHARD, RESIZE_METHOD, ROW_GROUP_ROWS
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .split import DataError, Split, open_split, read_unit, resolve_split
+from .resolve import resolve_split
+from .split import DataError, Split, open_split, read_unit
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def ray_datasets(train_dir: str | Path, eval_dir: str | Path | None = None) -> d
     :class:`TrainLoader` / :class:`EvalLoader` take their deterministic share (``streaming_split`` would
     assign rows by timing). Keys: ``"train"`` and, when ``eval_dir`` is given, ``"eval"``.
     """
-    import ray.data
+    import ray.data  # Ray here and below, not at the top: the converter CLIs import this package and need no Ray
 
     out = {"train": ray.data.from_items(_index_rows(open_split(train_dir)))}
     if eval_dir is not None:

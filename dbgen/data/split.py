@@ -3,6 +3,7 @@
 Opening a split checks the manifest (schema, types, shard files present with the recorded byte sizes and row
 counts adding up); ``verify=True`` / :func:`verify_split` also re-hashes every shard against its sha256 and
 checks each shard's Parquet schema and row groups. Every error is a :class:`DataError` naming the path.
+Which directory a data spec (``builtin:NAME``, a data set root) names is :mod:`dbgen.data.resolve`'s.
 """
 
 from __future__ import annotations
@@ -220,26 +221,3 @@ def read_rows(path: str | Path | Split, start: int = 0, stop: int | None = None)
         "label": table.column("label").to_numpy(zero_copy_only=False).astype(np.int32),
         "source": table.column("source").to_pylist(),
     }
-
-
-def resolve_split(spec: str | Path, split: str = "train", verify: bool = False) -> Path:
-    """Where the rows of ``spec`` live: a validated split directory.
-
-    ``spec`` is a converted split directory (it holds ``manifest.json``), a directory holding one per split
-    (``spec/train``, ``spec/test``), or ``builtin:NAME`` (e.g. ``builtin:photos32``), which is built into the
-    cache (``$DBGEN_CACHE`` or ``~/.cache/dbgen``) on first use. ``split`` is ``"train"`` or ``"test"``; it
-    picks the subdirectory or the built-in split and is ignored for a split directory given directly.
-    Raises :class:`DataError` naming the path when the split is missing, incomplete or inconsistent.
-    """
-    if split not in SPLITS:
-        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
-    spec = str(spec)
-    if spec.startswith("builtin:"):
-        from .builtin import builtin
-
-        path = builtin(spec.removeprefix("builtin:"))[split]
-    else:
-        path = Path(spec).expanduser()
-        if not (path / MANIFEST).exists() and (path / split).is_dir():
-            path = path / split
-    return open_split(path, verify=verify).path

@@ -16,6 +16,8 @@ from pathlib import Path
 from torch import nn
 
 from ..config import Config, FlowPPConfig, RVAEConfig, load_config
+from .flowpp import FlowPP
+from .rvae import RVAE
 
 __all__ = ["build"]
 
@@ -27,9 +29,5 @@ def build(config: str | Path | dict | Config | RVAEConfig | FlowPPConfig) -> nn.
     else:
         mcfg = load_config(config).model
     if isinstance(mcfg, RVAEConfig):
-        from .rvae import RVAE
-
         return RVAE(mcfg)
-    from .flowpp import FlowPP
-
     return FlowPP(mcfg)

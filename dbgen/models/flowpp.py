@@ -6,18 +6,18 @@ Main flow on C x S x S (S = image_size): logit preprocessing, 4 stripe-split cou
 Variational dequantization (Ho et al. section 3.1): ``u ~ q(u | x)`` from :class:`DequantFlow`, and the
 training loss is the bound ``-E_q[log p(x + u) - log q(u | x)]`` in bits/dim.
 
-Binary layers (method.md section 1): exactly the convolutions inside the residual branches of the coupling
+Binary layers (as the paper describes them): exactly the convolutions inside the residual branches of the coupling
 networks: each gated block's 3x3 conv, its 1x1 gate conv and, in the dequantization couplings, its 1x1
 context projection (inside the residual branch, and binary in the paper's code). Full precision: every
 coupling network's ``proj_in`` / ``proj_out``, layer norms, actnorms, pointwise (1x1 invertible) layers, and
-the whole dequantization context network (method.md: the paper's 90.1% does not count its gated blocks;
-the original code binarizes them). With binary activations only the inputs of binary convs become signs
+the whole dequantization context network (the paper's 90.1% does not count its gated blocks; the original
+code binarizes them). With binary activations only the inputs of binary convs become signs
 (see :func:`dbgen.models.flows.concat_sign`); the context network keeps concat-ELU. Dropout is used only
 when nothing is binary.
 
 Sizes (hdim 120, 10 blocks, 8 components): 33,479,920 parameters, 31,107,840 binary (92.9%). The paper's
-code has 33,559,504 (method.md's 33.56M): the 79,584 difference is its per-position actnorm (one scale and
-bias per channel *and pixel*) where this model has per-channel actnorm as method.md describes. Its own
+code has 33,559,504 (the paper's 33.56M): the 79,584 difference is its per-position actnorm (one scale and
+bias per channel *and pixel*) where this model has per-channel actnorm as the paper describes. Its own
 count of binary parameters is the same 31,107,840 (92.7% of its total; 93.2% if the context blocks it
 also binarizes are counted). The paper's 90.1% cannot be reproduced from the stated architecture: no
 subset of the binary groups (main 3x3 convs 23.33M, main gates 5.18M, dequantization 3x3 convs 2.07M,

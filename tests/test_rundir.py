@@ -1,0 +1,135 @@
+"""The run directory and its checkpoints (dbgen.rundir), atomic writes (dbgen.atomic) and the reporter's
+end-of-run close (dbgen.reporter): fast, one process, no DeepSpeed."""
+
+import json
+import os
+import random
+import socket
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ray_cluster import free_port
+
+from dbgen.atomic import write_atomic, write_json_atomic
+from dbgen.config import load_config
+from dbgen.metrics import TrainMetrics
+from dbgen.reporter import Reporter, restarts
+from dbgen.rundir import (
+    META_FILE,
+    RunError,
+    check_resume,
+    checkpoint_meta,
+    checkpoint_name,
+    derive_seed,
+    latest_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "rvae_binary_tiny.yaml"
+
+
+def cfg(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------- atomic
+def test_atomic_writes_replace_whole_files_and_leave_nothing_behind(tmp_path):
+    path = tmp_path / "sub" / "summary.json"
+    write_json_atomic(path, {"a": 1})
+    assert path.read_text() == '{\n  "a": 1\n}\n'  # the format meta.json and summary.json always had
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["summary.json"]
+    with pytest.raises(TypeError):
+        write_atomic(path, object())  # fails while writing: the old file stays, no temporary file is left
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["summary.json"]
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _checkpoint(run: Path, step: int, config: dict, **meta) -> Path:
+    ck = run / checkpoint_name(step)
+    ck.mkdir(parents=True)
+    (ck / META_FILE).write_text(json.dumps({"step": step, "world_size": 2, "zero_stage": 0, "config": config,
+                                            **meta}))
+    return ck
+
+
+def test_latest_checkpoint_is_the_highest_step(tmp_path):
+    with pytest.raises(RunError, match="run directory not found"):
+        latest_checkpoint(tmp_path / "nope")
+    with pytest.raises(RunError, match="no checkpoint"):
+        latest_checkpoint(tmp_path)
+    c = cfg().to_dict()
+    _checkpoint(tmp_path, 20, c)
+    newest = _checkpoint(tmp_path, 100, c)
+    (tmp_path / checkpoint_name(300)).mkdir()
+    (tmp_path / checkpoint_name(300) / META_FILE).write_text("{not json")  # unreadable: skipped
+    path, meta = latest_checkpoint(tmp_path)
+    assert path == newest and meta["step"] == 100
+
+
+def test_meta_holds_what_evaluate_and_resume_read():
+    c = cfg("scale.zero_stage=1")
+    meta = checkpoint_meta(c, step=7, world_size=2, ema=False, images_seen=224)
+    assert meta == {"step": 7, "world_size": 2, "zero_stage": 1, "ema": False, "images_seen": 224,
+                    "config": c.to_dict(), "weights": "ds/mp_rank_00_model_states.pt"}
+    assert load_config(meta["config"]) == c
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_check_names_what_to_change(tmp_path):
+    zero0 = {"world_size": 2, "zero_stage": 0, "config": cfg().to_dict()}
+    zero1 = {"world_size": 2, "zero_stage": 1, "config": cfg("scale.zero_stage=1").to_dict()}
+    ck = tmp_path / "run" / checkpoint_name(10)
+    check_resume(ck, zero0, cfg(), world_size=2)
+    check_resume(ck, zero0, cfg("scale.num_workers=1", "train.batch_size=32"), world_size=1)  # ZeRO 0: any count
+    check_resume(ck, zero1, cfg("scale.zero_stage=1"), world_size=2)
+    cases = [
+        (zero0, cfg("model.width=8"), 2, "another model"),
+        (zero1, cfg("scale.zero_stage=1", "scale.num_workers=1", "train.batch_size=32"), 1,
+         "scale.num_workers=2 scale.zero_stage=1"),
+        (zero1, cfg("scale.zero_stage=2"), 2, "scale.num_workers=2 scale.zero_stage=1"),
+        (zero0, cfg("scale.zero_stage=1"), 2, "resume it with scale.zero_stage=0"),
+        (zero0, cfg("comm.binary_weights=packed"), 2, "written with comm.binary_weights=dp"),
+    ]
+    for meta, new, world, message in cases:
+        with pytest.raises(RunError, match=message):
+            check_resume(ck, meta, new, world)
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+def test_rng_state_round_trip_and_derived_seeds():
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    state = rng_state()
+    first = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(2)
+    set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    seeds = {derive_seed(0, r) for r in range(8)} | {derive_seed(1, r) for r in range(8)}
+    assert len(seeds) == 16 and derive_seed(3, 1) == derive_seed(3, 1)
+
+
+# -------------------------------------------------------------------------------------------- reporter
+def test_reporter_records_resumes_and_closes_the_exporter(tmp_path):
+    port = free_port()
+    metrics = TrainMetrics("r", 0, "rvae", "abc", backend="http", port=port)
+    rep = Reporter(tmp_path, rank=0, max_steps=4, metrics=metrics)
+    rep.on_eval(2, 5.0, 10, 0.1)
+    rep.on_eval(4, 4.0, 10, 0.1)
+    rep.on_resume(2, "sub", restart=True)  # drops the record of step 4 (after the checkpoint)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("eval", 2), ("resume", 2)]
+    assert restarts(tmp_path, "sub") == [2] and restarts(tmp_path, "other") == []
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # served
+    rep.close()  # the trainer's fit() ends with it
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
