@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -155,7 +156,13 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        _require(self, "optimizer", [("lr", self.lr > 0, "a number > 0")])
+        # A NaN or infinite value, or betas outside [0, 1), only shows up later as NaN weights or skipped steps.
+        _require(self, "optimizer", [
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("eps", math.isfinite(self.eps) and self.eps > 0, "a finite number > 0"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+        ])
 
 
 @dataclass(kw_only=True)
@@ -165,6 +172,14 @@ class ScheduleConfig:
     decay: float = 0.999995
     min_lr: float = 5e-4
     warmup_steps: int = 0
+
+    def __post_init__(self):
+        # decay > 1 grows the learning rate without bound (every step is then skipped); decay <= 0 is no schedule.
+        _require(self, "schedule", [
+            ("decay", math.isfinite(self.decay) and 0 < self.decay <= 1, "a number in (0, 1]"),
+            ("min_lr", math.isfinite(self.min_lr) and self.min_lr >= 0, "a finite number >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, "an int >= 0"),
+        ])
 
 
 @dataclass(kw_only=True)
@@ -196,7 +211,8 @@ class TrainConfig:
     def __post_init__(self):
         # What would otherwise only fail inside a worker, after Ray and DeepSpeed started.
         _require(self, "train", [
-            ("max_steps", self.max_steps >= 0, "an int >= 0"),
+            # Evaluating a run without training is dbgen.evaluate's job, not a run of 0 steps.
+            ("max_steps", self.max_steps >= 1, "an int >= 1 (to evaluate a run: python -m dbgen.evaluate)"),
             ("grad_accum", self.grad_accum >= 1, "an int >= 1"),
             ("grad_clip", self.grad_clip > 0, "a number > 0"),
             ("skip_threshold", self.skip_threshold > 0, "a number > 0"),

@@ -42,6 +42,16 @@ def test_model_name_selects_section_and_replaces_included_model(tmp_path):
     ("model: {name: rvae}\n", ["train.max_steps"], r"expected dotted.key=value"),
     ("- a\n- b\n", [], r"expected a mapping at the top level"),
     ("model: {name: rvae\n", [], r"invalid YAML"),
+    # Values that pass the types but would train on NaN, an exploding learning rate, or nothing at all.
+    ("model: {name: rvae}\n", ["optimizer.betas=[0.9,1.5]"], r"'optimizer.betas' = \(0.9, 1.5\): expected two"),
+    ("model: {name: rvae}\n", ["optimizer.betas=[-0.1,0.9]"], r"'optimizer.betas' = \(-0.1, 0.9\)"),
+    ("model: {name: rvae}\n", ["optimizer.lr=.inf"], r"'optimizer.lr' = inf: expected a finite number > 0"),
+    ("model: {name: rvae}\n", ["optimizer.lr=.nan"], r"'optimizer.lr' = nan: expected a finite number > 0"),
+    ("model: {name: rvae}\n", ["optimizer.eps=0"], r"'optimizer.eps' = 0"),
+    ("model: {name: rvae}\n", ["schedule.decay=2"], r"'schedule.decay' = 2.0: expected a number in \(0, 1\]"),
+    ("model: {name: rvae}\n", ["schedule.decay=0"], r"'schedule.decay' = 0"),
+    ("model: {name: rvae}\n", ["schedule.min_lr=.inf"], r"'schedule.min_lr' = inf"),
+    ("model: {name: rvae}\n", ["train.max_steps=0"], r"'train.max_steps' = 0: expected an int >= 1"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, overrides, pattern):
     path = write(tmp_path / "x.yaml", text)
