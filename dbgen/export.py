@@ -14,6 +14,8 @@ other tensor in fp16, the run's config, the format version and checksums; nothin
 :func:`load_packed` checks the magic, the length (a truncated file is named as such), the trailing checksum
 (any flipped byte) and each tensor's checksum before it builds anything, then rebuilds the model from the
 stored config: binary layers get exactly the stored signs (+-1 latents), the rest fp16 values widened to fp32.
+Given a path, every error names the file. The CLI writes the artifact atomically and refuses an existing
+``--out`` file (exit code 2) unless ``--overwrite`` is given.
 
 Packed weights are also how models travel to Ray actors: :class:`PackedModelActor` gets the artifact's bytes
 from the object store (one ``ray.put`` of ~10 MB for the paper RVAE instead of 225 MB of fp32 tensors) and
@@ -127,8 +129,14 @@ def _read_bytes(source) -> tuple[bytes, str]:
 
 
 def read_packed(source: str | Path | bytes) -> PackedArtifact:
-    """Parse and verify an artifact (a path or its bytes); raises :class:`ArtifactError` naming the problem."""
+    """Parse and verify an artifact (a path or its bytes); raises :class:`ArtifactError` naming the problem
+    (and the file, for a path)."""
     data, name = _read_bytes(source)
+    return _parse(data, name)
+
+
+def _parse(data: bytes, name: str) -> PackedArtifact:
+    """:func:`read_packed` of ``data``; ``name`` (the file, or ``<bytes>``) starts every error message."""
     if len(data) < len(MAGIC) or data[:len(MAGIC) - 1] != MAGIC[:-1]:
         raise ArtifactError(f"{name}: not a dbgen packed artifact (no {MAGIC[:-1]!r} magic)")
     if data[len(MAGIC) - 1] != VERSION:
@@ -172,33 +180,41 @@ def load_packed(source: str | Path | bytes | PackedArtifact, device: str | torch
     """The model stored in an artifact (a path, its bytes or a :func:`read_packed` result), in eval mode on
     ``device``: binary layers hold exactly the stored signs as +-1 latents, other tensors the stored fp16
     values in fp32."""
-    art = source if isinstance(source, PackedArtifact) else read_packed(source)
+    if isinstance(source, PackedArtifact):
+        return _build(source, device, "artifact")
+    data, name = _read_bytes(source)
+    return _build(_parse(data, name), device, name)
+
+
+def _build(art: PackedArtifact, device: str | torch.device, name: str) -> nn.Module:
+    """The model of a parsed artifact; ``name`` (the file) starts every error message."""
     try:
         cfg = art.config
     except ConfigError as e:
-        raise ArtifactError(f"artifact config: {e}") from None
+        raise ArtifactError(f"{name}: artifact config: {e}") from None
     model = build(cfg.model)
-    for name, e in art.header["tensors"].items():
+    for key, e in art.header["tensors"].items():
         if "binary_shape" in e:
-            own = model.get_parameter(name.removesuffix(PACKED_SUFFIX))
+            own = model.get_parameter(key.removesuffix(PACKED_SUFFIX))
             if list(own.shape) != e["binary_shape"]:
-                raise ArtifactError(f"tensor {name}: stored for shape {e['binary_shape']}, model has "
+                raise ArtifactError(f"{name}: tensor {key}: stored for shape {e['binary_shape']}, model has "
                                     f"{list(own.shape)}")
     try:
         load_packed_state_dict(model, art.tensors)
     except ValueError as e:
-        raise ArtifactError(str(e)) from None
+        raise ArtifactError(f"{name}: {e}") from None
     return model.to(device).eval()
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict, bytes]:
     """``(model, info, bytes)`` of an artifact file; ``info`` like :func:`dbgen.rundir.load_run`'s
     (checkpoint, step, config, ema; from the artifact's header)."""
-    data, _ = _read_bytes(path)
-    art = read_packed(data)
+    data, name = _read_bytes(path)
+    art = _parse(data, name)
     src = art.header.get("source", {})
+    model = _build(art, device, name)
     info = {"checkpoint": str(path), "step": src.get("step"), "config": art.config, "ema": bool(src.get("ema"))}
-    return load_packed(art, device), info, data
+    return model, info, data
 
 
 # ------------------------------------------------------------------------------------------- Ray actors
@@ -261,10 +277,14 @@ def evaluate_with_actors(artifact: bytes, split: str | Path, workers: int, batch
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dbgen.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory (<storage>/<name>): its latest checkpoint")
-    p.add_argument("--out", required=True, help="artifact file to write")
+    p.add_argument("--out", required=True, help="artifact file to write (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        print(f"error: {args.out}: already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
     try:
         result = export_run(args.run, args.out, ema=not args.no_ema)
     except (RunError, ConfigError, OSError) as e:

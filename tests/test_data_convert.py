@@ -3,6 +3,7 @@
 The helpers at the top build inputs and are shared with the other test_data_* modules.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -479,6 +480,94 @@ def test_interrupted_conversion_leftovers_are_removed(tmp_path):
     convert("imagenet-batches", tmp_path / "in", out)
     assert open_split(out, verify=True).num_rows == 3
     assert not [p.name for p in out.iterdir() if p.name in leftovers or p.name.endswith(".tmp")]
+
+
+
+def _file_hashes(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_failed_overwrite_keeps_the_old_split(tmp_path):
+    # --overwrite with a bad source: the good split stays byte-identical, nothing is left beside it
+    write_image_folder(tmp_path / "in")
+    good = tar_dir(tmp_path / "in", tmp_path / "good.tar")
+    _corrupt_jpeg(tmp_path / "in" / "zebra" / "001.jpg")
+    corrupt = tar_dir(tmp_path / "in", tmp_path / "corrupt.tar")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    empty = tar_dir(tmp_path / "empty", tmp_path / "empty.tar")
+    root = tmp_path / "out"
+    r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(good), "--out", str(root),
+                "--rows-per-shard", "2")
+    assert r.returncode == 0, r.stderr
+    before = _file_hashes(root)
+    assert "train/manifest.json" in before and len(before) == 6
+    for src, match in [(corrupt, "zebra/001.jpg: cannot decode image"), (empty, "no images found")]:
+        r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(src), "--out", str(root),
+                    "--overwrite")
+        assert r.returncode == 1 and match in r.stderr, r.stderr
+        assert "leftover" not in r.stderr
+        assert _file_hashes(root) == before  # every file, byte for byte; no temporary sibling left
+        assert [p.name for p in root.iterdir()] == ["train"]
+    verify_split(root / "train")
+    # a good --overwrite replaces it (and leaves nothing beside it)
+    r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(good), "--out", str(root),
+                "--overwrite", "--rows-per-shard", "3")
+    assert r.returncode == 0 and "9 rows in 3 shards" in r.stdout, r.stderr
+    assert [p.name for p in root.iterdir()] == ["train"]
+    assert open_split(root / "train", verify=True).num_rows == 9
+
+
+def test_overwrite_swap_order_and_failed_swap(tmp_path, monkeypatch):
+    from dbgen.data import writer
+
+    write_imagenet(tmp_path / "in", {"train_data_batch_1": 3})
+    out = convert("imagenet-batches", tmp_path / "in", tmp_path / "split")
+    before, mode = _file_hashes(out), out.stat().st_mode
+    seen, rename, fail = [], os.rename, [True]
+
+    def checking_rename(a, b):  # before each rename, the split path is absent or holds a complete split
+        seen.append((Path(a), Path(b)))
+        assert not out.exists() or open_split(out, verify=True).num_rows == 3
+        if fail[0] and Path(a).name.startswith(".split.new-"):
+            raise OSError("rename failed")
+        rename(a, b)
+
+    monkeypatch.setattr(writer.os, "rename", checking_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        convert("imagenet-batches", tmp_path / "in", out, overwrite=True, rows_per_shard=2)
+    assert _file_hashes(out) == before  # put back, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "split"]
+    fail[0], seen[:] = False, []
+    convert("imagenet-batches", tmp_path / "in", out, overwrite=True, rows_per_shard=2)
+    # the old split aside first, then the complete new one into place; the old one deleted after
+    assert [(a.name, b.parent.name.startswith(".split.old-")) for a, b in seen[:1]] == [("split", True)]
+    assert seen[1][0].name.startswith(".split.new-") and seen[1][1] == out and len(seen) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "split"]
+    assert len(open_split(out, verify=True).shards) == 2
+    assert out.stat().st_mode == mode  # the replacement keeps the directory's permissions
+
+
+def test_overwrite_refuses_a_split_holding_foreign_files(tmp_path):
+    write_imagenet(tmp_path / "in", {"train_data_batch_1": 3})
+    out = convert("imagenet-batches", tmp_path / "in", tmp_path / "split")
+    (out / "notes.txt").write_text("mine")
+    before = _file_hashes(out)
+    with pytest.raises(DataError, match="contains 'notes.txt', which the converter did not write"):
+        convert("imagenet-batches", tmp_path / "in", out, overwrite=True)
+    assert _file_hashes(out) == before
+
+
+def test_failed_new_split_leaves_no_empty_directory(tmp_path):
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    r = run_cli("dbgen.data.convert", "--format", "image-folder", "--src", str(tmp_path / "empty"),
+                "--out", str(tmp_path / "root"))
+    assert r.returncode == 1 and "no images found" in r.stderr, r.stderr
+    assert not (tmp_path / "root").exists()
+    (tmp_path / "ds").mkdir()  # an existing root stays; the split directory the conversion made goes
+    with pytest.raises(DataError, match="no images found"):
+        convert("image-folder", tmp_path / "empty", tmp_path / "ds" / "train")
+    assert (tmp_path / "ds").is_dir() and not list((tmp_path / "ds").iterdir())
 
 
 # ------------------------------------------------------------------------------------------- real data

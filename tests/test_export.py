@@ -114,6 +114,53 @@ def test_artifact_of_another_shape_is_refused(tiny):
         load_packed(pack_model(model, wider))  # header says width 24, tensors are width 16
 
 
+
+def test_errors_name_the_artifact_file(tiny, tmp_path):
+    # load_packed and load_artifact given a path: every error names that path, never <bytes>
+    from dbgen.export import load_artifact
+
+    cfg, model, data = tiny
+    cases = {"truncated.dbgen": (data[:len(data) // 2], "truncated"),
+             "flipped.dbgen": (data[:-200] + bytes([data[-200] ^ 0x10]) + data[-199:], "checksum mismatch"),
+             "other_shape.dbgen": (pack_model(model, load_config(TINY, ["model.width=24"])), "shape")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        for load in (dbgen.load_packed, load_artifact, read_packed):
+            if load is read_packed and name == "other_shape.dbgen":
+                continue  # a valid file: the mismatch shows when the model is built
+            with pytest.raises(ArtifactError, match=message) as e:
+                load(path)
+            assert str(e.value).startswith(f"{path}: ") and "<bytes>" not in str(e.value), (name, load)
+            with pytest.raises(ArtifactError, match=message) as e:
+                load(str(path))
+            assert str(e.value).startswith(f"{path}: "), (name, load)
+
+
+def test_export_cli_refuses_an_existing_file_unless_overwrite(tiny, tmp_path, monkeypatch, capsys):
+    from dbgen import export
+
+    cfg, model, data = tiny
+    calls = []
+
+    def fake_export_run(run_dir, out, ema=True):  # the tiny model, as if it were the run's checkpoint
+        calls.append(run_dir)
+        return {**export_model(model, cfg, out, {"step": 3}), "step": 3, "ema": False}
+
+    monkeypatch.setattr(export, "export_run", fake_export_run)
+    out = tmp_path / "model.dbgen"
+    out.write_bytes(b"an artifact someone kept")
+    assert export.main(["--run", "RUN", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: already exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"an artifact someone kept" and not calls  # untouched, nothing exported
+    assert export.main(["--run", "RUN", "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() == data and calls == ["RUN"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.dbgen"]  # atomic write: no temporary file left
+    fresh = tmp_path / "new.dbgen"  # a new file needs no --overwrite
+    assert export.main(["--run", "RUN", "--out", str(fresh)]) == 0 and fresh.read_bytes() == data
+
+
 # ----------------------------------------------------------------------------- a real run, exported (slow)
 def _train_worker(rank: int, world: int, run_dir: str, train_dir: str):
     from dbgen.trainer import Trainer

@@ -28,7 +28,8 @@ ImageNet). Bad images (undecodable, wrong size, label out of range) are errors n
 container (truncated tar, unreadable batch file) is always an error.
 
 Each format is a reader that yields records; :func:`dbgen.data.writer.write_split` writes them (atomically,
-manifest last; re-running a conversion into an unfinished split removes its leftovers and starts clean).
+manifest last; re-running a conversion into an unfinished split removes its leftovers and starts clean;
+``overwrite`` writes the new split beside a complete one and swaps it in only when complete).
 Memory stays bounded: the reader holds at most one input batch file or image at a time, the writer one row
 group.
 """

@@ -5,8 +5,11 @@ Every input format (:mod:`dbgen.data.converters`) and the built-in data set (:mo
 write through :func:`write_split`. Writing is atomic: shards are written as ``*.tmp`` and renamed when
 complete, ``manifest.json`` is written last (:func:`dbgen.atomic.write_atomic`). A directory without
 ``manifest.json`` is not a split; writing into it again removes the writer's leftovers and starts clean, and a
-directory holding anything else is refused. Memory stays bounded: rows stream to disk one row group (1024 rows
-by default) at a time.
+directory holding anything else is refused. A failed conversion into a directory it created removes that
+directory again if nothing was written. Replacing a complete split (``overwrite``) never touches it until the
+new one is complete: the new split is written into a temporary sibling directory and swapped in (see
+:func:`_swap_in`); a failure leaves the old split as it was. Memory stays bounded: rows stream to disk one row
+group (1024 rows by default) at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import TMP_SUFFIX, write_atomic
+from ..atomic import TMP_SUFFIX, _fsync_dir, write_atomic
 from .split import FORMAT_VERSION, MANIFEST, DataError, arrow_schema, sha256_file
 
 __all__ = ["DEFAULT_ROWS_PER_SHARD", "RESIZE_METHOD", "ROW_GROUP_ROWS", "Bad", "Chunk", "ShardWriter", "Source",
@@ -67,15 +72,16 @@ class Source:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Make ``out`` an empty-of-our-files directory; refuse to touch anything we did not write."""
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise DataError(f"{out}: already holds a converted split ({MANIFEST}); pass --overwrite to replace it")
-        (out / MANIFEST).unlink()  # first, so the directory never looks complete with mixed shards
+def _owned(name: str) -> bool:
+    """A file the writer writes: a shard, the manifest, or an interrupted write of either."""
+    return bool(name == MANIFEST or _SHARD_RE.match(name) or _MANIFEST_TMP_RE.match(name))
+
+
+def _prepare_out(out: Path) -> None:
+    """Make ``out`` (an existing directory without a manifest) empty of our files; refuse to touch anything we
+    did not write."""
     names = [p.name for p in out.iterdir()]
-    foreign = [n for n in names if not (_SHARD_RE.match(n) or _MANIFEST_TMP_RE.match(n))]
+    foreign = [n for n in names if not _owned(n)]
     if foreign:
         raise DataError(f"{out}: contains '{foreign[0]}', which the converter did not write; "
                         f"give an empty or converter-owned directory")
@@ -83,6 +89,47 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         (out / n).unlink()
     if names:
         log.info("%s: removed %d leftover files of an unfinished conversion", out, len(names))
+
+
+def _mkdirs(out: Path) -> list[Path]:
+    """``mkdir -p out``; returns the directories it created, deepest first."""
+    created = []
+    p = out
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the complete split ``out`` by the complete split ``new`` (a sibling in the same directory).
+
+    The order keeps a complete split on disk at every instant and never lets ``out`` hold a partial one:
+
+    1. ``new`` is already complete (shards and manifest written and synced) before anything here runs;
+    2. the old split is renamed aside (``.<name>.old-*``, same directory: one atomic rename, no copying);
+    3. ``new`` is renamed to ``out`` (atomic), and the directory is synced so both renames are durable;
+    4. only then is the old split deleted.
+
+    Between 2 and 3 -- two back-to-back renames, no data written between them -- ``out`` is briefly absent,
+    never partial; a crash exactly there leaves both complete splits beside it (the old one aside, the new
+    one under ``.<name>.new-*``). A failure in 2 or 3 puts the old split back.
+    """
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    aside = holder / out.name
+    try:
+        os.rename(out, aside)  # 2
+        try:
+            os.rename(new, out)  # 3
+        except BaseException:
+            os.rename(aside, out)  # put the old split back
+            raise
+    except BaseException:
+        holder.rmdir()
+        raise
+    _fsync_dir(out.parent)
+    shutil.rmtree(holder)  # 4
 
 
 class ShardWriter:
@@ -152,12 +199,48 @@ class ShardWriter:
 def write_split(source: Source, out: str | Path, *, resolution: int = 32,
                 rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, row_group_rows: int = ROW_GROUP_ROWS,
                 skip_bad: bool = False, overwrite: bool = False, resize: bool = False) -> Path:
-    """Stream ``source``'s records into the split directory ``out`` (atomic; manifest last)."""
+    """Stream ``source``'s records into the split directory ``out`` (atomic; manifest last).
+
+    A complete split at ``out`` is refused unless ``overwrite``; then the new split is written beside it and
+    swapped in only when complete (a failure leaves the old split untouched)."""
     out = Path(out).expanduser().resolve()
     if min(rows_per_shard, row_group_rows, resolution) < 1:
         raise DataError(f"rows_per_shard {rows_per_shard}, row_group_rows {row_group_rows}, resolution "
                         f"{resolution}: expected positive")
-    _prepare_out(out, overwrite)
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise DataError(f"{out}: already holds a converted split ({MANIFEST}); pass --overwrite to replace it")
+        foreign = [p.name for p in out.iterdir() if not _owned(p.name)]
+        if foreign:  # replacing the directory would delete them
+            raise DataError(f"{out}: contains '{foreign[0]}', which the converter did not write; "
+                            f"move it away before replacing the split")
+        new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+        try:
+            os.chmod(new, out.stat().st_mode & 0o7777)  # mkdtemp makes it 0700; keep the split's permissions
+            _write(source, new, out, resolution, rows_per_shard, row_group_rows, skip_bad, resize)
+            _swap_in(new, out)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            log.info("%s: conversion failed; the existing split is unchanged", out)
+            raise
+        return out
+    created = _mkdirs(out)
+    try:
+        _prepare_out(out)
+        _write(source, out, out, resolution, rows_per_shard, row_group_rows, skip_bad, resize)
+    except BaseException:
+        for d in created:  # a failed conversion leaves no empty directory behind (partial shards stay)
+            try:
+                d.rmdir()
+            except OSError:  # not empty
+                break
+        raise
+    return out
+
+
+def _write(source: Source, out: Path, name: Path, resolution: int, rows_per_shard: int, row_group_rows: int,
+           skip_bad: bool, resize: bool) -> None:
+    """Write the split into the prepared directory ``out`` (``name``: the split's final path, for the log)."""
     writer, skipped = ShardWriter(out, resolution, rows_per_shard, row_group_rows), []
     for rec in source.records:
         if isinstance(rec, Bad):
@@ -190,5 +273,4 @@ def write_split(source: Source, out: str | Path, *, resolution: int = 32,
         "shards": writer.shards,
     }
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))  # last: the split is complete; syncs the dir
-    log.info("%s: %d rows in %d shards (%d skipped)", out, num_rows, len(writer.shards), len(skipped))
-    return out
+    log.info("%s: %d rows in %d shards (%d skipped)", name, num_rows, len(writer.shards), len(skipped))
