@@ -79,29 +79,37 @@ class MetricsFollower:
     under a progress bar. Records present when it starts (an earlier submission's) are not printed again, nor
     are they when a resume rewrites the file (it drops records of steps after the restored checkpoint)."""
 
-    def __init__(self, run_dir: Path, max_steps: int, start_step: int = 0, progress: bool | None = None,
-                 poll_s: float = 0.5):
+    def __init__(self, run_dir: Path, max_steps: int, progress: bool | None = None, poll_s: float = 0.5):
         self.path = Path(run_dir) / METRICS_FILE
         self.max_steps, self.poll_s = max_steps, poll_s
-        self._seen = {line for line in self._lines()}
+        self._inode, self._offset = None, 0  # where the complete lines read so far end
+        self._seen = set(self._new_lines())
         self._stop = threading.Event()
         self._bar = None
         if progress if progress is not None else sys.stderr.isatty():
             from tqdm import tqdm  # here: only a terminal gets a bar
 
-            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", file=sys.stderr, leave=False,
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=max_steps, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True)
         self._thread = threading.Thread(target=self._run, name="metrics-follower", daemon=True)
 
-    def _lines(self) -> list[str]:
+    def _new_lines(self) -> list[str]:
+        """Complete lines appended since the last call (a partial last line waits). Reads only the new bytes,
+        unless the file was replaced (a resume rewrites it atomically: a new inode), then all of it again."""
         try:
-            text = self.path.read_text()
+            st = os.stat(self.path)
         except FileNotFoundError:
             return []
-        return [line for line in text.split("\n")[:-1] if line.strip()]  # a partial last line waits
+        if st.st_ino != self._inode or st.st_size < self._offset:
+            self._inode, self._offset = st.st_ino, 0
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [line for line in complete.decode().split("\n") if line.strip()]
 
     def poll(self) -> None:
-        for line in self._lines():
+        for line in self._new_lines():
             if line in self._seen:
                 continue
             self._seen.add(line)
