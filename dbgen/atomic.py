@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "write_atomic", "write_json_atomic"]
+__all__ = ["TMP_SUFFIX", "fsync_dir", "write_atomic", "write_json_atomic"]
 
 TMP_SUFFIX = ".tmp"  # a leftover ``.<name>.<random>.tmp`` is an interrupted write
 
@@ -34,7 +34,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -43,7 +43,7 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

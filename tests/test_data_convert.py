@@ -570,6 +570,99 @@ def test_failed_new_split_leaves_no_empty_directory(tmp_path):
     assert (tmp_path / "ds").is_dir() and not list((tmp_path / "ds").iterdir())
 
 
+# ------------------------------------------------------------------------------- where the split cannot go
+def _convert_main(capsys, *args) -> tuple[int, str]:
+    from dbgen.data.convert import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_out_is_a_file_exit_2_naming_it(tmp_path, capsys):
+    write_image_folder(tmp_path / "in", per_class=1)
+    (tmp_path / "file").write_text("mine")
+    for out, culprit in [(tmp_path / "file", tmp_path / "file"), (tmp_path / "file" / "deeper", tmp_path / "file")]:
+        code, err = _convert_main(capsys, "--format", "image-folder", "--src", str(tmp_path / "in"), "--out", str(out))
+        assert code == 2 and err == f"error: {culprit}: is a file, not a directory; cannot create {out}/train in it\n"
+    assert (tmp_path / "file").read_text() == "mine"
+    # the split directory itself a file: named as such
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "train").write_text("mine")
+    code, err = _convert_main(capsys, "--format", "image-folder", "--src", str(tmp_path / "in"), "--out",
+                              str(tmp_path / "root"))
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'root' / 'train'}: exists and is not a directory")
+
+
+def _run_read_only(d: Path, *args) -> subprocess.CompletedProcess:
+    """``python -m *args`` with directory ``d`` read-only: by its mode for a normal user; root ignores modes, so
+    there a read-only bind mount of ``d`` in a private mount namespace (skipped where that is not allowed)."""
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        try:
+            return run_cli(*args)
+        finally:
+            d.chmod(0o755)
+    mount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" || exit 99; exec "$@"'
+    try:
+        r = subprocess.run(["unshare", "-m", "sh", "-c", mount, str(d), PY, "-m", *args], capture_output=True,
+                           text=True, cwd=REPO, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("running as root (file modes do not apply) and no unshare for a read-only mount")
+    if r.returncode == 99 or "unshare failed" in r.stderr:
+        pytest.skip(f"running as root (file modes do not apply) and no read-only mount allowed: {r.stderr}")
+    return r
+
+
+def test_read_only_out_exit_2_naming_it_and_nothing_created(tmp_path):
+    write_image_folder(tmp_path / "in", per_class=1)
+    root = tmp_path / "ro"
+    root.mkdir()
+    r = _run_read_only(root, "dbgen.data.convert", "--format", "image-folder", "--src", str(tmp_path / "in"),
+                       "--out", str(root / "data"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: {root}: not writable (read-only file system or no permission)" in r.stderr
+    assert not list(root.iterdir())  # no empty output directory left behind
+
+
+# ------------------------------------------------------------------------------------------ color modes
+def test_color_modes_converted_to_rgb_with_a_note(tmp_path):
+    """Alpha, palette and grayscale images become RGB as documented, and the manifest says how many of each."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    indices = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    pal = Image.fromarray(indices, "P")
+    pal.putpalette(palette.reshape(-1).tolist())
+    pal.info["transparency"] = 7
+    images = {  # file -> (image, the RGB it must become: computed here, not by PIL's convert)
+        "rgb.png": (Image.fromarray(rgb), rgb),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), rgb),
+        "rgba2.png": (Image.fromarray(np.dstack([rgb[::-1], alpha]), "RGBA"), rgb[::-1]),
+        "gray.png": (Image.fromarray(gray, "L"), np.repeat(gray[..., None], 3, axis=2)),
+        "gray_alpha.png": (Image.fromarray(np.dstack([gray, alpha]), "LA"), np.repeat(gray[..., None], 3, axis=2)),
+        "palette.png": (pal, palette[indices]),
+    }
+    (tmp_path / "in" / "c").mkdir(parents=True)
+    for name, (img, _) in images.items():
+        img.save(tmp_path / "in" / "c" / name)
+    for name, (img, _) in images.items():  # the files hold the modes under test
+        with Image.open(tmp_path / "in" / "c" / name) as im:
+            assert im.mode == img.mode, name
+    out = convert("image-folder", tmp_path / "in", tmp_path / "out", resolution=8)
+    rows = read_rows(out)
+    names = sorted(images)  # the folder is walked sorted
+    assert rows["source"] == [f"c/{n}" for n in names]
+    for i, n in enumerate(names):
+        np.testing.assert_array_equal(rows["image"][i], images[n][1], err_msg=n)
+    notes = json.loads((out / "manifest.json").read_text())["color_conversions"]
+    assert {mode: c["images"] for mode, c in notes.items()} == {"RGBA": 2, "L": 1, "LA": 1, "P": 1}
+    assert "alpha channel dropped" in notes["RGBA"]["how"] and "alpha dropped" in notes["LA"]["how"]
+    assert "palette" in notes["P"]["how"] and "transparency dropped" in notes["P"]["how"]
+    assert "gray value copied to R, G and B" in notes["L"]["how"]
+
+
 # ------------------------------------------------------------------------------------------- real data
 CIFAR_JPEG_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "train.tar"
 

@@ -183,3 +183,22 @@ def test_ray_backend_reads_in_planned_order(ray_cluster, tmp_path):
             np.testing.assert_array_equal(ids_of(next(ray_it)), ids_of(next(arrow_it)))
     ev = np.concatenate([ids_of(x) for x in EvalLoader(split, batch_size=64, rank=0, world_size=1, backend="ray")])
     np.testing.assert_array_equal(ev, np.arange(1000))
+
+
+def test_ray_backend_read_error_is_a_data_error_naming_the_shard(ray_cluster, tmp_path):
+    """A shard damaged after the loader checked it fails its Ray Data read task; the loader raises that task's
+    DataError itself, naming the shard (not Ray Data's UserCodeException, which a trainer would retry)."""
+    from dbgen.data import DataError, EvalLoader
+
+    split = id_split(tmp_path, 300, rows_per_shard=100)
+    loader = EvalLoader(split, batch_size=64, rank=0, world_size=1, backend="ray")  # checks every sha256 here
+    shard = split / "shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[4:68] = bytes(b ^ 0xFF for b in data[4:68])  # the first page header: cannot be parsed
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        for _ in loader:
+            pass
+    assert type(err.value) is DataError
+    assert str(err.value).startswith(f"{shard}: cannot read row group 0: "), err.value
+    assert "Traceback" not in str(err.value) and "\n" not in str(err.value)

@@ -11,6 +11,13 @@ Measures, on a converted split (``--data DIR``):
 * RSS of this process, sampled while the reader and the arrow loader stream (start / end / peak) and of each
   Ray rank (peak).
 
+``--page-checksums compare`` measures instead what checking every page's CRC32 on every read would cost (see
+:mod:`dbgen.data.split`): the reader and the arrow loader with page verification off (what the loaders do)
+and on, alternating ``--repeats`` times (so a change of machine load hits both alike), medians and the on/off
+throughput ratio of one run, in images per wall second and per CPU second; and, for comparison, the seconds the
+loaders' actual check takes (every shard's sha256, once per process). ``--page-checksums on`` runs the reader
+and arrow loader with page verification (the Ray ranks never: their reads run in other processes).
+
 ``--synthetic-rows N`` first generates N random 32x32 rows as downsampled-ImageNet batch files (128,116 rows
 per file like the real ImageNet32) under ``--data`` and converts them with the converter (timed, in a child
 process whose peak RSS is reported apart), benchmarks the result and deletes everything it generated
@@ -31,8 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import EvalLoader, TrainLoader, convert, open_split
-from ..data.split import read_unit
+from ..data import DataError, EvalLoader, TrainLoader, convert, open_split
+from ..data import split as split_format
+from ..data.loader import _cached_unit
+from ..data.split import read_unit, sha256_file
 from ..ray_local import init_ray
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--synthetic-rows", type=int, default=None,
                    help="generate and convert this many random 32x32 rows under --data first")
     p.add_argument("--keep", action="store_true", help="keep the generated synthetic data")
+    p.add_argument("--page-checksums", choices=("off", "on", "compare"), default="off",
+                   help="check page CRCs on every read (reader and arrow loader); compare: measure what that "
+                        "costs, off vs on, alternating --repeats times")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of off/on for --page-checksums compare")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -85,28 +98,29 @@ class RssTrace:
 
 def bench_reader(split, max_rows: int | None) -> dict:
     total = min(split.num_rows, max_rows or split.num_rows)
-    trace, rows, t0 = RssTrace(total), 0, time.perf_counter()
+    trace, rows, t0, cpu0 = RssTrace(total), 0, time.perf_counter(), time.process_time()
     for shard, group, _, _ in split.units():
         x = read_unit(split, shard, group)  # (n, R*R*C) uint8
         rows += len(x)
         trace.progress(rows)
         if rows >= total:
             break
-    dt = time.perf_counter() - t0
-    return {"rows": rows, "seconds": round(dt, 3), "images_per_s": round(rows / dt), "rss_mb": trace.summary()}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"rows": rows, "seconds": round(dt, 3), "images_per_s": round(rows / dt),
+            "images_per_cpu_s": round(rows / cpu), "rss_mb": trace.summary()}
 
 
 def bench_arrow_loader(split, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
     loader = TrainLoader(split, batch_size=batch_size, shuffle_buffer=shuffle_buffer, backend="arrow",
                          rank=0, world_size=1)
     n = len(loader) if not max_rows else min(len(loader), -(-max_rows // batch_size))
-    trace, t0, it = RssTrace(n), time.perf_counter(), iter(loader)
+    trace, t0, cpu0, it = RssTrace(n), time.perf_counter(), time.process_time(), iter(loader)
     for i in range(n):
         next(it)
         trace.progress(i + 1)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {"rows": n * batch_size, "seconds": round(dt, 3), "images_per_s": round(n * batch_size / dt),
-            "rss_mb": trace.summary()}
+            "images_per_cpu_s": round(n * batch_size / cpu), "rss_mb": trace.summary()}
 
 
 def _ray_rank(split_dir: str, rank: int, world: int, batch_size: int, shuffle_buffer: int,
@@ -147,6 +161,44 @@ def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int
             "images_per_s_per_worker": round(float(np.mean([r["images_per_s"] for r in results]))),
             "images_per_s_total": round(sum(r["images_per_s"] for r in results)),
             "rows": rows, "wall_seconds_with_warmup": round(wall, 1)}
+
+
+def compare_page_checksums(split, batch_size: int, shuffle_buffer: int, max_rows: int | None, repeats: int) -> dict:
+    """Throughput of the reader and the arrow loader with page verification off and on, alternating: images
+    per wall second and per CPU second of this process (all its threads; less moved by other jobs). Also the
+    loaders' own check: every shard's sha256 (median seconds, wall and CPU)."""
+    if not split.page_checksums:
+        raise DataError(f"{split.path}: written without page checksums; convert it again to compare")
+    runs = {(path, unit, mode): [] for path in ("reader", "loader_arrow") for unit in ("images_per_s",
+            "images_per_cpu_s") for mode in ("off", "on")}
+    try:
+        for _ in range(repeats):
+            for mode in ("off", "on"):
+                split_format.PAGE_CHECKSUM_VERIFICATION = mode == "on"
+                _cached_unit.cache_clear()  # the loader's few cached row groups were read in the other mode
+                results = {"reader": bench_reader(split, max_rows),
+                           "loader_arrow": bench_arrow_loader(split, batch_size, shuffle_buffer, max_rows)}
+                for (path, unit, m), values in runs.items():
+                    if m == mode:
+                        values.append(results[path][unit])
+    finally:
+        split_format.PAGE_CHECKSUM_VERIFICATION = False
+    sha_wall, sha_cpu = [], []
+    for _ in range(repeats):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for s in split.shards:  # what check_shards does in a fresh process
+            sha256_file(s.path)
+        sha_wall.append(time.perf_counter() - t0)
+        sha_cpu.append(time.process_time() - cpu0)
+    out = {"sha256_once": {"wall_s": round(float(np.median(sha_wall)), 3),
+                           "cpu_s": round(float(np.median(sha_cpu)), 3)}}
+    for path in ("reader", "loader_arrow"):
+        for unit in ("images_per_s", "images_per_cpu_s"):
+            off, on = runs[path, unit, "off"], runs[path, unit, "on"]
+            out[f"{path} {unit}"] = {"off": off, "on": on, "median_off": round(float(np.median(off))),
+                                     "median_on": round(float(np.median(on))),
+                                     "on_off_ratio": round(float(np.median(on) / np.median(off)), 3)}
+    return out
 
 
 def make_synthetic(work: Path, rows: int) -> tuple[Path, dict]:
@@ -193,8 +245,15 @@ def main(args) -> int:
             "data": str(split.path), "rows": split.num_rows, "resolution": split.resolution,
             "bytes": sum(s.bytes for s in split.shards), "synthetic": synthetic,
         }
+        if args.page_checksums == "compare":
+            res["page_checksums"] = compare_page_checksums(split, args.batch_size, args.shuffle_buffer,
+                                                           args.max_rows, args.repeats)
+            return _print_page_checksums(res, args.json)
+        split_format.PAGE_CHECKSUM_VERIFICATION = args.page_checksums == "on"
+        res["page_checksums"] = args.page_checksums
         res["reader"] = bench_reader(split, args.max_rows)
         res["loader_arrow"] = bench_arrow_loader(split, args.batch_size, args.shuffle_buffer, args.max_rows)
+        split_format.PAGE_CHECKSUM_VERIFICATION = False
         if args.workers > 0:
             res["ray"] = bench_ray(str(split.path), args.workers, args.batch_size, args.shuffle_buffer,
                                    args.max_rows)
@@ -219,4 +278,21 @@ def main(args) -> int:
         rss = "  ".join(f"{v['anon']:.0f}+{v['shmem']:.0f}" for v in r["rss_mb"].values())
         print(f"{name:<16}{r['rows']:>11,}{r['images_per_s']:>10,}   {rss}")
     print(f"peak RSS of this process: {res['peak_rss_mb']} MiB")
+    return 0
+
+
+def _print_page_checksums(res: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(res))
+        return 0
+    print(f"{res['data']}: {res['rows']:,} rows {res['resolution']}x{res['resolution']}, "
+          f"{res['bytes'] / 2**30:.2f} GiB ({res['machine']})")
+    results = dict(res["page_checksums"])
+    sha = results.pop("sha256_once")
+    print(f"{'path':<30}{'median off':>12}{'median on':>11}{'on/off':>8}   per round (off | on)")
+    for path, r in results.items():
+        print(f"{path:<30}{r['median_off']:>12,}{r['median_on']:>11,}{r['on_off_ratio']:>8.3f}   "
+              f"{' '.join(f'{v:,}' for v in r['off'])} | {' '.join(f'{v:,}' for v in r['on'])}")
+    print(f"sha256 of every shard (the loaders' check, once per process): {sha['wall_s']} s wall, "
+          f"{sha['cpu_s']} s CPU")
     return 0

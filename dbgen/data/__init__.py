@@ -2,9 +2,14 @@
 
 On disk a *split* is a directory of Parquet shards plus ``manifest.json`` (written last, atomically)::
 
-    shard-00000.parquet ...   image: fixed_size_binary[R*R*3] (uint8, HWC), label: int32, source: string
+    shard-00000.parquet ...   image: fixed_size_binary[R*R*3] (uint8, HWC), label: int32, source: string;
+                              a CRC32 per page
     manifest.json             format_version, resolution, channels, num_rows, rows_per_shard, row_group_rows,
-                              class_names, shards [{file, rows, bytes, sha256}], source, skipped
+                              class_names, shards [{file, rows, bytes, sha256}], page_checksums, source,
+                              skipped, color_conversions
+
+Integrity: the loaders check every shard's sha256 once per process, when built; ``verify_split`` also checks
+the page CRCs (why not the loaders: :mod:`dbgen.data.split`).
 
 The image column is ``fixed_size_binary``, not ``fixed_size_list<uint8>``: Parquet stores a uint8 list as
 INT32 values with per-value levels (4x the bytes, read at 18-27k rows/s), a fixed-size binary as the raw bytes

@@ -12,7 +12,9 @@
 writes both, ``DIR/train`` and ``DIR/test``, or without ``--out`` builds into the cache (``$DBGEN_CACHE`` or
 ``~/.cache/dbgen``) as ``builtin("photos32")`` does. An ``--out`` that is itself a converted split is refused
 (it would nest a split inside it). The Python function :func:`dbgen.data.convert` takes the split directory
-itself. Exit code 1 with a message naming the file / member / row on bad input.
+itself. Exit code 1 with a message naming the file / member / row on bad input; exit code 2 with a message
+naming the path when the output cannot be written there (``--out`` is a file or below one, a read-only file
+system, no permission) or another file system error stops the conversion.
 """
 
 import argparse
@@ -24,7 +26,7 @@ from pathlib import Path
 from .builtin import BUILTINS, build_builtin, builtin
 from .converters import FORMATS, convert
 from .split import MANIFEST, DataError
-from .writer import DEFAULT_ROWS_PER_SHARD, RESIZE_METHOD, ROW_GROUP_ROWS
+from .writer import DEFAULT_ROWS_PER_SHARD, RESIZE_METHOD, ROW_GROUP_ROWS, OutputError
 
 
 def main(argv=None) -> int:
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
         out = convert(args.format, args.src, root / args.split, split=args.split, resolution=args.resolution,
                       rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows,
                       skip_bad=args.skip_bad, resize=args.resize, overwrite=args.overwrite)
+    except (OutputError, OSError) as e:  # where the split goes, not what is in the input: exit 2 like a bad path
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

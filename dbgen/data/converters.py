@@ -17,7 +17,8 @@ Formats (``--src``):
 * ``image-folder``: ``SRC/<class>/<image>`` JPEG/PNG files; ``image-tar``: the same inside a tar (any
   compression), members in archive order. The class is the image's parent folder name (classes sorted by
   name give the label). Files of other types are ignored (counted in the manifest). Decoded with PIL,
-  converted to RGB.
+  converted to RGB; images stored in another mode (grayscale, palette, with alpha, ...) are counted per mode
+  in the manifest's ``color_conversions`` with what the conversion did (alpha is dropped, not composited).
 
 Pickles are read with an unpickler that only admits plain containers and numpy arrays (no code runs).
 
@@ -87,6 +88,34 @@ def _load_batch(data: bytes, where: str) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
+# What PIL's Image.convert("RGB") does to each mode (recorded in the manifest; other modes: COLOR_DEFAULT).
+COLOR_NOTES = {
+    "L": "grayscale: the gray value copied to R, G and B",
+    "1": "black and white: 0 or 255 copied to R, G and B",
+    "LA": "grayscale with alpha: the gray value copied to R, G and B; alpha dropped, not composited",
+    "P": "palette: each index replaced by its palette color; palette transparency dropped",
+    "PA": "palette with alpha: each index replaced by its palette color; alpha dropped, not composited",
+    "RGBA": "alpha channel dropped, not composited: the stored R, G, B kept",
+}
+COLOR_DEFAULT = "converted with PIL Image.convert('RGB')"
+
+
+def _image_record(source: Source, name: str, data: bytes, label: int, resolution: int, resize: bool):
+    """One image file -> a one-row Chunk (its color conversion counted in ``source``) or a Bad."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode, x = img.mode, _fit(img, resolution, resize)
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
+        return Bad(name, f"cannot decode image ({type(e).__name__}: {e})")
+    if isinstance(x, str):
+        return Bad(name, x)
+    if mode != "RGB":
+        c = source.color_conversions.setdefault(mode, {"images": 0, "how": COLOR_NOTES.get(mode, COLOR_DEFAULT)})
+        c["images"] += 1
+    return Chunk(x[None], np.array([label]), [name])
+
+
 def _fit(img: Image.Image, resolution: int, resize: bool) -> np.ndarray | str:
     """PIL image -> (R, R, 3) uint8, or the reason it is bad (with ``resize``: writer.RESIZE_METHOD)."""
     img = img.convert("RGB")
@@ -98,15 +127,6 @@ def _fit(img: Image.Image, resolution: int, resize: bool) -> np.ndarray | str:
         img = img.crop((left, top, left + side, top + side))
         img = img.resize((resolution, resolution), Image.Resampling.BOX)
     return np.asarray(img, dtype=np.uint8)
-
-
-def _decode(data: bytes, resolution: int, resize: bool) -> np.ndarray | str:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _fit(img, resolution, resize)
-    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
-        return f"cannot decode image ({type(e).__name__}: {e})"
 
 
 def _planar_rows(d: dict, where: str, resolution: int, resize: bool, label_lo: int, label_hi: int) -> Iterator:
@@ -251,9 +271,8 @@ def _image_folder(src: Path, split: str, resolution: int, resize: bool) -> Sourc
     def records():
         for f in _walk(src):
             if _is_image(f):
-                x = _decode((src / f).read_bytes(), resolution, resize)
-                label = classes[Path(f).parent.name]
-                yield Bad(f, x) if isinstance(x, str) else Chunk(x[None], np.array([label]), [f])
+                yield _image_record(source, f, (src / f).read_bytes(), classes[Path(f).parent.name], resolution,
+                                    resize)
 
     source.records = records()
     return source
@@ -313,9 +332,8 @@ def _image_tar(src: Path, split: str, resolution: int, resize: bool) -> Source:
         with _open_tar(src) as tar:
             for m in _tar_stream(tar, src):
                 if m.isfile() and _is_image(m.name):
-                    x = _decode(_tar_read(tar, m, src), resolution, resize)
-                    label = classes[Path(m.name).parent.name]
-                    yield Bad(m.name, x) if isinstance(x, str) else Chunk(x[None], np.array([label]), [m.name])
+                    yield _image_record(source, m.name, _tar_read(tar, m, src), classes[Path(m.name).parent.name],
+                                        resolution, resize)
 
     source.records = records()
     return source

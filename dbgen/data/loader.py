@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .resolve import resolve_split
-from .split import DataError, Split, open_split, read_unit
+from .split import DataError, Split, check_shards, open_split, read_unit
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +233,21 @@ def _ray_arrays(split: Split, runs):
     ds.context.execution_options.preserve_order = True  # the plan's order, not completion order
     ds.context.enable_progress_bars = False  # one pipeline per epoch and rank: keep the logs quiet
     ds.context.print_on_execution_start = False
+    # A read's DataError (a corrupt shard) reaches us as itself, not as Ray Data's UserCodeException, whose
+    # pickled form drops the original: the trainer must see a DataError (not retryable) naming the shard.
+    ds.context.raise_original_map_exception = True
     # Check what preserve_order promises: rows arrive run by run, as planned (an exact resume depends on it).
     expected = np.repeat(np.arange(len(runs)), [hi - lo for _, _, lo, hi in runs])
     done = 0
-    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=RAY_PREFETCH_BLOCKS):
-        n = len(block["seq"])
-        if not np.array_equal(block["seq"], expected[done:done + n]):
-            raise DataError(f"{split.path}: Ray Data delivered read units out of the planned order")
-        done += n
-        yield block["image"]
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=RAY_PREFETCH_BLOCKS):
+            n = len(block["seq"])
+            if not np.array_equal(block["seq"], expected[done:done + n]):
+                raise DataError(f"{split.path}: Ray Data delivered read units out of the planned order")
+            done += n
+            yield block["image"]
+    except DataError as e:  # from a read task: RayTaskError(DataError), whose message is the remote traceback
+        raise DataError(getattr(e, "cause", e).message) from None
 
 
 class _RowStream:
@@ -324,6 +330,7 @@ class TrainLoader:
         if batch_size < 1 or seed < 0:
             raise ValueError(f"batch_size {batch_size}, seed {seed}: expected batch_size >= 1, seed >= 0")
         self.split = _resolve_source(source, "train", "train")
+        check_shards(self.split)  # a corrupt shard fails here, before the first step (once per process)
         self.rank, world_size = _rank_world(rank, world_size)
         self.layout = Layout(world_size, batch_size, shuffle_buffer, drop_last)
         self.seed, self.backend = seed, backend
@@ -426,6 +433,7 @@ class EvalLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: expected >= 1")
         self.split = _resolve_source(source, "eval", "test")
+        check_shards(self.split)  # once per process
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.batch_size, self.backend = batch_size, backend
         self.pin = _pin_default(pin_memory)

@@ -1,8 +1,21 @@
 """A converted split on disk: ``manifest.json`` + Parquet shards. Opening, validating, verifying, reading.
 
 Opening a split checks the manifest (schema, types, shard files present with the recorded byte sizes and row
-counts adding up); ``verify=True`` / :func:`verify_split` also re-hashes every shard against its sha256 and
-checks each shard's Parquet schema and row groups. Every error is a :class:`DataError` naming the path.
+counts adding up); ``verify=True`` / :func:`verify_split` also re-hashes every shard against its sha256,
+checks each shard's Parquet schema and row groups and reads every page. Every error is a :class:`DataError`
+naming the path.
+
+Integrity on read: shards carry a CRC32 per Parquet page (``write_page_checksum``; manifest
+``page_checksums: true``; splits written before have none). :func:`verify_split` checks them, but the loaders
+do not: checking every page on every read cost about 20% of the arrow loader's CPU (``python -m dbgen.bench
+data --page-checksums compare``, ``benchmarks/RESULTS.md``), every epoch. Instead the loaders (and
+:func:`read_rows`) check each shard's sha256 against the manifest once per process, when built
+(:func:`check_shards`): one pass over the split at about the CRC's speed, then nothing per epoch; it also
+covers splits written before page checksums, and fails a corrupt shard before the first step, not when the
+epoch reaches it. Ray Data's read tasks (other processes) rely on the check of the loader that plans them.
+What it does not catch is a shard that changes on disk after that check; reading a damaged footer or page
+header then still fails to parse: a :class:`DataError` naming the shard.
+
 Which directory a data spec (``builtin:NAME``, a data set root) names is :mod:`dbgen.data.resolve`'s.
 """
 
@@ -17,13 +30,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # page checksums (manifest 'page_checksums') came later as an optional key: still 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 
 
 class DataError(ValueError):
     """Bad input data or a bad split directory; the message names the file (and row/member) and what was expected."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message  # as raised (Ray Data appends retry notes to the args of a read task's error)
 
 
 def arrow_schema(resolution: int, channels: int = 3) -> pa.Schema:
@@ -61,6 +78,7 @@ class Split:
     class_names: tuple[str, ...] | None
     num_classes: int
     shards: tuple[Shard, ...]
+    page_checksums: bool  # every page carries a CRC32 (splits written before page checksums: False)
     manifest: dict = field(compare=False, hash=False, repr=False)
 
     @property
@@ -113,6 +131,8 @@ def open_split(path: str | Path, verify: bool = False) -> Split:
                 f"'{key}' = {m.get(key)!r}, expected {tp.__name__}")
     _expect(m["resolution"] > 0 and m["channels"] in (1, 3) and m["row_group_rows"] > 0, mpath,
             "expected resolution > 0, channels 1 or 3, row_group_rows > 0")
+    _expect(isinstance(m.get("page_checksums", False), bool), mpath,
+            f"'page_checksums' = {m.get('page_checksums')!r}, expected true or false")
     names = m.get("class_names")
     _expect(names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names)
                               and len(names) == m["num_classes"]), mpath,
@@ -136,14 +156,16 @@ def open_split(path: str | Path, verify: bool = False) -> Split:
     _expect(total == m["num_rows"], mpath, f"shards hold {total} rows, num_rows says {m['num_rows']}")
     split = Split(path=path, resolution=m["resolution"], channels=m["channels"], num_rows=m["num_rows"],
                   row_group_rows=m["row_group_rows"], class_names=tuple(names) if names is not None else None,
-                  num_classes=m["num_classes"], shards=tuple(shards), manifest=m)
+                  num_classes=m["num_classes"], shards=tuple(shards), page_checksums=m.get("page_checksums", False),
+                  manifest=m)
     if verify:
         _verify_shards(split)
     return split
 
 
 def verify_split(path: str | Path) -> Split:
-    """Full check: manifest, every shard's sha256, Parquet schema, row count and row-group layout."""
+    """Full check: manifest, every shard's sha256, Parquet schema, row count, row-group layout, and every row
+    group read (page CRCs checked where the split has them)."""
     return open_split(path, verify=True)
 
 
@@ -155,16 +177,54 @@ def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# Whether read_unit / read_rows check page CRCs. Off: see the module docstring (the loaders check sha256 once
+# per process instead); ``python -m dbgen.bench data --page-checksums on|compare`` turns it on to measure it.
+PAGE_CHECKSUM_VERIFICATION = False
+_SHA256_CHECKED: set[tuple[Path, str]] = set()  # (shard, sha256) checked in this process
+
+
+def _check_sha256(s: Shard) -> None:
+    digest = sha256_file(s.path)
+    if digest != s.sha256:
+        raise DataError(f"{s.path}: sha256 {digest}, manifest says {s.sha256} (corrupted shard; python -m "
+                        f"dbgen.data.verify {s.path.parent} checks every shard)")
+    _SHA256_CHECKED.add((s.path, s.sha256))
+
+
+def check_shards(split: Split, shards: list[Shard] | tuple[Shard, ...] | None = None) -> None:
+    """Check each shard's sha256 (default: all of ``split``) against the manifest, once per process: shards
+    checked before in this process are skipped. :class:`DataError` naming the first corrupted shard."""
+    for s in split.shards if shards is None else shards:
+        if (s.path, s.sha256) not in _SHA256_CHECKED:
+            _check_sha256(s)
+
+
+def _corrupt(s: Shard, what: str, e: Exception) -> DataError:
+    reason = " ".join(str(e).split())  # pyarrow's multi-line messages, on one line
+    return DataError(f"{s.path}: {what}: {reason} (corrupted shard; python -m dbgen.data.verify "
+                     f"{s.path.parent} checks every shard)")
+
+
+def _open_shard(s: Shard, verify_pages: bool) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(s.path, page_checksum_verification=verify_pages)
+    except (pa.ArrowException, OSError) as e:
+        raise _corrupt(s, "not a readable Parquet file", e) from None
+
+
+def _read_row_group(f: pq.ParquetFile, s: Shard, row_group: int, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return f.read_row_group(row_group, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise _corrupt(s, f"cannot read row group {row_group}", e) from None
+
+
 def _verify_shards(split: Split) -> None:
     schema = arrow_schema(split.resolution, split.channels)
     for s in split.shards:
-        digest = sha256_file(s.path)
-        if digest != s.sha256:
-            raise DataError(f"{s.path}: sha256 {digest}, manifest says {s.sha256} (corrupted shard)")
-        try:
-            meta = pq.ParquetFile(s.path).metadata
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{s.path}: not a readable Parquet file: {e}") from None
+        _check_sha256(s)
+        f = _open_shard(s, verify_pages=True)
+        meta = f.metadata
         if not meta.schema.to_arrow_schema().equals(schema):
             raise DataError(f"{s.path}: schema {meta.schema.to_arrow_schema()}, expected {schema}")
         _expect(meta.num_rows == s.rows, s.path, f"{meta.num_rows} rows, manifest says {s.rows}")
@@ -172,17 +232,17 @@ def _verify_shards(split: Split) -> None:
             want = min(split.row_group_rows, s.rows - g * split.row_group_rows)
             _expect(meta.row_group(g).num_rows == want, s.path,
                     f"row group {g} has {meta.row_group(g).num_rows} rows, expected {want}")
+            _read_row_group(f, s, g)  # decodes every page: page headers parse, CRCs match (where written)
 
 
 def read_unit(split: Split, shard: int, row_group: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
-    """Rows ``[lo, hi)`` of one row group as ``(n, R*R*C)`` uint8 (HWC per row). Errors name the file."""
+    """Rows ``[lo, hi)`` of one row group as ``(n, R*R*C)`` uint8 (HWC per row). Errors name the file.
+
+    Checks no sha256 (the loaders did, see :func:`check_shards`; Ray Data read tasks run in other processes)."""
     s = split.shards[shard]
     want = min(split.row_group_rows, s.rows - row_group * split.row_group_rows)
     hi = want if hi is None else hi
-    try:
-        table = pq.ParquetFile(s.path).read_row_group(row_group, columns=["image"])
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{s.path}: cannot read row group {row_group}: {e}") from None
+    table = _read_row_group(_open_shard(s, PAGE_CHECKSUM_VERIFICATION), s, row_group, columns=["image"])
     if table.num_rows != want:
         raise DataError(f"{s.path}: row group {row_group} has {table.num_rows} rows, expected {want}")
     return image_array(table.column(0), split.row_bytes, s.path)[lo:hi]  # (n, R*R*C)
@@ -201,7 +261,8 @@ def image_array(column: pa.ChunkedArray | pa.Array, row_bytes: int, where) -> np
 def read_rows(path: str | Path | Split, start: int = 0, stop: int | None = None) -> dict:
     """Rows ``[start, stop)`` in storage order: ``image`` (n, H, W, C) uint8, ``label`` (n,) int32, ``source``.
 
-    For small splits, tests and sample grids; training reads through the loaders.
+    For small splits, tests and sample grids; training reads through the loaders. The shards read are checked
+    as the loaders check them (:func:`check_shards`).
     """
     split = path if isinstance(path, Split) else open_split(path)
     stop = split.num_rows if stop is None else min(stop, split.num_rows)
@@ -209,10 +270,12 @@ def read_rows(path: str | Path | Split, start: int = 0, stop: int | None = None)
     for s in split.shards:
         lo, hi = max(start - first, 0), min(stop - first, s.rows)
         if lo < hi:
+            check_shards(split, [s])
+            f = _open_shard(s, PAGE_CHECKSUM_VERIFICATION)
             try:
-                tables.append(pq.read_table(s.path).slice(lo, hi - lo))
+                tables.append(f.read().slice(lo, hi - lo))
             except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{s.path}: not a readable Parquet file: {e}") from None
+                raise _corrupt(s, "cannot read", e) from None
         first += s.rows
     table = pa.concat_tables(tables) if tables else arrow_schema(split.resolution, split.channels).empty_table()
     r, c = split.resolution, split.channels

@@ -5,11 +5,13 @@ Every input format (:mod:`dbgen.data.converters`) and the built-in data set (:mo
 write through :func:`write_split`. Writing is atomic: shards are written as ``*.tmp`` and renamed when
 complete, ``manifest.json`` is written last (:func:`dbgen.atomic.write_atomic`). A directory without
 ``manifest.json`` is not a split; writing into it again removes the writer's leftovers and starts clean, and a
-directory holding anything else is refused. A failed conversion into a directory it created removes that
-directory again if nothing was written. Replacing a complete split (``overwrite``) never touches it until the
-new one is complete: the new split is written into a temporary sibling directory and swapped in (see
-:func:`_swap_in`); a failure leaves the old split as it was. Memory stays bounded: rows stream to disk one row
-group (1024 rows by default) at a time.
+directory holding anything else is refused. An output that cannot be written (a file where a directory is
+needed, a read-only file system, no permission) is refused before anything is read (:class:`OutputError`). A
+failed conversion into a directory it created removes that directory again if nothing was written. Replacing a
+complete split (``overwrite``) never touches it until the new one is complete: the new split is written into a
+temporary sibling directory and swapped in (see :func:`_swap_in`); a failure leaves the old split as it was.
+Memory stays bounded: rows stream to disk one row group (1024 rows by default) at a time. Shards carry Parquet
+page checksums (CRC32 per page), checked by :func:`dbgen.data.split.verify_split`.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import TMP_SUFFIX, _fsync_dir, write_atomic
+from ..atomic import TMP_SUFFIX, fsync_dir, write_atomic
 from .split import FORMAT_VERSION, MANIFEST, DataError, arrow_schema, sha256_file
 
-__all__ = ["DEFAULT_ROWS_PER_SHARD", "RESIZE_METHOD", "ROW_GROUP_ROWS", "Bad", "Chunk", "ShardWriter", "Source",
-           "write_split"]
+__all__ = ["DEFAULT_ROWS_PER_SHARD", "RESIZE_METHOD", "ROW_GROUP_ROWS", "Bad", "Chunk", "OutputError", "ShardWriter",
+           "Source", "write_split"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ RESIZE_METHOD = "center square crop, then PIL Image.resize(..., Image.Resampling
 _SHARD_RE = re.compile(r"^shard-\d{5}\.parquet(\.tmp)?$")
 # An interrupted manifest write: write_atomic's temporary file (or the fixed name earlier versions used).
 _MANIFEST_TMP_RE = re.compile(rf"^(\.{re.escape(MANIFEST)}\..+|{re.escape(MANIFEST)}){re.escape(TMP_SUFFIX)}$")
+
+
+class OutputError(DataError):
+    """The split directory cannot be written there (the CLI exits 2); the message names the path."""
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -69,6 +75,8 @@ class Source:
     class_names: list[str] | None = None
     ignored_files: int = 0
     records: Iterator = field(default=iter(()), repr=False)
+    # images stored in another PIL mode and converted to RGB: {mode: {"images": count, "how": what it did}}
+    color_conversions: dict[str, dict] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -91,15 +99,29 @@ def _prepare_out(out: Path) -> None:
         log.info("%s: removed %d leftover files of an unfinished conversion", out, len(names))
 
 
-def _mkdirs(out: Path) -> list[Path]:
-    """``mkdir -p out``; returns the directories it created, deepest first."""
-    created = []
+def _missing_dirs(out: Path) -> list[Path]:
+    """The directories ``mkdir -p out`` would create, deepest first."""
+    missing = []
     p = out
     while not p.exists():
-        created.append(p)
+        missing.append(p)
         p = p.parent
-    out.mkdir(parents=True, exist_ok=True)
-    return created
+    return missing
+
+
+def _check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse, naming the path, an ``out`` the split cannot be written to, before any input is read."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory (expected a split directory to write)")
+    missing = _missing_dirs(out)
+    first = missing[-1].parent if missing else out  # the directory that must take the first write
+    if not first.is_dir():
+        raise OutputError(f"{first}: is a file, not a directory; cannot create {out} in it")
+    replacing = overwrite and (out / MANIFEST).exists()  # the new split is built beside it, then renamed
+    for d in [first] + ([out.parent] if replacing else []):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise OutputError(f"{d}: not writable (read-only file system or no permission); cannot write the "
+                              f"split {out}")
 
 
 def _swap_in(new: Path, out: Path) -> None:
@@ -128,7 +150,7 @@ def _swap_in(new: Path, out: Path) -> None:
     except BaseException:
         holder.rmdir()
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(holder)  # 4
 
 
@@ -170,9 +192,11 @@ class ShardWriter:
         ], schema=self.schema)
         if self._writer is None:
             self._tmp = self.out / f"shard-{len(self.shards):05d}.parquet.tmp"
-            # Raw pixels barely compress and must read fast; the source strings compress well.
+            # Raw pixels barely compress and must read fast; the source strings compress well. Page CRCs:
+            # checked by verify_split (why the loaders check sha256 instead: dbgen.data.split).
             self._writer = pq.ParquetWriter(self._tmp, self.schema, compression={"image": "none",
-                                            "label": "zstd", "source": "zstd"}, use_dictionary=False)
+                                            "label": "zstd", "source": "zstd"}, use_dictionary=False,
+                                            write_page_checksum=True)
         self._writer.write_table(table, row_group_size=n)
         self._shard_rows += n
         if self._shard_rows == self.rows_per_shard:
@@ -207,6 +231,7 @@ def write_split(source: Source, out: str | Path, *, resolution: int = 32,
     if min(rows_per_shard, row_group_rows, resolution) < 1:
         raise DataError(f"rows_per_shard {rows_per_shard}, row_group_rows {row_group_rows}, resolution "
                         f"{resolution}: expected positive")
+    _check_writable(out, overwrite)
     if (out / MANIFEST).exists():
         if not overwrite:
             raise DataError(f"{out}: already holds a converted split ({MANIFEST}); pass --overwrite to replace it")
@@ -224,8 +249,9 @@ def write_split(source: Source, out: str | Path, *, resolution: int = 32,
             log.info("%s: conversion failed; the existing split is unchanged", out)
             raise
         return out
-    created = _mkdirs(out)
+    created = _missing_dirs(out)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         _prepare_out(out)
         _write(source, out, out, resolution, rows_per_shard, row_group_rows, skip_bad, resize)
     except BaseException:
@@ -265,12 +291,16 @@ def _write(source: Source, out: Path, name: Path, resolution: int, rows_per_shar
         "num_classes": source.num_classes,
         "class_names": source.class_names,
         "layout": "image: fixed_size_binary[R*R*3] (uint8 HWC); label: int32; source: string",
+        "page_checksums": True,
         "source": source.description,
         "resize": RESIZE_METHOD if resize else None,
         "num_skipped": len(skipped),
         "skipped": skipped,
         "ignored_files": source.ignored_files,
+        "color_conversions": source.color_conversions,
         "shards": writer.shards,
     }
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))  # last: the split is complete; syncs the dir
+    for mode, c in source.color_conversions.items():
+        log.warning("%s: %d %s images converted to RGB: %s", name, c["images"], mode, c["how"])
     log.info("%s: %d rows in %d shards (%d skipped)", name, num_rows, len(writer.shards), len(skipped))
