@@ -75,6 +75,8 @@ class RVAEConfig:
     binary_weights: bool = False  # BWN in the residual branches
     binary_activations: bool = False  # sign activations in the residual branches (the 1/1 variant)
     image_size: int = 32
+    # stride-2 convs between the image and the latent grid (image_size / 2**stride2_stages): 1 at 32x32, 2 at 64x64
+    stride2_stages: int = 1
     channels: int = 3
     width: int = 256  # channels of the deterministic state
     zdim: int = 8  # latent channels per stochastic layer
@@ -90,6 +92,8 @@ class RVAEConfig:
             ("channels", self.channels >= 1, "a positive int"),
             ("image_size", self.image_size >= 2 and self.image_size % 2 == 0,
              "an even int >= 2 (the first conv halves it)"),
+            ("stride2_stages", self.stride2_stages >= 1 and self.image_size % 2**self.stride2_stages == 0,
+             f"an int >= 1 with image_size ({self.image_size}) divisible by 2**stride2_stages"),
             ("width", self.width >= 1, "a positive int"),
             ("zdim", self.zdim >= 1, "a positive int"),
             ("num_stochastic", self.num_stochastic >= 1, "an int >= 1"),
@@ -189,6 +193,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # clip the global gradient norm to this
     skip_threshold: float = 100.0  # skip (and count) a step whose gradient norm exceeds this, or is not finite
+    # Stop the run (an error, non-zero exit) after this many consecutive skipped steps: a skipped step changes
+    # nothing, so a run that skips 50 different batches in a row will not recover by itself (at a skip rate of
+    # even 50% that is a 1-in-10^15 event); the last checkpoint from finite weights is kept for a resume.
+    max_bad_steps: int = 50
     seed: int = 0
     init_batch_size: int = 256  # rows for data-dependent initialization (rank 0, then broadcast)
     ema_decay: float | None = None  # EMA of weights for eval and sampling; null disables
@@ -197,6 +205,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward (fuses its element-wise work; compiles at start)
     # torch.compile mode; reduce-overhead also replays the step's kernels as CUDA graphs (launch-bound models)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # Recompute each RVAE residual/stochastic block and each Flow++ coupling network in the backward pass
+    # (torch.utils.checkpoint, RNG replayed): activations of one block instead of all, for ~1 more forward.
+    activation_checkpointing: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 500
@@ -216,6 +227,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, "an int >= 1"),
             ("grad_clip", self.grad_clip > 0, "a number > 0"),
             ("skip_threshold", self.skip_threshold > 0, "a number > 0"),
+            ("max_bad_steps", self.max_bad_steps >= 1, "an int >= 1"),
             ("init_batch_size", self.init_batch_size >= 1, "an int >= 1"),
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "null or in (0, 1)"),
             *[(key, getattr(self, key) >= 0, "an int >= 0 (0: only at the end)")

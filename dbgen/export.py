@@ -44,7 +44,7 @@ from ._version import __version__
 from .atomic import write_atomic
 from .config import Config, ConfigError, load_config
 from .data import EvalLoader
-from .eval_loop import bpd_sum
+from .eval_loop import bpd_sum, default_engine, use_engine
 from .models import build
 from .nn import binary_layers, packed_state_dict
 from .nn.state import PACKED_SUFFIX, load_packed_state_dict
@@ -108,9 +108,11 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, source: dict | 
     return {"path": str(out), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def export_run(run_dir: str | Path, out: str | Path, ema: bool = True) -> dict:
-    """Export the latest checkpoint of a training run (its EMA weights if it kept an EMA and ``ema``)."""
-    model, info = load_run(run_dir, ema=ema)
+def export_run(run_dir: str | Path, out: str | Path, ema: bool = True, allow_nonfinite: bool = False) -> dict:
+    """Export a checkpoint (``run_dir``: a run directory for its latest, or a checkpoint directory), its EMA
+    weights if it kept an EMA and ``ema``. It is verified first; one taken from non-finite weights is refused
+    unless ``allow_nonfinite`` (:func:`dbgen.rundir.open_checkpoint`)."""
+    model, info = load_run(run_dir, ema=ema, allow_nonfinite=allow_nonfinite)
     source = {"run": str(Path(run_dir).resolve()), "checkpoint": info["checkpoint"], "step": info["step"],
               "ema": info["ema"]}
     result = export_model(model, info["config"], out, source)
@@ -221,12 +223,19 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
 class PackedModelActor:
     """A model replica for Ray: built from an artifact's bytes (resolved from the object store), evaluates
     shards of a held-out split and draws samples. Use via ``ray.remote(PackedModelActor)`` or
-    :func:`evaluate_with_actors`."""
+    :func:`evaluate_with_actors`. The model runs on CUDA when the actor sees a GPU, through ``engine``
+    (default :func:`dbgen.eval_loop.default_engine`: the bitwise kernels on CUDA, float layers on CPU)."""
 
-    def __init__(self, artifact: bytes, threads: int = 1):
+    def __init__(self, artifact: bytes, threads: int = 1, engine: str | None = None):
         torch.set_num_threads(threads)
         self.received = {"type": type(artifact).__name__, "bytes": len(artifact)}
-        self.model = load_packed(artifact)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._engine = engine or default_engine(device)
+        self.model = use_engine(load_packed(artifact, device=device), self._engine)
+
+    def engine(self) -> str:
+        """The engine the model runs through (``packed`` or ``float``)."""
+        return self._engine
 
     def info(self) -> dict:
         """What arrived from the object store (type and size), and the model's parameter count."""
@@ -249,44 +258,49 @@ class PackedModelActor:
 
 
 def evaluate_with_actors(artifact: bytes, split: str | Path, workers: int, batch_size: int = 256, samples: int = 1,
-                         seed: int = 0, max_batches: int | None = None, cpus_per_actor: float = 1.0) -> dict:
+                         seed: int = 0, max_batches: int | None = None, cpus_per_actor: float = 1.0,
+                         engine: str | None = None) -> dict:
     """Bits/dim of an artifact over ``split`` with ``workers`` Ray actors (Ray must be initialized).
 
     The artifact's bytes go into the object store once (``ray.put``); each actor receives them as its
     constructor argument and evaluates shard ``i`` of ``workers`` of the split with seed
-    ``derive_seed(seed, i)``. ``max_batches`` bounds each shard.
+    ``derive_seed(seed, i)``. ``max_batches`` bounds each shard. ``engine``: see :class:`PackedModelActor`.
     """
     import ray  # here: the rest of this module (export, load) needs no Ray
 
     ref = ray.put(bytes(artifact))
     Actor = ray.remote(num_cpus=cpus_per_actor)(PackedModelActor)
-    actors = [Actor.remote(ref) for _ in range(workers)]
+    actors = [Actor.remote(ref, engine=engine) for _ in range(workers)]
     try:
         parts = ray.get([a.evaluate.remote(str(split), i, workers, batch_size, samples, derive_seed(seed, i),
                                            max_batches) for i, a in enumerate(actors)])
         received = ray.get(actors[0].info.remote())
+        engine = ray.get(actors[0].engine.remote())
     finally:
         for a in actors:
             ray.kill(a)
     total, rows = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return {"bpd": total / rows if rows else math.nan, "rows": rows, "workers": workers,
-            "object_store_bytes": len(artifact), "received": received}
+            "object_store_bytes": len(artifact), "received": received, "engine": engine}
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dbgen.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (<storage>/<name>): its latest checkpoint")
+    p.add_argument("--run", required=True, help="run directory (<storage>/<name>): its latest checkpoint; or "
+                   "one checkpoint directory (<run>/checkpoint_<step>)")
     p.add_argument("--out", required=True, help="artifact file to write (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--force", action="store_true", help="export a checkpoint taken from non-finite weights "
+                   "(a diverged run) instead of refusing it")
     args = p.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
         print(f"error: {args.out}: already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:
-        result = export_run(args.run, args.out, ema=not args.no_ema)
+        result = export_run(args.run, args.out, ema=not args.no_ema, allow_nonfinite=args.force)
     except (RunError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

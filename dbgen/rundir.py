@@ -7,15 +7,23 @@ The trainer writes them, the driver checks them before a resume, and ``dbgen.eva
     metrics.jsonl                       one JSON record per event (rank 0; :mod:`dbgen.reporter`)
     summary.json                        the last attempt's summary (rank 0)
     samples/step_<step>.png             sample grids
-    checkpoint_<step>/                  every rank writes its part, Ray Train merges them:
+    .checkpoint_<step>.partial/         a checkpoint being written: every rank writes its part here, then rank 0
+                                        writes meta.json and renames it (:func:`commit_checkpoint`)
+    checkpoint_<step>/                  a complete checkpoint:
         ds/mp_rank_00_model_states.pt       DeepSpeed (rank 0): module, optimizer (ZeRO 0) and the client state
                                             (:func:`save_checkpoint`: step, skipped, images_seen, EMA, loader
                                             position, sync state, world size, submission, resumed_from, train_bpd)
         ds/zero_pp_rank_<r>_*optim_states.pt  ZeRO 1/2: each rank's optimizer partition
         rank_<r>.pt                         per-rank RNG states (torch, CUDA, python, numpy)
-        meta.json                           step, world size, ZeRO stage, ema, images_seen, config, weights (rank
-                                            0): what evaluate/sample/export and a resume read first
+        meta.json                           step, world size, ZeRO stage, ema, images_seen, config, weights,
+                                            finite (every weight was finite), files (size and sha256 of every
+                                            other file): what evaluate/sample/export and a resume read first
         packed/rank_<r>_of_<W>.pt           packed comm modes: each rank's slice of the binary latents (the sync)
+
+Integrity: a checkpoint is verified against its ``files`` before it is used (:func:`verify_checkpoint`):
+a resume falls back to the newest intact checkpoint taken from finite weights (:func:`find_resume`, the one
+choice the driver and the workers share), while evaluate/sample/export refuse a damaged one, naming the file
+(:func:`open_checkpoint`). Rotation (:func:`prune_checkpoints`) never deletes the newest finite checkpoint.
 
 The config is stored once per checkpoint, in ``meta.json`` (the DeepSpeed client state of checkpoints written
 before that carries a copy too, which nothing reads). Reading a checkpoint needs no DeepSpeed: the model states
@@ -25,15 +33,18 @@ engine as an argument.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import write_json_atomic
+from .atomic import fsync_dir, write_json_atomic
 from .config import Config, ConfigError, load_config
 from .models import build
 
@@ -46,12 +57,21 @@ __all__ = [
     "SUMMARY_FILE",
     "RunError",
     "check_resume",
+    "checkpoint_dirs",
     "checkpoint_meta",
     "checkpoint_name",
+    "commit_checkpoint",
     "derive_seed",
+    "file_records",
+    "file_sha256",
+    "find_resume",
     "latest_checkpoint",
+    "list_files",
     "load_checkpoint",
     "load_run",
+    "open_checkpoint",
+    "partial_dir",
+    "prune_checkpoints",
     "read_meta",
     "restore_rng",
     "rng_state",
@@ -59,6 +79,7 @@ __all__ = [
     "save_checkpoint",
     "seed_all",
     "set_rng_state",
+    "verify_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,33 +114,117 @@ def read_meta(ckpt: str | Path) -> dict:
     """A checkpoint's ``meta.json``."""
     path = Path(ckpt) / META_FILE
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        meta = json.loads(path.read_text())
+        int(meta["step"])
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path}: cannot read checkpoint metadata: {e}") from None
 
 
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's ``checkpoint_<step>`` directories, newest first (by the step in the name)."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint_*"):
+        step = path.name.removeprefix("checkpoint_")
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
 def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
-    """``(checkpoint dir, meta)`` of the run's checkpoint with the highest step."""
+    """``(checkpoint dir, meta)`` of the run's newest checkpoint with a readable ``meta.json`` (not verified)."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise RunError(f"run directory not found: {run_dir}")
-    found = []
-    for meta_path in run_dir.glob(f"checkpoint_*/{META_FILE}"):
+    for path in checkpoint_dirs(run_dir):
         try:
-            meta = json.loads(meta_path.read_text())
-            found.append((int(meta["step"]), meta_path.parent, meta))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("skipping unreadable checkpoint %s: %s", meta_path.parent, e)
-    if not found:
-        raise RunError(f"{run_dir}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
-                       f"of python -m dbgen.train, and did it reach its first checkpoint?)")
-    _, path, meta = max(found, key=lambda t: t[0])
-    return path, meta
+            return path, read_meta(path)
+        except RunError as e:
+            log.warning("skipping %s", e)
+    raise RunError(f"{run_dir}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
+                   f"of python -m dbgen.train, and did it reach its first checkpoint?)")
 
 
-def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu"):
-    """The model of a run's latest checkpoint, in eval mode, and ``info`` (checkpoint, step, config, ema)."""
-    ckpt, meta = latest_checkpoint(run_dir)
+def verify_checkpoint(ckpt: str | Path, meta: dict, full: bool = True) -> None:
+    """Check every file ``meta["files"]`` lists: present, of the recorded size and (``full``) sha256. Raises
+    :class:`RunError` naming the first bad file. A checkpoint written before checksums (no ``files``) passes
+    with a warning."""
+    ckpt = Path(ckpt)
+    files = meta.get("files")
+    if files is None:
+        log.warning("%s was written without checksums; it is used unverified", ckpt)
+        return
+    for rel, expected in sorted(files.items()):
+        path = ckpt / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise RunError(f"{path}: missing (listed in {ckpt / META_FILE})") from None
+        if size != expected["bytes"]:
+            raise RunError(f"{path}: {size} bytes, but {ckpt / META_FILE} recorded {expected['bytes']} (truncated "
+                           f"or replaced)")
+        if full and file_sha256(path) != expected["sha256"]:
+            raise RunError(f"{path}: sha256 does not match {ckpt / META_FILE} (the file is corrupted)")
+
+
+def find_resume(run_dir: str | Path, trusted: str | Path | None = None) -> tuple[Path, dict] | None:
+    """The checkpoint a run resumes from: the newest one that is complete, intact (checksums) and taken from
+    finite weights; each newer one that is not is named in a warning. ``None`` when the run has no checkpoint
+    directory. ``trusted``: a checkpoint verified moments ago by the caller's caller (the driver), not hashed
+    again. The driver and every worker choose with this function, so they always agree. Raises
+    :class:`RunError` when checkpoint directories exist but none can be resumed: starting over would replace
+    them."""
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        return None
+    reasons = []
+    for path in dirs:
+        try:
+            meta = read_meta(path)
+            if meta.get("finite") is False:
+                raise RunError(f"{path}: taken from non-finite weights (the run diverged)")
+            if trusted is None or Path(trusted).resolve() != path.resolve():
+                verify_checkpoint(path, meta)
+        except RunError as e:
+            reasons.append(str(e))
+            log.warning("not resuming from %s: %s", path.name, e)
+            continue
+        if reasons:
+            log.warning("resuming from the newest intact checkpoint, %s (step %d)", path.name, meta["step"])
+        return path, meta
+    raise RunError(f"{run_dir}: no checkpoint can be resumed:\n  " + "\n  ".join(reasons)
+                   + "\nrepair or remove them, or use another --name to start a new run")
+
+
+def open_checkpoint(source: str | Path, allow_nonfinite: bool = False) -> tuple[Path, dict]:
+    """``(checkpoint dir, meta)`` for ``dbgen.evaluate``/``sample``/``export``: ``source`` is a checkpoint
+    directory, or a run directory (its newest checkpoint). Verified against its checksums; one taken from
+    non-finite weights is refused unless ``allow_nonfinite``. Raises :class:`RunError` naming the file."""
+    source = Path(source).expanduser()
+    if (source / META_FILE).exists():
+        ckpt, meta = source, read_meta(source)
+    else:
+        ckpt, meta = latest_checkpoint(source)
+    verify_checkpoint(ckpt, meta)
+    if meta.get("finite") is False and not allow_nonfinite:
+        finite = [p for p in checkpoint_dirs(ckpt.parent) if _is_finite(p)]
+        hint = f"; the newest finite one is {finite[0]}" if finite else ""
+        raise RunError(f"{ckpt}: taken from non-finite weights (the run diverged){hint}")
+    return ckpt, meta
+
+
+def _is_finite(ckpt: Path) -> bool:
+    try:
+        return read_meta(ckpt).get("finite") is not False
+    except RunError:
+        return False
+
+
+def load_run(source: str | Path, ema: bool = True, device: str | torch.device = "cpu",
+             allow_nonfinite: bool = False):
+    """The model of a checkpoint (``source``: a checkpoint directory, or a run directory for its newest one),
+    verified by :func:`open_checkpoint`, in eval mode, and ``info`` (checkpoint, step, config, ema)."""
+    ckpt, meta = open_checkpoint(source, allow_nonfinite)
     try:
         cfg = load_config(meta["config"])
     except (ConfigError, KeyError) as e:
@@ -137,6 +242,18 @@ def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device =
     return model, info
 
 
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def check_resume(ckpt: Path, meta: dict, cfg: Config, world_size: int) -> None:
     """Whether ``cfg`` on ``world_size`` workers can continue the checkpoint ``ckpt`` (its ``meta``): the same
     model; ZeRO 1/2 optimizer state is partitioned, so the same worker count and stage; no ZeRO stage on a ZeRO 0
@@ -145,8 +262,9 @@ def check_resume(ckpt: Path, meta: dict, cfg: Config, world_size: int) -> None:
     ckpt = Path(ckpt)
     old = load_config(meta["config"])
     if old.model != cfg.model:
-        raise RunError(f"{ckpt.parent} holds a run of another model ({ckpt.name}: model {old.model}); "
-                       f"use another --name to start a new run")
+        diff = _config_diff(old.to_dict()["model"], cfg.to_dict()["model"], "model.")
+        raise RunError(f"{ckpt.parent} holds a run of another model ({ckpt.name} vs this config: "
+                       f"{'; '.join(diff)}); use another --name to start a new run")
     if meta["zero_stage"] > 0 and (meta["world_size"] != world_size or meta["zero_stage"] != cfg.scale.zero_stage):
         raise RunError(f"{ckpt} was written by {meta['world_size']} workers with ZeRO stage {meta['zero_stage']}: "
                        f"its optimizer state is partitioned, resume it with scale.num_workers={meta['world_size']} "
@@ -192,28 +310,97 @@ def derive_seed(seed: int, index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_meta(cfg: Config, step: int, world_size: int, ema: bool, images_seen: int) -> dict:
-    """What rank 0 writes to ``meta.json``."""
+def partial_dir(run_dir: Path, step: int) -> Path:
+    """Where the ranks write a checkpoint before it is committed (renamed to ``checkpoint_<step>``)."""
+    return Path(run_dir) / f".{checkpoint_name(step)}.partial"
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256; the file is also synced to disk (a checksum of bytes not yet on disk proves little)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.fsync(f.fileno())
+    return digest
+
+
+def list_files(directory: Path) -> list[str]:
+    """Every file under ``directory``, as sorted POSIX paths relative to it (``meta.json`` excluded)."""
+    directory = Path(directory)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.relative_to(directory).as_posix() != META_FILE)
+
+
+def file_records(directory: Path, names: list[str]) -> dict:
+    """``{name: {"bytes", "sha256"}}`` of the listed files under ``directory`` (each rank hashes a share)."""
+    return {name: {"bytes": (Path(directory) / name).stat().st_size, "sha256": file_sha256(Path(directory) / name)}
+            for name in names}
+
+
+def checkpoint_meta(cfg: Config, step: int, world_size: int, ema: bool, images_seen: int, finite: bool,
+                    files: dict) -> dict:
+    """What rank 0 writes to ``meta.json``: ``finite`` (every weight, EMA included, was finite) and ``files``
+    (size and sha256 of every other file of the checkpoint) among them."""
     return {"step": step, "world_size": world_size, "zero_stage": cfg.scale.zero_stage, "ema": ema,
-            "images_seen": images_seen, "config": cfg.to_dict(), "weights": f"{DS_TAG}/{DS_MODEL_FILE}"}
+            "images_seen": images_seen, "finite": finite, "config": cfg.to_dict(),
+            "weights": f"{DS_TAG}/{DS_MODEL_FILE}", "files": files}
 
 
-def save_checkpoint(directory: Path, engine, state: dict, rank: int, meta: dict | None) -> None:
+def save_checkpoint(directory: Path, engine, state: dict, rank: int) -> None:
     """This rank's part of a checkpoint into ``directory``: the DeepSpeed engine with ``state`` as its client
-    state, this rank's RNG states, and (``meta``, rank 0) ``meta.json``. Every rank calls it (DeepSpeed's save
-    is collective)."""
+    state and this rank's RNG states. Every rank calls it (DeepSpeed's save is collective)."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=state)
     torch.save(rng_state(), _rng_file(directory, rank))
-    if meta is not None:
-        write_json_atomic(directory / META_FILE, meta)
+
+
+def commit_checkpoint(partial: Path, meta: dict) -> Path:
+    """Rank 0, once every rank's part is in ``partial``: write ``meta.json`` and rename ``partial`` to
+    ``checkpoint_<step>`` (a checkpoint directory is complete or absent). A checkpoint of the same step (a
+    resume from an older one) is replaced."""
+    partial = Path(partial)
+    write_json_atomic(partial / META_FILE, meta)
+    final = partial.parent / checkpoint_name(meta["step"])
+    if final.exists():
+        replaced = partial.parent / f".{final.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+        partial.rename(final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        partial.rename(final)
+    fsync_dir(final.parent)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints, never the newest one taken from finite weights
+    (a diverged run keeps its last good state); returns what was deleted. Checkpoints that are not complete
+    (missing or resized files) are neither counted nor deleted: they are left for the user to inspect."""
+    complete = []
+    for path in checkpoint_dirs(run_dir):
+        try:
+            meta = read_meta(path)
+            verify_checkpoint(path, meta, full=False)
+        except RunError:
+            continue
+        complete.append((path, meta))
+    keepers = {path for path, _ in complete[:keep]}
+    newest_finite = next((path for path, meta in complete if meta.get("finite") is not False), None)
+    if newest_finite is not None:
+        keepers.add(newest_finite)
+    deleted = [path for path, _ in complete if path not in keepers]
+    for path in deleted:
+        shutil.rmtree(path)
+    if deleted:
+        log.info("deleted %s (train.keep_checkpoints=%d)", ", ".join(p.name for p in deleted), keep)
+    return deleted
 
 
 def load_checkpoint(ckpt: Path, engine, cfg: Config, world_size: int) -> dict:
     """Restore the engine (module, optimizer and its partitions) from ``ckpt`` after :func:`check_resume`;
     returns the client state :func:`save_checkpoint` stored."""
     ckpt = Path(ckpt)
-    check_resume(ckpt, read_meta(ckpt), cfg, world_size)
+    check_resume(ckpt, read_meta(ckpt), cfg, world_size)  # the driver checked it too; a restart may not have
     load_path, state = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
     if load_path is None:

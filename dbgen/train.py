@@ -8,11 +8,16 @@
   with the dashboard on 127.0.0.1.
 * Runs a Ray Train ``TorchTrainer`` of ``scale.num_workers`` workers, each running
   :func:`dbgen.trainer.train_worker` (a DeepSpeed engine per worker), with ``scale.cpus_per_worker`` CPUs
-  (and one GPU with ``scale.use_gpu``) per worker, ``FailureConfig(max_failures=scale.max_failures)`` and
-  ``CheckpointConfig(num_to_keep=train.keep_checkpoints)``.
+  (and one GPU with ``scale.use_gpu``) per worker and ``FailureConfig(max_failures=scale.max_failures)``.
 * The run directory is ``<storage>/<name>``. Re-running with the same ``--name`` and ``--storage`` resumes
-  from its latest checkpoint (e.g. with a larger ``train.max_steps``). With several nodes the storage
-  directory (and the data) must be on a file system every node sees at the same path.
+  from its newest intact checkpoint taken from finite weights (e.g. with a larger ``train.max_steps``); a
+  damaged newer one is named and skipped (:func:`dbgen.rundir.find_resume`, the same choice the workers make).
+  With several nodes the storage directory (and the data) must be on a file system every node sees at the
+  same path: every worker writes its part of a checkpoint there.
+* Failures: a worker death is retried from the last checkpoint up to ``scale.max_failures`` times; bad data,
+  a bad checkpoint, a bad config or a diverged run (``train.max_bad_steps``) fail at once (exit 1,
+  :mod:`dbgen.failures`). SIGINT/SIGTERM stop the workers at their next logging interval and exit 130/143
+  with a line saying where the run resumes; a second signal stops at once.
 
 Outputs in the run directory (its layout is :mod:`dbgen.rundir`'s): ``config.yaml``, ``metrics.jsonl``,
 ``samples/step_*.png``, ``checkpoint_*/``, ``summary.json``; the console shows a header, dbgen's
@@ -26,20 +31,23 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, load_config, micro_batch_size, schema_markdown, to_yaml
+from .config import Config, ConfigError, load_config, micro_batch_size, schema_markdown
 from .console import MetricsFollower, setup_logging, verbose_from_env
 from .data import DataError, open_split, ray_data_config, ray_datasets, resolve_split
+from .failures import fatal_error, torch_trainer
 from .models import build
 from .nn import size_report
 from .ray_local import connect_ray
-from .rundir import CONFIG_FILE, SUMMARY_FILE, RunError, check_resume, latest_checkpoint
+from .rundir import SUMMARY_FILE, RunError, check_resume, find_resume, latest_checkpoint
 from .trainer import train_worker
 
 log = logging.getLogger("dbgen.train")
@@ -80,16 +88,13 @@ def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
         raise RunSetupError(f"--storage {storage}: cannot write the run directory {run_dir}: {e}") from None
 
     try:
-        ckpt, meta = latest_checkpoint(run_dir)
-    except RunError:
-        ckpt = None
-    if ckpt is not None:
-        try:
-            check_resume(ckpt, meta, cfg, cfg.scale.num_workers)
-        except RunError as e:
-            raise RunSetupError(str(e)) from None
+        found = find_resume(run_dir)  # the workers choose with the same function
+        if found is not None:
+            check_resume(*found, cfg, cfg.scale.num_workers)
+    except RunError as e:
+        raise RunSetupError(str(e)) from None
     return {"run_dir": str(run_dir), "train_dir": train_dir, "eval_dir": eval_dir,
-            "resume_from": str(ckpt) if ckpt else None}
+            "resume_from": str(found[0]) if found else None, "resume_step": found[1]["step"] if found else None}
 
 
 # ------------------------------------------------------------------------------------------------- Ray
@@ -103,7 +108,8 @@ def header(cfg: Config, name: str, paths: dict, ray_desc: str) -> list[str]:
     size = size_report(build(cfg))
     kind = (("binary weights" if m.binary_weights else "fp weights")
             + (", binary activations" if m.binary_activations else ""))
-    resume = f"resuming from {Path(paths['resume_from']).name}" if paths["resume_from"] else "new run"
+    resume = (f"resuming from {Path(paths['resume_from']).name}, step {paths['resume_step']}"
+              if paths["resume_from"] else "new run")
     micro = micro_batch_size(cfg, s.num_workers)
     device = "GPU" if s.use_gpu else "CPU"
     return [
@@ -118,18 +124,31 @@ def header(cfg: Config, name: str, paths: dict, ray_desc: str) -> list[str]:
     ]
 
 
+class Interrupted(Exception):
+    """The driver got SIGINT or SIGTERM; the workers stopped. ``code``: 130 or 143, as a shell reports it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
 def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: dict | None = None,
         verbose: bool = False) -> dict:
-    """Train ``cfg`` as run ``name`` under ``storage``; returns the run's summary (see dbgen.trainer)."""
+    """Train ``cfg`` as run ``name`` under ``storage``; returns the run's summary (see dbgen.trainer).
+
+    ``trainer.fit()`` runs in a thread so that this (main) thread owns SIGINT and SIGTERM: the first one asks
+    the workers to stop at their next logging interval (a checkpoint being written is finished, no new one is
+    started) and raises :class:`Interrupted` once they have; a second one stops at once. Either way a local Ray
+    this driver started is shut down before it returns."""
     # Ray here, not at the top: a bad config or path exits before Ray is imported (seconds) or started.
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     driver_start = time.time()
     paths = paths or prepare(cfg, name, storage)
     run_dir = Path(paths["run_dir"])
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    submission = uuid.uuid4().hex
+    stop_file = run_dir / f".stop-{submission}"
 
     owns_ray = not ray.is_initialized()
     ray_desc = connect_ray(verbose)
@@ -148,25 +167,80 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
         ray.data.DataContext.get_current().enable_progress_bars = verbose
         kwargs = {"datasets": ray_datasets(paths["train_dir"], paths["eval_dir"]),
                   "dataset_config": ray_data_config()}
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "train_dir": paths["train_dir"],
-                           "eval_dir": paths["eval_dir"], "submission": uuid.uuid4().hex,
-                           "driver_start": driver_start, "datasets_in_ray": in_ray},
+                           "eval_dir": paths["eval_dir"], "submission": submission,
+                           "driver_start": driver_start, "datasets_in_ray": in_ray,
+                           "resume_from": paths["resume_from"], "stop_file": str(stop_file)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
+        # Checkpoints are dbgen's (written, verified and rotated by the workers, chosen by find_resume), so
+        # Ray Train keeps none of its own: num_to_keep would delete without knowing which one is intact.
         run_config=RunConfig(name=name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
         **kwargs,
     )
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) > 1:
+            raise Interrupted(signum, f"{signal.Signals(signum).name} again: stopped without waiting")
+        stop_file.touch()
+        log.warning("%s: stopping the workers at their next logging interval (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    thread = threading.Thread(target=fit, name="dbgen-fit", daemon=True)
+    handlers = _install_handlers(on_signal)
     try:
         with MetricsFollower(run_dir, cfg.train.max_steps):
-            trainer.fit()
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.2)
     finally:
+        _install_handlers(handlers)
+        stop_file.unlink(missing_ok=True)
         if owns_ray:
             ray.shutdown()
-    return json.loads((run_dir / SUMMARY_FILE).read_text())
+    if "error" in outcome:
+        raise outcome["error"]
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    if signals:
+        raise Interrupted(signals[0], _resume_hint(run_dir, summary))
+    return summary
+
+
+def _install_handlers(handler) -> dict:
+    """Set SIGINT/SIGTERM handlers (``handler``: one function, or a dict per signal); returns the previous
+    ones. Only the main thread may, so elsewhere (e.g. a test calling :func:`run` from a thread) nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        new = handler.get(signum) if isinstance(handler, dict) else handler
+        if new is not None:
+            previous[signum] = signal.signal(signum, new)
+    return previous
+
+
+def _resume_hint(run_dir: Path, summary: dict) -> str:
+    try:
+        ckpt, meta = latest_checkpoint(run_dir)
+        where = f"{ckpt.name} (step {meta['step']})"
+    except RunError:
+        where = "its start (no checkpoint yet)"
+    return (f"stopped at step {summary['steps']}; the same command resumes run {run_dir.name} from {where}")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -203,8 +277,12 @@ def main(argv=None) -> int:
 
     try:
         summary = run(cfg, name, args.storage, paths, verbose=args.verbose)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.code
     except ray.train.TrainingFailedError as e:
-        print(f"error: training failed: {e}", file=sys.stderr)
+        fatal = fatal_error(e)  # failed at once, not retried: say only what failed
+        print(f"error: training failed: {fatal if fatal is not None else e}", file=sys.stderr)
         return 1
     shown = {k: summary[k] for k in ("steps", "final_train_bpd", "final_eval_bpd", "skipped_steps", "images_per_s",
                                      "wall_s", "resumed_from")}

@@ -35,43 +35,53 @@ Seams for later work
 Batch arithmetic: ``train.batch_size`` is the global batch of one optimizer step; each worker runs
 ``train.grad_accum`` micro-batches of :func:`dbgen.config.micro_batch_size` rows.
 
-What a run writes, and the checkpoint format (``<run>/checkpoint_<step>``, every rank its part, Ray merges
-them), are :mod:`dbgen.rundir`'s; evaluation is :func:`dbgen.eval_loop.bpd_sum` on each rank's shard, summed
-over ranks. This module owns the worker's state and loop (:class:`Trainer`), the DeepSpeed config derived from
-ours (:func:`deepspeed_config`) and the Ray Train entry point (:func:`train_worker`).
+What a run writes, and the checkpoint format (``<run>/checkpoint_<step>``: every rank writes its part into
+one directory, rank 0 commits it with checksums), are :mod:`dbgen.rundir`'s; evaluation is
+:func:`dbgen.eval_loop.bpd_sum` on each rank's shard, summed over ranks. This module owns the worker's state
+and loop (:class:`Trainer`), the DeepSpeed config derived from ours (:func:`deepspeed_config`) and the Ray
+Train entry point (:func:`train_worker`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .atomic import write_json_atomic
-from .config import Config, config_hash, load_config, micro_batch_size
+from .atomic import write_atomic, write_json_atomic
+from .config import Config, config_hash, load_config, micro_batch_size, to_yaml
 from .data import EvalLoader, TrainLoader
 from .eval_loop import bpd_sum
+from .failures import TrainingDiverged
 from .images import save_grid
-from .models import build
+from .models import build, set_activation_checkpointing
 from .nn import data_dependent_init
 from .reporter import Reporter, metrics_exporter, restarts
 from .rundir import (
+    CONFIG_FILE,
     SUMMARY_FILE,
+    checkpoint_dirs,
     checkpoint_meta,
     checkpoint_name,
+    commit_checkpoint,
     derive_seed,
+    file_records,
+    find_resume,
+    list_files,
     load_checkpoint,
+    partial_dir,
+    prune_checkpoints,
+    read_meta,
     restore_rng,
     samples_path,
     save_checkpoint,
@@ -145,21 +155,23 @@ class Trainer:
     Needs an initialized ``torch.distributed`` process group (Ray Train creates it before the train loop;
     tests may create their own). ``checkpoint_dir``: a checkpoint to resume from (None: a new run, with
     data-dependent init). ``datasets_in_ray``: the splits come as Ray Train datasets (``data.loader: ray``)
-    instead of being read from ``train_dir``/``eval_dir`` in-process. ``persist(metrics, local_dir, name)``
-    is called by every rank with its part of a checkpoint (default :func:`ray_persist`).
+    instead of being read from ``train_dir``/``eval_dir`` in-process. ``stop_file``: when it exists (the driver
+    creates it on SIGINT/SIGTERM), :meth:`fit` stops at the next logging interval, without a new checkpoint.
+    Once the model is built or restored, rank 0 writes the run's ``config.yaml``: a run or resume that fails
+    before that leaves the old one.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, train_dir: str, eval_dir: str | None = None, *, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", checkpoint_dir: Path | None = None,
                  submission: str | None = None, driver_start: float | None = None, datasets_in_ray: bool = False,
-                 persist: Callable[[dict, Path, str], None] | None = None):
+                 stop_file: Path | None = None):
         import deepspeed  # here: importing it starts DeepSpeed's accelerator detection and op builders
 
         # submission: id of the driver invocation; a checkpoint of the same one means a worker-group restart
         self.cfg, self.run_dir, self.submission = cfg, Path(run_dir), submission or uuid.uuid4().hex
         self.driver_start = time.time() if driver_start is None else driver_start
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.persist = persist or ray_persist
+        self.stop_file = None if stop_file is None else Path(stop_file)
         self.amp_dtype = autocast_dtype(cfg, self.device)
         t = cfg.train
         self.micro = micro_batch_size(cfg, self.world_size)
@@ -177,6 +189,7 @@ class Trainer:
 
         seed_all(t.seed)  # identical construction on every rank (rank 0's init is broadcast anyway)
         model = build(cfg.model).to(self.device)
+        set_activation_checkpointing(model, t.activation_checkpointing)
         self.step, self.skipped, self.images_seen = 0, 0, 0
         self.resumed_from, self.last_checkpoint_step = None, None
         self.train_bpd, self.eval_bpd, self.eval_rows = None, None, None
@@ -202,6 +215,8 @@ class Trainer:
         if t.ema_decay and self.ema is None:
             self.ema = EMA(self.model, t.ema_decay)  # from the initial (or restored, if it kept none) weights
         self.workers = self._gather_workers()
+        if self.rank == 0:  # the run (or resume) is accepted: the config now matches its checkpoints
+            write_atomic(self.run_dir / CONFIG_FILE, to_yaml(cfg))
 
     # --------------------------------------------------------------------------------------------- setup
     def _data_dependent_init(self, model: nn.Module, train_dir: str) -> None:
@@ -300,28 +315,66 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def checkpoint(self) -> None:
-        """Every rank saves its part into a local directory and reports it; Ray merges them into
-        ``<run>/checkpoint_<step>`` and keeps the last ``train.keep_checkpoints``."""
+        """Write ``<run>/checkpoint_<step>``: every rank saves its part into ``.checkpoint_<step>.partial``
+        (the storage is one file system every node sees), the ranks hash the files between them, and rank 0
+        writes ``meta.json`` (checksums, finite flag) and renames the directory, so a checkpoint is complete or
+        absent; then it deletes the ones beyond ``train.keep_checkpoints`` (:func:`dbgen.rundir.prune_checkpoints`
+        keeps the newest finite one)."""
         start = time.perf_counter()
         state = {"step": self.step, "skipped": self.skipped, "images_seen": self.images_seen,
                  "loader": self.loader.state_dict(), "sync": self.sync.state_dict(),
                  "ema": self.ema.state_dict(self.model) if self.ema is not None else None,
                  "world_size": self.world_size, "submission": self.submission,
                  "resumed_from": self.resumed_from, "train_bpd": self.train_bpd}
-        meta = (checkpoint_meta(self.cfg, self.step, self.world_size, self.ema is not None, self.images_seen)
-                if self.rank == 0 else None)
-        with tempfile.TemporaryDirectory(prefix="dbgen-ckpt-") as d:
-            d = Path(d)
-            save_checkpoint(d, self.engine, state, self.rank, meta)
-            self.sync.save_partition(d)
-            nbytes = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-            total = torch.tensor([nbytes], dtype=torch.int64, device=self.device)
-            dist.all_reduce(total)
-            metrics = {"step": self.step, "images_seen": self.images_seen, "train_bpd": self.train_bpd,
-                       "eval_bpd": self.eval_bpd}
-            self.persist(metrics, d, checkpoint_name(self.step))
+        partial = partial_dir(self.run_dir, self.step)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted attempt
+            partial.mkdir(parents=True)
+        dist.barrier()
+        save_checkpoint(partial, self.engine, state, self.rank)
+        self.sync.save_partition(partial)
+        dist.barrier()
+        names = list_files(partial)
+        records = [None] * self.world_size
+        dist.all_gather_object(records, file_records(partial, names[self.rank::self.world_size]))
+        files = {name: rec for part in records for name, rec in part.items()}
+        finite = torch.tensor([float(self._weights_finite())], device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # packed modes: each rank checks its own latents too
+        if self.rank == 0:
+            meta = checkpoint_meta(self.cfg, self.step, self.world_size, self.ema is not None, self.images_seen,
+                                   bool(finite.item()), files)
+            commit_checkpoint(partial, meta)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        dist.barrier()  # the checkpoint is committed before any rank goes on (or stops)
         self.last_checkpoint_step = self.step
-        self.reporter.on_checkpoint(self.step, time.perf_counter() - start, nbytes, int(total.item()))
+        nbytes = sum(rec["bytes"] for rec in files.values())
+        self.reporter.on_checkpoint(self.step, time.perf_counter() - start, nbytes, nbytes)
+
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        tensors = list(self.model.parameters())
+        if getattr(self.sync, "latent", None) is not None:  # packed modes: this rank's slice of the latents
+            tensors.append(self.sync.latent)
+        if self.ema is not None:
+            tensors += [t for t in self.ema.state_dict(self.model).values() if torch.is_tensor(t)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+    def _newest_finite_checkpoint(self) -> str:
+        for path in checkpoint_dirs(self.run_dir):
+            try:
+                if read_meta(path).get("finite") is not False:
+                    return path.name
+            except Exception:  # noqa: BLE001 - only a hint in an error message
+                continue
+        return "none"
+
+    def _stop_requested(self) -> bool:
+        """Whether the driver asked the run to stop: rank 0 looks, every rank gets its answer (the ranks must
+        leave the loop at the same step)."""
+        flag = torch.tensor([float(self.rank == 0 and self.stop_file is not None and self.stop_file.exists())],
+                            device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -339,6 +392,7 @@ class Trainer:
         data = iter(self.loader)
         pending: list[dict] = []  # steps whose device results are not read yet
         interval = {"step_s": 0.0, "steps": 0, "loss": 0.0}
+        bad_steps, interrupted = 0, False  # consecutive skipped steps; whether the driver asked to stop
         while self.step < t.max_steps:
             pending.append(self.train_step(data))
             self.step += 1
@@ -351,12 +405,19 @@ class Trainer:
             # Read the pending steps (the one host sync per interval), then report them in order.
             for stats in resolve_stats(pending):
                 self.skipped += int(stats["skipped"])
+                bad_steps = bad_steps + 1 if stats["skipped"] else 0
                 interval["steps"] += 1
                 interval["step_s"] += stats["t_step"]
                 interval["loss"] += stats["loss"]
                 step_seconds += stats["t_step"]
                 self.reporter.on_step(stats)
             pending = []
+            if bad_steps >= t.max_bad_steps:  # every rank agrees: the skip decision is on the all-reduced norm
+                raise TrainingDiverged(
+                    f"{self.run_dir}: the run diverged: steps {self.step - bad_steps + 1}-{self.step} were all "
+                    f"skipped (gradient norm not finite or above train.skip_threshold={t.skip_threshold:g}; "
+                    f"train.max_bad_steps={t.max_bad_steps}). The newest checkpoint from finite weights is "
+                    f"{self._newest_finite_checkpoint()}; resume it with a lower optimizer.lr")
             if log_now:
                 loss = torch.tensor([interval["loss"]], dtype=torch.float64, device=self.device)
                 dist.all_reduce(loss)  # every rank's micro-batches count equally
@@ -376,23 +437,32 @@ class Trainer:
                 self.save_samples()
             if due[2]:
                 self.checkpoint()
+            if self._stop_requested():
+                interrupted = True
+                break
         trained = self.step - start_step
-        self.evaluate()
-        samples = self.save_samples()
-        if self.last_checkpoint_step != self.step:
-            self.checkpoint()
+        samples = None
+        if interrupted:
+            log.info("stopped at step %d on the driver's request", self.step)
+        else:
+            self.evaluate()
+            samples = self.save_samples()
+            if self.last_checkpoint_step != self.step:
+                self.checkpoint()
         summary = {
             "run": self.run_dir.name, "steps": self.step, "images_seen": self.images_seen,
             "final_train_bpd": self.train_bpd, "final_eval_bpd": self.eval_bpd, "eval_rows": self.eval_rows,
             "skipped_steps": self.skipped, "wall_s": round(time.time() - self.driver_start, 3),
             # training throughput of this attempt: optimizer steps incl. data wait, not eval or checkpoints
             "images_per_s": trained * t.batch_size / step_seconds if trained else None,
-            "steps_this_attempt": trained, "resumed_from": self.resumed_from,
+            "steps_this_attempt": trained, "resumed_from": self.resumed_from, "interrupted": interrupted,
+            "last_checkpoint_step": self.last_checkpoint_step,
             "recovered_from": restarts(self.run_dir, self.submission) if self.rank == 0 else [],
             "world_size": self.world_size,
             "micro_batch_size": self.micro, "grad_accum": t.grad_accum, "zero_stage": self.cfg.scale.zero_stage,
             "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
-            "checkpoint": str(self.run_dir / checkpoint_name(self.step)),
+            "checkpoint": (str(self.run_dir / checkpoint_name(self.last_checkpoint_step))
+                           if self.last_checkpoint_step is not None else None),
             "samples": str(samples) if samples else None, "config_hash": config_hash(self.cfg),
             "submission": self.submission, "workers": self.workers,
         }
@@ -408,19 +478,16 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 
 # ------------------------------------------------------------------------------------------ Ray entry point
-def ray_persist(metrics: dict, local_dir: Path, name: str) -> None:
-    """Hand this rank's part of a checkpoint to Ray Train (a barrier: every rank calls it). Ray copies it to
-    ``<storage>/<run>/<name>``, merging the ranks' parts, and registers it for ``ray.train.get_checkpoint``."""
-    import ray.train  # here and below: only the Ray Train entry points need Ray Train (slow to import)
-
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local_dir)),
-                     checkpoint_dir_name=name)
-
-
 def train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``. ``config``: ``cfg`` (a config dict), ``run_dir``, ``train_dir``,
     ``eval_dir``, ``submission`` (id of this driver invocation), ``driver_start`` (epoch seconds),
-    ``datasets_in_ray`` (whether the splits come as Ray Datasets)."""
+    ``datasets_in_ray`` (whether the splits come as Ray Datasets), ``resume_from`` (the checkpoint the driver
+    chose and verified, or None) and ``stop_file``.
+
+    The checkpoint to start from is chosen here, on every attempt, the way the driver chose it
+    (:func:`dbgen.rundir.find_resume`; rank 0 chooses, the others get its choice): on the first attempt that is
+    the driver's, after a worker-group restart it is the newest checkpoint this run has committed since. Ray's
+    own checkpoint registry is not used."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray.train
@@ -428,12 +495,15 @@ def train_worker(config: dict) -> None:
 
     cfg = load_config(config["cfg"])
     ctx = ray.train.get_context()
-    checkpoint = ray.train.get_checkpoint()  # the latest reported one: after a worker failure or re-submission
-    with checkpoint.as_directory() if checkpoint is not None else nullcontext() as ckpt_dir:
-        trainer = Trainer(cfg, Path(config["run_dir"]), config["train_dir"], config["eval_dir"],
-                          rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                          device=ray.train.torch.get_device(),
-                          checkpoint_dir=Path(ckpt_dir) if ckpt_dir is not None else None,
-                          submission=config["submission"], driver_start=config["driver_start"],
-                          datasets_in_ray=config["datasets_in_ray"])
+    rank, run_dir = ctx.get_world_rank(), Path(config["run_dir"])
+    choice = [None]
+    if rank == 0:
+        found = find_resume(run_dir, trusted=config["resume_from"])
+        choice[0] = str(found[0]) if found is not None else None
+    dist.broadcast_object_list(choice, src=0)
+    trainer = Trainer(cfg, run_dir, config["train_dir"], config["eval_dir"], rank=rank,
+                      world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+                      checkpoint_dir=Path(choice[0]) if choice[0] is not None else None,
+                      submission=config["submission"], driver_start=config["driver_start"],
+                      datasets_in_ray=config["datasets_in_ray"], stop_file=config["stop_file"])
     trainer.fit()

@@ -320,7 +320,7 @@ def _step_bytes_worker(rank: int, world: int, out_dir: str, train_dir: str):
         cfg = load_config(CONFIG, overrides)
         run_dir = Path(out_dir) / name
         run_dir.mkdir(exist_ok=True)
-        tr = Trainer(cfg, run_dir, train_dir, None, rank=rank, world_size=world, persist=lambda *a: None)
+        tr = Trainer(cfg, run_dir, train_dir, None, rank=rank, world_size=world)
         data = iter(tr.loader)
         tr.train_step(data)  # the first step also carries the initial broadcast; 1-bit modes warm up
         steps = []

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -82,7 +81,7 @@ def _signs_hash(model) -> str:
     return hashlib.sha256(torch.cat([pack_signs(w) for w in binary_latents(model)]).numpy().tobytes()).hexdigest()
 
 
-def _trainer(overrides, config, run_dir, checkpoint_dir=None, persist=None):
+def _trainer(overrides, config, run_dir, checkpoint_dir=None):
     import ray.train
 
     from dbgen.config import load_config
@@ -92,7 +91,7 @@ def _trainer(overrides, config, run_dir, checkpoint_dir=None, persist=None):
     cfg = load_config(CONFIG, [f"scale.num_workers={ctx.get_world_size()}", *overrides])
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, Path(run_dir), config["train"], config["eval"], rank=ctx.get_world_rank(),
-                   world_size=ctx.get_world_size(), checkpoint_dir=checkpoint_dir, persist=persist,
+                   world_size=ctx.get_world_size(), checkpoint_dir=checkpoint_dir,
                    submission=config.get("submission", "test"))
 
 
@@ -126,11 +125,8 @@ def _full_state(tr) -> dict:
 
 def _fit_with_records(tr, kill: dict | None = None) -> list:
     """``tr.fit()`` recording each step's loss. ``kill``: rank 1 SIGKILLs itself after step ``kill["at"]``
-    unless ``kill["marker"]`` exists (first attempt only), once Ray has registered the last checkpoint
-    (``kill["registered"]`` in the run's checkpoint_manager_snapshot.json): Ray registers reported checkpoints
-    when its controller next polls the workers, and resumes only from registered ones."""
-    import time
-
+    unless ``kill["marker"]`` exists (first attempt only); the checkpoint before it is committed by then (every
+    rank waits for the commit)."""
     losses = []
     on_step = tr.reporter.on_step
 
@@ -138,11 +134,7 @@ def _fit_with_records(tr, kill: dict | None = None) -> list:
         on_step(stats)
         losses.append((stats["step"], float(stats["loss"])))
         if kill and tr.rank == 1 and stats["step"] == kill["at"] and not Path(kill["marker"]).exists():
-            snapshot, deadline = Path(kill["snapshot"]), time.monotonic() + 120
-            while not (snapshot.exists() and kill["registered"] in snapshot.read_text()):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{kill['registered']} never registered in {snapshot}")
-                time.sleep(0.1)
+            assert (Path(tr.run_dir) / kill["committed"]).is_dir()
             Path(kill["marker"]).touch()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -159,14 +151,14 @@ def _compare_loop(config):
     out, run = {}, Path(config["run"])
     clip = ["train.grad_clip=0.5"]  # active on most steps
     for name, overrides in (("dp", clip), ("packed", [*clip, "comm.binary_weights=packed"])):
-        tr = _trainer(overrides + QUIET, config, run / name, persist=lambda *a: None)
+        tr = _trainer(overrides + QUIET, config, run / name)
         out[name] = {"rows": _steps(tr, 6, poison_step=4), "sizes": _sizes(tr)}
     for name, overrides in (("conv_packed", ["comm.binary_weights=packed"]),
                             ("conv_onebit", [*ONEBIT, "comm.onebit_warmup_steps=15"])):
-        tr = _trainer(overrides + QUIET, config, run / name, persist=lambda *a: None)
+        tr = _trainer(overrides + QUIET, config, run / name)
         out[name] = {"rows": _steps(tr, 80)}
     # the uninterrupted reference of the kill test
-    tr = _trainer(FIT, config, run / "reference", persist=lambda *a: None)
+    tr = _trainer(FIT, config, run / "reference")
     out["reference"] = {"losses": _fit_with_records(tr), "state": _full_state(tr)}
     if rank == 0:
         torch.save(out, Path(config["out"]) / "compare.pt")
@@ -179,12 +171,11 @@ def _sizes(tr) -> dict:
 
 
 def _resume_loop(config):
-    import ray.train
+    from dbgen.rundir import find_resume
 
     torch.set_num_threads(1)
-    ckpt = ray.train.get_checkpoint()  # the latest reported one after the restart
-    with ckpt.as_directory() if ckpt is not None else nullcontext() as d:
-        tr = _trainer(FIT, config, config["run"], checkpoint_dir=Path(d) if d else None)
+    found = find_resume(config["run"])  # what dbgen.trainer.train_worker chooses: the newest intact checkpoint
+    tr = _trainer(FIT, config, config["run"], checkpoint_dir=found[0] if found else None)
     losses = _fit_with_records(tr, config["kill"])
     state = _full_state(tr)
     if tr.rank == 0:
@@ -193,7 +184,7 @@ def _resume_loop(config):
 
 def _reshard_loop(config):
     torch.set_num_threads(1)
-    tr = _trainer(FIT, config, config["run"], checkpoint_dir=Path(config["checkpoint"]), persist=lambda *a: None)
+    tr = _trainer(FIT, config, config["run"], checkpoint_dir=Path(config["checkpoint"]))
     state = _full_state(tr)
     rows = _steps(tr, 2)
     torch.save({"state": state, "step": tr.step, "rows": rows}, Path(config["out"]) / "reshard.pt")
@@ -257,8 +248,7 @@ def test_onebit_converges_like_uncompressed(compare):
 @pytest.mark.timeout(900)
 def test_killed_worker_resumes_exactly_and_reshards(compare, cluster, splits, tmp_path):
     storage = tmp_path / "ray"
-    kill = {"at": 7, "marker": str(tmp_path / "killed-once"), "registered": "checkpoint_0000005",
-            "snapshot": str(storage / "killed" / "checkpoint_manager_snapshot.json")}
+    kill = {"at": 7, "marker": str(tmp_path / "killed-once"), "committed": "checkpoint_0000005"}
     config = {"train": splits[0], "eval": splits[1], "run": str(storage / "killed"), "out": str(tmp_path),
               "kill": kill, "submission": "s1"}
     _fit(_resume_loop, config, storage, "killed", workers=2, max_failures=1)

@@ -21,10 +21,18 @@ from dbgen.rundir import (
     META_FILE,
     RunError,
     check_resume,
+    checkpoint_dirs,
     checkpoint_meta,
     checkpoint_name,
+    commit_checkpoint,
     derive_seed,
+    file_records,
+    find_resume,
     latest_checkpoint,
+    list_files,
+    open_checkpoint,
+    partial_dir,
+    prune_checkpoints,
     rng_state,
     set_rng_state,
 )
@@ -75,10 +83,84 @@ def test_latest_checkpoint_is_the_highest_step(tmp_path):
 
 def test_meta_holds_what_evaluate_and_resume_read():
     c = cfg("scale.zero_stage=1")
-    meta = checkpoint_meta(c, step=7, world_size=2, ema=False, images_seen=224)
-    assert meta == {"step": 7, "world_size": 2, "zero_stage": 1, "ema": False, "images_seen": 224,
-                    "config": c.to_dict(), "weights": "ds/mp_rank_00_model_states.pt"}
+    files = {"ds/x.pt": {"bytes": 3, "sha256": "ab"}}
+    meta = checkpoint_meta(c, step=7, world_size=2, ema=False, images_seen=224, finite=True, files=files)
+    assert meta == {"step": 7, "world_size": 2, "zero_stage": 1, "ema": False, "images_seen": 224, "finite": True,
+                    "config": c.to_dict(), "weights": "ds/mp_rank_00_model_states.pt", "files": files}
     assert load_config(meta["config"]) == c
+
+
+# ------------------------------------------------------------------------------------ integrity, rotation
+def _committed(run: Path, step: int, finite: bool = True, payload: bytes = b"") -> Path:
+    """A checkpoint written the way the trainer writes one: files into the partial directory, their records
+    (here all hashed by one 'rank'), then meta.json and the rename."""
+    partial = partial_dir(run, step)
+    (partial / "ds").mkdir(parents=True)
+    (partial / "ds" / "model.pt").write_bytes(payload or f"weights of step {step}".encode() * 100)
+    (partial / "rank_0.pt").write_bytes(b"rng" * 10)
+    files = file_records(partial, list_files(partial))
+    meta = checkpoint_meta(cfg(), step, world_size=1, ema=False, images_seen=step * 32, finite=finite, files=files)
+    return commit_checkpoint(partial, meta)
+
+
+def _flip(path: Path, at: int, n: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_are_named_and_resume_falls_back(tmp_path, caplog):
+    run = tmp_path / "run"
+    good, newest = _committed(run, 5), _committed(run, 10)
+    assert not partial_dir(run, 10).exists() and sorted(json.loads((newest / META_FILE).read_text())["files"]) == \
+        ["ds/model.pt", "rank_0.pt"]
+    assert find_resume(run)[0] == newest and open_checkpoint(run)[0] == newest
+    assert find_resume(tmp_path / "empty") is None  # no checkpoint directory: a new run
+
+    _flip(newest / "ds" / "model.pt", 500)  # same size, different bytes
+    with pytest.raises(RunError, match=r"checkpoint_0000010/ds/model.pt: sha256 does not match"):
+        open_checkpoint(run)  # evaluate/sample/export refuse it, naming the file
+    with caplog.at_level("WARNING"):
+        path, meta = find_resume(run)  # a resume falls back, and says so
+    assert path == good and meta["step"] == 5
+    assert "model.pt: sha256 does not match" in caplog.text and "checkpoint_0000005 (step 5)" in caplog.text
+    assert find_resume(run, trusted=newest)[0] == newest  # the driver's verified choice is not hashed again
+
+    (good / "rank_0.pt").write_bytes(b"rng")  # truncated
+    (newest / "ds" / "model.pt").unlink()
+    with pytest.raises(RunError) as e:
+        find_resume(run)
+    assert "model.pt: missing" in str(e.value) and "rank_0.pt: 3 bytes, but" in str(e.value)
+    assert "use another --name" in str(e.value)  # never silently a new run over them
+    (good / META_FILE).unlink()  # a checkpoint directory without metadata is not a reason to start over
+    with pytest.raises(RunError, match="cannot read checkpoint metadata"):
+        find_resume(run)
+
+
+def test_non_finite_checkpoints_are_marked_skipped_and_never_the_last_kept(tmp_path):
+    run = tmp_path / "run"
+    finite = _committed(run, 5)
+    for step in (10, 15, 20):
+        _committed(run, step, finite=False)
+    assert find_resume(run)[0] == finite  # resume from the last good weights
+    with pytest.raises(RunError, match=rf"non-finite weights.*newest finite one is {finite}"):
+        open_checkpoint(run)
+    assert open_checkpoint(run, allow_nonfinite=True)[0].name == checkpoint_name(20)  # forced
+    assert open_checkpoint(finite)[0] == finite  # a checkpoint directory is a valid source
+    deleted = prune_checkpoints(run, keep=2)
+    assert [p.name for p in deleted] == [checkpoint_name(10)]
+    assert [p.name for p in checkpoint_dirs(run)] == [checkpoint_name(s) for s in (20, 15, 5)]
+    _committed(run, 25)
+    prune_checkpoints(run, keep=2)  # a newer finite checkpoint: the old one may go
+    assert [p.name for p in checkpoint_dirs(run)] == [checkpoint_name(s) for s in (25, 20)]
+
+
+def test_commit_replaces_a_checkpoint_of_the_same_step_whole(tmp_path):
+    run = tmp_path / "run"
+    _committed(run, 5, payload=b"old" * 50)
+    again = _committed(run, 5, payload=b"new" * 70)  # a resume from an older checkpoint reaches step 5 again
+    assert (again / "ds" / "model.pt").read_bytes() == b"new" * 70 and open_checkpoint(again)[0] == again
+    assert sorted(p.name for p in run.iterdir()) == [checkpoint_name(5)]
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -90,7 +172,7 @@ def test_resume_check_names_what_to_change(tmp_path):
     check_resume(ck, zero0, cfg("scale.num_workers=1", "train.batch_size=32"), world_size=1)  # ZeRO 0: any count
     check_resume(ck, zero1, cfg("scale.zero_stage=1"), world_size=2)
     cases = [
-        (zero0, cfg("model.width=8"), 2, "another model"),
+        (zero0, cfg("model.width=8"), 2, r"another model \(checkpoint_0000010 vs this config: model.width: "),
         (zero1, cfg("scale.zero_stage=1", "scale.num_workers=1", "train.batch_size=32"), 1,
          "scale.num_workers=2 scale.zero_stage=1"),
         (zero1, cfg("scale.zero_stage=2"), 2, "scale.num_workers=2 scale.zero_stage=1"),

@@ -9,7 +9,6 @@ a 2-worker checkpoint resumes on 1 worker (ZeRO 0: the optimizer state is whole)
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ CONFIG = ROOT / "configs" / "rvae_binary_tiny.yaml"
 
 def _params(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _copy_persist(run_dir: Path):
-    """What Ray does with a local storage path: every rank's part merged into <run>/<name>."""
-    def persist(metrics, local_dir, name):
-        shutil.copytree(local_dir, run_dir / name, dirs_exist_ok=True)
-    return persist
 
 
 def _worker(rank: int, world: int, tmp: str, train_dir: str):
@@ -44,7 +36,7 @@ def _worker(rank: int, world: int, tmp: str, train_dir: str):
         cfg = load_config(CONFIG, ["train.grad_clip=0.05", "optimizer.lr=0.01", *overrides])
         run_dir = tmp / name
         run_dir.mkdir(exist_ok=True)
-        return Trainer(cfg, run_dir, train_dir, None, rank=rank, world_size=world, persist=_copy_persist(run_dir))
+        return Trainer(cfg, run_dir, train_dir, None, rank=rank, world_size=world)
 
     # 1. ZeRO 0 / 1 / 2: three steps on the same data; clipping (grad_clip 0.05) is active on every step.
     for stage in (0, 1, 2):
@@ -96,7 +88,7 @@ def _worker(rank: int, world: int, tmp: str, train_dir: str):
         "next_loss_finite": math.isfinite(next_step["loss"]),
     }
 
-    # 4. fit() counts the skipped step and finishes the run (checkpoint persisted by copying, as Ray would).
+    # 4. fit() counts the skipped step and finishes the run (and commits its checkpoint).
     tr = trainer("fit", "train.max_steps=5", "train.log_every=2", "train.checkpoint_every=0",
                  "train.eval_every=0", "train.sample_every=0", "train.num_samples=4")
     calls["n"] = 0
@@ -115,8 +107,7 @@ def _resume_on_one_worker(rank: int, world: int, tmp: str, train_dir: str):
                                "train.log_every=2", "train.checkpoint_every=0", "train.eval_every=0",
                                "train.sample_every=0", "train.num_samples=4", "scale.num_workers=1"])
     (tmp / "fit1").mkdir()
-    Trainer(cfg, tmp / "fit1", train_dir, None, checkpoint_dir=tmp / "fit" / "checkpoint_0000005",
-            persist=_copy_persist(tmp / "fit1")).fit()
+    Trainer(cfg, tmp / "fit1", train_dir, None, checkpoint_dir=tmp / "fit" / "checkpoint_0000005").fit()
 
 
 @pytest.mark.slow
