@@ -9,7 +9,7 @@
 //
 // Kernels:
 //   pack_signs_kernel      flat bytes, same layout as dbgen.nn.pack_signs (warp ballot)
-//   pack_act_kernel        float (any strides) -> activation words
+//   pack_act_kernel        float (any strides) -> activation words; pack_act_nhwc_kernel: channels-last input
 //   bconv_kernel           fully binary implicit-GEMM conv / linear on mma.m16n8k256 .b1 AND.POPC tensor cores,
 //                          epilogue: scale, bias, float/half/bf16 output or the packed signs of the output
 //   pwconv_kernel          float activations x packed weights on bf16/fp16 mma.m16n8k16; the +-1 A fragments
@@ -69,7 +69,8 @@ __global__ void pack_signs_kernel(const T* __restrict__ x, uint8_t* __restrict__
   if (lane < 4 && byte < (n + 7) / 8) out[byte] = (uint8_t)(mask >> (8 * lane));
 }
 
-// One thread per output word (n, cw, y, x), x fastest so NCHW reads coalesce across the warp.
+// NCHW (or any strides): one thread per output word (n, cw, y, x), x fastest so NCHW reads coalesce across
+// the warp.
 template <typename T>
 __global__ void pack_act_kernel(const T* __restrict__ x, uint32_t* __restrict__ out, int N, int C, int H, int W,
                                 int Cw, long long sN, long long sC, long long sH, long long sW) {
@@ -89,6 +90,33 @@ __global__ void pack_act_kernel(const T* __restrict__ x, uint32_t* __restrict__ 
   for (int b = 0; b < cnt; ++b)
     if (to_f32(p[(long long)(c0 + b) * sC]) >= 0.f) word |= 1u << b;
   out[(((long long)n * H + yy) * W + xx) * Cw + cw] = word;
+}
+
+// Channels-last (sC == 1; also linear inputs): one warp per pixel. Lane l reads channel 32 q + l, so each of
+// the pixel's words is one coalesced load of 32 consecutive channels; a ballot forms word q, lane q % 32 keeps
+// it, and the pixel's words go out in one coalesced store per 32 words. (The NCHW kernel above would touch 32
+// cache lines per warp load on this layout.)
+template <typename T>
+__global__ void pack_act_nhwc_kernel(const T* __restrict__ x, uint32_t* __restrict__ out, int N, int C, int H,
+                                     int W, int Cw, long long sN, long long sH, long long sW) {
+  const long long pix = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // uniform across the warp
+  const int lane = threadIdx.x & 31;
+  if (pix >= (long long)N * H * W) return;  // the whole warp
+  const int xx = (int)(pix % W);
+  const long long r = pix / W;
+  const int yy = (int)(r % H), n = (int)(r / H);
+  const T* p = x + n * sN + yy * sH + xx * sW;
+  uint32_t* o = out + pix * Cw;
+  for (int q0 = 0; q0 < Cw; q0 += 32) {
+    uint32_t mine = 0;
+    const int q_end = min(q0 + 32, Cw);
+    for (int q = q0; q < q_end; ++q) {
+      const int c = q * 32 + lane;
+      const unsigned word = __ballot_sync(0xffffffffu, c < C && to_f32(p[c]) >= 0.f);  // NaN -> 0, as t >= 0
+      if (lane == q - q0) mine = word;
+    }
+    if (q0 + lane < Cw) o[q0 + lane] = mine;
+  }
 }
 
 // ------------------------------------------------------------------------------- fully binary conv
@@ -195,8 +223,11 @@ struct ColInfo {
 // pixel tiles (persistent grid): weights are read once per block and, with BM >= O, activations once per
 // pixel tile. Otherwise the weights stream through shared memory with the activations (one pixel tile per
 // block, optional split-K over blockIdx.z).
+// STATIONARY tiles ask for 2 resident blocks per SM (<= 128 registers at 256 threads; their weight rows fit twice
+// in shared memory for K up to 5x5x256 on tile 2, 3x3x256 on tile 3): one block's global-load and epilogue
+// latency hides behind the other's tensor-core work. The persistent grid is sized from the occupancy query.
 template <int BM, int BN, int WARPS_M, int WARPS_N, bool ALIGNED, bool STATIONARY>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 1) bconv_kernel(const BconvParams p) {
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, STATIONARY ? 2 : 1) bconv_kernel(const BconvParams p) {
   constexpr int NTH = 32 * WARPS_M * WARPS_N;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MT = WM / 16, NT = WN / 8;
   constexpr int RS = 12;  // streamed row stride in words: 8 + 4 padding -> conflict-free fragment reads
@@ -815,8 +846,22 @@ DBGEN_API int dbgen_pack_activations(const void* x, int dtype, void* out, int N,
   const long long total = (long long)N * Cw * H * W;
   if (total <= 0) return cudaSuccess;
   auto st = static_cast<cudaStream_t>(stream);
-  const unsigned blocks = blocks_for(total, 256);
   auto* o = static_cast<uint32_t*>(out);
+  if (sC == 1) {  // channels-last: a warp per pixel
+    const unsigned wb = blocks_for((long long)N * H * W * 32, 256);
+    if (dtype == kF32)
+      DBGEN_LAUNCH(pack_act_nhwc_kernel<float>, wb, 256, 0, st, static_cast<const float*>(x), o, N, C, H, W, Cw, sN,
+                   sH, sW);
+    else if (dtype == kF16)
+      DBGEN_LAUNCH(pack_act_nhwc_kernel<__half>, wb, 256, 0, st, static_cast<const __half*>(x), o, N, C, H, W, Cw, sN,
+                   sH, sW);
+    else if (dtype == kBF16)
+      DBGEN_LAUNCH(pack_act_nhwc_kernel<__nv_bfloat16>, wb, 256, 0, st, static_cast<const __nv_bfloat16*>(x), o, N, C,
+                   H, W, Cw, sN, sH, sW);
+    else return cudaErrorInvalidValue;
+    return cudaGetLastError();
+  }
+  const unsigned blocks = blocks_for(total, 256);
   if (dtype == kF32)
     DBGEN_LAUNCH(pack_act_kernel<float>, blocks, 256, 0, st, static_cast<const float*>(x), o, N, C, H, W, Cw, sN, sC, sH,
                  sW);

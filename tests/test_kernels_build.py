@@ -42,11 +42,16 @@ def test_kernels_compile_for_sm90_without_spills(built):
     assert path.is_file() and path.stat().st_size > 0
     log = ptxas_log.read_text()
     kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", log)
-    for name in ("bconv_kernel", "pwconv_kernel", "pack_signs_kernel", "pack_act_kernel"):
+    for name in ("bconv_kernel", "pwconv_kernel", "pack_signs_kernel", "pack_act_kernel", "pack_act_nhwc_kernel"):
         assert any(name in k for k in kernels), f"{name} missing from the build"
     # Register arrays indexed at run time or too many live values would show as stack frames / spills.
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert frames and all(f == ("0", "0", "0") for f in frames), frames
+    # The weight-stationary binary tiles (template flag STATIONARY = true, the last "Lb1E") run 2 blocks per SM
+    # of 256 threads: at most 128 registers each.
+    regs = dict(re.findall(r"Compiling entry function '(\w+)' for 'sm_90'.*?Used (\d+) registers", log, re.S))
+    stationary = {k: int(v) for k, v in regs.items() if "bconv_kernel" in k and k.endswith("Lb1EEEvNS_11BconvParamsE")}
+    assert len(stationary) == 4 and max(stationary.values()) <= 128, stationary
 
 
 def test_bindings_match_c_entry_points(built):

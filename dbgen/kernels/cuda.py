@@ -7,7 +7,8 @@ writes to a temporary name and renames atomically, so concurrent workers at wors
 
 Requirements, each checked with an error that names what is missing: a CUDA device of compute capability
 >= 8.0 (1-bit ``mma.sync`` tensor cores), ``nvcc`` (``$CUDA_HOME/bin/nvcc``, ``/usr/local/cuda/bin/nvcc`` or
-on ``PATH``), and the kernel source (``$DBGEN_KERNELS_SRC`` or ``kernels/`` next to the ``dbgen`` package).
+on ``PATH``), and the kernel source (``$DBGEN_KERNELS_SRC``, else the repository's ``kernels/`` folder, which
+installs with the package as ``dbgen._kernels_src``: a wheel or ``pip install .`` can build the kernels).
 
 For tests without a GPU, :func:`build_emulator` compiles the same source with g++ against
 ``kernels/host_emulation.h`` (CPU threads; mma and warp primitives emulated) and :func:`set_emulator` routes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.resources
 import logging
 import os
 import shutil
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (8, 0)
 SOURCE_NAME = "binary_kernels.cu"
+SOURCE_PACKAGE = "dbgen._kernels_src"  # the top-level kernels/ folder, installed inside the package
 ABI_VERSION = 3
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _OUT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -58,15 +61,30 @@ class KernelUnavailable(RuntimeError):
     """The CUDA kernels cannot be used here; the message says what is missing and how to fall back."""
 
 
+def _installed_source_dir() -> Path:
+    """The folder of the sources shipped in the package (``kernels/`` installed as ``dbgen._kernels_src``).
+
+    A checkout run without an install (the repository on ``PYTHONPATH``, as on a bare GPU machine) has no
+    such package: there the sources are the checkout's own ``kernels/`` folder, the one that package maps.
+    """
+    try:
+        return Path(importlib.resources.files(SOURCE_PACKAGE))  # a regular package on disk: a Path already
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels"
+
+
 def kernel_source() -> Path:
-    """Path of the CUDA source (``$DBGEN_KERNELS_SRC`` or ``<repo>/kernels/binary_kernels.cu``)."""
+    """Path of the CUDA source: ``$DBGEN_KERNELS_SRC`` (file or folder), else the copy installed with dbgen."""
     env = os.environ.get("DBGEN_KERNELS_SRC")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "kernels" / SOURCE_NAME
+    path = Path(env) if env else _installed_source_dir() / SOURCE_NAME
     if path.is_dir():
         path = path / SOURCE_NAME
     if not path.is_file():
-        raise KernelUnavailable(f"CUDA kernel source not found at {path} (set DBGEN_KERNELS_SRC to the "
-                                f"{SOURCE_NAME} of the dbgen repository, or use DBGEN_KERNELS=reference)")
+        raise KernelUnavailable(
+            f"CUDA kernel source not found at {path} (reinstall dbgen, whose package ships "
+            f"{SOURCE_PACKAGE}/{SOURCE_NAME}; or set DBGEN_KERNELS_SRC to the kernels/ folder "
+            f"of the dbgen repository; or use DBGEN_KERNELS=reference)"
+        )
     return path
 
 
@@ -83,9 +101,11 @@ def find_nvcc() -> str:
     found = shutil.which("nvcc")
     if found:
         return found
-    raise KernelUnavailable("nvcc not found (looked in $CUDA_HOME/bin, /usr/local/cuda/bin and PATH): the CUDA "
-                            "toolkit's compiler is needed to build dbgen's kernels on first use; install it or "
-                            "set DBGEN_KERNELS=reference to run the pure-PyTorch path")
+    raise KernelUnavailable(
+        "nvcc not found (looked in $CUDA_HOME/bin, /usr/local/cuda/bin and PATH): the CUDA "
+        "toolkit's compiler is needed to build dbgen's kernels on first use; install it or "
+        "set DBGEN_KERNELS=reference to run the pure-PyTorch path"
+    )
 
 
 def _cache_dir() -> Path:
@@ -119,8 +139,9 @@ def build_library(arch: str, out_dir: Path | None = None, nvcc: str | None = Non
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
-        raise KernelUnavailable(f"nvcc failed building {src} for sm_{arch} (exit {proc.returncode}):\n"
-                                f"{proc.stderr[-4000:]}")
+        raise KernelUnavailable(
+            f"nvcc failed building {src} for sm_{arch} (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     (out_dir / "ptxas.log").write_text(proc.stderr)
     if verbose:
         log.info("%s", proc.stderr)
@@ -137,8 +158,23 @@ def build_emulator(out_dir: Path, cxx: str = "g++") -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lib_path = out_dir / "libdbgen_kernels_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-DDBGEN_HOST_EMULATION",
-           f"-I{include}", f"-I{src.parent}", "-x", "c++", str(src), "-o", str(lib_path)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-pthread",
+        "-ffp-contract=off",
+        "-DDBGEN_HOST_EMULATION",
+        f"-I{include}",
+        f"-I{src.parent}",
+        "-x",
+        "c++",
+        str(src),
+        "-o",
+        str(lib_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise KernelUnavailable(f"{cxx} failed building the host emulation:\n{proc.stderr[-4000:]}")
@@ -180,9 +216,11 @@ def library(device: torch.device) -> ctypes.CDLL:
         raise KernelUnavailable("no CUDA device: torch.cuda.is_available() is False")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
-        raise KernelUnavailable(f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; the "
-                                f"1-bit tensor-core kernels need >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
-                                f"(use DBGEN_KERNELS=reference)")
+        raise KernelUnavailable(
+            f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; the "
+            f"1-bit tensor-core kernels need >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+            f"(use DBGEN_KERNELS=reference)"
+        )
     arch = f"{major}{minor}"
     with _lock:
         if arch not in _libs:
@@ -193,8 +231,9 @@ def library(device: torch.device) -> ctypes.CDLL:
 # ------------------------------------------------------------------------------------------- calls
 def _check(lib, err: int, what: str) -> None:
     if err != 0:
-        raise RuntimeError(f"dbgen kernel {what} failed: CUDA error {err} "
-                           f"({lib.dbgen_error_string(err).decode(errors='replace')})")
+        raise RuntimeError(
+            f"dbgen kernel {what} failed: CUDA error {err} ({lib.dbgen_error_string(err).decode(errors='replace')})"
+        )
 
 
 def _ptr(t: torch.Tensor | None):
@@ -230,8 +269,10 @@ def _out(out: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"out: expected a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     return out
 
 
@@ -265,8 +306,9 @@ def pack_activations_cuda(x: torch.Tensor, channel_dim: int, out: torch.Tensor |
         x = x2
     cw = (c + 31) // 32
     out = _out(out, (n, h, w, cw), torch.int32, x.device)
-    err = lib.dbgen_pack_activations(_ptr(x), _dtype_code(x.dtype, "pack_activations"), _ptr(out), n, c, h, w,
-                                     *strides, index, stream)
+    err = lib.dbgen_pack_activations(
+        _ptr(x), _dtype_code(x.dtype, "pack_activations"), _ptr(out), n, c, h, w, *strides, index, stream
+    )
     _check(lib, err, "pack_activations")
     return out.reshape(*lead, cw)
 
@@ -289,12 +331,21 @@ def default_split(blocks: int, ksteps: int, sms: int) -> int:
     return max(1, min(ksteps // 2, (2 * sms + blocks - 1) // blocks, 16))
 
 
-def _pw_tile(np_: int, o: int, sms: int, tile: int | None) -> int:
-    """Packed-weight conv: tile 0 (64 channels x 64 pixels) when it fills the GPU, else tile 1 (32 x 32)."""
-    if tile is not None:
-        return tile
-    big = ((np_ + 63) // 64) * ((o + 63) // 64)
-    return 0 if big >= sms else 1
+def pwconv_launch(
+    pixels: int, o: int, k_words: int, dtype: torch.dtype, sms: int, tile: int | None = None, ksplit: int | None = None
+) -> tuple[int, int, int]:
+    """(tile, ksplit, blocks) of the packed-weight conv for ``pixels`` = N*Ho*Wo outputs of ``o`` channels,
+    ``k_words`` = T*Cw weight words per channel, on ``sms`` multiprocessors: tile 0 (64 channels x 64 pixels)
+    when it fills the GPU, else tile 1 (32 x 32); split-K when the tiles alone cannot fill it. The fp32
+    split-K workspace is ``ksplit * pixels * o`` floats (none for ksplit 1)."""
+    if tile is None:
+        tile = 0 if ((pixels + 63) // 64) * ((o + 63) // 64) >= sms else 1
+    bm = 64 if tile == 0 else 32
+    kc = 1 if dtype == torch.float32 else 4  # weight words per K chunk (the kernel's KC)
+    blocks = ((pixels + bm - 1) // bm) * ((o + bm - 1) // bm)
+    if ksplit is None:
+        ksplit = default_split(blocks, (k_words + kc - 1) // kc, sms)
+    return tile, ksplit, blocks
 
 
 STATIONARY_SMEM = 110 * 1024  # weight rows kept in shared memory: at most about half an SM's
@@ -314,9 +365,21 @@ def _bconv_tile(np_: int, o: int, kw: int, sms: int, tile: int | None) -> int:
     return 0
 
 
-def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias, stride, padding, *,
-               out_dtype: torch.dtype = torch.float32, pack_output: bool = False, tile: int | None = None,
-               ksplit: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def bconv_cuda(
+    words: torch.Tensor,
+    channels: int,
+    w: PackedWeight,
+    scale,
+    bias,
+    stride,
+    padding,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    pack_output: bool = False,
+    tile: int | None = None,
+    ksplit: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Fully binary conv on activation words (N, H, W, Cw) -> (N, O, Ho, Wo) or output words (N, Ho, Wo, Ow)."""
     dev = words.device
     lib, index, stream, sms = _env(dev)
@@ -343,15 +406,50 @@ def bconv_cuda(words: torch.Tensor, channels: int, w: PackedWeight, scale, bias,
     ks = ksplit if ksplit is not None else default_split(blocks, wwords.shape[1] // 8, sms)
     ks = 1 if t >= 2 else ks
     ws, counters = _split_buffers(ks, n * o * ho * wo, blocks, torch.int32, dev, stream)
-    err = lib.dbgen_bconv(_ptr(words), _ptr(wwords), _ptr(cv), _ptr(wtot), _ptr(scale), _ptr(bias), _ptr(out), mode,
-                          _ptr(ws), _ptr(counters), n, channels, h, wd, o, kh, kw, sh, sw, ph, pw, wwords.shape[1], t,
-                          ks, index, stream)
+    err = lib.dbgen_bconv(
+        _ptr(words),
+        _ptr(wwords),
+        _ptr(cv),
+        _ptr(wtot),
+        _ptr(scale),
+        _ptr(bias),
+        _ptr(out),
+        mode,
+        _ptr(ws),
+        _ptr(counters),
+        n,
+        channels,
+        h,
+        wd,
+        o,
+        kh,
+        kw,
+        sh,
+        sw,
+        ph,
+        pw,
+        wwords.shape[1],
+        t,
+        ks,
+        index,
+        stream,
+    )
     _check(lib, err, "binary conv")
     return out
 
 
-def pwconv_cuda(x: torch.Tensor, w: PackedWeight, scale, bias, stride, padding, *, tile: int | None = None,
-                ksplit: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def pwconv_cuda(
+    x: torch.Tensor,
+    w: PackedWeight,
+    scale,
+    bias,
+    stride,
+    padding,
+    *,
+    tile: int | None = None,
+    ksplit: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Float (N, C, H, W) x packed weights -> (N, O, Ho, Wo) of x.dtype (input read channels-last)."""
     dev = x.device
     lib, index, stream, sms = _env(dev)
@@ -365,14 +463,32 @@ def pwconv_cuda(x: torch.Tensor, w: PackedWeight, scale, bias, stride, padding, 
     wT = w.transposed_words()
     scale, bias = _float_vec(scale, dev), _float_vec(bias, dev)
     out = _out(out, (n, o, ho, wo), x.dtype, dev)
-    t = _pw_tile(n * ho * wo, o, sms, tile)
-    bm = 64 if t == 0 else 32
-    kc = 1 if x.dtype == torch.float32 else 4
-    blocks = ((n * ho * wo + bm - 1) // bm) * ((o + bm - 1) // bm)
-    ks = ksplit if ksplit is not None else default_split(blocks, (wT.shape[0] + kc - 1) // kc, sms)
+    t, ks, blocks = pwconv_launch(n * ho * wo, o, wT.shape[0], x.dtype, sms, tile, ksplit)
     ws, counters = _split_buffers(ks, n * o * ho * wo, blocks, torch.float32, dev, stream)
-    err = lib.dbgen_pwconv(_ptr(xl), code, _ptr(wT), _ptr(scale), _ptr(bias), _ptr(out), _ptr(ws), _ptr(counters),
-                           n, c, h, wd, o,
-                           kh, kw, sh, sw, ph, pw, t, ks, index, stream)
+    err = lib.dbgen_pwconv(
+        _ptr(xl),
+        code,
+        _ptr(wT),
+        _ptr(scale),
+        _ptr(bias),
+        _ptr(out),
+        _ptr(ws),
+        _ptr(counters),
+        n,
+        c,
+        h,
+        wd,
+        o,
+        kh,
+        kw,
+        sh,
+        sw,
+        ph,
+        pw,
+        t,
+        ks,
+        index,
+        stream,
+    )
     _check(lib, err, "packed-weight conv")
     return out
