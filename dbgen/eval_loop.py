@@ -5,6 +5,24 @@ Every evaluation runs it: the trainer (each rank over its shard of ``data.eval``
 posterior or dequantization noise), the weights and the mode; :func:`bpd_sum` only adds up. The sum stays on
 the model's device in float64 (one host read at the end), added in batch order, so it is the same number
 whichever caller computes it.
+
+**Engines.** Inference (``dbgen.sample``, ``dbgen.evaluate``, the Ray actors of :mod:`dbgen.export`) runs a
+model through one of :data:`ENGINES` (:func:`use_engine`): ``packed`` swaps the binary layers for the bitwise
+kernels (:func:`dbgen.kernels.to_packed`; the exact pure-PyTorch reference on CPU), ``float`` runs the
+training-time float layers. :func:`default_engine` picks packed on CUDA and float on CPU, where the reference
+is slower than a float conv.
+
+The two engines compute the same function with different roundings: the packed fully binary layers sum the
++-1 products exactly and round once (``fl(fl(dot * scale) + bias)``), the float layers round their fp32 sums
+(TF32 or bf16 on CUDA if enabled), and a packed-weight layer sums in another order (on CUDA from 3 bf16
+planes of each fp32 activation, fp32 accumulation). Per layer that is a ``gamma_K`` relative difference (K the
+fan-in); through dozens of layers, sign activations (a sign whose argument is within rounding of 0 flips) and
+the likelihood there is no useful a-priori bound, so the stated bound is a product requirement:
+:data:`PACKED_BPD_TOLERANCE` bits/dim between the engines' mean bits/dim over the same rows and noise (the
+precision bits/dim are reported with; a wrong layer moves bits/dim by far more). Samples: the packed engine
+is deterministic for a seed, and its fully binary layers give the same bits on the reference and on the CUDA
+kernels, so a 1/1 RVAE draws bit-identical samples on both; between the engines (and wherever a packed-weight
+layer runs on CUDA) samples agree except where a rounding difference crosses a sign or a pixel boundary.
 """
 
 from __future__ import annotations
@@ -15,7 +33,29 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["bpd_sum", "evaluate_bpd"]
+__all__ = ["ENGINES", "PACKED_BPD_TOLERANCE", "bpd_sum", "default_engine", "evaluate_bpd", "use_engine"]
+
+ENGINES = ("packed", "float")
+
+# Mean bits/dim of the packed and float engines on the same rows and noise differ by at most this (module
+# docstring): the precision bits/dim are reported with.
+PACKED_BPD_TOLERANCE = 1e-3
+
+
+def default_engine(device: str | torch.device) -> str:
+    """``"packed"`` on CUDA, ``"float"`` elsewhere (the CPU reference is exact but slower than a float conv)."""
+    return "packed" if torch.device(device).type == "cuda" else "float"
+
+
+def use_engine(model: nn.Module, engine: str) -> nn.Module:
+    """``model`` (eval mode, on its device) switched to ``engine`` in place (see the module docstring)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "packed":
+        from .kernels import to_packed  # here: float inference needs none of the kernels' modules
+
+        to_packed(model)
+    return model
 
 
 @torch.no_grad()

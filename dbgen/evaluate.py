@@ -7,6 +7,8 @@ run's ``data.eval``) is evaluated once with the importance-weighted bound of ``-
 (K=1 is the ELBO / the flow's dequantized bound). EMA weights are used when the run kept an EMA.
 ``--packed FILE`` evaluates an exported artifact (``python -m dbgen.export``) instead of a run; ``--workers N``
 spreads the split over N Ray actors that receive the weights as packed bytes through the object store.
+``--engine`` picks how the model runs (default: ``packed``, the bitwise kernels, on CUDA; ``float`` on CPU;
+see :mod:`dbgen.eval_loop` for what differs between them).
 
 The loop is :func:`dbgen.eval_loop.bpd_sum`, the one the trainer and the actors run; reading the run is
 :func:`dbgen.rundir.load_run`.
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, EvalLoader, resolve_split
-from .eval_loop import evaluate_bpd
+from .eval_loop import ENGINES, default_engine, evaluate_bpd, use_engine
 from .export import ArtifactError, evaluate_with_actors, load_artifact, pack_model
 from .ray_local import connect_ray
 from .rundir import RunError, load_run
@@ -50,11 +52,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--engine", choices=ENGINES, default=None, help="packed: binary layers on the bitwise "
+                   "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)")
     args = p.parse_args(argv)
     if args.samples < 1 or args.batch_size < 1:
         p.error("--samples and --batch-size must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = args.engine or default_engine(device)
     artifact = None
     try:
         if args.packed:
@@ -84,19 +89,21 @@ def main(argv=None) -> int:
         cpus_per_actor = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.workers)
         res = evaluate_with_actors(artifact, split, args.workers, batch_size=args.batch_size,
                                    samples=args.samples, seed=args.seed, max_batches=args.max_batches,
-                                   cpus_per_actor=cpus_per_actor)
+                                   cpus_per_actor=cpus_per_actor, engine=args.engine)
         bpd, rows = res["bpd"], res["rows"]
+        engine = res["engine"]
     else:
-        bpd, rows = evaluate_bpd(model, loader, samples=args.samples, max_batches=args.max_batches)
+        bpd, rows = evaluate_bpd(use_engine(model, engine), loader, samples=args.samples,
+                                 max_batches=args.max_batches)
     result = {"run": str(Path(args.run or args.packed)), "checkpoint": info["checkpoint"], "step": info["step"],
               "data": str(split), "rows": rows, "samples": args.samples, "ema": info["ema"], "bpd": bpd,
-              "seconds": round(time.perf_counter() - t0, 3)}
+              "engine": engine, "seconds": round(time.perf_counter() - t0, 3)}
     if args.json:
         print(json.dumps(result))
     else:
         bound = "ELBO" if args.samples == 1 else f"IW bound, K={args.samples}"
         print(f"{bpd:.4f} bits/dim ({bound}) on {rows} rows of {split}, step {info['step']}, "
-              f"{'EMA' if info['ema'] else 'raw'} weights")
+              f"{'EMA' if info['ema'] else 'raw'} weights, {engine} engine")
     return 0
 
 

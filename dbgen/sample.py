@@ -4,6 +4,8 @@ Loads the latest checkpoint of the run (EMA weights when the run kept an EMA, un
 ``n`` images from the model's prior at ``--temperature`` with the global torch RNG seeded by ``--seed``, and
 writes them as one PNG grid (``ceil(sqrt(n))`` columns, 2-pixel gaps; :func:`dbgen.images.save_grid`).
 ``--packed FILE`` samples from an exported artifact (``python -m dbgen.export``) instead of a run.
+The model runs on CUDA when available, through ``--engine`` (default: ``packed``, the bitwise kernels, on
+CUDA; ``float`` on CPU; see :mod:`dbgen.eval_loop`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 
 import torch
 
+from .eval_loop import ENGINES, default_engine, use_engine
 from .export import ArtifactError, load_artifact
 from .images import save_grid
 from .rundir import RunError, load_run
@@ -30,25 +33,30 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
+    p.add_argument("--engine", choices=ENGINES, default=None, help="packed: binary layers on the bitwise "
+                   "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = args.engine or default_engine(device)
     try:
         if args.packed:
             try:
-                model, info, _ = load_artifact(args.packed)
+                model, info, _ = load_artifact(args.packed, device=device)
             except ArtifactError as e:
                 raise RunError(str(e)) from None
         else:
-            model, info = load_run(args.run, ema=not args.no_ema)
+            model, info = load_run(args.run, ema=not args.no_ema, device=device)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    use_engine(model, engine)
     torch.manual_seed(args.seed)
     images = model.sample(args.n, temperature=args.temperature)
     out = save_grid(images, args.out)
     print(f"{out}: {args.n} samples from {info['checkpoint']} (step {info['step']}, "
-          f"{'EMA' if info['ema'] else 'raw'} weights, temperature {args.temperature})")
+          f"{'EMA' if info['ema'] else 'raw'} weights, temperature {args.temperature}, {engine} engine on {device})")
     return 0
 
 

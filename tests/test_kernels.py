@@ -324,9 +324,9 @@ def test_to_packed_float_activations_and_errors():
     with torch.no_grad():
         expected = conv(x)
         bound, _ = stack_bound(conv, x)  # two fp32 convs (K = 72, 108) in other orders, through ELU
-        K.to_packed(conv, activations="float")
+        K.to_packed(conv)  # no layer declares binary_input: binary weights x float activations
         assert_within(conv(x), expected, bound, "float activations")
-    assert all(m.activations == "float" for m in conv if isinstance(m, K.PackedBinaryConv2d))
+    assert not any(m.binary_input or m.pack_output for m in conv if isinstance(m, K.PackedBinaryConv2d))
     # Packed modules hold 1 bit per weight (plus per-channel scale, bias and tap corrections).
     assert conv[0].words.dtype == torch.int32 and conv[0].words.numel() * 32 >= 12 * 8 * 9
 

@@ -6,13 +6,14 @@
   :func:`pack_signs`, :func:`pack_activations`, :func:`binary_act_conv2d`, :func:`binary_act_linear`
   (+-1 x +-1 on 1-bit tensor cores), :func:`packed_weight_conv2d`, :func:`packed_weight_linear`
   (float x packed 1-bit weights).
-* Packed execution of a trained model: :func:`to_packed`.
+* Packed execution of a trained model: :func:`to_packed` (:func:`chained_layers` counts the layers that
+  hand packed bits to the next).
 
 Nothing is compiled on import or on CPU; on CUDA the kernels build with nvcc on first use (cached), see
 :mod:`dbgen.kernels.cuda`.
 """
 
-from .modules import PackedBinaryConv2d, PackedBinaryLinear, SignPack, to_packed
+from .modules import PackedBinaryConv2d, PackedBinaryLinear, SignPack, chained_layers, to_packed
 from .ops import (
     backend,
     binary_act_conv2d,
@@ -33,6 +34,7 @@ __all__ = [
     "backend",
     "binary_act_conv2d",
     "binary_act_linear",
+    "chained_layers",
     "pack_activations",
     "pack_signs",
     "packed_weight_conv2d",

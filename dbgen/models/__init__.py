@@ -16,10 +16,11 @@ from pathlib import Path
 from torch import nn
 
 from ..config import Config, FlowPPConfig, RVAEConfig, load_config
+from .checkpointing import set_activation_checkpointing
 from .flowpp import FlowPP
 from .rvae import RVAE
 
-__all__ = ["build"]
+__all__ = ["build", "set_activation_checkpointing"]
 
 
 def build(config: str | Path | dict | Config | RVAEConfig | FlowPPConfig) -> nn.Module:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BinaryConv2d, WNConv2d, binary_act
+from .checkpointing import run_block
 
 __all__ = [
     "ActNorm",
@@ -291,6 +292,13 @@ class GatedResBlock(nn.Module):
         self.context_proj = conv(2 * context_channels, channels, 1) if context_channels else None
         self.dropout = nn.Dropout(dropout)
         self.gate = conv(2 * channels, 2 * channels, gate_kernel, padding=gate_kernel // 2, init_scale=0.1)
+        if binary_weights and binary_activations:
+            # Every binary conv reads concat_sign planes (+-1): packed execution runs them on the fully binary
+            # kernel. (No packed-bits chaining here: concat_sign thresholds at -+0.5 into two planes, while a
+            # kernel epilogue emits the signs of its output at 0.)
+            for layer in (self.conv, self.gate, self.context_proj):
+                if layer is not None:
+                    layer.binary_input = True
 
     def forward(self, x, context=None):
         h = self.conv(self.act(x))  # (N, C, H, W)
@@ -322,8 +330,12 @@ class ConditioningNet(nn.Module):
             for _ in range(blocks))
         self.norms = nn.ModuleList(ChannelLayerNorm(hdim) for _ in range(blocks))
         self.proj_out = WNConv2d(hdim, out_channels, 3, padding=1, init_scale=0.1)
+        self.activation_checkpointing = False  # recompute the whole network in the backward pass
 
     def forward(self, x, context=None):
+        return run_block(self.activation_checkpointing, self._forward, x, context)
+
+    def _forward(self, x, context):
         h = self.proj_in(x)  # (N, hdim, H, W)
         for block, norm in zip(self.blocks, self.norms, strict=True):
             h = norm(block(h, context))

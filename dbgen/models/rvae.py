@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RVAEConfig
-from ..nn import BinaryConv2d, WNConv2d, WNConvTranspose2d, binary_act
+from ..nn import BinaryActivation, BinaryConv2d, WNConv2d, WNConvTranspose2d
+from .checkpointing import run_block
 from .likelihoods import DiscretizedLogistic, at_least_fp32, bits_per_dim, logistic_logp, logistic_sample, to_unit
 
 __all__ = ["RVAE", "ResidualLayer", "StochasticLayer", "free_bits_kl"]
@@ -71,12 +72,16 @@ class ResidualLayer(nn.Module):
     def __init__(self, width: int, kernel: int, binary_weights: bool, binary_activations: bool):
         super().__init__()
         conv = BinaryConv2d if binary_weights else WNConv2d
-        self.binary_activations = binary_activations
         self.conv1 = conv(width, width, kernel, padding=kernel // 2, init_scale=1.0)
         self.conv2 = conv(width, width, kernel, padding=kernel // 2, init_scale=0.0)
-
-    def act(self, x: torch.Tensor) -> torch.Tensor:
-        return binary_act(x) if self.binary_activations else F.elu(x)
+        # A module, not a function call, so that packed execution (dbgen.kernels.to_packed) can see the sign.
+        self.act = BinaryActivation() if binary_activations else nn.ELU()
+        self.sign_chains = ()
+        if binary_weights and binary_activations:
+            # Both convs read sign activations, and conv1's output reaches conv2 only through ``act``: packed
+            # execution runs both on the fully binary kernel and hands conv1's output to conv2 as packed bits.
+            self.conv1.binary_input = self.conv2.binary_input = True
+            self.sign_chains = (("conv1", "act", "conv2"),)
 
     def forward(self, x):
         return x + self.conv2(self.act(self.conv1(self.act(x))))
@@ -128,17 +133,25 @@ class RVAE(nn.Module):
         self.cfg = cfg
         c, w, pk = cfg.channels, cfg.width, cfg.proc_kernel
         res = dict(width=w, kernel=pk, binary_weights=cfg.binary_weights, binary_activations=cfg.binary_activations)
-        self.latent_size = cfg.image_size // 2
+        self.latent_size = cfg.image_size // 2**cfg.stride2_stages
         self.dims = c * cfg.image_size**2
 
         self.first_conv = WNConv2d(c, w, pk, stride=2, padding=pk // 2, init_scale=FP_INIT_SCALE)
+        # Larger images (64x64: stride2_stages 2) get more stride-2 stages, so the latent grid stays 16x16 (the
+        # multi-resolution VAEs, e.g. VDVAE, also downsample 64x64 images before their top latents).
+        self.down_convs = nn.ModuleList(WNConv2d(w, w, pk, stride=2, padding=pk // 2)
+                                        for _ in range(cfg.stride2_stages - 1))
         self.proc_in = nn.Sequential(*[ResidualLayer(**res) for _ in range(cfg.num_proc_layers)])
         self.layers = nn.ModuleList([StochasticLayer(cfg) for _ in range(cfg.num_stochastic)])  # bottom to top
         self.h_top = nn.Parameter(torch.zeros(w))  # learned input of the top-down path (IAF-VAE's h_top)
         self.proc_out = nn.Sequential(*[ResidualLayer(**res) for _ in range(cfg.num_proc_layers)])
+        self.up_convs = nn.ModuleList(WNConvTranspose2d(w, w, pk, stride=2, padding=pk // 2, output_padding=1)
+                                      for _ in range(cfg.stride2_stages - 1))
         self.last_conv = WNConvTranspose2d(w, c, pk, stride=2, padding=pk // 2, output_padding=1,
                                            init_scale=FP_INIT_SCALE)
         self.likelihood = DiscretizedLogistic()  # p(x|z), one global learned log-scale
+        # train.activation_checkpointing: recompute every residual and stochastic layer in the backward pass
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------------------------------ stages
     def _check_input(self, x: torch.Tensor) -> None:
@@ -149,10 +162,14 @@ class RVAE(nn.Module):
 
     def _up(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Bottom-up pass: posterior parameters (N, 2z, h, w) of every stochastic layer, bottom to top."""
-        u = self.proc_in(F.elu(self.first_conv(x)))  # (N, w, H/2, W/2)
+        u = F.elu(self.first_conv(x))  # (N, w, H/2, W/2)
+        for conv in self.down_convs:
+            u = F.elu(conv(u))  # halves the grid again
+        for layer in self.proc_in:
+            u = run_block(self.activation_checkpointing, layer, u)
         q_params = []
         for layer in self.layers:
-            u, q = layer.up(u)
+            u, q = run_block(self.activation_checkpointing, layer.up, u)
             q_params.append(q)
         return q_params
 
@@ -164,10 +181,14 @@ class RVAE(nn.Module):
         q_params = q_params if q_params is not None else [None] * len(self.layers)
         kls = []
         for layer, q in zip(reversed(self.layers), reversed(q_params), strict=True):
-            d, kl = layer.down(d, q, temperature)
+            d, kl = run_block(self.activation_checkpointing, layer.down, d, q, temperature)
             if kl is not None:
                 kls.append(kl)
-        loc = self.last_conv(F.elu(self.proc_out(d)))  # (N, C, H, W)
+        for layer in self.proc_out:
+            d = run_block(self.activation_checkpointing, layer, d)
+        for conv in self.up_convs:
+            d = F.elu(conv(d))  # doubles the grid
+        loc = self.last_conv(F.elu(d))  # (N, C, H, W)
         return loc, kls
 
     # ------------------------------------------------------------------------------------------ interface

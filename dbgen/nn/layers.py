@@ -246,9 +246,16 @@ class _Linear(WeightNormLayer):
 
 
 class BinaryConv2d(_Conv2d):
-    """BWN conv: ``conv2d(x, sign(weight)) * gain/sqrt(fan_in) + bias``; ``weight`` is the latent v."""
+    """BWN conv: ``conv2d(x, sign(weight)) * gain/sqrt(fan_in) + bias``; ``weight`` is the latent v.
+
+    ``binary_input``: True when the layer's input is a sign activation (+-1; the 1/1 variant), declared by the
+    model that builds it, as larq declares an input quantizer. The forward pass is the same either way (the
+    model applies the sign); packed execution (:func:`dbgen.kernels.to_packed`) reads it to run the fully
+    binary kernel. Not in the state dict: the model sets it from its config.
+    """
 
     binary = True
+    binary_input = False
 
 
 class BinaryConvTranspose2d(_ConvTranspose2d):
@@ -258,9 +265,11 @@ class BinaryConvTranspose2d(_ConvTranspose2d):
 
 
 class BinaryLinear(_Linear):
-    """BWN linear: ``linear(x, sign(weight)) * gain/sqrt(in_features) + bias``."""
+    """BWN linear: ``linear(x, sign(weight)) * gain/sqrt(in_features) + bias``; ``binary_input`` as for
+    :class:`BinaryConv2d`."""
 
     binary = True
+    binary_input = False
 
 
 class WNConv2d(_Conv2d):

@@ -1,0 +1,190 @@
+"""``python -m dbgen.bench sample``: sampling throughput and peak memory of the packed and float engines.
+
+    python -m dbgen.bench sample [--models rvae-1/1,rvae-1/32,flowpp-1/32] [--batch 1,256] [--device cuda]
+        [--json-out out/sample.json]
+
+For every model, batch and engine (:mod:`dbgen.eval_loop`: ``packed`` runs the binary layers on the bitwise
+kernels, the exact reference on CPU; ``float`` the training-time layers), one fresh process (so peak memory is
+that measurement's alone) builds the paper model of the config, data-initializes it on 4 random images
+(seeded, so both engines get the same weights), switches it to the engine and times ``model.sample(batch)``:
+``--warmup`` untimed calls, then ``--repeats`` timed calls (each synchronized on CUDA); images/s is the batch
+over the median call. Peak memory: on CUDA the maximum allocated during the timed calls; on CPU the process's
+maximum RSS (which includes torch itself: compare engines, not absolute numbers).
+
+Prints a table and writes JSON (``--json-out``). On CPU the defaults (batch 1 only, no warm-up, one timed call)
+keep the default set near 10 minutes on 2 cores: one paper-model image takes seconds there (the packed engine
+runs the exact reference), so a batch-256 call takes tens of minutes; ask for it with ``--batch 1,256``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_atomic
+from ..config import load_config
+from ..eval_loop import ENGINES, use_engine
+from ..models import build
+from ..nn import data_dependent_init, size_report
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+# Model name -> the paper config it is built from (the model section only: data and training settings unused).
+MODELS = {
+    "rvae-1/1": "rvae_cifar10_binary_act.yaml",
+    "rvae-1/32": "rvae_cifar10_binary.yaml",
+    "flowpp-1/32": "flowpp_cifar10_binary.yaml",
+    "flowpp-1/1": "flowpp_cifar10_binary_act.yaml",
+}
+DEFAULT_MODELS = "rvae-1/1,rvae-1/32,flowpp-1/32"
+
+
+def add_arguments(p):
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument(
+        "--batch", default=None, help="comma-separated batch sizes (default: 1,256 on CUDA; 1 on CPU, see above)"
+    )
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of packed,float")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed sample calls first (default: 1 on CUDA, 0 on CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed sample calls (default: 5 on CUDA, 1 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json-out", default=None, help="write the results as JSON here")
+
+
+def _config_path(model: str) -> Path:
+    return ROOT / "configs" / MODELS[model]
+
+
+def measure(
+    model_name: str, engine: str, batch: int, device: str, warmup: int, repeats: int, threads: int | None
+) -> dict:
+    """One measurement, in the calling process (run it in a fresh one for a clean peak)."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cfg = load_config(_config_path(model_name))
+    torch.manual_seed(0)
+    model = build(cfg.model)
+    init_x = torch.randint(
+        0, 256, (4, cfg.model.channels, cfg.model.image_size, cfg.model.image_size), dtype=torch.uint8
+    )
+    data_dependent_init(model, init_x)
+    size = size_report(model)
+    model = use_engine(model.to(dev).eval(), engine)
+    with torch.no_grad():
+        for _ in range(warmup):
+            model.sample(batch)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = []
+        for i in range(repeats):
+            torch.manual_seed(i)
+            t0 = time.perf_counter()
+            model.sample(batch)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    call_s = statistics.median(times)
+    return {
+        "model": model_name,
+        "engine": engine,
+        "batch": batch,
+        "device": device,
+        "call_s": call_s,
+        "images_per_s": batch / call_s,
+        "peak_mb": peak_mb,
+        "peak_kind": "cuda_allocated" if dev.type == "cuda" else "process_max_rss",
+        "warmup": warmup,
+        "repeats": repeats,
+        "params": size["params"],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _child(queue, *args):
+    try:
+        queue.put(measure(*args))
+    except Exception as e:  # reported in the table; the other measurements go on
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _in_fresh_process(*args) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [s for s in text.split(",") if s]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise SystemExit(f"error: --{what}: unknown {bad or 'empty'}; choose from {', '.join(allowed)}")
+    return items
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device")
+    models = _parse_list(args.models, MODELS, "models")
+    engines = _parse_list(args.engines, ENGINES, "engines")
+    batch_text = args.batch or ("1,256" if device == "cuda" else "1")
+    try:
+        batches = [int(b) for b in batch_text.split(",") if b]
+    except ValueError:
+        raise SystemExit(f"error: --batch: expected comma-separated integers, got {batch_text!r}") from None
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"error: --batch: expected positive integers, got {batch_text!r}")
+    warmup = args.warmup if args.warmup is not None else (1 if device == "cuda" else 0)
+    repeats = args.repeats if args.repeats is not None else (5 if device == "cuda" else 1)
+    results = []
+    for model_name in models:
+        for batch in batches:
+            for engine in engines:
+                start = time.perf_counter()
+                r = _in_fresh_process(model_name, engine, batch, device, warmup, repeats, args.threads)
+                r = {"model": model_name, "engine": engine, "batch": batch, **r}
+                results.append(r)
+                log.info("%s %s batch %d: %s (%.0f s)", model_name, engine, batch, r, time.perf_counter() - start)
+    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "results": results}
+    if args.json_out:
+        write_atomic(args.json_out, json.dumps(summary, indent=1).encode())
+    print(
+        f"sampling on {summary['device']} (warm-up {warmup}, {repeats} timed call(s); peak: "
+        f"{'max allocated' if device == 'cuda' else 'process max RSS'})"
+    )
+    print(
+        f"{'model':<12} {'batch':>6} {'engine':<7} {'images/s':>10} {'call s':>9} {'peak MB':>9} {'packed/float':>13}"
+    )
+    speed = {(r["model"], r["batch"], r["engine"]): r.get("images_per_s") for r in results}
+    for r in results:
+        if "error" in r:
+            print(f"{r['model']:<12} {r['batch']:>6} {r['engine']:<7} error: {r['error']}")
+            continue
+        ratio = ""
+        float_speed = speed.get((r["model"], r["batch"], "float"))
+        if r["engine"] == "packed" and float_speed:
+            ratio = f"{r['images_per_s'] / float_speed:.2f}x"
+        print(
+            f"{r['model']:<12} {r['batch']:>6} {r['engine']:<7} {r['images_per_s']:>10.2f} {r['call_s']:>9.3f} "
+            f"{r['peak_mb']:>9.0f} {ratio:>13}"
+        )
+    return 1 if any("error" in r for r in results) else 0
