@@ -1,8 +1,11 @@
-"""Parameter counts and stored sizes of a config's model.
+"""Parameter counts and stored sizes of a config's model, or (``--memory``) the memory one worker needs.
 
     python -m dbgen.inspect --config configs/rvae_cifar10_binary.yaml [--json] [model.width=128 ...]
+    python -m dbgen.inspect --config C --memory [--workers W] [--batch B] [--gpu-memory 80GiB] [--json] [k=v ...]
 
-The counts come from :func:`dbgen.nn.size_report` on the model :func:`dbgen.models.build` returns, so they are
+``--memory``: the per-worker bytes of :func:`dbgen.memory.plan_memory` in every communication mode (see
+:mod:`dbgen.memory` for what each term is and how activations are measured). The counts come from
+:func:`dbgen.nn.size_report` on the model :func:`dbgen.models.build` returns, so they are
 what training and checkpoints see; binary layers are found by their type (:func:`dbgen.nn.binary_layers`).
 """
 
@@ -10,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 
 from .config import ConfigError, load_config
+from .linkmodel import link_section
+from .memory import MemoryPlan, plan_memory
 from .models import build
 from .nn import binary_layers, size_report
 
@@ -49,18 +55,88 @@ def _human(report: dict, config: str) -> str:
     ])
 
 
+UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``141GB``, ``512MiB`` or a plain number of bytes."""
+    m = re.fullmatch(r"([0-9.]+)\s*([A-Za-z]*)", text.strip())
+    number, unit = (m[1], m[2].upper()) if m else (text, "?")
+    try:
+        if unit not in UNITS:
+            raise ValueError
+        return int(float(number) * UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes, e.g. 80GiB, 141GB or 1048576") from None
+
+
+MEMORY_ROWS = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
+               ("binary signs", "binary_signs"), ("reduce buffers", "reduce_buffers"),
+               ("materialized weights", "materialized_weights"), ("activations", "activations"),
+               ("activations (ckpt)", "activations_checkpointed"), ("total", "total"),
+               ("total (ckpt)", "total_checkpointed")]
+
+
+def _memory_table(plan: MemoryPlan, config: str) -> str:
+    """One column per mode, one row per term, in bytes (and GiB for the totals)."""
+    names = [m.mode for m in plan.modes]
+    lines = [f"config  {config}",
+             f"model   {plan.model}: {plan.params:,} parameters, {plan.binary_params:,} binary",
+             f"per worker: {plan.workers} workers, global batch {plan.batch} = {plan.workers} x {plan.micro_batch} "
+             f"rows; activations {plan.activation_bytes_per_row:,} B/row "
+             f"({plan.activation_bytes_per_row_checkpointed:,} with checkpointing), measured on CPU fp32",
+             f"{'bytes':22s}" + "".join(f"{n:>16s}" for n in names)]
+    for label, key in MEMORY_ROWS:
+        lines.append(f"{label:22s}" + "".join(f"{getattr(m, key):>16,}" for m in plan.modes))
+    lines.append(f"{'total GiB':22s}" + "".join(f"{m.total / 2**30:>16.2f}" for m in plan.modes))
+    if plan.gpu_memory is not None:
+        for label, key in (("fits", "fits"), ("fits (ckpt)", "fits_checkpointed")):
+            lines.append(f"{label + f' {plan.gpu_memory / 2**30:.1f} GiB':22s}"
+                         + "".join(f"{'yes' if getattr(m, key) else 'no':>16s}" for m in plan.modes))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbgen.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--link-gbps", type=float, default=None, help="also: bytes per step per communication "
+                        "mode, their time on a link of this rate and the rate each needs (dbgen.linkmodel)")
+    parser.add_argument("--workers", type=int, default=2, help="data-parallel workers (with --link-gbps, --memory)")
+    parser.add_argument("--memory", action="store_true", help="per-worker memory plan in every comm mode")
+    parser.add_argument("--batch", type=int, default=None, help="--memory: global batch (default train.batch_size)")
+    parser.add_argument("--gpu-memory", type=parse_bytes, default=None,
+                        help="--memory: the device memory per worker, e.g. 80GiB: which modes fit")
+    parser.add_argument("--link-latency-ms", type=float, default=0.0, help="one-way link latency (with --link-gbps)")
+    parser.add_argument("--step-ms", type=float, default=None, help="compute time of a step (with --link-gbps; "
+                        "default: the model's GPU target at the config's batch size)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args(argv)
+    if args.memory:
+        return _memory_main(args)
     try:
         report = inspect_config(args.config, args.overrides)
-    except ConfigError as e:
+        if args.link_gbps is not None:
+            link, link_text = link_section(load_config(args.config, args.overrides), report, args.link_gbps,
+                                           args.workers, args.link_latency_ms, args.step_ms)
+            report["link"] = link
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report) if args.json else _human(report, args.config))
+    if args.link_gbps is not None and not args.json:
+        print(link_text)
+    return 0
+
+
+def _memory_main(args) -> int:
+    try:
+        plan = plan_memory(args.config, args.overrides, workers=args.workers, batch=args.batch,
+                           gpu_memory=args.gpu_memory)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict()) if args.json else _memory_table(plan, args.config))
     return 0
 
 

@@ -1,0 +1,213 @@
+"""Memory planner: the bytes one worker needs to train a config, per communication mode, before renting a cluster.
+
+:func:`plan_memory` returns a :class:`MemoryPlan` (one :class:`ModeMemory` per mode); ``python -m dbgen.inspect
+--memory`` prints it as a table or as JSON. Per worker, in bytes, with ``P`` = all parameters, ``B`` = the binary
+latents, ``F = P - B``, ``W`` workers, 4 bytes per fp32 element (the engine is always fp32):
+
+=================  =====================  =====================  ==================  ======================
+term               dp (ZeRO 0)            zero1 / zero2          packed              packed + onebit
+=================  =====================  =====================  ==================  ======================
+parameters         P                      P                      P (binary: +-1)     P
+gradients          P                      P / P/W + 1 bucket     P                   P
+optimizer          Adam 2P                (2P + fp32 copy P)/W   2F + 3B/W (slice)   2F + 3B/W
+binary signs       -                      -                      B/32 (packed, all)  B/32 + error B
+reduce buffers     P (flat bucket)        P (flat bucket)        B (flat) + B/W      + B (1-bit temps)
+=================  =====================  =====================  ==================  ======================
+
+plus, during forward and backward, the **materialized weights** (every layer's weight as the forward pass uses it,
+``gain * v/||v||`` or ``where(v >= 0, s, -s)``, saved for the backward pass) and the **activations** at the
+per-worker micro-batch. The step's peak is the larger of the forward/backward phase (materialized weights +
+activations, nothing reduced yet) and the reduce phase (gradients + reduce buffers), on top of parameters,
+optimizer state and signs.
+
+Activations are measured, not modelled: one forward/backward at 1 and at 2 rows on this machine's CPU, counting
+the bytes of every distinct storage autograd saves for the backward pass (``saved_tensors_hooks``; parameters
+excluded). The two runs give a line ``saved(b) = fixed + b * per_row``: ``fixed`` is the materialized weights
+(what does not grow with the batch), ``per_row`` scales linearly to the micro-batch. With
+``train.activation_checkpointing`` the same measurement sees only what is kept outside the checkpointed blocks;
+one block's own tensors (the mean over blocks) are added for the block being recomputed. Measured in fp32 on
+CPU: bf16 autocast on GPU roughly halves activations and materialized weights (not modelled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import Config, load_config, micro_batch_size
+from .models import build, set_activation_checkpointing
+from .models.rvae import RVAE
+from .nn import binary_layers, data_dependent_init
+from .sync.layout import slice_size
+
+__all__ = ["MODES", "MemoryPlan", "ModeMemory", "measure_saved_bytes", "plan_memory"]
+
+FP32 = 4
+# mode name -> (comm.binary_weights, comm.binary_grads, scale.zero_stage)
+MODES = {
+    "dp": ("dp", "none", 0),
+    "zero1": ("dp", "none", 1),
+    "zero2": ("dp", "none", 2),
+    "packed": ("packed", "none", 0),
+    "packed+onebit": ("packed", "onebit", 0),
+}
+ZERO2_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+
+
+@dataclass
+class ModeMemory:
+    """Bytes per worker in one mode; ``total`` without and ``total_checkpointed`` with activation checkpointing."""
+
+    mode: str
+    parameters: int
+    gradients: int
+    optimizer: int
+    binary_signs: int
+    reduce_buffers: int
+    materialized_weights: int
+    activations: int
+    activations_checkpointed: int
+    total: int
+    total_checkpointed: int
+    fits: bool | None = None  # with --gpu-memory: whether the total fits (None: not asked)
+    fits_checkpointed: bool | None = None
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    params: int
+    binary_params: int
+    workers: int
+    batch: int  # global batch
+    micro_batch: int  # rows per worker per forward pass
+    activation_bytes_per_row: int
+    activation_bytes_per_row_checkpointed: int
+    gpu_memory: int | None
+    modes: list[ModeMemory] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fake_images(cfg: Config, n: int) -> torch.Tensor:
+    s, c = cfg.model.image_size, cfg.model.channels
+    return torch.randint(0, 256, (n, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+
+
+def measure_saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass in one forward of ``model`` on ``x``
+    (parameters excluded); the backward runs too, so the measurement leaves no graph behind."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
+def _checkpointed_blocks(model: torch.nn.Module) -> int:
+    if isinstance(model, RVAE):
+        return 2 * len(model.proc_in) + 2 * len(model.layers)
+    return sum(1 for m in model.modules() if hasattr(m, "activation_checkpointing"))
+
+
+def _activation_lines(cfg: Config) -> dict:
+    """fixed and per-row saved bytes, plain and checkpointed (outside the blocks, plus one mean block)."""
+    torch.manual_seed(0)
+    model = build(cfg.model)
+    data_dependent_init(model, _fake_images(cfg, 4))
+    model.train()
+    lines = {}
+    for checkpointed in (False, True):
+        set_activation_checkpointing(model, checkpointed)
+        one, two = (measure_saved_bytes(model, _fake_images(cfg, n)) for n in (1, 2))
+        lines[checkpointed] = (max(0, 2 * one - two), max(0, two - one))  # (fixed, per row)
+    blocks = _checkpointed_blocks(model)
+    (fixed, per_row), (fixed_out, per_row_out) = lines[False], lines[True]
+    return {
+        "materialized": fixed,
+        "per_row": per_row,
+        "per_row_checkpointed": per_row_out + (per_row - per_row_out) // max(blocks, 1),
+        "materialized_checkpointed": fixed_out + (fixed - fixed_out) // max(blocks, 1),
+    }
+
+
+def plan_memory(
+    config, overrides=(), *, workers: int | None = None, batch: int | None = None, gpu_memory: int | None = None
+) -> MemoryPlan:
+    """The per-worker memory of ``config`` (path, dict or Config) with ``workers`` workers (default
+    ``scale.num_workers``) at global ``batch`` (default ``train.batch_size``), in every mode of :data:`MODES`."""
+    cfg = load_config(config, overrides)
+    workers = workers or cfg.scale.num_workers
+    batch = batch or cfg.train.batch_size
+    cfg = load_config(cfg, [f"scale.num_workers={workers}", f"train.batch_size={batch}"])
+    micro = micro_batch_size(cfg, workers)
+    with torch.device("meta"):
+        meta = build(cfg.model)
+    n_params = sum(p.numel() for p in meta.parameters())
+    n_binary = sum(m.weight.numel() for _, m in binary_layers(meta))
+    acts = _activation_lines(cfg)
+    P, B = FP32 * n_params, FP32 * n_binary
+    F, S = P - B, FP32 * slice_size(n_binary, workers)  # S: one worker's latent slice (padded)
+    plan = MemoryPlan(
+        model=cfg.model.name,
+        params=n_params,
+        binary_params=n_binary,
+        workers=workers,
+        batch=batch,
+        micro_batch=micro,
+        activation_bytes_per_row=acts["per_row"],
+        activation_bytes_per_row_checkpointed=acts["per_row_checkpointed"],
+        gpu_memory=gpu_memory,
+    )
+    for mode, (weights, grads, zero) in MODES.items():
+        if weights == "packed" and n_binary == 0:
+            continue  # packed modes need binary layers
+        signs = 0
+        if weights == "dp":
+            optimizer = 2 * P if zero == 0 else 3 * P // workers
+            gradients = P if zero < 2 else P // workers + FP32 * min(n_params, ZERO2_BUCKET_ELEMENTS)
+            reduce_buffers = P
+        else:
+            optimizer = 2 * F + 3 * S
+            gradients = P
+            signs = workers * S // (8 * FP32)  # the all-gathered packed signs
+            # the flat gradient (B), the all-to-all's receive buffer (B, in the place of the freed module
+            # gradients) and the local sum's output, this worker's slice (S)
+            reduce_buffers = B + S
+            if grads == "onebit":
+                signs += workers * S  # the sender's error buffer (padded latents, fp32)
+                reduce_buffers += B  # the compressed message's temporaries
+        static = P + optimizer + signs
+        activations = micro * acts["per_row"]
+        activations_ckpt = micro * acts["per_row_checkpointed"]
+        total = static + max(acts["materialized"] + activations, gradients + reduce_buffers)
+        total_ckpt = static + max(acts["materialized_checkpointed"] + activations_ckpt, gradients + reduce_buffers)
+        plan.modes.append(
+            ModeMemory(
+                mode=mode,
+                parameters=P,
+                gradients=gradients,
+                optimizer=optimizer,
+                binary_signs=signs,
+                reduce_buffers=reduce_buffers,
+                materialized_weights=acts["materialized"],
+                activations=activations,
+                activations_checkpointed=activations_ckpt,
+                total=total,
+                total_checkpointed=total_ckpt,
+                fits=None if gpu_memory is None else total <= gpu_memory,
+                fits_checkpointed=None if gpu_memory is None else total_ckpt <= gpu_memory,
+            )
+        )
+    return plan

@@ -1,0 +1,135 @@
+"""The memory planner (``python -m dbgen.inspect --memory``) against measured peaks of real training steps.
+
+Measured: 2 gloo ranks each build the real :class:`dbgen.trainer.Trainer` (model, data-dependent init, DeepSpeed
+engine, gradient sync, loader) and take 2 optimizer steps (the first allocates Adam's state, the second runs a
+forward/backward with it). Per rank, the peak is the process's resident high-water mark (``VmHWM``, reset with
+``/proc/self/clear_refs`` just before the trainer is built) minus its resident size at that moment (Python,
+torch, DeepSpeed: the framework, not the plan). glibc's mmap threshold is pinned so freed tensors go back to the
+system between cases (otherwise the heap keeps them and later peaks read low).
+"""
+
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gloo_group import spawn
+
+from dbgen.memory import plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 0.15
+
+# (config, global batch, modes): the tiny configs at a batch where the step (not the loader) dominates, and the
+# paper RVAE at batch 8.
+CASES = [
+    ("rvae_binary_tiny.yaml", 512, ("dp", "packed")),
+    ("flowpp_binary_tiny.yaml", 64, ("dp", "packed")),
+    ("rvae_cifar10_binary.yaml", 8, ("dp", "packed")),
+]
+MODE_OVERRIDES = {"dp": [], "packed": ["comm.binary_weights=packed"]}
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise KeyError(field)
+
+
+def _measure(rank, world, out_dir, train_dir):
+    from dbgen.config import load_config
+    from dbgen.trainer import Trainer
+
+    torch.set_num_threads(1)
+    libc = ctypes.CDLL("libc.so.6")
+    # A first trainer, not measured: what the first one loads once per process (DeepSpeed's comm op, the
+    # loader's libraries, gloo's buffers) is framework, not plan.
+    warm = load_config(ROOT / "configs" / "rvae_binary_tiny.yaml", ["train.init_batch_size=2", "train.max_steps=1"])
+    (Path(out_dir) / "warm-up").mkdir(exist_ok=True)
+    tr = Trainer(warm, Path(out_dir) / "warm-up", train_dir, None, rank=rank, world_size=world)
+    tr.train_step(iter(tr.loader))
+    del tr
+    res = {}
+    for config, batch, modes in CASES:
+        for mode in modes:
+            overrides = [
+                f"train.batch_size={batch}",
+                "train.init_batch_size=2",
+                "data.shuffle_buffer=64",
+                "train.max_steps=2",
+                "scale.num_workers=2",
+                *MODE_OVERRIDES[mode],
+            ]
+            cfg = load_config(ROOT / "configs" / config, overrides)
+            run_dir = Path(out_dir) / f"{config}-{mode}"
+            run_dir.mkdir(exist_ok=True)
+            gc.collect()
+            libc.malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            base = _status("VmRSS")
+            tr = Trainer(cfg, run_dir, train_dir, None, rank=rank, world_size=world)
+            data = iter(tr.loader)
+            for _ in range(2):
+                tr.train_step(data)
+            res[f"{config}-{mode}"] = _status("VmHWM") - base
+            del tr, data
+    (Path(out_dir) / f"peaks{rank}.json").write_text(json.dumps(res))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_planner_total_within_15_percent_of_measured_peak(tmp_path, monkeypatch):
+    from dbgen.data import resolve_split
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    spawn(_measure, 2, str(tmp_path), str(resolve_split("builtin:photos32", "train")))
+    peaks = [json.loads((tmp_path / f"peaks{r}.json").read_text()) for r in range(2)]
+    rows = []
+    for config, batch, modes in CASES:
+        plan = {m.mode: m for m in plan_memory(ROOT / "configs" / config, workers=2, batch=batch).modes}
+        for mode in modes:
+            planned = plan[mode].total
+            for r in range(2):
+                measured = peaks[r][f"{config}-{mode}"]
+                rows.append((config, mode, r, planned, measured, planned / measured - 1))
+    table = "\n".join(
+        f"{c:28s} {m:7s} rank {r}: planned {p / 2**20:8.1f} MiB measured {q / 2**20:8.1f} MiB ({e:+.1%})"
+        for c, m, r, p, q, e in rows
+    )
+    print(table)
+    assert all(abs(e) <= TOLERANCE for *_, e in rows), table
+
+
+def test_inspect_memory_cli_json_and_table():
+    """The CLI prints the same plan as a table and as JSON; --gpu-memory decides which modes fit."""
+    args = [
+        sys.executable,
+        "-m",
+        "dbgen.inspect",
+        "--config",
+        str(ROOT / "configs" / "rvae_binary_tiny.yaml"),
+        "--memory",
+        "--workers",
+        "2",
+        "--batch",
+        "32",
+    ]
+    out = subprocess.run([*args, "--json", "--gpu-memory", "12MiB"], capture_output=True, text=True, check=True)
+    plan = json.loads(out.stdout)
+    modes = {m["mode"]: m for m in plan["modes"]}
+    assert list(modes) == ["dp", "zero1", "zero2", "packed", "packed+onebit"]
+    assert plan["workers"] == 2 and plan["micro_batch"] == 16
+    for m in modes.values():
+        parts = m["parameters"] + m["optimizer"] + m["binary_signs"]
+        assert m["total"] == parts + max(
+            m["materialized_weights"] + m["activations"], m["gradients"] + m["reduce_buffers"]
+        )
+        assert m["activations_checkpointed"] < m["activations"] and m["fits"] == (m["total"] <= 12 * 2**20)
+    assert modes["packed"]["optimizer"] < modes["dp"]["optimizer"]
+    table = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    assert "packed+onebit" in table and f"{modes['dp']['total']:,}" in table
