@@ -142,7 +142,8 @@ def test_export_cli_refuses_an_existing_file_unless_overwrite(tiny, tmp_path, mo
     cfg, model, data = tiny
     calls = []
 
-    def fake_export_run(run_dir, out, ema=True, allow_nonfinite=False):  # the tiny model, as if it were the run's checkpoint
+    # the tiny model, as if it were the run's checkpoint
+    def fake_export_run(run_dir, out, ema=True, allow_nonfinite=False):
         calls.append(run_dir)
         return {**export_model(model, cfg, out, {"step": 3}), "step": 3, "ema": False}
 

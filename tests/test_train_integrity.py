@@ -1,0 +1,197 @@
+"""Integrity, divergence and interrupts of a real run (issue 19): ``python -m dbgen.train`` drivers against a
+throwaway Ray cluster of its own (tests/ray_cluster.py), real DeepSpeed, CPU, the tiny binary RVAE.
+
+* a flipped checkpoint file: evaluate and export refuse it naming the file; a resume falls back to the previous
+  checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once with exit 1;
+* SIGINT to a driver with its own local Ray: exit 130, a resume line, keep_checkpoints held, no Ray process
+  left; the resume continues from exactly the step it named;
+* a damaged training shard: exit 1 on the first attempt, naming the shard.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_cluster import RayHead  # noqa: E402
+from test_train_cluster import (  # noqa: E402
+    ROOT,
+    driver_env,
+    records,
+    run_train,
+    summary_of,
+    train_cmd,
+    train_worker_actors,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    head = RayHead(num_cpus=2, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                                    "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"})
+    head.start()
+    nodes = list(head.nodes)
+    yield head
+    head.stop()
+    for node in nodes:
+        assert not node.session_alive(), f"ray node {node.pid} left processes behind"
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+# ------------------------------------------------------------------------------ integrity, divergence, interrupts
+def _flip(path: Path, n: int = 16) -> None:
+    """Invert ``n`` bytes in the middle of ``path`` (same size: only a checksum can tell)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def _checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint_", ".checkpoint_")))
+
+
+def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(cluster, storage, tmp_path):
+    """A flipped checkpoint file is refused by evaluate and export, naming it; a resume falls back to the
+    previous checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once (no
+    retries), exit 1, keeping the last finite checkpoint."""
+    from dbgen import evaluate, export
+
+    run = storage / "integrity"
+    run_train(cluster, storage, "integrity", "train.max_steps=4", "train.checkpoint_every=2",
+              "train.eval_every=0", "train.sample_every=0")
+    assert _checkpoints(run) == ["checkpoint_0000002", "checkpoint_0000004"]
+    damaged = run / "checkpoint_0000004" / "ds" / "mp_rank_00_model_states.pt"
+    _flip(damaged)
+
+    for cli, argv in ((evaluate, ["--run", str(run), "--max-batches", "1"]),
+                      (export, ["--run", str(run), "--out", str(tmp_path / "x.dbgen")])):
+        proc = subprocess.run([sys.executable, "-m", cli.__name__, *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and f"{damaged}: sha256 does not match" in proc.stderr, (cli, proc.stderr)
+    assert not (tmp_path / "x.dbgen").exists()
+
+    config_before = (run / "config.yaml").read_text()
+    refused = subprocess.run(train_cmd(storage, "integrity", "model.width=8"), env=driver_env(cluster), cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "another model" in refused.stderr and "model.width: " in refused.stderr
+    assert (run / "config.yaml").read_text() == config_before
+
+    out = subprocess.run(train_cmd(storage, "integrity", "train.max_steps=5", "train.checkpoint_every=2",
+                                   "train.eval_every=0", "train.sample_every=0"),
+                         env=driver_env(cluster), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    log = out.stdout + out.stderr
+    assert "not resuming from checkpoint_0000004" in log and "mp_rank_00_model_states.pt: sha256" in log
+    assert "resuming from checkpoint_0000002, step 2" in log
+    assert summary_of(run)["resumed_from"] == 2 and summary_of(run)["steps"] == 5
+    assert [r["step"] for r in records(run, "resume") if not r["restart"]][-1] == 2  # what the workers restored
+    assert _checkpoints(run) == ["checkpoint_0000004", "checkpoint_0000005"]  # 4 rewritten whole
+    assert evaluate.main(["--run", str(run / "checkpoint_0000004"), "--max-batches", "1"]) == 0  # intact again
+
+    start, workers_before = time.monotonic(), len(train_worker_actors(cluster))
+    diverged = subprocess.run(train_cmd(storage, "integrity", "train.max_steps=200", "train.checkpoint_every=2",
+                                        "train.keep_checkpoints=1", "train.max_bad_steps=3", "train.log_every=1",
+                                        "optimizer.lr=1e6", "schedule.min_lr=1e6", "scale.max_failures=3",
+                                        "train.eval_every=0", "train.sample_every=0"),
+                              env=driver_env(cluster), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert diverged.returncode == 1, diverged.stdout[-3000:] + diverged.stderr[-3000:]
+    assert "the run diverged: steps" in diverged.stderr and "train.max_bad_steps=3" in diverged.stderr
+    assert "Traceback" not in diverged.stderr
+    assert len(train_worker_actors(cluster)) - workers_before == 2, "a diverged run was retried"
+    assert time.monotonic() - start < 300
+    steps = [int(name.rsplit("_", 1)[1]) for name in _checkpoints(run)]
+    metas = {s: json.loads((run / f"checkpoint_{s:07d}" / "meta.json").read_text()) for s in steps}
+    assert any(m["finite"] for m in metas.values()), metas.keys()  # the newest finite one is never rotated away
+
+
+def _ray_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (a Ray temp dir unique to one test)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, storage):
+    """SIGINT to a driver that started its own local Ray: the workers stop at a step boundary, the driver
+    prints where the run resumes and exits 130, keep_checkpoints holds, nothing of that Ray outlives it by more
+    than a few seconds; the resume (driver and workers) continues from exactly that checkpoint."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dbs", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    run = storage / "interrupted"
+    proc = subprocess.Popen(train_cmd(storage, "interrupted", "train.max_steps=2000", "train.checkpoint_every=2",
+                                      "train.keep_checkpoints=2", "train.log_every=1", "train.eval_every=0",
+                                      "train.sample_every=0"),
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint_0000006").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "checkpoint 6 never committed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        assert proc.returncode == 130, out[-2000:] + err[-4000:]
+        hint = re.search(r"interrupted: stopped at step (\d+); the same command resumes run interrupted from "
+                         r"checkpoint_(\d+) \(step (\d+)\)", err)
+        assert hint, err[-4000:]
+        stopped, resume_at = int(hint.group(1)), int(hint.group(3))
+        assert resume_at % 2 == 0 and 6 <= resume_at <= stopped < 2000
+        assert "Traceback" not in err and "Broken pipe" not in err
+        names = _checkpoints(run)
+        assert len(names) == 2 and names[-1] == f"checkpoint_{resume_at:07d}", names  # no partial left behind
+        deadline = time.monotonic() + 10
+        while _ray_processes(str(ray_tmp)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _ray_processes(str(ray_tmp)), "Ray processes outlived the interrupted driver"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    summary = run_train(cluster, storage, "interrupted", f"train.max_steps={resume_at + 1}", "train.log_every=1",
+                        "train.eval_every=0", "train.sample_every=0")
+    assert summary["resumed_from"] == resume_at and summary["steps"] == resume_at + 1
+    assert [r["step"] for r in records(run, "resume")][-1] == resume_at
+
+
+def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
+    """Damaged pixel data in one training shard: the run fails on the first attempt (not retried
+    scale.max_failures times), exit 1, naming the shard."""
+    from dbgen.data import resolve_split
+
+    split = tmp_path / "train"
+    shutil.copytree(resolve_split("builtin:photos32", "train"), split)
+    shard = sorted(split.glob("*.parquet"))[0]
+    _flip(shard, n=64)
+    start, workers_before = time.monotonic(), len(train_worker_actors(cluster))
+    out = subprocess.run(train_cmd(storage, "corrupt-shard", f"data.train={split}", "data.eval=null",
+                                   "train.max_steps=30", "scale.max_failures=3", "train.sample_every=0"),
+                         env=driver_env(cluster), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "error: training failed:" in out.stderr and shard.name in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert len(train_worker_actors(cluster)) - workers_before == 2, "a corrupt shard was retried"
+    assert time.monotonic() - start < 300
