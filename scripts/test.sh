@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 workers="${DBGEN_TEST_WORKERS:-2}"
 parallel=()
-if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadfile); fi
+# --no-loadscope-reorder: keep the conftest's longest-first file order (xdist would sort files by test count)
+if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder); fi
 exec .venv/bin/python -m pytest -q --durations=15 "${parallel[@]}" "$@"

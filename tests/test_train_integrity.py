@@ -1,5 +1,5 @@
 """Integrity, divergence and interrupts of a real run (issue 19): ``python -m dbgen.train`` drivers against a
-throwaway Ray cluster of its own (tests/ray_cluster.py), real DeepSpeed, CPU, the tiny binary RVAE.
+throwaway Ray cluster of this module's own (tests/ray_cluster.py), real DeepSpeed, CPU, the tiny binary RVAE.
 
 * a flipped checkpoint file: evaluate and export refuse it naming the file; a resume falls back to the previous
   checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once with exit 1;
@@ -22,35 +22,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ray_cluster import RayHead  # noqa: E402
-from test_train_cluster import (  # noqa: E402
-    ROOT,
-    driver_env,
-    records,
-    run_train,
-    summary_of,
-    train_cmd,
-    train_worker_actors,
-)
+import test_train_cluster  # noqa: E402
+from test_train_cluster import ROOT, driver_env, records, run_train, summary_of, train_cmd, train_worker_actors  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    head = RayHead(num_cpus=2, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-                                    "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"})
-    head.start()
-    nodes = list(head.nodes)
-    yield head
-    head.stop()
-    for node in nodes:
-        assert not node.session_alive(), f"ray node {node.pid} left processes behind"
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
+# The same module-scoped fixtures as test_train_cluster's: this module gets a cluster (and a storage) of its own.
+cluster = test_train_cluster.cluster
+storage = test_train_cluster.storage
 
 
 # ------------------------------------------------------------------------------ integrity, divergence, interrupts
