@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite, slow multi-process tests included, on 2 pytest-xdist
-# workers: most slow tests wait on other processes (Ray, DeepSpeed workers, servers), so two at a time finish
-# the suite in about two thirds of the time on 2 cores. Whole files go to one worker (--dist loadfile): a
-# module's Ray cluster and its tests stay together, in order. DBGEN_TEST_WORKERS=0 runs it in one process.
+# workers: the slow tests spend much of their time waiting on other processes (Ray, DeepSpeed workers, servers),
+# so two files at a time keep both cores busy. Whole files go to one worker (--dist loadfile): a module's Ray
+# cluster and its tests stay together, in order. DBGEN_TEST_WORKERS=0 runs it in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
