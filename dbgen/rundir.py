@@ -69,6 +69,7 @@ __all__ = [
     "list_files",
     "load_checkpoint",
     "load_run",
+    "newest_finite_checkpoint",
     "open_checkpoint",
     "partial_dir",
     "prune_checkpoints",
@@ -207,17 +208,21 @@ def open_checkpoint(source: str | Path, allow_nonfinite: bool = False) -> tuple[
         ckpt, meta = latest_checkpoint(source)
     verify_checkpoint(ckpt, meta)
     if meta.get("finite") is False and not allow_nonfinite:
-        finite = [p for p in checkpoint_dirs(ckpt.parent) if _is_finite(p)]
-        hint = f"; the newest finite one is {finite[0]}" if finite else ""
+        finite = newest_finite_checkpoint(ckpt.parent)
+        hint = f"; the newest finite one is {finite}" if finite is not None else ""
         raise RunError(f"{ckpt}: taken from non-finite weights (the run diverged){hint}")
     return ckpt, meta
 
 
-def _is_finite(ckpt: Path) -> bool:
-    try:
-        return read_meta(ckpt).get("finite") is not False
-    except RunError:
-        return False
+def newest_finite_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's newest checkpoint whose ``meta.json`` does not mark non-finite weights (not verified)."""
+    for path in checkpoint_dirs(run_dir):
+        try:
+            if read_meta(path).get("finite") is not False:
+                return path
+        except RunError:
+            continue
+    return None
 
 
 def load_run(source: str | Path, ema: bool = True, device: str | torch.device = "cpu",

@@ -70,7 +70,6 @@ from .reporter import Reporter, metrics_exporter, restarts
 from .rundir import (
     CONFIG_FILE,
     SUMMARY_FILE,
-    checkpoint_dirs,
     checkpoint_meta,
     checkpoint_name,
     commit_checkpoint,
@@ -79,9 +78,9 @@ from .rundir import (
     find_resume,
     list_files,
     load_checkpoint,
+    newest_finite_checkpoint,
     partial_dir,
     prune_checkpoints,
-    read_meta,
     restore_rng,
     samples_path,
     save_checkpoint,
@@ -359,15 +358,6 @@ class Trainer:
             tensors += [t for t in self.ema.state_dict(self.model).values() if torch.is_tensor(t)]
         return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
-    def _newest_finite_checkpoint(self) -> str:
-        for path in checkpoint_dirs(self.run_dir):
-            try:
-                if read_meta(path).get("finite") is not False:
-                    return path.name
-            except Exception:  # noqa: BLE001 - only a hint in an error message
-                continue
-        return "none"
-
     def _stop_requested(self) -> bool:
         """Whether the driver asked the run to stop: rank 0 looks, every rank gets its answer (the ranks must
         leave the loop at the same step)."""
@@ -417,7 +407,7 @@ class Trainer:
                     f"{self.run_dir}: the run diverged: steps {self.step - bad_steps + 1}-{self.step} were all "
                     f"skipped (gradient norm not finite or above train.skip_threshold={t.skip_threshold:g}; "
                     f"train.max_bad_steps={t.max_bad_steps}). The newest checkpoint from finite weights is "
-                    f"{self._newest_finite_checkpoint()}; resume it with a lower optimizer.lr")
+                    f"{newest_finite_checkpoint(self.run_dir) or 'none'}; resume it with a lower optimizer.lr")
             if log_now:
                 loss = torch.tensor([interval["loss"]], dtype=torch.float64, device=self.device)
                 dist.all_reduce(loss)  # every rank's micro-batches count equally
