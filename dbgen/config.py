@@ -121,13 +121,34 @@ class FlowPPConfig:
     dequant_blocks: int = 2  # gated residual blocks per dequantization conditioning network
     dequant_context_hdim: int = 32  # width of the dequantization context network
     dequant_context_blocks: int = 3
+    # The main flow, in order: couplings split into even / odd columns ("stripe") or channel halves ("channel"),
+    # and "squeeze" (space-to-depth, C x S x S -> 4C x S/2 x S/2). Default: Flow++'s CIFAR-10 flow.
+    flow: list[Literal["stripe", "channel", "squeeze"]] = field(
+        default_factory=lambda: ["stripe"] * 4 + ["squeeze"] + ["channel"] * 2 + ["stripe"] * 3)
 
     def __post_init__(self):
         # Shapes the model cannot be built with fail here, at load time, naming the key.
+        steps_ok = all(step in ("stripe", "channel", "squeeze") for step in self.flow)
         _require(self, "model", [
             ("channels", self.channels >= 1, "a positive int"),
-            ("image_size", self.image_size >= 4 and self.image_size % 4 == 0,
-             "a multiple of 4 (stripe split at full size, squeeze, stripe split at half size)"),
+            ("flow", steps_ok, "a list of 'stripe', 'channel' and 'squeeze' steps"),
+            ("flow", any(step != "squeeze" for step in self.flow), "at least one 'stripe' or 'channel' coupling"),
+        ])
+        # A stripe split halves the width, a squeeze halves both sides: image_size must stay even through the
+        # dequantization flow's stripe split (full size) and every split and squeeze of the main flow.
+        multiple, squeezes, odd_split_at = 2, 0, None
+        for i, step in enumerate(self.flow):
+            if step == "channel" and (self.channels * 4**squeezes) % 2 and odd_split_at is None:
+                odd_split_at = i
+            if step in ("stripe", "squeeze"):
+                multiple = max(multiple, 2 ** (squeezes + 1))
+            if step == "squeeze":
+                squeezes += 1
+        _require(self, "model", [
+            ("flow", odd_split_at is None, f"an even channel count at each 'channel' step (step {odd_split_at} "
+                                           f"splits {self.channels} channels: squeeze first)"),
+            ("image_size", self.image_size >= multiple and self.image_size % multiple == 0,
+             f"a multiple of {multiple} (the stripe splits and squeezes of model.flow halve it)"),
             ("hdim", self.hdim >= 1, "a positive int"),
             ("blocks", self.blocks >= 1, "an int >= 1"),
             ("mix_components", self.mix_components >= 1, "an int >= 1"),

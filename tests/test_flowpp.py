@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from bounds import assert_within, gamma, mean_bound, std_rel_bound, unit_roundoff
 from torch.autograd.functional import jacobian
 
@@ -63,7 +65,7 @@ def brute_logdet(fn, x):
     """Per-example log |det J| of ``fn`` (batch -> batch) from the full autograd Jacobian; also checks that
     examples do not interact (cross-example blocks are zero)."""
     n, d = x.shape[0], x[0].numel()
-    jac = jacobian(fn, x).reshape(n, d, n, d)
+    jac = jacobian(fn, x, vectorize=True).reshape(n, d, n, d)  # vectorized: one batched backward pass
     for i in range(n):
         for j in range(n):
             if i != j:
@@ -174,17 +176,97 @@ def test_dequant_flow_inverts_and_logdet_matches_jacobian():
     assert not torch.allclose(dq(eps, x)[0], dq(eps, 255 - x)[0])
 
 
-@pytest.mark.parametrize("binary_weights, binary_activations", [(False, False), (True, True)])
-def test_whole_main_flow_inverts_and_logdet_matches_jacobian(binary_weights, binary_activations):
+# The main flow of configs/flowpp_imagenet64_*.yaml: three squeezes, 3 x S x S -> 192 x S/8 x S/8.
+IMAGENET64_FLOW = ["squeeze"] + ["stripe"] * 4 + (["squeeze"] + ["channel"] * 2 + ["stripe"] * 2) * 2
+
+
+@pytest.mark.parametrize("flow, channels, size, latent, binary_weights, binary_activations", [
+    (None, 3, 4, (12, 2, 2), False, False),  # the default (CIFAR-10) flow
+    (None, 3, 4, (12, 2, 2), True, True),
+    (IMAGENET64_FLOW, 1, 16, (64, 2, 2), False, False),  # ImageNet64's; one channel: a 256 x 256 Jacobian
+])
+def test_whole_main_flow_inverts_and_logdet_matches_jacobian(flow, channels, size, latent, binary_weights,
+                                                             binary_activations):
     torch.manual_seed(3)
-    model = FlowPP(tiny_cfg(binary_weights=binary_weights, binary_activations=binary_activations)).double()
-    data_dependent_init(model, torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8))
+    structure = {} if flow is None else dict(flow=flow)
+    cfg = tiny_cfg(channels=channels, image_size=size, binary_weights=binary_weights,
+                   binary_activations=binary_activations, **structure)
+    model = FlowPP(cfg).double()
+    assert model.latent_shape == latent
+    data_dependent_init(model, torch.randint(0, 256, (8, channels, size, size), dtype=torch.uint8))
     jiggle_(model, scale=0.1)
-    x = torch.rand(1, 3, 4, 4, dtype=torch.float64) * 256  # one example: cross-example blocks are checked above
-    z, logdet = model.flow_forward(x)
-    assert z.shape == (1, 12, 2, 2)
+    x = torch.rand(1, channels, size, size, dtype=torch.float64) * 256  # one example: cross-example blocks are
+    z, logdet = model.flow_forward(x)  # checked above
+    assert z.shape == (1, *latent)
     assert (model.flow_inverse(z) - x).abs().max() < TOL
     torch.testing.assert_close(logdet, brute_logdet(lambda t: model.flow_forward(t)[0], x), **LOGDET_TOL)
+    assert model.eval().sample(2).shape == (2, channels, size, size)
+
+
+def test_stages_are_the_runs_of_couplings_of_the_flow():
+    """Each run of same-split couplings is a stage named in flow order: the default flow has the parameter names
+    of every checkpoint written before ``model.flow`` existed (stage1: 4 stripe, stage2: 2 channel, stage3: 3
+    stripe); the ImageNet64 flow has five stages at 12x32x32, 48x16x16 (x2) and 192x8x8 (x2)."""
+    def stages(model):
+        return [(name, len(getattr(model, name)), getattr(model, name)[0].split, getattr(model, name)[0].norms[0]
+                 .logscale.numel()) for name in model.flow_steps if name != "squeeze"]
+
+    assert stages(FlowPP(tiny_cfg())) == [("stage1", 4, "stripe", 3), ("stage2", 2, "channel", 6),
+                                          ("stage3", 3, "stripe", 12)]
+    for preset in ("fp", "binary", "binary_act", "binary_tiny"):
+        assert load_config(CONFIGS / f"flowpp_imagenet64_{preset}.yaml").model.flow == IMAGENET64_FLOW
+    model = FlowPP(tiny_cfg(image_size=64, flow=IMAGENET64_FLOW))
+    assert model.flow_steps == ["squeeze", "stage1", "squeeze", "stage2", "stage3", "squeeze", "stage4", "stage5"]
+    assert stages(model) == [("stage1", 4, "stripe", 12), ("stage2", 2, "channel", 24), ("stage3", 2, "stripe", 48),
+                             ("stage4", 2, "channel", 96), ("stage5", 2, "stripe", 192)]
+    assert model.latent_shape == (192, 8, 8)
+
+
+class LegacyFlowPP(torch.nn.Module):
+    """The model as it was before ``model.flow`` (its code, in short): fixed stage1 / stage2 / stage3."""
+
+    def __init__(self, cfg: FlowPPConfig):
+        super().__init__()
+        c = cfg.channels
+        common = dict(hdim=cfg.hdim, components=cfg.mix_components, binary_weights=cfg.binary_weights,
+                      binary_activations=cfg.binary_activations, dropout=cfg.dropout)
+        self.dequant = DequantFlow(c, couplings=cfg.dequant_couplings, blocks=cfg.dequant_blocks,
+                                   context_width=cfg.dequant_context_hdim,
+                                   context_blocks=cfg.dequant_context_blocks, **common)
+        self.preprocess = LogitPreprocess()
+        self.stage1 = torch.nn.ModuleList(Coupling(c, "stripe", blocks=cfg.blocks, **common) for _ in range(4))
+        self.stage2 = torch.nn.ModuleList(Coupling(4 * c, "channel", blocks=cfg.blocks, **common) for _ in range(2))
+        self.stage3 = torch.nn.ModuleList(Coupling(4 * c, "stripe", blocks=cfg.blocks, **common) for _ in range(3))
+
+    def loss(self, x_uint8):
+        x = x_uint8.double()
+        eps = torch.randn(x.shape, dtype=x.dtype)
+        u, ld_q = self.dequant(eps, x)
+        h, logdet = self.preprocess(x + u)
+        for i, coupling in enumerate((*self.stage1, *self.stage2, *self.stage3)):
+            h = squeeze(h) if i == 4 else h
+            h, ld = coupling(h)
+            logdet = logdet + ld
+        normal = torch.distributions.Normal(0.0, 1.0)
+        elbo = normal.log_prob(h).flatten(1).sum(1) + logdet - (normal.log_prob(eps).flatten(1).sum(1) - ld_q)
+        return -elbo.mean() / (x[0].numel() * math.log(2))
+
+
+def test_a_state_dict_saved_with_the_old_names_loads_and_gives_the_same_loss(tmp_path):
+    torch.manual_seed(16)
+    cfg = tiny_cfg(image_size=8)
+    legacy = LegacyFlowPP(cfg).double()
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    data_dependent_init(legacy, x, forward=legacy.loss)
+    jiggle_(legacy, scale=0.1)
+    torch.save(legacy.state_dict(), tmp_path / "old.pt")
+    model = FlowPP(cfg).double()
+    model.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))  # strict: the same names and shapes
+    torch.manual_seed(17)
+    old = legacy.loss(x)
+    torch.manual_seed(17)
+    # the same operations in the same order on the same float64 values: equal, not close
+    assert torch.equal(model(x), old)
 
 
 def test_full_size_model_inverts_in_float64_and_float32():
@@ -409,7 +491,8 @@ def test_paper_config_sizes():
         assert report["params"] == 33_479_920 and report["binary_params"] == 31_107_840
         assert report["binary_fraction"] >= 0.90
     for path in CONFIGS.glob("flowpp_*_tiny.yaml"):
-        assert 2_000 <= size_report(build(path))["params"] <= 300_000
+        # the 64x64 tiny model has 473k: the 192-channel pointwise layers and proj_outs of its 8x8 stages
+        assert 2_000 <= size_report(build(path))["params"] <= 500_000
 
 
 def test_imagenet_configs_match_cifar_architecture():
@@ -429,6 +512,28 @@ def test_imagenet_configs_match_cifar_architecture():
 def test_bad_configs_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIGS / "flowpp_fp_tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.flow=[stripe, checkerboard]"], "'model.flow[1]' = 'checkerboard': expected one of 'stripe', 'channel'"),
+    (["model.flow=[squeeze, squeeze]"], "'model.flow' = ['squeeze', 'squeeze']: expected at least one 'stripe' or"),
+    (["model.flow=[]"], "'model.flow' = []: expected at least one 'stripe' or 'channel' coupling"),
+    (["model.flow=[stripe, channel]"], "expected an even channel count at each 'channel' step (step 1 splits 3"),
+    (["model.channels=4", "model.flow=[channel, squeeze, channel]"], None),  # 4 channels split: fine
+    # three squeezes and a stripe split after them: 8 -> 4 -> 2 -> 1 column, not splittable
+    (["model.image_size=8", f"model.flow={IMAGENET64_FLOW}"], "'model.image_size' = 8: expected a multiple of 16"),
+    (["model.image_size=6", "model.flow=[stripe]"], None),  # no squeeze: any even size
+    (["model.image_size=6", "model.flow=[stripe, squeeze]"], None),  # 6 -> 3x3: a squeeze needs only even
+    (["model.image_size=6", "model.flow=[squeeze, stripe]"], "'model.image_size' = 6: expected a multiple of 4"),
+])
+def test_flow_structure_is_checked_at_load_time(overrides, message):
+    if message is None:
+        load_config(CONFIGS / "flowpp_fp_tiny.yaml", overrides)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / "flowpp_fp_tiny.yaml", overrides)
+    with pytest.raises(ConfigError, match="model.flow|model.image_size"):  # and when built in code
+        FlowPPConfig(**{o.split("=")[0].removeprefix("model."): yaml.safe_load(o.split("=")[1]) for o in overrides})
 
 
 # ------------------------------------------------------------------------------------------- sampling

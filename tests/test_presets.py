@@ -27,7 +27,7 @@ def counts(cfg):
 
 
 def test_every_large_preset_is_here():
-    assert len(PRESETS) == 10 and set(TINY64) <= set(PRESETS)
+    assert len(PRESETS) == 11 and set(TINY64) <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -1,8 +1,12 @@
 """Flow++ (Ho et al. 2019) as simplified in Bird et al. 2021: no attention, few mixture components, and
 optionally binary weights (BWN) / binary activations in the residual blocks of the coupling networks.
 
-Main flow on C x S x S (S = image_size): logit preprocessing, 4 stripe-split couplings, squeeze to
-4C x S/2 x S/2, 2 channel-split couplings, 3 stripe-split couplings; standard normal prior on the result.
+Main flow on C x S x S (S = image_size): logit preprocessing, then the steps of ``cfg.flow`` in order
+(stripe- or channel-split couplings, squeezes), standard normal prior on the result. Flow++'s CIFAR-10 flow
+(the default): 4 stripe couplings, squeeze to 4C x S/2 x S/2, 2 channel and 3 stripe couplings. Its ImageNet64
+flow (configs/flowpp_imagenet64_fp.yaml) squeezes first and then twice more, to 64C x S/8 x S/8.
+Each run of couplings with the same split between squeezes is a stage, ``stage1``, ``stage2``, ... in flow
+order: for the default flow these are the names checkpoints have always had (4 stripe, 2 channel, 3 stripe).
 Variational dequantization (Ho et al. section 3.1): ``u ~ q(u | x)`` from :class:`DequantFlow`, and the
 training loss is the bound ``-E_q[log p(x + u) - log q(u | x)]`` in bits/dim.
 
@@ -31,6 +35,7 @@ architecture as stated (binary fraction >= 0.90 holds). The dequantization coupl
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -56,7 +61,6 @@ class FlowPP(nn.Module):
         self.cfg = cfg
         c, s = cfg.channels, cfg.image_size
         self.image_shape = (c, s, s)
-        self.latent_shape = (4 * c, s // 2, s // 2)
         binary = cfg.binary_weights or cfg.binary_activations
         dropout = 0.0 if binary else cfg.dropout
         common = dict(hdim=cfg.hdim, components=cfg.mix_components, binary_weights=cfg.binary_weights,
@@ -66,9 +70,21 @@ class FlowPP(nn.Module):
                                    context_width=cfg.dequant_context_hdim,
                                    context_blocks=cfg.dequant_context_blocks, **common)
         self.preprocess = LogitPreprocess()
-        self.stage1 = nn.ModuleList(Coupling(c, "stripe", blocks=cfg.blocks, **common) for _ in range(4))
-        self.stage2 = nn.ModuleList(Coupling(4 * c, "channel", blocks=cfg.blocks, **common) for _ in range(2))
-        self.stage3 = nn.ModuleList(Coupling(4 * c, "stripe", blocks=cfg.blocks, **common) for _ in range(3))
+        # The main flow as the forward pass runs it: "squeeze", or the name of a stage (an nn.ModuleList of
+        # couplings that share a split and a shape).
+        self.flow_steps: list[str] = []
+        stages = 0
+        for kind, run in itertools.groupby(cfg.flow):
+            n = len(list(run))
+            if kind == "squeeze":
+                self.flow_steps += ["squeeze"] * n
+                c, s = c * 4**n, s // 2**n  # each squeeze: (C, S, S) -> (4C, S/2, S/2)
+                continue
+            stages += 1
+            self.add_module(f"stage{stages}",
+                            nn.ModuleList(Coupling(c, kind, blocks=cfg.blocks, **common) for _ in range(n)))
+            self.flow_steps.append(f"stage{stages}")
+        self.latent_shape = (c, s, s)
 
     @property
     def dims(self) -> int:
@@ -76,25 +92,26 @@ class FlowPP(nn.Module):
 
     # ---------------------------------------------------------------------------------- main flow
     def flow_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Continuous image in [0, 256)^D, (N, C, S, S) -> latent (N, 4C, S/2, S/2) and log |det dz/dx|."""
+        """Continuous image in [0, 256)^D, (N, C, S, S) -> latent (N, *latent_shape) and log |det dz/dx|."""
         h, logdet = self.preprocess(x)
-        for coupling in self.stage1:
-            h, ld = coupling(h)
-            logdet = logdet + ld
-        h = squeeze(h)  # (N, 4C, S/2, S/2)
-        for coupling in (*self.stage2, *self.stage3):
-            h, ld = coupling(h)
-            logdet = logdet + ld
+        for step in self.flow_steps:
+            if step == "squeeze":
+                h = squeeze(h)  # (N, C, H, W) -> (N, 4C, H/2, W/2)
+                continue
+            for coupling in getattr(self, step):
+                h, ld = coupling(h)
+                logdet = logdet + ld
         return h, logdet
 
     def flow_inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (N, 4C, S/2, S/2) -> continuous image (N, C, S, S)."""
+        """Latent (N, *latent_shape) -> continuous image (N, C, S, S)."""
         h = z
-        for coupling in reversed((*self.stage2, *self.stage3)):
-            h = coupling.inverse(h)
-        h = unsqueeze(h)  # (N, C, S, S)
-        for coupling in reversed(self.stage1):
-            h = coupling.inverse(h)
+        for step in reversed(self.flow_steps):
+            if step == "squeeze":
+                h = unsqueeze(h)  # (N, 4C, H/2, W/2) -> (N, C, H, W)
+                continue
+            for coupling in reversed(getattr(self, step)):
+                h = coupling.inverse(h)
         return self.preprocess.inverse(h)
 
     # ----------------------------------------------------------------------------------- the bound
