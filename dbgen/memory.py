@@ -20,13 +20,16 @@ per-worker micro-batch. The step's peak is the larger of the forward/backward ph
 activations, nothing reduced yet) and the reduce phase (gradients + reduce buffers), on top of parameters,
 optimizer state and signs.
 
-Activations are measured, not modelled: one forward/backward at 1 and at 2 rows on this machine's CPU, counting
-the bytes of every distinct storage autograd saves for the backward pass (``saved_tensors_hooks``; parameters
-excluded). The two runs give a line ``saved(b) = fixed + b * per_row``: ``fixed`` is the materialized weights
-(what does not grow with the batch), ``per_row`` scales linearly to the micro-batch. With
-``train.activation_checkpointing`` the same measurement sees only what is kept outside the checkpointed blocks;
-one block's own tensors (the mean over blocks) are added for the block being recomputed. Measured in fp32 on
-CPU: bf16 autocast on GPU roughly halves activations and materialized weights (not modelled).
+Activations are measured, not modelled: one forward/backward at 1 and at 2 rows on this machine's CPU, following
+every tensor storage that an operator allocates (a ``TorchDispatchMode``; in-place results and views of existing
+storages are not new) and taking the peak of the live bytes over the whole step: what autograd saves, the
+temporaries (each operator's output, the activation gradients of the backward pass) and the materialized weights.
+Parameters and their existing gradients are not counted (they are terms of their own). The two runs give a line
+``peak(b) = fixed + b * per_row``: ``fixed`` is the materialized weights (and whatever else does not grow with
+the batch), ``per_row`` scales linearly to the micro-batch. With ``train.activation_checkpointing`` the same
+measurement includes the recomputation of one block during the backward pass. Operator-internal scratch (a
+convolution's workspace) is not seen; measured in fp32 on CPU: bf16 autocast on GPU roughly halves activations
+and materialized weights (not modelled).
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .config import Config, load_config, micro_batch_size
 from .models import build, set_activation_checkpointing
-from .models.rvae import RVAE
 from .nn import binary_layers, data_dependent_init
 from .sync.layout import slice_size
 
-__all__ = ["MODES", "MemoryPlan", "ModeMemory", "measure_saved_bytes", "plan_memory"]
+__all__ = ["MODES", "MemoryPlan", "ModeMemory", "measure_step_bytes", "plan_memory"]
 
 FP32 = 4
 # mode name -> (comm.binary_weights, comm.binary_grads, scale.zero_stage)
@@ -96,33 +101,46 @@ def _fake_images(cfg: Config, n: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
 
 
-def measure_saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for the backward pass in one forward of ``model`` on ``x``
-    (parameters excluded); the backward runs too, so the measurement leaves no graph behind."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+class _LiveBytes(TorchDispatchMode):
+    """The live bytes of the storages allocated by the operators run under it, and their peak."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage address -> (weak reference, bytes)
+        self.now = self.peak = 0
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x)
-    loss.backward()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self.live or storage.nbytes() == 0:
+                continue  # in place, a view, or already counted
+            self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.now += storage.nbytes()
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def measure_step_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes of the tensors allocated during one forward and backward of ``model`` on ``x`` (see the module
+    docstring). A first, unmeasured step allocates the parameters' gradients, so the measured one only adds into
+    them."""
+    model(x).backward()
+    model.zero_grad(set_to_none=False)
+    with _LiveBytes() as live:
+        model(x).backward()
     model.zero_grad(set_to_none=True)
-    return sum(saved.values())
-
-
-def _checkpointed_blocks(model: torch.nn.Module) -> int:
-    if isinstance(model, RVAE):
-        return 2 * len(model.proc_in) + 2 * len(model.layers)
-    return sum(1 for m in model.modules() if hasattr(m, "activation_checkpointing"))
+    return live.peak
 
 
 def _activation_lines(cfg: Config) -> dict:
-    """fixed and per-row saved bytes, plain and checkpointed (outside the blocks, plus one mean block)."""
+    """fixed and per-row peak bytes of one step, plain and checkpointed."""
     torch.manual_seed(0)
     model = build(cfg.model)
     data_dependent_init(model, _fake_images(cfg, 4))
@@ -130,15 +148,14 @@ def _activation_lines(cfg: Config) -> dict:
     lines = {}
     for checkpointed in (False, True):
         set_activation_checkpointing(model, checkpointed)
-        one, two = (measure_saved_bytes(model, _fake_images(cfg, n)) for n in (1, 2))
+        one, two = (measure_step_bytes(model, _fake_images(cfg, n)) for n in (1, 2))
         lines[checkpointed] = (max(0, 2 * one - two), max(0, two - one))  # (fixed, per row)
-    blocks = _checkpointed_blocks(model)
-    (fixed, per_row), (fixed_out, per_row_out) = lines[False], lines[True]
+    (fixed, per_row), (fixed_ckpt, per_row_ckpt) = lines[False], lines[True]
     return {
         "materialized": fixed,
         "per_row": per_row,
-        "per_row_checkpointed": per_row_out + (per_row - per_row_out) // max(blocks, 1),
-        "materialized_checkpointed": fixed_out + (fixed - fixed_out) // max(blocks, 1),
+        "per_row_checkpointed": per_row_ckpt,
+        "materialized_checkpointed": fixed_ckpt,
     }
 
 
