@@ -70,9 +70,9 @@ class Reporter:
         if self.metrics is not None and bpd is not None:
             self.metrics.record_eval(bpd)
 
-    def on_checkpoint(self, step: int, seconds: float, nbytes: int, total_bytes: int) -> None:
-        """``nbytes``: written by this rank; ``total_bytes``: all ranks."""
-        self._record({"kind": "checkpoint", "step": step, "seconds": round(seconds, 3), "bytes": total_bytes})
+    def on_checkpoint(self, step: int, seconds: float, nbytes: int) -> None:
+        """``nbytes``: the whole checkpoint (all ranks' files; the ranks write into one directory)."""
+        self._record({"kind": "checkpoint", "step": step, "seconds": round(seconds, 3), "bytes": nbytes})
         if self.metrics is not None:
             self.metrics.record_checkpoint(seconds, nbytes)
 

@@ -347,7 +347,7 @@ class Trainer:
         dist.barrier()  # the checkpoint is committed before any rank goes on (or stops)
         self.last_checkpoint_step = self.step
         nbytes = sum(rec["bytes"] for rec in files.values())
-        self.reporter.on_checkpoint(self.step, time.perf_counter() - start, nbytes, nbytes)
+        self.reporter.on_checkpoint(self.step, time.perf_counter() - start, nbytes)
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
