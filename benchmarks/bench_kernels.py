@@ -9,9 +9,11 @@ On a CUDA GPU, per shape and batch: cuDNN bf16 conv (channels-last, cudnn.benchm
   * ``packed-w``      bf16 activations x packed 1-bit weights (no dequantized weight in memory)
 timed with CUDA graphs (median of replays; launch overhead excluded, as for a captured model), with the
 launch config chosen by the library's heuristic and, unless --no-sweep, the best of a small sweep (tiles with
-streamed weights x split-K 1..8, and the weight-stationary tiles). TOPS count 2 ops per multiply-add; the
-1-bit peak is 10,104 TOPS (mma.sync b1.and, measured on an H200 with a dedicated microbenchmark). Each kernel's
-output is checked against an fp32 conv before it is timed (relative errors in the table).
+streamed weights x split-K 1..8, and the weight-stationary tiles 2, 3 and 4; tile 4 = tile 3 with the A
+fragments in registers, 1 block/SM, for K = 9 steps only, which the heuristic never picks: the sweep decides).
+TOPS count 2 ops per multiply-add; the 1-bit peak is 10,104 TOPS (mma.sync b1.and, measured on an H200 with a
+dedicated microbenchmark). Each kernel's output is checked against an fp32 conv before it is timed (relative
+errors in the table).
 
 Without CUDA it runs the pure-PyTorch reference (what dbgen.kernels uses on CPU) against F.conv2d fp32 on the
 CPU: those numbers describe the reference path only, not the goal. ``--emulate`` runs the GPU benchmark's code
@@ -109,7 +111,8 @@ def bench_case_gpu(name, c, o, h, w, k, pad, n, sweep: bool, dev: str = "cuda", 
     time_gpu = timer
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(n, c, h, w, device=dev, generator=g, dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     wt = torch.randn(o, c, k, k, device=dev, generator=g)
     scale = torch.rand(o, device=dev, generator=g) + 0.5
     bias = torch.randn(o, device=dev, generator=g)
@@ -130,8 +133,9 @@ def bench_case_gpu(name, c, o, h, w, k, pad, n, sweep: bool, dev: str = "cuda", 
     xp = pack_activations(x)  # packed activations, (N, H, W, Cw)
 
     def binary(tile=None, ksplit=None):
-        return cuda.bconv_cuda(xp.words, c, pw, scale, bias, (1, 1), (pad, pad), out_dtype=torch.bfloat16,
-                               tile=tile, ksplit=ksplit)
+        return cuda.bconv_cuda(
+            xp.words, c, pw, scale, bias, (1, 1), (pad, pad), out_dtype=torch.bfloat16, tile=tile, ksplit=ksplit
+        )
 
     def packed_w(tile=None, ksplit=None):
         return cuda.pwconv_cuda(x, pw, scale, bias, (1, 1), (pad, pad), tile=tile, ksplit=ksplit)
@@ -139,17 +143,18 @@ def bench_case_gpu(name, c, o, h, w, k, pad, n, sweep: bool, dev: str = "cuda", 
     row["binary_err"] = rel_err(binary(), ref_bin)
     row["packed_w_err"] = rel_err(packed_w(), ref_pw)
     packed_out = binary_act_conv2d(xp, pw, scale, bias, 1, pad, pack_output=True)
-    row["binary_bits_exact"] = bool(torch.equal(packed_out.words, pack_activations(
-        binary_act_conv2d(xp, pw, scale, bias, 1, pad)).words))
+    row["binary_bits_exact"] = bool(
+        torch.equal(packed_out.words, pack_activations(binary_act_conv2d(xp, pw, scale, bias, 1, pad)).words)
+    )
     row["binary_us"], row["timing"] = time_gpu(binary)
-    row["binary_pack_us"], _ = time_gpu(lambda: binary_act_conv2d(x, pw, scale, bias, 1, pad,
-                                                                  out_dtype=torch.bfloat16))
+    row["binary_pack_us"], _ = time_gpu(lambda: binary_act_conv2d(x, pw, scale, bias, 1, pad, out_dtype=torch.bfloat16))
     row["binary_bits_us"], _ = time_gpu(lambda: binary_act_conv2d(xp, pw, scale, bias, 1, pad, pack_output=True))
     row["packed_w_us"], _ = time_gpu(packed_w)
     row["pack_input_us"], _ = time_gpu(lambda: pack_activations(x))
-    if sweep:  # tiles 0/1 stream the weights (split-K 1..8); binary tiles 2/3 keep them in shared memory
+    if sweep:  # tiles 0/1 stream the weights (split-K 1..8); binary tiles 2/3/4 keep them in shared memory
         streamed = [(tile, ks) for tile in (0, 1) for ks in (1, 2, 4, 8)]
-        for kind, fn, configs in (("binary", binary, streamed + [(2, 1), (3, 1)]), ("packed_w", packed_w, streamed)):
+        stationary = [(2, 1), (3, 1), (4, 1)]
+        for kind, fn, configs in (("binary", binary, streamed + stationary), ("packed_w", packed_w, streamed)):
             best = (row[f"{kind}_us"], "auto")
             for tile, ksplit in configs:
                 t, _ = time_gpu(lambda fn=fn, tile=tile, ksplit=ksplit: fn(tile, ksplit), reps=20)
@@ -189,16 +194,19 @@ def bench_case_cpu(name, c, o, h, w, k, pad, n) -> dict:
     row["conv2d_fp32_us"] = time_cpu(lambda: F.conv2d(x, weff, bias, 1, pad), reps)
     row["ref_binary_us"] = time_cpu(lambda: binary_act_conv2d(xp, pw, scale, bias, 1, pad), reps)
     row["ref_packed_w_us"] = time_cpu(lambda: packed_weight_conv2d(x, pw, scale, bias, 1, pad), reps)
-    exact = torch.equal(binary_act_conv2d(xp, pw, None, None, 1, pad), F.conv2d(sx, torch.where(wt >= 0, 1.0, -1.0),
-                                                                                  None, 1, pad))
+    exact = torch.equal(
+        binary_act_conv2d(xp, pw, None, None, 1, pad), F.conv2d(sx, torch.where(wt >= 0, 1.0, -1.0), None, 1, pad)
+    )
     row["ref_binary_exact"] = bool(exact)
     return row
 
 
 # ---------------------------------------------------------------------------------------------- main
 def fmt_gpu(rows) -> str:
-    head = (f"{'case':<15} {'N':>4} {'cuDNN bf16':>10} {'binary':>8} {'x':>6} {'TOPS':>6} {'%1bit':>6} "
-            f"{'+pack':>8} {'->bits':>8} {'packed-w':>9} {'x':>6}  best cfg (bin / pw)")
+    head = (
+        f"{'case':<15} {'N':>4} {'cuDNN bf16':>10} {'binary':>8} {'x':>6} {'TOPS':>6} {'%1bit':>6} "
+        f"{'+pack':>8} {'->bits':>8} {'packed-w':>9} {'x':>6}  best cfg (bin / pw)"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         t_bin = min(r["binary_us"], r.get("binary_best_us", 1e9))
@@ -209,7 +217,8 @@ def fmt_gpu(rows) -> str:
             f"{r['binary_pack_us']:>6.1f}us {r['binary_bits_us']:>6.1f}us "
             f"{t_pw:>7.1f}us {r['packed_w_speedup']:>5.1f}x  "
             f"{r.get('binary_best_cfg', '-')} / {r.get('packed_w_best_cfg', '-')}"
-            f"  err {r['binary_err']:.1e}/{r['packed_w_err']:.1e}")
+            f"  err {r['binary_err']:.1e}/{r['packed_w_err']:.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -217,9 +226,11 @@ def fmt_cpu(rows) -> str:
     head = f"{'case':<15} {'N':>4} {'F.conv2d fp32':>14} {'ref binary':>12} {'ref packed-w':>13} {'exact':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['case']:<15} {r['batch']:>4} {r['conv2d_fp32_us'] / 1e3:>11.1f} ms "
-                     f"{r['ref_binary_us'] / 1e3:>9.1f} ms {r['ref_packed_w_us'] / 1e3:>10.1f} ms "
-                     f"{str(r['ref_binary_exact']):>6}")
+        lines.append(
+            f"{r['case']:<15} {r['batch']:>4} {r['conv2d_fp32_us'] / 1e3:>11.1f} ms "
+            f"{r['ref_binary_us'] / 1e3:>9.1f} ms {r['ref_packed_w_us'] / 1e3:>10.1f} ms "
+            f"{str(r['ref_binary_exact']):>6}"
+        )
     return "\n".join(lines)
 
 
@@ -228,12 +239,16 @@ def goals(rows) -> list[str]:
     for r in rows:
         if r["batch"] == 128:
             ok = r["binary_speedup"] >= GOALS["binary_vs_cudnn_at_128"]
-            out.append(f"goal fully binary >= 8x cuDNN bf16 at batch 128, {r['case']}: "
-                       f"{r['binary_speedup']:.1f}x {'MET' if ok else 'NOT MET'}")
+            out.append(
+                f"goal fully binary >= 8x cuDNN bf16 at batch 128, {r['case']}: "
+                f"{r['binary_speedup']:.1f}x {'MET' if ok else 'NOT MET'}"
+            )
         if r["batch"] == 1:
             ok = r["packed_w_speedup"] >= GOALS["packed_weight_vs_cudnn_at_1"]
-            out.append(f"goal packed-weight >= 3x cuDNN bf16 at batch 1, {r['case']}: "
-                       f"{r['packed_w_speedup']:.1f}x {'MET' if ok else 'NOT MET'}")
+            out.append(
+                f"goal packed-weight >= 3x cuDNN bf16 at batch 1, {r['case']}: "
+                f"{r['packed_w_speedup']:.1f}x {'MET' if ok else 'NOT MET'}"
+            )
     return out
 
 
@@ -269,14 +284,19 @@ def main(argv=None):
         device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(), "torch": torch.__version__, "device": device,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "device": device,
         "mode": "gpu kernels vs cuDNN bf16" if on_gpu else "CPU REFERENCE path vs F.conv2d fp32 (not the goal)",
     }
     rows = []
     for name, c, o, h, w, k, pad in cases:
         for n in batches:
-            row = (bench_case_gpu(name, c, o, h, w, k, pad, n, not args.no_sweep, dev, timer) if on_gpu
-                   else bench_case_cpu(name, c, o, h, w, k, pad, n))
+            row = (
+                bench_case_gpu(name, c, o, h, w, k, pad, n, not args.no_sweep, dev, timer)
+                if on_gpu
+                else bench_case_cpu(name, c, o, h, w, k, pad, n)
+            )
             rows.append(row)
             print(f"done {name} batch {n}", file=sys.stderr, flush=True)
     print(f"# {meta['mode']} | {meta['device']} | torch {meta['torch']} | {meta['date']}")

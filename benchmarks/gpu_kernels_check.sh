@@ -112,9 +112,9 @@ print(f"kernels: {len(regs)}, max registers: {max(regs)}, spill stores (bytes): 
 if shutil.which("cuobjdump"):
     sass = subprocess.run(["cuobjdump", "--dump-sass", str(path)], capture_output=True, text=True).stdout
     ops = {}
-    for op in re.findall(r"\b([BH]MMA\.[0-9A-Z.]+)", sass):
+    for op in re.findall(r"\b([BH]MMA\.[0-9A-Z.]+|LDGSTS[0-9A-Z.]*|LDS\.128)", sass):  # mma, cp.async, LDS.128
         ops[op] = ops.get(op, 0) + 1
-    print("tensor-core SASS:", ops or "NONE FOUND")
+    print("tensor-core / cp.async / 128-bit shared-load SASS:", ops or "NONE FOUND")
 EOF
 step build "${BUILD_TIMEOUT:-240}" $PY "$WORK/build.py" "$DRY_RUN" "$WORK/emu"
 
@@ -153,6 +153,10 @@ for tile, ks in ((0, 1), (0, 2), (1, 1), (1, 3), (2, 1), (3, 1)):
     if tile < 2:
         for dt in (torch.float32, torch.bfloat16):
             cuda.pwconv_cuda(x.to(dt), pw, s, b, (1, 1), (1, 1), tile=tile, ksplit=ks)
+x9 = torch.randn(1, 256, 5, 4, device=dev)  # K = 9 steps of 16-byte copies: tile 4 (A in registers) runs
+pw9 = PackedWeight.from_signs(torch.randn(40, 256, 3, 3)).to(dev)
+for tile in (2, 3, 4):
+    cuda.bconv_cuda(cuda.pack_activations_cuda(x9, 1), 256, pw9, None, None, (1, 1), (1, 1), tile=tile)
 if dev.type == "cuda":
     torch.cuda.synchronize()
 print("sanitize script done on", dev)

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA features binary_kernels.cu uses, so that the same kernel source runs on a CPU in
-// tests (tests/test_kernels_build.py) when no GPU is available. Built with g++ -DDBGEN_HOST_EMULATION.
+// tests (tests/test_kernels_device.py) when no GPU is available. Built with g++ -DDBGEN_HOST_EMULATION.
 //
 // A launch runs its blocks one after another; a block's threads are std::threads, __syncthreads is a barrier,
 // and __shared__ variables are function-local statics (shared by the block's threads; blocks never overlap).
@@ -7,6 +7,12 @@
 // barriers. The mma emulations follow the PTX ISA fragment layouts of mma.m16n8k256 (.b1, AND + popc) and
 // mma.m16n8k16 (.f16/.bf16 -> .f32). This checks indexing, tiling, split-K and epilogues; it cannot check
 // timing, memory coalescing or the hardware's own behaviour.
+//
+// cp.async is modelled as late as the PTX ISA allows: a thread's copies are queued per commit group and land
+// (source read, destination written, zero fill) only at the cp.async.wait_group that covers their group, so a
+// kernel that reads a stage before waiting for it reads stale shared memory and fails its test. Built with
+// -DDBGEN_EMU_FAULT_WEAK_WAIT, wait_group N leaves N + 1 groups pending (an off-by-one wait count): the tests
+// use that build to show that the device tests catch a missing wait.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +20,7 @@
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -156,7 +163,52 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   for (int e = 0; e < 4; ++e) c[e] = d[e];
 }
 
-inline const char* error_string(int err) { return err == 0 ? "no error" : "emulated launch error"; }
+// cp.async: per thread, the copies of the open group and the committed groups, oldest first.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;  // src_bytes < bytes: the rest is zero-filled (src_bytes 0 reads nothing)
+};
+inline thread_local std::vector<AsyncCopy> cp_open_;
+inline thread_local std::deque<std::vector<AsyncCopy>> cp_groups_;
+inline std::atomic<int> launch_error_{0};  // the first fault since the last cudaGetLastError
+
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  const bool aligned = (uintptr_t)dst % bytes == 0 && (src_bytes == 0 || (uintptr_t)src % bytes == 0);
+  if (!aligned || src_bytes < 0 || src_bytes > bytes) {  // the device faults: report it as a launch error
+    int none = 0;
+    launch_error_.compare_exchange_strong(none, (int)cudaErrorMisalignedAddress);
+    return;
+  }
+  cp_open_.push_back({dst, src, bytes, src_bytes});
+}
+
+inline void cp_async_commit() {
+  cp_groups_.push_back(std::move(cp_open_));
+  cp_open_.clear();
+}
+
+// Lands every committed group but the newest `pending`.
+inline void cp_async_wait(int pending) {
+#ifdef DBGEN_EMU_FAULT_WEAK_WAIT
+  ++pending;
+#endif
+  while ((int)cp_groups_.size() > pending) {
+    for (const AsyncCopy& c : cp_groups_.front()) {
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+    }
+    cp_groups_.pop_front();
+  }
+}
+
+inline int take_error() { return launch_error_.exchange(0); }
+
+inline const char* error_string(int err) {
+  if (err == 0) return "no error";
+  if (err == (int)cudaErrorMisalignedAddress) return "misaligned address (emulated cp.async)";
+  return "emulated launch error";
+}
 
 // A small device: 4 multiprocessors, Hopper's shared-memory limits.
 inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr) {
@@ -184,7 +236,7 @@ inline cudaError_t func_attributes(cudaFuncAttributes* attr) {
 #define __fmul_rn(a, b) ((a) * (b))
 #define __fadd_rn(a, b) ((a) + (b))
 #define cudaSetDevice(d) (cudaSuccess)
-#define cudaGetLastError() (cudaSuccess)
+#define cudaGetLastError() ((cudaError_t)emu::take_error())
 #define cudaGetErrorString(e) emu::error_string((int)(e))
 #define cudaDeviceGetAttribute(value, attr, device) emu::device_attribute((value), (attr))
 #define cudaFuncGetAttributes(attr, kernel) emu::func_attributes((attr))

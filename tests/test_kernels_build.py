@@ -3,6 +3,7 @@ match the C entry points. Running them needs a GPU: tests/test_kernels_gpu.py.""
 
 import ctypes
 import re
+import subprocess
 
 import pytest
 
@@ -47,11 +48,34 @@ def test_kernels_compile_for_sm90_without_spills(built):
     # Register arrays indexed at run time or too many live values would show as stack frames / spills.
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert frames and all(f == ("0", "0", "0") for f in frames), frames
-    # The weight-stationary binary tiles (template flag STATIONARY = true, the last "Lb1E") run 2 blocks per SM
-    # of 256 threads: at most 128 registers each.
+    # The weight-stationary binary tiles (template flag STATIONARY = true) with KSTEPS = 0 run 2 blocks per SM of
+    # 256 threads: at most 128 registers each. KSTEPS = 9 (tile 4, A fragments in registers) runs 1 per SM.
     regs = dict(re.findall(r"Compiling entry function '(\w+)' for 'sm_90'.*?Used (\d+) registers", log, re.S))
-    stationary = {k: int(v) for k, v in regs.items() if "bconv_kernel" in k and k.endswith("Lb1EEEvNS_11BconvParamsE")}
-    assert len(stationary) == 4 and max(stationary.values()) <= 128, stationary
+    stationary = {}
+    for name, used in regs.items():
+        m = re.search(r"bconv_kernelI(?:Li\d+E){4}Lb[01]ELb1ELi(\d+)E", name)
+        if m:
+            stationary.setdefault(int(m[1]), []).append(int(used))
+    assert len(stationary[0]) == 4 and max(stationary[0]) <= 128, stationary
+    assert len(stationary[9]) == 2, stationary
+
+
+def test_binary_conv_ptx_uses_the_cp_async_ring_and_128_bit_fragment_loads(tmp_path):
+    """Every binary conv tile stages its K steps with cp.async (16-byte .cg copies when Cw % 8 == 0, else 4-byte
+    .ca) and waits with wait_group 2 (a 4-stage ring: 2 groups may stay in flight); the weight-stationary tiles
+    (2 m-tiles per warp) read each A fragment, stored in fragment order, with one 128-bit shared load."""
+    ptx = tmp_path / "kernels.ptx"
+    cmd = [NVCC, "-O3", "-std=c++17", "-ptx", "-arch=sm_90", "-o", str(ptx), str(cuda.kernel_source())]
+    subprocess.run(cmd, check=True, capture_output=True)
+    entries = re.findall(
+        r"\.entry (\w*bconv_kernelILi\d+ELi\d+ELi\d+ELi\d+ELb(\d)ELb(\d)E\w*)(.*?)\n}", ptx.read_text(), re.S
+    )
+    assert len(entries) == 10, [e[0] for e in entries]  # tiles 0-3 and 4 (KSTEPS = 9) x (aligned, not)
+    for name, aligned, stationary, body in entries:
+        assert "cp.async.commit_group;" in body and "cp.async.wait_group 2;" in body, name
+        assert ("cp.async.cg.shared.global" if aligned == "1" else "cp.async.ca.shared.global") in body, name
+        if stationary == "1":
+            assert body.count("ld.shared.v4.u32") >= 2, name
 
 
 def test_bindings_match_c_entry_points(built):

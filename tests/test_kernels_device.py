@@ -147,9 +147,10 @@ def test_pack_activations_linear_layout(target):
 
 
 # ------------------------------------------------------------------------------------ fully binary conv
-@pytest.mark.parametrize("case", BCONV_CASES, ids=_ids)
-def test_binary_conv_bit_exact(target, case):
-    n, c, o, h, w, k, s, p = _shrink(case, target)
+def check_binary_conv(target, case, configs):
+    """The binary conv of ``case`` (unshrunk) under each (tile, ksplit) against the reference, float and packed
+    outputs bit for bit; returns the inputs and the float reference for further checks."""
+    n, c, o, h, w, k, s, p = case
     g = gen(sum(case))
     x, wt = torch.randn(n, c, h, w, generator=g), torch.randn(o, c, k, k, generator=g)
     scale, bias = torch.rand(o, generator=g) + 0.1, torch.randn(o, generator=g)
@@ -157,7 +158,7 @@ def test_binary_conv_bit_exact(target, case):
     ref = binary_conv2d_ref(pa, pw, scale, bias, (s, s), (p, p))
     ref_packed = binary_conv2d_ref(pa, pw, scale, bias, (s, s), (p, p), pack_output=True).words
     words, pwd = pa.words.to(target), pw.to(target)
-    for tile, ksplit in launch_configs(target, stationary=True):
+    for tile, ksplit in configs:
         out = poison(ref.shape, torch.float32, target)
         cuda.bconv_cuda(words, c, pwd, scale, bias, (s, s), (p, p), tile=tile, ksplit=ksplit, out=out)
         assert torch.equal(out.cpu(), ref), f"tile={tile} ksplit={ksplit}: {(out.cpu() - ref).abs().max()}"
@@ -166,6 +167,14 @@ def test_binary_conv_bit_exact(target, case):
             words, c, pwd, scale, bias, (s, s), (p, p), tile=tile, ksplit=ksplit, pack_output=True, out=outp
         )
         assert torch.equal(outp.cpu(), ref_packed), f"packed output, tile={tile} ksplit={ksplit}"
+    return pa, pw, scale, bias, ref
+
+
+@pytest.mark.parametrize("case", BCONV_CASES, ids=_ids)
+def test_binary_conv_bit_exact(target, case):
+    n, c, o, h, w, k, s, p = _shrink(case, target)
+    pa, pw, scale, bias, ref = check_binary_conv(target, (n, c, o, h, w, k, s, p), launch_configs(target, True))
+    words, pwd = pa.words.to(target), pw.to(target)
     for dtype, tile in ((torch.bfloat16, 0), (torch.float16, 3)):
         out = poison(ref.shape, dtype, target)
         cuda.bconv_cuda(words, c, pwd, scale, bias, (s, s), (p, p), out_dtype=dtype, tile=tile, out=out)
@@ -175,6 +184,28 @@ def test_binary_conv_bit_exact(target, case):
     assert torch.equal(out.cpu(), binary_conv2d_ref(pa, pw, None, None, (s, s), (p, p)))
     # Split-K tile counters are left at zero for the next launch.
     assert all(int(cnt.count_nonzero()) == 0 for cnt in cuda._counters.values())
+
+
+def test_emulated_cp_async_catches_an_early_read(target, tmp_path):
+    """The emulation lands a cp.async copy at the wait that covers its group, not at issue, so a kernel that reads
+    a ring stage before its copies have landed reads stale shared memory. Proof that the check above can fail:
+    built with wait_group N leaving N + 1 groups pending (an off-by-one wait), the same check fails on every
+    tile (the ring carries the activations of all tiles and the streamed weights of tiles 0/1), aligned (Cw % 8
+    == 0: 16-byte copies) and not (4-byte copies); the normal build passes it on the same inputs."""
+    if target != "cpu":
+        pytest.skip("the fault switch is a build of the host emulation")
+    faulty = cuda.load_library(cuda.build_emulator(tmp_path, defines=("DBGEN_EMU_FAULT_WEAK_WAIT",)))
+    normal = cuda._emulator
+    configs = [(0, 1), (1, 2), (2, 1), (3, 1)]
+    for case in ((1, 256, 40, 5, 4, 3, 1, 1), (1, 65, 31, 5, 4, 3, 1, 1)):  # 9 and 4 K steps
+        check_binary_conv(target, case, configs)
+        cuda.set_emulator(faulty)
+        try:
+            for tile, ksplit in configs:
+                with pytest.raises(AssertionError, match=f"tile={tile} "):
+                    check_binary_conv(target, case, [(tile, ksplit)])
+        finally:
+            cuda.set_emulator(normal)
 
 
 @pytest.mark.parametrize("tile", [2, 3])
@@ -195,6 +226,17 @@ def test_binary_conv_weight_stationary_walks_several_pixel_tiles(target, tile):
         pa.words.to(target), c, pw.to(target), scale, bias, (1, 1), (1, 1), tile=tile, pack_output=True, out=outp
     )
     assert torch.equal(outp.cpu(), ref_packed)
+
+
+def test_binary_conv_a_fragments_in_registers(target):
+    """Tile 4: tile 3 with the A fragments of all K = 9 steps in registers (unrolled K loop), on 3x3 x 256
+    channels (16-byte copies; more pixel tiles than resident blocks) and 2x2 x 520 channels (Cw = 17, 4-byte
+    copies); float and packed outputs bit for bit."""
+    cases = [(1, 256, 40, 12, 12, 3, 1, 1), (1, 520, 24, 4, 4, 2, 1, 1)]
+    if not small(target):
+        cases = [(64, 256, 256, 16, 16, 3, 1, 1), (2, 520, 24, 9, 9, 2, 1, 1)]
+    for case in cases:
+        check_binary_conv(target, case, [(4, 1)])
 
 
 def test_binary_conv_large_k_falls_back_from_weight_stationary(target):

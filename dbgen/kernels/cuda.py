@@ -149,8 +149,11 @@ def build_library(arch: str, out_dir: Path | None = None, nvcc: str | None = Non
     return lib_path
 
 
-def build_emulator(out_dir: Path, cxx: str = "g++") -> Path:
-    """Compile the kernels for the CPU (host emulation, tests only); needs g++ and CUDA's headers."""
+def build_emulator(out_dir: Path, cxx: str = "g++", defines: tuple[str, ...] = ()) -> Path:
+    """Compile the kernels for the CPU (host emulation, tests only); needs g++ and CUDA's headers.
+
+    ``defines``: extra preprocessor symbols, e.g. the emulation's fault switches (kernels/host_emulation.h).
+    """
     src = kernel_source()
     include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
     if not (include / "cuda_bf16.h").is_file():
@@ -167,6 +170,7 @@ def build_emulator(out_dir: Path, cxx: str = "g++") -> Path:
         "-pthread",
         "-ffp-contract=off",
         "-DDBGEN_HOST_EMULATION",
+        *(f"-D{d}" for d in defines),
         f"-I{include}",
         f"-I{src.parent}",
         "-x",
