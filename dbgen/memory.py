@@ -129,10 +129,11 @@ class _LiveBytes(TorchDispatchMode):
 
 def measure_step_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Peak bytes of the tensors allocated during one forward and backward of ``model`` on ``x`` (see the module
-    docstring). A first, unmeasured step allocates the parameters' gradients, so the measured one only adds into
-    them."""
-    model(x).backward()
-    model.zero_grad(set_to_none=False)
+    docstring). The parameters' gradients exist before it starts (zeros), so the backward pass only adds into
+    them: they are a term of their own."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
     with _LiveBytes() as live:
         model(x).backward()
     model.zero_grad(set_to_none=True)
