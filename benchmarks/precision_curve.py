@@ -48,10 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dbgen.atomic import sha256_file
 from dbgen.config import load_config, micro_batch_size
 from dbgen.data import TrainLoader, convert, open_split, read_rows, resolve_split
 from dbgen.data.builtin import cache_root
-from dbgen.data.split import MANIFEST, sha256_file
+from dbgen.data.split import MANIFEST
 from dbgen.data.writer import ROW_GROUP_ROWS, Chunk, Source, write_split
 from dbgen.step import (
     PhaseClock,

@@ -3,18 +3,19 @@ rewrites, packed artifacts, sample grids, data-set manifests, benchmark results)
 
 A reader sees the old file or the new one, never a part: the bytes go to a temporary file in the same
 directory (``.<name>.<random>.tmp``), are flushed to disk, and the temporary file is renamed over the target;
-the directory is synced so the rename itself survives a crash. Standard library only: the data converters use
-it and import no torch.
+the directory is synced so the rename itself survives a crash. :func:`sha256_file` is the one file checksum
+(data shards, checkpoints, caches). Standard library only: the data converters use it and import no torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "fsync_dir", "write_atomic", "write_json_atomic"]
+__all__ = ["TMP_SUFFIX", "fsync_dir", "sha256_file", "write_atomic", "write_json_atomic"]
 
 TMP_SUFFIX = ".tmp"  # a leftover ``.<name>.<random>.tmp`` is an interrupted write
 
@@ -49,3 +50,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path, sync: bool = False) -> str:
+    """The file's sha256 (hex). ``sync``: also flush the file to disk, for a checksum recorded as proof of what
+    was written (a checksum of bytes not yet on disk proves little)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if sync:
+            os.fsync(f.fileno())
+    return digest

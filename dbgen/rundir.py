@@ -33,10 +33,8 @@ engine as an argument.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -44,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import fsync_dir, write_json_atomic
+from .atomic import fsync_dir, sha256_file, write_json_atomic
 from .config import Config, ConfigError, load_config
 from .models import build
 
@@ -63,7 +61,6 @@ __all__ = [
     "commit_checkpoint",
     "derive_seed",
     "file_records",
-    "file_sha256",
     "find_resume",
     "latest_checkpoint",
     "list_files",
@@ -164,7 +161,7 @@ def verify_checkpoint(ckpt: str | Path, meta: dict, full: bool = True) -> None:
         if size != expected["bytes"]:
             raise RunError(f"{path}: {size} bytes, but {ckpt / META_FILE} recorded {expected['bytes']} (truncated "
                            f"or replaced)")
-        if full and file_sha256(path) != expected["sha256"]:
+        if full and sha256_file(path) != expected["sha256"]:
             raise RunError(f"{path}: sha256 does not match {ckpt / META_FILE} (the file is corrupted)")
 
 
@@ -320,14 +317,6 @@ def partial_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f".{checkpoint_name(step)}.partial"
 
 
-def file_sha256(path: Path) -> str:
-    """The file's sha256; the file is also synced to disk (a checksum of bytes not yet on disk proves little)."""
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-        os.fsync(f.fileno())
-    return digest
-
-
 def list_files(directory: Path) -> list[str]:
     """Every file under ``directory``, as sorted POSIX paths relative to it (``meta.json`` excluded)."""
     directory = Path(directory)
@@ -337,8 +326,9 @@ def list_files(directory: Path) -> list[str]:
 
 def file_records(directory: Path, names: list[str]) -> dict:
     """``{name: {"bytes", "sha256"}}`` of the listed files under ``directory`` (each rank hashes a share)."""
-    return {name: {"bytes": (Path(directory) / name).stat().st_size, "sha256": file_sha256(Path(directory) / name)}
-            for name in names}
+    paths = {name: Path(directory) / name for name in names}
+    return {name: {"bytes": path.stat().st_size, "sha256": sha256_file(path, sync=True)}
+            for name, path in paths.items()}
 
 
 def checkpoint_meta(cfg: Config, step: int, world_size: int, ema: bool, images_seen: int, finite: bool,

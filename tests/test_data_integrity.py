@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from test_data_convert import CIFAR_JPEG_TAR, run_cli
 
+from dbgen.atomic import sha256_file
 from dbgen.data import DataError, EvalLoader, TrainLoader, convert, open_split, read_rows, verify_split
-from dbgen.data.split import read_unit, sha256_file
+from dbgen.data.split import read_unit
 
 pytestmark = pytest.mark.skipif(not CIFAR_JPEG_TAR.is_file(),
                                 reason=f"{CIFAR_JPEG_TAR} absent (shared CIFAR-10 JPEG tar)")

@@ -38,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import sha256_file
 from ..data import DataError, EvalLoader, TrainLoader, convert, open_split
 from ..data import split as split_format
 from ..data.loader import _cached_unit
-from ..data.split import read_unit, sha256_file
+from ..data.split import read_unit
 from ..ray_local import init_ray
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .split import MANIFEST, DataError, open_split, sha256_file
+from ..atomic import sha256_file
+from .split import MANIFEST, DataError, open_split
 from .writer import Chunk, Source, write_split
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import sha256_file
+
 FORMAT_VERSION = 1  # page checksums (manifest 'page_checksums') came later as an optional key: still 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
@@ -167,14 +169,6 @@ def verify_split(path: str | Path) -> Split:
     """Full check: manifest, every shard's sha256, Parquet schema, row count, row-group layout, and every row
     group read (page CRCs checked where the split has them)."""
     return open_split(path, verify=True)
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # Whether read_unit / read_rows check page CRCs. Off: see the module docstring (the loaders check sha256 once

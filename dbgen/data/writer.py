@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import TMP_SUFFIX, fsync_dir, write_atomic
-from .split import FORMAT_VERSION, MANIFEST, DataError, arrow_schema, sha256_file
+from ..atomic import TMP_SUFFIX, fsync_dir, sha256_file, write_atomic
+from .split import FORMAT_VERSION, MANIFEST, DataError, arrow_schema
 
 __all__ = ["DEFAULT_ROWS_PER_SHARD", "RESIZE_METHOD", "ROW_GROUP_ROWS", "Bad", "Chunk", "OutputError", "ShardWriter",
            "Source", "write_split"]
