@@ -24,17 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [("configs/rvae_cifar10_binary.yaml", 128), ("configs/flowpp_cifar10_binary.yaml", 64)]
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def one_case(config: str, batch: int, checkpointing: bool) -> dict:
     import torch
 
     from dbgen.config import load_config
+    from dbgen.memory import proc_status_bytes, reset_peak_rss
     from dbgen.models import build, set_activation_checkpointing
     from dbgen.nn import data_dependent_init
 
@@ -47,8 +41,7 @@ def one_case(config: str, batch: int, checkpointing: bool) -> dict:
     set_activation_checkpointing(model, checkpointing)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8)
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _status("VmRSS")
+    base = reset_peak_rss()
     start = time.perf_counter()
     loss = model(x)
     forward_s = time.perf_counter() - start
@@ -62,8 +55,8 @@ def one_case(config: str, batch: int, checkpointing: bool) -> dict:
         "loss": loss.item(),
         "step_s": round(step_s, 2),
         "forward_s": round(forward_s, 2),
-        "peak_bytes": _status("VmHWM") - base,
-        "process_peak_bytes": _status("VmHWM"),
+        "peak_bytes": proc_status_bytes("VmHWM") - base,
+        "process_peak_bytes": proc_status_bytes("VmHWM"),
     }
 
 

@@ -35,6 +35,7 @@ and materialized weights (not modelled).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -46,7 +47,8 @@ from .models import build, set_activation_checkpointing
 from .nn import binary_layers, data_dependent_init
 from .sync.layout import slice_size
 
-__all__ = ["MODES", "MemoryPlan", "ModeMemory", "measure_step_bytes", "plan_memory"]
+__all__ = ["MODES", "MemoryPlan", "ModeMemory", "measure_step_bytes", "plan_memory", "proc_status_bytes",
+           "reset_peak_rss"]
 
 FP32 = 4
 # mode name -> (comm.binary_weights, comm.binary_grads, scale.zero_stage)
@@ -229,3 +231,24 @@ def plan_memory(
             )
         )
     return plan
+
+
+# ------------------------------------------------------------------------------------- measured memory (Linux)
+def proc_status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A memory field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``: the resident high-water mark) in bytes;
+    None when the process is gone or the field is absent. What the planner is checked against."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's ``VmHWM`` to its current resident size (``/proc/self/clear_refs``) and return that
+    size: a later ``VmHWM`` minus it is the peak of what ran in between."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status_bytes("VmRSS")

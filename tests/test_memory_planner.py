@@ -19,7 +19,7 @@ import pytest
 import torch
 from gloo_group import spawn
 
-from dbgen.memory import plan_memory
+from dbgen.memory import plan_memory, proc_status_bytes, reset_peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15
@@ -32,13 +32,6 @@ CASES = [
     ("rvae_cifar10_binary.yaml", 8, ("dp", "packed")),
 ]
 MODE_OVERRIDES = {"dp": [], "packed": ["comm.binary_weights=packed"]}
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise KeyError(field)
 
 
 def _measure(rank, world, out_dir, train_dir):
@@ -70,13 +63,12 @@ def _measure(rank, world, out_dir, train_dir):
             run_dir.mkdir(exist_ok=True)
             gc.collect()
             libc.malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-            base = _status("VmRSS")
+            base = reset_peak_rss()
             tr = Trainer(cfg, run_dir, train_dir, None, rank=rank, world_size=world)
             data = iter(tr.loader)
             for _ in range(2):
                 tr.train_step(data)
-            res[f"{config}-{mode}"] = _status("VmHWM") - base
+            res[f"{config}-{mode}"] = proc_status_bytes("VmHWM") - base
             del tr, data
     (Path(out_dir) / f"peaks{rank}.json").write_text(json.dumps(res))
 

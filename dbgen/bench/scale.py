@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..memory import plan_memory
+from ..memory import plan_memory, proc_status_bytes
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,6 @@ def _descendants(pid: int) -> list[int]:
         out.extend(tree.get(p, []))
         todo.extend(tree.get(p, []))
     return out
-
-
-def _hwm(pid: int) -> int | None:
-    try:
-        m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    except OSError:
-        return None
-    return int(m[1]) * 1024 if m else None
 
 
 def _counters(port: int) -> dict | None:
@@ -159,7 +151,7 @@ def run_mode(config: Path, overrides: list[str], mode: str, args, storage: Path,
     readings: list[list[dict]] = [[] for _ in range(args.workers)]
     try:
         while driver.poll() is None:
-            hwms = {pid: _hwm(pid) for pid in _descendants(driver.pid)}
+            hwms = {pid: proc_status_bytes("VmHWM", pid) for pid in _descendants(driver.pid)}
             for pid, hwm in hwms.items():
                 if hwm is not None:
                     peaks[pid] = max(peaks.get(pid, 0), hwm)
@@ -168,7 +160,7 @@ def run_mode(config: Path, overrides: list[str], mode: str, args, storage: Path,
                 if c is not None and (not readings[r] or c["steps"] != readings[r][-1]["steps"]):
                     readings[r].append(c)
                 if c is not None and c["steps"] >= 1 and step_peaks.get(r, (0,))[0] < steps:
-                    step_peaks[r] = (c["steps"], {pid: _hwm(pid) for pid in hwms})
+                    step_peaks[r] = (c["steps"], {pid: proc_status_bytes("VmHWM", pid) for pid in hwms})
             time.sleep(0.1)
     finally:
         if driver.poll() is None:  # this loop failed: stop the run it started
