@@ -1,6 +1,6 @@
 """Pack / unpack speed of dbgen.nn.pack_signs on one CPU core (the paper RVAE has 54.53M binary weights).
 
-    python benchmarks/bench_packing.py [--numel 54530000] [--repeats 5] [--json out.json]
+python benchmarks/bench_packing.py [--numel 54530000] [--repeats 5] [--json out.json]
 """
 
 import argparse

@@ -33,8 +33,13 @@ def fit(rows: list[dict]) -> dict:
     xs = [8 * r["total_bytes_per_step"] / rate_bps(r["link_rate"]) for r in rows]
     ys = [r["step_s"] for r in rows]
     modes = sorted({r["mode"] for r in rows})
-    mean = {m: [sum(v for r, v in zip(rows, vs, strict=True) if r["mode"] == m) / sum(r["mode"] == m for r in rows)
-                for vs in (xs, ys)] for m in modes}
+    mean = {
+        m: [
+            sum(v for r, v in zip(rows, vs, strict=True) if r["mode"] == m) / sum(r["mode"] == m for r in rows)
+            for vs in (xs, ys)
+        ]
+        for m in modes
+    }
     dx = [x - mean[r["mode"]][0] for r, x in zip(rows, xs, strict=True)]
     dy = [y - mean[r["mode"]][1] for r, y in zip(rows, ys, strict=True)]
     slope = sum(a * b for a, b in zip(dx, dy, strict=True)) / sum(a * a for a in dx)
@@ -44,8 +49,13 @@ def fit(rows: list[dict]) -> dict:
     total = sum((y - sum(ys) / len(ys)) ** 2 for y in ys)
     r2 = 1 - sum((r["step_s"] - r["model_step_s"]) ** 2 for r in rows) / total
     err = [abs(r["model_step_s"] - r["step_s"]) / r["step_s"] for r in rows]
-    return {"efficiency": 1 / slope, "base_s": base, "r2_step": r2, "max_step_error": max(err),
-            "mean_step_error": sum(err) / len(err)}
+    return {
+        "efficiency": 1 / slope,
+        "base_s": base,
+        "r2_step": r2,
+        "max_step_error": max(err),
+        "mean_step_error": sum(err) / len(err),
+    }
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -57,8 +67,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ymax = max(max(r["step_s"], r["model_step_s"]) for r in rows) * 1.08
 
     def xy(rate, t):
-        return (left + (math.log10(rate) - lo) / (hi - lo) * (w - left - right),
-                h - bottom - t / ymax * (h - top - bottom))
+        return (
+            left + (math.log10(rate) - lo) / (hi - lo) * (w - left - right),
+            h - bottom - t / ymax * (h - top - bottom),
+        )
 
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for rate in rates:
@@ -88,8 +100,16 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
         for (x0, y0), (x1, y1) in zip(model, model[1:], strict=False):  # dashed: 12 segments, every other drawn
             for k in range(0, 12, 2):
-                d.line([x0 + (x1 - x0) * k / 12, y0 + (y1 - y0) * k / 12,
-                        x0 + (x1 - x0) * (k + 1) / 12, y0 + (y1 - y0) * (k + 1) / 12], fill=color, width=2)
+                d.line(
+                    [
+                        x0 + (x1 - x0) * k / 12,
+                        y0 + (y1 - y0) * k / 12,
+                        x0 + (x1 - x0) * (k + 1) / 12,
+                        y0 + (y1 - y0) * (k + 1) / 12,
+                    ],
+                    fill=color,
+                    width=2,
+                )
         ly = top + 20 + 22 * i
         d.line([w - right + 15, ly, w - right + 45, ly], fill=color, width=3)
         d.text((w - right + 52, ly - 6), mode, fill="black")
@@ -106,19 +126,29 @@ def main(argv=None) -> int:
         sweep = json.load(f)
     rows = sweep["modes"]
     result = fit(rows)
-    plot(rows, args.png, f"{sweep['config']}, {sweep['workers']} workers x {sweep['batch_per_worker']} images, "
-                         f"{sweep['machine']}, {sweep['date']}")
-    print("| mode | link | total B/step (dbgen) | link tx B/step | step s | compute s | comm s | model step s | "
-          "collectives/step | final loss |")
+    plot(
+        rows,
+        args.png,
+        f"{sweep['config']}, {sweep['workers']} workers x {sweep['batch_per_worker']} images, "
+        f"{sweep['machine']}, {sweep['date']}",
+    )
+    print(
+        "| mode | link | total B/step (dbgen) | link tx B/step | step s | compute s | comm s | model step s | "
+        "collectives/step | final loss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['link_rate']} | {r['total_bytes_per_step']:,.0f} | "
-              f"{r['link_tx_bytes_per_step']:,.0f} | {r['step_s']:.2f} | {r['compute_s']:.2f} | {r['comm_s']:.2f} | "
-              f"{r['model_step_s']:.2f} | "
-              f"{r['collectives_per_step']:g} | {r['final_loss']:.4f} |")
+        print(
+            f"| {r['mode']} | {r['link_rate']} | {r['total_bytes_per_step']:,.0f} | "
+            f"{r['link_tx_bytes_per_step']:,.0f} | {r['step_s']:.2f} | {r['compute_s']:.2f} | {r['comm_s']:.2f} | "
+            f"{r['model_step_s']:.2f} | "
+            f"{r['collectives_per_step']:g} | {r['final_loss']:.4f} |"
+        )
     bases = ", ".join(f"{m} {b:.2f} s" for m, b in result["base_s"].items())
-    print(f"\nfit: efficiency {result['efficiency']:.3f}, base per mode {bases}; R^2 (step_s) {result['r2_step']:.4f}, "
-          f"step time error mean {result['mean_step_error']:.1%} / max {result['max_step_error']:.1%}")
+    print(
+        f"\nfit: efficiency {result['efficiency']:.3f}, base per mode {bases}; R^2 (step_s) {result['r2_step']:.4f}, "
+        f"step time error mean {result['mean_step_error']:.1%} / max {result['max_step_error']:.1%}"
+    )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({**sweep, "fit": result}, f, indent=1)

@@ -91,12 +91,16 @@ def cifar_splits(tar: Path, cache: Path) -> tuple[Path, Path]:
 
             def chunks(idx=idx):  # row-group sized chunks: the writer copies its pending rows per group
                 for lo in range(0, len(idx), ROW_GROUP_ROWS):
-                    i = idx[lo:lo + ROW_GROUP_ROWS]
+                    i = idx[lo : lo + ROW_GROUP_ROWS]
                     yield Chunk(rows["image"][i], rows["label"][i], [rows["source"][k] for k in i])
 
             what = "held out" if name == "test" else "kept"
-            desc = {"format": "image-tar", "path": str(tar), "split": name,
-                    "rows": f"archive rows i with i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY - 1} {what}"}
+            desc = {
+                "format": "image-tar",
+                "path": str(tar),
+                "split": name,
+                "rows": f"archive rows i with i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY - 1} {what}",
+            }
             write_split(Source(desc, full.num_classes, list(full.class_names or ()), records=chunks()), tmp / name)
         shutil.rmtree(tmp / "all")
         try:
@@ -116,8 +120,10 @@ def resolve_data(spec: str | None, cache: Path) -> tuple[Path, Path, str]:
         if CIFAR_TAR.is_file():
             spec = str(CIFAR_TAR)
         else:
-            print(f"NOTE: {CIFAR_TAR} is absent: falling back to builtin:photos32 (real photographs, but not "
-                  f"CIFAR-10)", flush=True)
+            print(
+                f"NOTE: {CIFAR_TAR} is absent: falling back to builtin:photos32 (real photographs, but not CIFAR-10)",
+                flush=True,
+            )
             spec = "builtin:photos32"
     if spec.endswith(".tar") and Path(spec).is_file():
         train, test = cifar_splits(Path(spec), cache)
@@ -146,25 +152,52 @@ def eval_bpd(model, x: torch.Tensor, batch: int, device, channels_last: bool, am
     total = 0.0
     with eval_mode(model, ema, EVAL_SEED, device):
         for lo in range(0, len(x), batch):
-            xb = batch_to_device(x[lo:lo + batch], device, channels_last)
+            xb = batch_to_device(x[lo : lo + batch], device, channels_last)
             with autocast_context(device, amp_dtype):
                 total += model.log_likelihood_bpd(xb, samples=1).double().sum().item()
     return total / len(x)
 
 
-def train_run(cfg, seed: int, train_dir: Path, x_eval: torch.Tensor, steps: int, device: torch.device,
-              eval_every: int, resolve_every: int) -> dict:
+def train_run(
+    cfg,
+    seed: int,
+    train_dir: Path,
+    x_eval: torch.Tensor,
+    steps: int,
+    device: torch.device,
+    eval_every: int,
+    resolve_every: int,
+) -> dict:
     """One run of ``steps`` optimizer steps; returns the per-step curve and the held-out evaluations."""
     t = cfg.train
     amp_dtype = autocast_dtype(cfg, device)
     # Same batches for every run: the loader's order depends on train.seed only, not on the run's seed.
-    init_x = next(iter(TrainLoader(train_dir, batch_size=t.init_batch_size, seed=t.seed, rank=0, world_size=1,
-                                   shuffle_buffer=cfg.data.shuffle_buffer, backend="arrow")))
+    init_x = next(
+        iter(
+            TrainLoader(
+                train_dir,
+                batch_size=t.init_batch_size,
+                seed=t.seed,
+                rank=0,
+                world_size=1,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                backend="arrow",
+            )
+        )
+    )
     seed_all(seed)  # model initialization and, continuing, the training noise
     model, sync, ema = single_device_setup(cfg, init_x, device)
     channels_last = use_channels_last(cfg, device)
-    loader = TrainLoader(train_dir, batch_size=micro_batch_size(cfg, 1), seed=t.seed, rank=0, world_size=1,
-                         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last, backend="arrow")
+    loader = TrainLoader(
+        train_dir,
+        batch_size=micro_batch_size(cfg, 1),
+        seed=t.seed,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        drop_last=cfg.data.drop_last,
+        backend="arrow",
+    )
     data = iter(loader)
 
     def evaluate():
@@ -185,8 +218,11 @@ def train_run(cfg, seed: int, train_dir: Path, x_eval: torch.Tensor, steps: int,
         if eval_every and done % eval_every == 0 or done == steps:
             if evals[-1]["step"] != done:
                 evals.append({"step": done, "bpd": evaluate()})
-                print(f"  step {done}: train {curve[-1]['loss']:.4f}, held-out {evals[-1]['bpd']:.4f} "
-                      f"({train_s:.0f} s training)", flush=True)
+                print(
+                    f"  step {done}: train {curve[-1]['loss']:.4f}, held-out {evals[-1]['bpd']:.4f} "
+                    f"({train_s:.0f} s training)",
+                    flush=True,
+                )
     return {
         "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
         "seed": seed,
@@ -200,7 +236,7 @@ def train_run(cfg, seed: int, train_dir: Path, x_eval: torch.Tensor, steps: int,
 
 # ----------------------------------------------------------------------------------------------- comparison
 def window_means(curve: list[float], window: int) -> list[float]:
-    return [float(np.mean(curve[lo:lo + window])) for lo in range(0, len(curve), window)]
+    return [float(np.mean(curve[lo : lo + window])) for lo in range(0, len(curve), window)]
 
 
 def compare(runs: list[dict], window: int) -> dict:
@@ -208,8 +244,9 @@ def compare(runs: list[dict], window: int) -> dict:
     fp32 = {r["seed"]: r for r in runs if r["precision"] == "fp32"}
     bf16 = {r["seed"]: r for r in runs if r["precision"] == "bf16"}
     if len(fp32) < 2 or not bf16 or not set(bf16) <= set(fp32):
-        raise ValueError(f"need >= 2 fp32 seeds and bf16 seeds among them; got fp32 {sorted(fp32)}, "
-                         f"bf16 {sorted(bf16)}")
+        raise ValueError(
+            f"need >= 2 fp32 seeds and bf16 seeds among them; got fp32 {sorted(fp32)}, bf16 {sorted(bf16)}"
+        )
     steps = len(next(iter(fp32.values()))["loss"])
     means = {f"{r['precision']}_s{r['seed']}": window_means(r["loss"], window) for r in runs}
     fp32_means = np.array([means[f"fp32_s{s}"] for s in fp32])  # (seeds, windows)
@@ -227,33 +264,46 @@ def compare(runs: list[dict], window: int) -> dict:
     ok = True
     for s, b in bf16.items():
         dev = np.abs(np.array(means[f"bf16_s{s}"]) - np.array(means[f"fp32_s{s}"]))
-        out["bf16_deviation"][f"s{s}"] = {"per_window": dev.tolist(), "max": float(dev.max()),
-                                          "mean": float(dev.mean())}
+        out["bf16_deviation"][f"s{s}"] = {
+            "per_window": dev.tolist(),
+            "max": float(dev.max()),
+            "mean": float(dev.mean()),
+        }
         ok &= bool(dev.max() <= noise.max() and dev.mean() <= noise.mean())
         f = fp32[s]
         train0 = abs(b["loss"][0] - f["loss"][0])
         eval0 = abs(b["eval"][0]["bpd"] - f["eval"][0]["bpd"])
-        out["init"][f"s{s}"] = {"fp32_train_bpd": f["loss"][0], "bf16_train_bpd": b["loss"][0],
-                                "train_diff": train0, "fp32_eval_bpd": f["eval"][0]["bpd"],
-                                "bf16_eval_bpd": b["eval"][0]["bpd"], "eval_diff": eval0,
-                                "within_1e-3": bool(train0 <= INIT_BOUND_BPD and eval0 <= INIT_BOUND_BPD)}
+        out["init"][f"s{s}"] = {
+            "fp32_train_bpd": f["loss"][0],
+            "bf16_train_bpd": b["loss"][0],
+            "train_diff": train0,
+            "fp32_eval_bpd": f["eval"][0]["bpd"],
+            "bf16_eval_bpd": b["eval"][0]["bpd"],
+            "eval_diff": eval0,
+            "within_1e-3": bool(train0 <= INIT_BOUND_BPD and eval0 <= INIT_BOUND_BPD),
+        }
     eval_steps = [e["step"] for e in next(iter(fp32.values()))["eval"]]
     for i, step in enumerate(eval_steps):
         vals = {f"{r['precision']}_s{r['seed']}": r["eval"][i]["bpd"] for r in runs}
         f = [vals[f"fp32_s{s}"] for s in fp32]
-        out["eval"][str(step)] = {**vals, "fp32_noise": max(f) - min(f),
-                                  **{f"bf16_dev_s{s}": abs(vals[f"bf16_s{s}"] - vals[f"fp32_s{s}"]) for s in bf16}}
+        out["eval"][str(step)] = {
+            **vals,
+            "fp32_noise": max(f) - min(f),
+            **{f"bf16_dev_s{s}": abs(vals[f"bf16_s{s}"] - vals[f"fp32_s{s}"]) for s in bf16},
+        }
     # Context, not part of the verdict: every pair of runs, same seed (shared init and noise) or not.
     keys = list(means)
     for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
+        for b in keys[i + 1 :]:
             d = np.abs(np.array(means[a]) - np.array(means[b]))
             same = a.split("_")[1] == b.split("_")[1]
             out["pairs"][f"{a} vs {b}"] = {"same_seed": same, "max": float(d.max()), "mean": float(d.mean())}
-    out["rule"] = (f"{window}-step window means of the training loss (bits/dim); fp32 noise per window = range "
-                   f"over fp32 seeds {sorted(fp32)}; bf16 deviation per window = |bf16 s - fp32 s| (same seed); "
-                   f"within noise iff for every bf16 seed max(deviation) <= max(noise) and "
-                   f"mean(deviation) <= mean(noise)")
+    out["rule"] = (
+        f"{window}-step window means of the training loss (bits/dim); fp32 noise per window = range "
+        f"over fp32 seeds {sorted(fp32)}; bf16 deviation per window = |bf16 s - fp32 s| (same seed); "
+        f"within noise iff for every bf16 seed max(deviation) <= max(noise) and "
+        f"mean(deviation) <= mean(noise)"
+    )
     out["within_noise"] = ok
     out["init_within_1e-3"] = all(v["within_1e-3"] for v in out["init"].values())
     return out
@@ -268,8 +318,12 @@ def print_report(result: dict) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for w, (lo, hi) in enumerate(c["windows"]):
-        row = [f"{lo}-{hi}", *[f"{c['means'][n][w]:.4f}" for n in names], f"{c['fp32_noise']['per_window'][w]:.4f}",
-               *[f"{c['bf16_deviation'][s]['per_window'][w]:.4f}" for s in bf16]]
+        row = [
+            f"{lo}-{hi}",
+            *[f"{c['means'][n][w]:.4f}" for n in names],
+            f"{c['fp32_noise']['per_window'][w]:.4f}",
+            *[f"{c['bf16_deviation'][s]['per_window'][w]:.4f}" for s in bf16],
+        ]
         print("| " + " | ".join(row) + " |")
     print(f"\nfp32 noise: max {c['fp32_noise']['max']:.4f}, mean {c['fp32_noise']['mean']:.4f} bits/dim")
     for s, d in c["bf16_deviation"].items():
@@ -282,15 +336,21 @@ def print_report(result: dict) -> None:
     print("| " + " | ".join(ehead) + " |")
     print("|" + "---|" * len(ehead))
     for step, v in c["eval"].items():
-        row = [step, *[f"{v[n]:.4f}" for n in names], f"{v['fp32_noise']:.4f}",
-               *[f"{v[f'bf16_dev_{s}']:.4f}" for s in bf16]]
+        row = [
+            step,
+            *[f"{v[n]:.4f}" for n in names],
+            f"{v['fp32_noise']:.4f}",
+            *[f"{v[f'bf16_dev_{s}']:.4f}" for s in bf16],
+        ]
         print("| " + " | ".join(row) + " |")
     print()
     for s, v in c["init"].items():
-        print(f"init {s}: train step-0 loss fp32 {v['fp32_train_bpd']:.6f} bf16 {v['bf16_train_bpd']:.6f} "
-              f"(|diff| {v['train_diff']:.2e}); held-out fp32 {v['fp32_eval_bpd']:.6f} bf16 "
-              f"{v['bf16_eval_bpd']:.6f} (|diff| {v['eval_diff']:.2e}); within 1e-3: "
-              f"{'yes' if v['within_1e-3'] else 'no'}")
+        print(
+            f"init {s}: train step-0 loss fp32 {v['fp32_train_bpd']:.6f} bf16 {v['bf16_train_bpd']:.6f} "
+            f"(|diff| {v['train_diff']:.2e}); held-out fp32 {v['fp32_eval_bpd']:.6f} bf16 "
+            f"{v['bf16_eval_bpd']:.6f} (|diff| {v['eval_diff']:.2e}); within 1e-3: "
+            f"{'yes' if v['within_1e-3'] else 'no'}"
+        )
     print(f"rule: {c['rule']}")
     print(f"bf16 within fp32 noise: {'yes' if c['within_noise'] else 'no'}")
     print(f"init loss within 1e-3 bits/dim: {'yes' if c['init_within_1e-3'] else 'no'}")
@@ -315,17 +375,25 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fp32 runs (>= 2: the noise)")
     p.add_argument("--bf16-seeds", type=int, nargs="+", default=[0], help="bf16 runs (each also in --seeds)")
     p.add_argument("--batch", type=int, help="train.batch_size (default: the config's)")
-    p.add_argument("--data", default=None, help="a CIFAR-style image tar, a directory with train/ and test/ "
-                   "splits, or builtin:NAME (default: ../shared/data/cifar10-jpeg/train.tar, else photos32)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a CIFAR-style image tar, a directory with train/ and test/ "
+        "splits, or builtin:NAME (default: ../shared/data/cifar10-jpeg/train.tar, else photos32)",
+    )
     p.add_argument("--cache", type=Path, default=None, help="where the converted tar goes (default: the dbgen cache)")
     p.add_argument("--window", type=int, default=50, help="steps per curve window")
     p.add_argument("--eval-every", type=int, default=100, help="held-out eval every N steps (and at 0 and the end)")
     p.add_argument("--eval-rows", type=int, default=1024, help="held-out rows per eval")
     p.add_argument("--resolve-every", type=int, default=50, help="read the step results every N steps")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    p.add_argument("--tf32", choices=["off", "default"], default="off",
-                   help="CUDA: off = fp32 convolutions and matmuls in true fp32 (the reference); default = "
-                        "PyTorch's defaults (cuDNN convolutions in TF32), as dbgen.train runs")
+    p.add_argument(
+        "--tf32",
+        choices=["off", "default"],
+        default="off",
+        help="CUDA: off = fp32 convolutions and matmuls in true fp32 (the reference); default = "
+        "PyTorch's defaults (cuDNN convolutions in TF32), as dbgen.train runs",
+    )
     p.add_argument("--json-out", type=Path, help="write the result (curves, comparison, verdict) here")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = p.parse_args(argv)
@@ -352,18 +420,23 @@ def main(argv=None) -> dict:
     base = load_config(args.config, overrides)
     train_dir, test_dir, data_desc = resolve_data(args.data, args.cache or cache_root())
     x_eval = eval_set(test_dir, args.eval_rows)
-    print(f"config {args.config} {' '.join(overrides)}; data {data_desc}: train {open_split(train_dir).num_rows} "
-          f"rows, eval {len(x_eval)} held-out rows; batch {base.train.batch_size}, {args.steps} steps on "
-          f"{device}", flush=True)
+    print(
+        f"config {args.config} {' '.join(overrides)}; data {data_desc}: train {open_split(train_dir).num_rows} "
+        f"rows, eval {len(x_eval)} held-out rows; batch {base.train.batch_size}, {args.steps} steps on "
+        f"{device}",
+        flush=True,
+    )
 
     runs = []
     for precision, seeds in (("fp32", args.seeds), ("bf16", args.bf16_seeds)):
         for seed in seeds:
             cfg = load_config(base, [f"train.precision={precision}"])
             r = train_run(cfg, seed, train_dir, x_eval, args.steps, device, args.eval_every, args.resolve_every)
-            print(f"{precision} seed {seed}: {r['train_s']:.0f} s, loss {r['loss'][0]:.4f} -> {r['loss'][-1]:.4f}, "
-                  f"held-out {r['eval'][0]['bpd']:.4f} -> {r['eval'][-1]['bpd']:.4f}, skipped {r['skipped']}",
-                  flush=True)
+            print(
+                f"{precision} seed {seed}: {r['train_s']:.0f} s, loss {r['loss'][0]:.4f} -> {r['loss'][-1]:.4f}, "
+                f"held-out {r['eval'][0]['bpd']:.4f} -> {r['eval'][-1]['bpd']:.4f}, skipped {r['skipped']}",
+                flush=True,
+            )
             runs.append(r)
 
     result = {

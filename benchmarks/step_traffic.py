@@ -31,11 +31,45 @@ from dbgen.config import load_config
 from dbgen.step import PhaseClock, autocast_dtype, run_step, single_device_setup
 
 # Operators that only create views or read metadata: no kernel, no bytes.
-NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "permute", "t", "transpose", "as_strided", "detach",
-             "alias", "slice", "select", "unsqueeze", "squeeze", "split", "split_with_sizes", "chunk", "unbind",
-             "_reshape_alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-             "new_empty_strided", "is_same_size", "sym_size", "sym_stride", "sym_numel", "_local_scalar_dense",
-             "unsafe_split", "narrow", "diagonal", "view_as", "real", "set_", "resize_"}
+NO_KERNEL = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "expand",
+    "permute",
+    "t",
+    "transpose",
+    "as_strided",
+    "detach",
+    "alias",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "_reshape_alias",
+    "lift_fresh",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "is_same_size",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "_local_scalar_dense",
+    "unsafe_split",
+    "narrow",
+    "diagonal",
+    "view_as",
+    "real",
+    "set_",
+    "resize_",
+}
 CONV = {"convolution", "convolution_backward", "mkldnn_convolution", "_convolution"}
 
 
@@ -88,8 +122,11 @@ class OpTrace(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in NO_KERNEL:
             return out
-        moved = sum(_tensor_bytes(t) for t in _flat_tensors(args)) + sum(
-            _tensor_bytes(t) for t in _flat_tensors(kwargs or {})) + sum(_tensor_bytes(t) for t in _flat_tensors(out))
+        moved = (
+            sum(_tensor_bytes(t) for t in _flat_tensors(args))
+            + sum(_tensor_bytes(t) for t in _flat_tensors(kwargs or {}))
+            + sum(_tensor_bytes(t) for t in _flat_tensors(out))
+        )
         self.launches[name] += 1
         self.bytes[name] += moved
         if name in CONV:
@@ -166,33 +203,50 @@ def main(argv=None) -> int:
             return v1 + (v2 - v1) * (batch - b1) / (b2 - b1)
 
         conv_bytes = at(sum(t1.bytes[k] for k in CONV), sum(t2.bytes[k] for k in CONV))
-        other_bytes = at(sum(v for k, v in t1.bytes.items() if k not in CONV),
-                         sum(v for k, v in t2.bytes.items() if k not in CONV))
+        other_bytes = at(
+            sum(v for k, v in t1.bytes.items() if k not in CONV), sum(v for k, v in t2.bytes.items() if k not in CONV)
+        )
         flops = at(t1.flops, t2.flops)
         launches = sum(t2.launches.values())
         by_op = defaultdict(float)
         for k in set(t1.bytes) | set(t2.bytes):
             if k not in CONV:
                 by_op[k] = at(t1.bytes[k], t2.bytes[k])
-        top = sorted(by_op.items(), key=lambda kv: -kv[1])[:args.top]
-        r = {"config": path, "batch": batch, "launches": launches,
-             "conv_launches": sum(t2.launches[k] for k in CONV), "conv_flops": flops,
-             "conv_bytes": conv_bytes, "non_conv_bytes": other_bytes,
-             "conv_floor_ms": flops / args.peak * 1e3, "non_conv_floor_ms": other_bytes / args.bandwidth * 1e3,
-             "host_dispatch_us_per_op": overhead, "host_floor_ms": launches * overhead / 1e3,
-             "top_non_conv_ops_bytes": dict(top), "bandwidth": args.bandwidth, "peak": args.peak,
-             "launches_by_op": dict(t2.launches.most_common())}
+        top = sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top]
+        r = {
+            "config": path,
+            "batch": batch,
+            "launches": launches,
+            "conv_launches": sum(t2.launches[k] for k in CONV),
+            "conv_flops": flops,
+            "conv_bytes": conv_bytes,
+            "non_conv_bytes": other_bytes,
+            "conv_floor_ms": flops / args.peak * 1e3,
+            "non_conv_floor_ms": other_bytes / args.bandwidth * 1e3,
+            "host_dispatch_us_per_op": overhead,
+            "host_floor_ms": launches * overhead / 1e3,
+            "top_non_conv_ops_bytes": dict(top),
+            "bandwidth": args.bandwidth,
+            "peak": args.peak,
+            "launches_by_op": dict(t2.launches.most_common()),
+        }
         floor = max(r["conv_floor_ms"] + r["non_conv_floor_ms"], r["host_floor_ms"])
         r["images_per_s_bound"] = batch / floor * 1e3
         results.append(r)
         print(f"\n{path}  batch {batch} (bf16 autocast, eager; linear fit of batches {b1} and {b2})")
         print(f"  kernel launches per step      {launches:>10,d}   (convolutions {r['conv_launches']:,d})")
-        print(f"  conv FLOPs                    {flops / 1e12:>10.2f} T -> {r['conv_floor_ms']:.2f} ms at "
-              f"{args.peak / 1e12:.0f} TFLOP/s")
-        print(f"  non-conv bytes                {other_bytes / 1e9:>10.2f} GB -> {r['non_conv_floor_ms']:.2f} ms at "
-              f"{args.bandwidth / 1e12:.1f} TB/s")
-        print(f"  host time (this CPU, eager)   {overhead:>10.1f} us/op -> {r['host_floor_ms']:.2f} ms per step "
-              "(+ CUDA launch cost on a GPU)")
+        print(
+            f"  conv FLOPs                    {flops / 1e12:>10.2f} T -> {r['conv_floor_ms']:.2f} ms at "
+            f"{args.peak / 1e12:.0f} TFLOP/s"
+        )
+        print(
+            f"  non-conv bytes                {other_bytes / 1e9:>10.2f} GB -> {r['non_conv_floor_ms']:.2f} ms at "
+            f"{args.bandwidth / 1e12:.1f} TB/s"
+        )
+        print(
+            f"  host time (this CPU, eager)   {overhead:>10.1f} us/op -> {r['host_floor_ms']:.2f} ms per step "
+            "(+ CUDA launch cost on a GPU)"
+        )
         print(f"  bound (max(GPU floors, host)) {r['images_per_s_bound']:>10,.0f} images/s")
         print("  non-conv bytes by operator: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in top))
     if args.json_out:

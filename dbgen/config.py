@@ -88,20 +88,30 @@ class RVAEConfig:
 
     def __post_init__(self):
         # Shapes the model cannot be built with fail here, at load time, naming the key.
-        _require(self, "model", [
-            ("channels", self.channels >= 1, "a positive int"),
-            ("image_size", self.image_size >= 2 and self.image_size % 2 == 0,
-             "an even int >= 2 (the first conv halves it)"),
-            ("stride2_stages", self.stride2_stages >= 1 and self.image_size % 2**self.stride2_stages == 0,
-             f"an int >= 1 with image_size ({self.image_size}) divisible by 2**stride2_stages"),
-            ("width", self.width >= 1, "a positive int"),
-            ("zdim", self.zdim >= 1, "a positive int"),
-            ("num_stochastic", self.num_stochastic >= 1, "an int >= 1"),
-            ("num_proc_layers", self.num_proc_layers >= 0, "an int >= 0"),
-            ("proc_kernel", self.proc_kernel >= 1 and self.proc_kernel % 2 == 1, "an odd positive int"),
-            ("kernel", self.kernel >= 1 and self.kernel % 2 == 1, "an odd positive int"),
-            ("kl_min", self.kl_min >= 0, "a float >= 0"),
-        ])
+        _require(
+            self,
+            "model",
+            [
+                ("channels", self.channels >= 1, "a positive int"),
+                (
+                    "image_size",
+                    self.image_size >= 2 and self.image_size % 2 == 0,
+                    "an even int >= 2 (the first conv halves it)",
+                ),
+                (
+                    "stride2_stages",
+                    self.stride2_stages >= 1 and self.image_size % 2**self.stride2_stages == 0,
+                    f"an int >= 1 with image_size ({self.image_size}) divisible by 2**stride2_stages",
+                ),
+                ("width", self.width >= 1, "a positive int"),
+                ("zdim", self.zdim >= 1, "a positive int"),
+                ("num_stochastic", self.num_stochastic >= 1, "an int >= 1"),
+                ("num_proc_layers", self.num_proc_layers >= 0, "an int >= 0"),
+                ("proc_kernel", self.proc_kernel >= 1 and self.proc_kernel % 2 == 1, "an odd positive int"),
+                ("kernel", self.kernel >= 1 and self.kernel % 2 == 1, "an odd positive int"),
+                ("kl_min", self.kl_min >= 0, "a float >= 0"),
+            ],
+        )
 
 
 @dataclass(kw_only=True)
@@ -124,16 +134,21 @@ class FlowPPConfig:
     # The main flow, in order: couplings split into even / odd columns ("stripe") or channel halves ("channel"),
     # and "squeeze" (space-to-depth, C x S x S -> 4C x S/2 x S/2). Default: Flow++'s CIFAR-10 flow.
     flow: list[Literal["stripe", "channel", "squeeze"]] = field(
-        default_factory=lambda: ["stripe"] * 4 + ["squeeze"] + ["channel"] * 2 + ["stripe"] * 3)
+        default_factory=lambda: ["stripe"] * 4 + ["squeeze"] + ["channel"] * 2 + ["stripe"] * 3
+    )
 
     def __post_init__(self):
         # Shapes the model cannot be built with fail here, at load time, naming the key.
         steps_ok = all(step in ("stripe", "channel", "squeeze") for step in self.flow)
-        _require(self, "model", [
-            ("channels", self.channels >= 1, "a positive int"),
-            ("flow", steps_ok, "a list of 'stripe', 'channel' and 'squeeze' steps"),
-            ("flow", any(step != "squeeze" for step in self.flow), "at least one 'stripe' or 'channel' coupling"),
-        ])
+        _require(
+            self,
+            "model",
+            [
+                ("channels", self.channels >= 1, "a positive int"),
+                ("flow", steps_ok, "a list of 'stripe', 'channel' and 'squeeze' steps"),
+                ("flow", any(step != "squeeze" for step in self.flow), "at least one 'stripe' or 'channel' coupling"),
+            ],
+        )
         # A stripe split halves the width, a squeeze halves both sides: image_size must stay even through the
         # dequantization flow's stripe split (full size) and every split and squeeze of the main flow.
         multiple, squeezes, odd_split_at = 2, 0, None
@@ -144,20 +159,31 @@ class FlowPPConfig:
                 multiple = max(multiple, 2 ** (squeezes + 1))
             if step == "squeeze":
                 squeezes += 1
-        _require(self, "model", [
-            ("flow", odd_split_at is None, f"an even channel count at each 'channel' step (step {odd_split_at} "
-                                           f"splits {self.channels} channels: squeeze first)"),
-            ("image_size", self.image_size >= multiple and self.image_size % multiple == 0,
-             f"a multiple of {multiple} (the stripe splits and squeezes of model.flow halve it)"),
-            ("hdim", self.hdim >= 1, "a positive int"),
-            ("blocks", self.blocks >= 1, "an int >= 1"),
-            ("mix_components", self.mix_components >= 1, "an int >= 1"),
-            ("dropout", 0.0 <= self.dropout < 1.0, "a float in [0, 1)"),
-            ("dequant_couplings", self.dequant_couplings >= 1, "an int >= 1"),
-            ("dequant_blocks", self.dequant_blocks >= 1, "an int >= 1"),
-            ("dequant_context_hdim", self.dequant_context_hdim >= 1, "a positive int"),
-            ("dequant_context_blocks", self.dequant_context_blocks >= 0, "an int >= 0"),
-        ])
+        _require(
+            self,
+            "model",
+            [
+                (
+                    "flow",
+                    odd_split_at is None,
+                    f"an even channel count at each 'channel' step (step {odd_split_at} "
+                    f"splits {self.channels} channels: squeeze first)",
+                ),
+                (
+                    "image_size",
+                    self.image_size >= multiple and self.image_size % multiple == 0,
+                    f"a multiple of {multiple} (the stripe splits and squeezes of model.flow halve it)",
+                ),
+                ("hdim", self.hdim >= 1, "a positive int"),
+                ("blocks", self.blocks >= 1, "an int >= 1"),
+                ("mix_components", self.mix_components >= 1, "an int >= 1"),
+                ("dropout", 0.0 <= self.dropout < 1.0, "a float in [0, 1)"),
+                ("dequant_couplings", self.dequant_couplings >= 1, "an int >= 1"),
+                ("dequant_blocks", self.dequant_blocks >= 1, "an int >= 1"),
+                ("dequant_context_hdim", self.dequant_context_hdim >= 1, "a positive int"),
+                ("dequant_context_blocks", self.dequant_context_blocks >= 0, "an int >= 0"),
+            ],
+        )
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -182,12 +208,16 @@ class OptimizerConfig:
 
     def __post_init__(self):
         # A NaN or infinite value, or betas outside [0, 1), only shows up later as NaN weights or skipped steps.
-        _require(self, "optimizer", [
-            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
-            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
-            ("eps", math.isfinite(self.eps) and self.eps > 0, "a finite number > 0"),
-            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
-        ])
+        _require(
+            self,
+            "optimizer",
+            [
+                ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+                ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+                ("eps", math.isfinite(self.eps) and self.eps > 0, "a finite number > 0"),
+                ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ],
+        )
 
 
 @dataclass(kw_only=True)
@@ -200,11 +230,15 @@ class ScheduleConfig:
 
     def __post_init__(self):
         # decay > 1 grows the learning rate without bound (every step is then skipped); decay <= 0 is no schedule.
-        _require(self, "schedule", [
-            ("decay", math.isfinite(self.decay) and 0 < self.decay <= 1, "a number in (0, 1]"),
-            ("min_lr", math.isfinite(self.min_lr) and self.min_lr >= 0, "a finite number >= 0"),
-            ("warmup_steps", self.warmup_steps >= 0, "an int >= 0"),
-        ])
+        _require(
+            self,
+            "schedule",
+            [
+                ("decay", math.isfinite(self.decay) and 0 < self.decay <= 1, "a number in (0, 1]"),
+                ("min_lr", math.isfinite(self.min_lr) and self.min_lr >= 0, "a finite number >= 0"),
+                ("warmup_steps", self.warmup_steps >= 0, "an int >= 0"),
+            ],
+        )
 
 
 @dataclass(kw_only=True)
@@ -242,23 +276,29 @@ class TrainConfig:
 
     def __post_init__(self):
         # What would otherwise only fail inside a worker, after Ray and DeepSpeed started.
-        _require(self, "train", [
-            # Evaluating a run without training is dbgen.evaluate's job, not a run of 0 steps.
-            ("max_steps", self.max_steps >= 1, "an int >= 1 (to evaluate a run: python -m dbgen.evaluate)"),
-            ("grad_accum", self.grad_accum >= 1, "an int >= 1"),
-            ("grad_clip", self.grad_clip > 0, "a number > 0"),
-            ("skip_threshold", self.skip_threshold > 0, "a number > 0"),
-            ("max_bad_steps", self.max_bad_steps >= 1, "an int >= 1"),
-            ("init_batch_size", self.init_batch_size >= 1, "an int >= 1"),
-            ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "null or in (0, 1)"),
-            *[(key, getattr(self, key) >= 0, "an int >= 0 (0: only at the end)")
-              for key in ("checkpoint_every", "eval_every", "sample_every")],
-            ("log_every", self.log_every >= 1, "an int >= 1"),
-            ("keep_checkpoints", self.keep_checkpoints >= 1, "an int >= 1"),
-            ("eval_batch_size", self.eval_batch_size >= 1, "an int >= 1"),
-            ("eval_batches", self.eval_batches is None or self.eval_batches >= 1, "null or >= 1"),
-            ("num_samples", self.num_samples >= 0, "an int >= 0"),
-        ])
+        _require(
+            self,
+            "train",
+            [
+                # Evaluating a run without training is dbgen.evaluate's job, not a run of 0 steps.
+                ("max_steps", self.max_steps >= 1, "an int >= 1 (to evaluate a run: python -m dbgen.evaluate)"),
+                ("grad_accum", self.grad_accum >= 1, "an int >= 1"),
+                ("grad_clip", self.grad_clip > 0, "a number > 0"),
+                ("skip_threshold", self.skip_threshold > 0, "a number > 0"),
+                ("max_bad_steps", self.max_bad_steps >= 1, "an int >= 1"),
+                ("init_batch_size", self.init_batch_size >= 1, "an int >= 1"),
+                ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "null or in (0, 1)"),
+                *[
+                    (key, getattr(self, key) >= 0, "an int >= 0 (0: only at the end)")
+                    for key in ("checkpoint_every", "eval_every", "sample_every")
+                ],
+                ("log_every", self.log_every >= 1, "an int >= 1"),
+                ("keep_checkpoints", self.keep_checkpoints >= 1, "an int >= 1"),
+                ("eval_batch_size", self.eval_batch_size >= 1, "an int >= 1"),
+                ("eval_batches", self.eval_batches is None or self.eval_batches >= 1, "null or >= 1"),
+                ("num_samples", self.num_samples >= 0, "an int >= 0"),
+            ],
+        )
 
 
 @dataclass(kw_only=True)
@@ -271,11 +311,15 @@ class ScaleConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
 
     def __post_init__(self):
-        _require(self, "scale", [
-            ("num_workers", self.num_workers >= 1, "an int >= 1"),
-            ("cpus_per_worker", self.cpus_per_worker > 0, "a number > 0"),
-            ("max_failures", self.max_failures >= 0, "an int >= 0"),
-        ])
+        _require(
+            self,
+            "scale",
+            [
+                ("num_workers", self.num_workers >= 1, "an int >= 1"),
+                ("cpus_per_worker", self.cpus_per_worker > 0, "a number > 0"),
+                ("max_failures", self.max_failures >= 0, "an int >= 0"),
+            ],
+        )
 
 
 @dataclass(kw_only=True)
@@ -285,8 +329,17 @@ class CommConfig:
     onebit_warmup_steps: int = 100
 
     def __post_init__(self):
-        _require(self, "comm", [("onebit_warmup_steps", self.onebit_warmup_steps >= 0,
-                                 "an int >= 0 (uncompressed steps before 1-bit gradients)")])
+        _require(
+            self,
+            "comm",
+            [
+                (
+                    "onebit_warmup_steps",
+                    self.onebit_warmup_steps >= 0,
+                    "an int >= 0 (uncompressed steps before 1-bit gradients)",
+                )
+            ],
+        )
 
 
 @dataclass(kw_only=True)
@@ -306,11 +359,22 @@ class Config:
         if mode != ("dp", "none"):
             with_mode = f"with comm.binary_weights={mode[0]}, comm.binary_grads={mode[1]}"
             what = " and shards the binary latents and their optimizer state" if mode[0] == "packed" else ""
-            _require(self, "", [
-                ("model.binary_weights", self.model.binary_weights, f"true {with_mode} (they act on binary layers)"),
-                ("scale.zero_stage", self.scale.zero_stage == 0,
-                 f"0 {with_mode} (the mode exchanges gradients itself{what})"),
-            ])
+            _require(
+                self,
+                "",
+                [
+                    (
+                        "model.binary_weights",
+                        self.model.binary_weights,
+                        f"true {with_mode} (they act on binary layers)",
+                    ),
+                    (
+                        "scale.zero_stage",
+                        self.scale.zero_stage == 0,
+                        f"0 {with_mode} (the mode exchanges gradients itself{what})",
+                    ),
+                ],
+            )
 
     def to_dict(self) -> dict:
         return _plain(asdict(self))
@@ -324,8 +388,10 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
     t = cfg.train
     per_step = world_size * t.grad_accum
     if t.grad_accum < 1 or t.batch_size < 1 or t.batch_size % per_step:
-        raise ConfigError(f"'train.batch_size' = {t.batch_size}: expected a positive multiple of "
-                          f"scale.num_workers ({world_size}) x train.grad_accum ({t.grad_accum}) = {per_step}")
+        raise ConfigError(
+            f"'train.batch_size' = {t.batch_size}: expected a positive multiple of "
+            f"scale.num_workers ({world_size}) x train.grad_accum ({t.grad_accum}) = {per_step}"
+        )
     return t.batch_size // per_step
 
 
@@ -412,8 +478,9 @@ def _build(cls, raw, path: str, origin: str):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"{origin}: unknown key '{key}' (known keys of '{path or 'config'}': "
-                          f"{', '.join(sorted(fields))})")
+        raise ConfigError(
+            f"{origin}: unknown key '{key}' (known keys of '{path or 'config'}': {', '.join(sorted(fields))})"
+        )
     kwargs = {}
     for name, f in fields.items():
         key = f"{path}.{name}" if path else name
@@ -443,8 +510,9 @@ def _coerce(tp, value, key: str, origin: str):
                 raise ConfigError(f"{origin}: '{key}' needs a 'name' (one of {', '.join(MODEL_CONFIGS)})")
             cls = MODEL_CONFIGS.get(value["name"])
             if cls is None:
-                raise ConfigError(f"{origin}: '{key}.name' = {value['name']!r}: expected one of "
-                                  f"{', '.join(MODEL_CONFIGS)}")
+                raise ConfigError(
+                    f"{origin}: '{key}.name' = {value['name']!r}: expected one of {', '.join(MODEL_CONFIGS)}"
+                )
             return _build(cls, value, key, origin)
         for a in args:
             if a is type(None):

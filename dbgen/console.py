@@ -34,8 +34,11 @@ class _Format(logging.Formatter):
     """``HH:MM:SS message`` for dbgen's info lines; level and logger name for everything else."""
 
     def format(self, record: logging.LogRecord) -> str:
-        self._style._fmt = ("%(asctime)s %(message)s" if record.levelno == logging.INFO
-                            and record.name.startswith("dbgen") else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._style._fmt = (
+            "%(asctime)s %(message)s"
+            if record.levelno == logging.INFO and record.name.startswith("dbgen")
+            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         return super().format(record)
 
 
@@ -58,9 +61,11 @@ def format_record(rec: dict, max_steps: int) -> str | None:
     """The console line of one ``metrics.jsonl`` record (None for kinds that get no line)."""
     kind = rec.get("kind")
     if kind == "train":
-        return (f"step {rec['step']:>{len(str(max_steps))}}/{max_steps} | bpd {rec['bpd']:.4f} | "
-                f"{rec['images_per_s']:.0f} img/s | grad norm {rec['grad_norm']:.3g} | lr {rec['lr']:.3g} | "
-                f"skipped {rec['skipped']} | eta {_eta(rec['eta_s'])}")
+        return (
+            f"step {rec['step']:>{len(str(max_steps))}}/{max_steps} | bpd {rec['bpd']:.4f} | "
+            f"{rec['images_per_s']:.0f} img/s | grad norm {rec['grad_norm']:.3g} | lr {rec['lr']:.3g} | "
+            f"skipped {rec['skipped']} | eta {_eta(rec['eta_s'])}"
+        )
     if kind == "eval":
         bpd = "n/a" if rec["eval_bpd"] is None else f"{rec['eval_bpd']:.4f}"
         return f"step {rec['step']} | eval bpd {bpd} on {rec['rows']} rows ({rec['seconds']:.1f}s)"

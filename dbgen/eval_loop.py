@@ -59,8 +59,14 @@ def use_engine(model: nn.Module, engine: str) -> nn.Module:
 
 
 @torch.no_grad()
-def bpd_sum(model: nn.Module, batches: Iterable[torch.Tensor], *, samples: int = 1, max_batches: int | None = None,
-            to_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+def bpd_sum(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    samples: int = 1,
+    max_batches: int | None = None,
+    to_device: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int]:
     """``(sum of per-row bits/dim as a float64 tensor on the model's device, rows)`` over the first
     ``max_batches`` (all if None) of ``batches`` (uint8 NCHW). Each row's bound uses ``samples`` importance
     samples (1: the ELBO / the flow's dequantized bound). ``to_device`` moves a batch (default: ``.to`` the
@@ -76,8 +82,9 @@ def bpd_sum(model: nn.Module, batches: Iterable[torch.Tensor], *, samples: int =
     return total, rows
 
 
-def evaluate_bpd(model: nn.Module, batches: Iterable[torch.Tensor], samples: int = 1,
-                 max_batches: int | None = None) -> tuple[float, int]:
+def evaluate_bpd(
+    model: nn.Module, batches: Iterable[torch.Tensor], samples: int = 1, max_batches: int | None = None
+) -> tuple[float, int]:
     """Mean bits/dim over every row of ``batches`` (uint8 NCHW tensors) and the number of rows (nan for none)."""
     total, rows = bpd_sum(model, batches, samples=samples, max_batches=max_batches)
     return (total.item() / rows if rows else math.nan), rows

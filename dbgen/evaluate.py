@@ -41,19 +41,30 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (<storage>/<name>)")
     src.add_argument("--packed", help="a packed artifact (python -m dbgen.export) instead of a run")
-    p.add_argument("--workers", type=int, default=0, help="evaluate with N Ray actors that get the weights as "
-                   "packed bytes through the object store (shard i seeded with dbgen.rundir.derive_seed; --max-batches "
-                   "then bounds each shard)")
-    p.add_argument("--data", default=None, help="held-out split (directory or builtin:NAME); default: the "
-                   "run's data.eval")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="evaluate with N Ray actors that get the weights as "
+        "packed bytes through the object store (shard i seeded with dbgen.rundir.derive_seed; --max-batches "
+        "then bounds each shard)",
+    )
+    p.add_argument(
+        "--data", default=None, help="held-out split (directory or builtin:NAME); default: the run's data.eval"
+    )
     p.add_argument("--samples", type=int, default=1, help="importance samples per example (1 = ELBO)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--engine", choices=ENGINES, default=None, help="packed: binary layers on the bitwise "
-                   "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="packed: binary layers on the bitwise "
+        "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)",
+    )
     args = p.parse_args(argv)
     if args.samples < 1 or args.batch_size < 1:
         p.error("--samples and --batch-size must be >= 1")
@@ -83,27 +94,46 @@ def main(argv=None) -> int:
         import ray  # here: only --workers needs Ray (seconds to import)
 
         log.info(connect_ray())
-        artifact = artifact or pack_model(model, info["config"], {"checkpoint": info["checkpoint"],
-                                                                  "step": info["step"], "ema": info["ema"]})
+        artifact = artifact or pack_model(
+            model, info["config"], {"checkpoint": info["checkpoint"], "step": info["step"], "ema": info["ema"]}
+        )
         # More actors than the cluster's CPUs share them (a whole CPU each would leave some never scheduled).
         cpus_per_actor = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.workers)
-        res = evaluate_with_actors(artifact, split, args.workers, batch_size=args.batch_size,
-                                   samples=args.samples, seed=args.seed, max_batches=args.max_batches,
-                                   cpus_per_actor=cpus_per_actor, engine=args.engine)
+        res = evaluate_with_actors(
+            artifact,
+            split,
+            args.workers,
+            batch_size=args.batch_size,
+            samples=args.samples,
+            seed=args.seed,
+            max_batches=args.max_batches,
+            cpus_per_actor=cpus_per_actor,
+            engine=args.engine,
+        )
         bpd, rows = res["bpd"], res["rows"]
         engine = res["engine"]
     else:
-        bpd, rows = evaluate_bpd(use_engine(model, engine), loader, samples=args.samples,
-                                 max_batches=args.max_batches)
-    result = {"run": str(Path(args.run or args.packed)), "checkpoint": info["checkpoint"], "step": info["step"],
-              "data": str(split), "rows": rows, "samples": args.samples, "ema": info["ema"], "bpd": bpd,
-              "engine": engine, "seconds": round(time.perf_counter() - t0, 3)}
+        bpd, rows = evaluate_bpd(use_engine(model, engine), loader, samples=args.samples, max_batches=args.max_batches)
+    result = {
+        "run": str(Path(args.run or args.packed)),
+        "checkpoint": info["checkpoint"],
+        "step": info["step"],
+        "data": str(split),
+        "rows": rows,
+        "samples": args.samples,
+        "ema": info["ema"],
+        "bpd": bpd,
+        "engine": engine,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     if args.json:
         print(json.dumps(result))
     else:
         bound = "ELBO" if args.samples == 1 else f"IW bound, K={args.samples}"
-        print(f"{bpd:.4f} bits/dim ({bound}) on {rows} rows of {split}, step {info['step']}, "
-              f"{'EMA' if info['ema'] else 'raw'} weights, {engine} engine")
+        print(
+            f"{bpd:.4f} bits/dim ({bound}) on {rows} rows of {split}, step {info['step']}, "
+            f"{'EMA' if info['ema'] else 'raw'} weights, {engine} engine"
+        )
     return 0
 
 

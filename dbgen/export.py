@@ -50,16 +50,34 @@ from .nn import binary_layers, packed_state_dict
 from .nn.state import PACKED_SUFFIX, load_packed_state_dict
 from .rundir import RunError, derive_seed, load_run
 
-__all__ = ["ArtifactError", "PackedArtifact", "PackedModelActor", "evaluate_with_actors", "export_model",
-           "export_run", "load_artifact", "load_packed", "main", "pack_model", "read_packed"]
+__all__ = [
+    "ArtifactError",
+    "PackedArtifact",
+    "PackedModelActor",
+    "evaluate_with_actors",
+    "export_model",
+    "export_run",
+    "load_artifact",
+    "load_packed",
+    "main",
+    "pack_model",
+    "read_packed",
+]
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"DBGENPK\x01"
 VERSION = 1
 FORMAT = "dbgen-packed"
-_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16,
-           "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+_DTYPES = {
+    "uint8": torch.uint8,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
 _PREFIX = len(MAGIC) + 8
 _TRAILER = 32
 
@@ -87,15 +105,27 @@ def pack_model(model: nn.Module, cfg: Config, source: dict | None = None) -> byt
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
         raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # native order: little-endian
-        entry = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
-                 "nbytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        entry = {
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "offset": offset,
+            "nbytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+        }
         if name.endswith(PACKED_SUFFIX):
             entry["binary_shape"] = shapes[name.removesuffix(PACKED_SUFFIX)]
         entries[name] = entry
         chunks.append(raw)
         offset += len(raw)
-    header = {"format": FORMAT, "version": VERSION, "dbgen_version": __version__, "config": cfg.to_dict(),
-              "source": source or {}, "tensors": entries, "payload_bytes": offset}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dbgen_version": __version__,
+        "config": cfg.to_dict(),
+        "source": source or {},
+        "tensors": entries,
+        "payload_bytes": offset,
+    }
     head = json.dumps(header, sort_keys=True).encode()
     body = b"".join([MAGIC, struct.pack("<Q", len(head)), head, *chunks])
     return body + hashlib.sha256(body).digest()
@@ -113,8 +143,12 @@ def export_run(run_dir: str | Path, out: str | Path, ema: bool = True, allow_non
     weights if it kept an EMA and ``ema``. It is verified first; one taken from non-finite weights is refused
     unless ``allow_nonfinite`` (:func:`dbgen.rundir.open_checkpoint`)."""
     model, info = load_run(run_dir, ema=ema, allow_nonfinite=allow_nonfinite)
-    source = {"run": str(Path(run_dir).resolve()), "checkpoint": info["checkpoint"], "step": info["step"],
-              "ema": info["ema"]}
+    source = {
+        "run": str(Path(run_dir).resolve()),
+        "checkpoint": info["checkpoint"],
+        "step": info["step"],
+        "ema": info["ema"],
+    }
     result = export_model(model, info["config"], out, source)
     return {**result, **source}
 
@@ -139,17 +173,17 @@ def read_packed(source: str | Path | bytes) -> PackedArtifact:
 
 def _parse(data: bytes, name: str) -> PackedArtifact:
     """:func:`read_packed` of ``data``; ``name`` (the file, or ``<bytes>``) starts every error message."""
-    if len(data) < len(MAGIC) or data[:len(MAGIC) - 1] != MAGIC[:-1]:
+    if len(data) < len(MAGIC) or data[: len(MAGIC) - 1] != MAGIC[:-1]:
         raise ArtifactError(f"{name}: not a dbgen packed artifact (no {MAGIC[:-1]!r} magic)")
     if data[len(MAGIC) - 1] != VERSION:
         raise ArtifactError(f"{name}: format version {data[len(MAGIC) - 1]}, this dbgen reads version {VERSION}")
     if len(data) < _PREFIX + _TRAILER:
         raise ArtifactError(f"{name}: truncated ({len(data)} bytes, shorter than the fixed parts)")
-    (head_len,) = struct.unpack("<Q", data[len(MAGIC):_PREFIX])
+    (head_len,) = struct.unpack("<Q", data[len(MAGIC) : _PREFIX])
     header = None
     if _PREFIX + head_len + _TRAILER <= len(data):
         try:
-            header = json.loads(data[_PREFIX:_PREFIX + head_len])
+            header = json.loads(data[_PREFIX : _PREFIX + head_len])
         except (UnicodeDecodeError, ValueError):
             header = None
     expected = None
@@ -158,16 +192,17 @@ def _parse(data: bytes, name: str) -> PackedArtifact:
     if expected is not None and len(data) < expected or expected is None and _PREFIX + head_len > len(data):
         raise ArtifactError(f"{name}: truncated ({len(data)} bytes, the header says {expected or 'more'})")
     if hashlib.sha256(data[:-_TRAILER]).digest() != data[-_TRAILER:]:
-        raise ArtifactError(f"{name}: checksum mismatch (SHA-256 of the file body does not match its trailer): "
-                            f"the file is corrupted")
+        raise ArtifactError(
+            f"{name}: checksum mismatch (SHA-256 of the file body does not match its trailer): the file is corrupted"
+        )
     if header is None or header.get("format") != FORMAT:
         raise ArtifactError(f"{name}: unreadable header (format {header.get('format') if header else None!r})")
     if len(data) != expected:
         raise ArtifactError(f"{name}: {len(data)} bytes, the header says {expected}")
-    payload = memoryview(data)[_PREFIX + head_len:-_TRAILER]
+    payload = memoryview(data)[_PREFIX + head_len : -_TRAILER]
     tensors = {}
     for key, e in header["tensors"].items():
-        raw = payload[e["offset"]:e["offset"] + e["nbytes"]]
+        raw = payload[e["offset"] : e["offset"] + e["nbytes"]]
         if hashlib.sha256(raw).hexdigest() != e["sha256"]:
             raise ArtifactError(f"{name}: checksum mismatch in tensor {key!r}: the file is corrupted")
         dtype = _DTYPES.get(e["dtype"])
@@ -199,8 +234,9 @@ def _build(art: PackedArtifact, device: str | torch.device, name: str) -> nn.Mod
         if "binary_shape" in e:
             own = model.get_parameter(key.removesuffix(PACKED_SUFFIX))
             if list(own.shape) != e["binary_shape"]:
-                raise ArtifactError(f"{name}: tensor {key}: stored for shape {e['binary_shape']}, model has "
-                                    f"{list(own.shape)}")
+                raise ArtifactError(
+                    f"{name}: tensor {key}: stored for shape {e['binary_shape']}, model has {list(own.shape)}"
+                )
     try:
         load_packed_state_dict(model, art.tensors)
     except ValueError as e:
@@ -242,8 +278,16 @@ class PackedModelActor:
         return {**self.received, "params": sum(p.numel() for p in self.model.parameters())}
 
     @torch.no_grad()
-    def evaluate(self, split: str, shard: int, shards: int, batch_size: int, samples: int, seed: int,
-                 max_batches: int | None = None) -> tuple[float, int]:
+    def evaluate(
+        self,
+        split: str,
+        shard: int,
+        shards: int,
+        batch_size: int,
+        samples: int,
+        seed: int,
+        max_batches: int | None = None,
+    ) -> tuple[float, int]:
         """(sum of bits/dim, rows) over this shard's rows of ``split`` (EvalLoader rank ``shard`` of
         ``shards``), with the RNG seeded by ``seed``."""
         torch.manual_seed(seed)
@@ -257,9 +301,17 @@ class PackedModelActor:
         return self.model.sample(n, temperature=temperature)
 
 
-def evaluate_with_actors(artifact: bytes, split: str | Path, workers: int, batch_size: int = 256, samples: int = 1,
-                         seed: int = 0, max_batches: int | None = None, cpus_per_actor: float = 1.0,
-                         engine: str | None = None) -> dict:
+def evaluate_with_actors(
+    artifact: bytes,
+    split: str | Path,
+    workers: int,
+    batch_size: int = 256,
+    samples: int = 1,
+    seed: int = 0,
+    max_batches: int | None = None,
+    cpus_per_actor: float = 1.0,
+    engine: str | None = None,
+) -> dict:
     """Bits/dim of an artifact over ``split`` with ``workers`` Ray actors (Ray must be initialized).
 
     The artifact's bytes go into the object store once (``ray.put``); each actor receives them as its
@@ -272,29 +324,46 @@ def evaluate_with_actors(artifact: bytes, split: str | Path, workers: int, batch
     Actor = ray.remote(num_cpus=cpus_per_actor)(PackedModelActor)
     actors = [Actor.remote(ref, engine=engine) for _ in range(workers)]
     try:
-        parts = ray.get([a.evaluate.remote(str(split), i, workers, batch_size, samples, derive_seed(seed, i),
-                                           max_batches) for i, a in enumerate(actors)])
+        parts = ray.get(
+            [
+                a.evaluate.remote(str(split), i, workers, batch_size, samples, derive_seed(seed, i), max_batches)
+                for i, a in enumerate(actors)
+            ]
+        )
         received = ray.get(actors[0].info.remote())
         engine = ray.get(actors[0].engine.remote())
     finally:
         for a in actors:
             ray.kill(a)
     total, rows = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    return {"bpd": total / rows if rows else math.nan, "rows": rows, "workers": workers,
-            "object_store_bytes": len(artifact), "received": received, "engine": engine}
+    return {
+        "bpd": total / rows if rows else math.nan,
+        "rows": rows,
+        "workers": workers,
+        "object_store_bytes": len(artifact),
+        "received": received,
+        "engine": engine,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dbgen.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (<storage>/<name>): its latest checkpoint; or "
-                   "one checkpoint directory (<run>/checkpoint_<step>)")
+    p.add_argument(
+        "--run",
+        required=True,
+        help="run directory (<storage>/<name>): its latest checkpoint; or "
+        "one checkpoint directory (<run>/checkpoint_<step>)",
+    )
     p.add_argument("--out", required=True, help="artifact file to write (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--force", action="store_true", help="export a checkpoint taken from non-finite weights "
-                   "(a diverged run) instead of refusing it")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="export a checkpoint taken from non-finite weights (a diverged run) instead of refusing it",
+    )
     args = p.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
         print(f"error: {args.out}: already exists; pass --overwrite to replace it", file=sys.stderr)
@@ -307,8 +376,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['path']}: {result['bytes'] / 1e6:.2f} MB (step {result['step']} of {args.run}, "
-              f"{'EMA' if result['ema'] else 'raw'} weights), sha256 {result['sha256']}")
+        print(
+            f"{result['path']}: {result['bytes'] / 1e6:.2f} MB (step {result['step']} of {args.run}, "
+            f"{'EMA' if result['ema'] else 'raw'} weights), sha256 {result['sha256']}"
+        )
     return 0
 
 

@@ -61,8 +61,10 @@ def torch_trainer(*args, **kwargs):
     from ray.train.torch import TorchTrainer
 
     if not hasattr(TorchTrainer, "_initialize_and_run_controller"):
-        log.warning("this Ray version has no TorchTrainer._initialize_and_run_controller: fatal errors (bad data, "
-                    "checkpoint or config) are retried scale.max_failures times like worker deaths")
+        log.warning(
+            "this Ray version has no TorchTrainer._initialize_and_run_controller: fatal errors (bad data, "
+            "checkpoint or config) are retried scale.max_failures times like worker deaths"
+        )
         return TorchTrainer(*args, **kwargs)
 
     class DbgenTorchTrainer(TorchTrainer):

@@ -27,7 +27,7 @@ def image_grid(images: torch.Tensor, pad: int = 2) -> np.ndarray:
     hwc = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
     for i in range(n):
         r, k = divmod(i, cols)
-        grid[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = hwc[i]
+        grid[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = hwc[i]
     return grid
 
 

@@ -40,19 +40,22 @@ def inspect_config(config, overrides=()) -> dict:
 
 def _human(report: dict, config: str) -> str:
     kind = {(False, False): "32/32", (True, False): "1/32", (True, True): "1/1", (False, True): "32/1"}[
-        (report["binary_weights"], report["binary_activations"])]
+        (report["binary_weights"], report["binary_activations"])
+    ]
     types = ", ".join(f"{n} x{c}" for n, c in report["binary_layer_types"].items()) or "none"
-    return "\n".join([
-        f"config           {config}",
-        f"model            {report['model']} (weights/activations {kind})",
-        f"params           {report['params']:,} ({report['params'] / 1e6:.2f}M)",
-        f"binary params    {report['binary_params']:,} in {report['binary_tensors']} tensors",
-        f"binary fraction  {report['binary_fraction']:.4f}",
-        f"binary layers    {types}",
-        f"fp32 size        {report['fp32_mb']:.2f} MB",
-        f"packed size      {report['packed_mb']:.2f} MB (binary 1 bit, rest fp32); "
-        f"{report['packed_fp16_mb']:.2f} MB with fp16 rest",
-    ])
+    return "\n".join(
+        [
+            f"config           {config}",
+            f"model            {report['model']} (weights/activations {kind})",
+            f"params           {report['params']:,} ({report['params'] / 1e6:.2f}M)",
+            f"binary params    {report['binary_params']:,} in {report['binary_tensors']} tensors",
+            f"binary fraction  {report['binary_fraction']:.4f}",
+            f"binary layers    {types}",
+            f"fp32 size        {report['fp32_mb']:.2f} MB",
+            f"packed size      {report['packed_mb']:.2f} MB (binary 1 bit, rest fp32); "
+            f"{report['packed_fp16_mb']:.2f} MB with fp16 rest",
+        ]
+    )
 
 
 UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -70,29 +73,40 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: expected bytes, e.g. 80GiB, 141GB or 1048576") from None
 
 
-MEMORY_ROWS = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
-               ("binary signs", "binary_signs"), ("reduce buffers", "reduce_buffers"),
-               ("materialized weights", "materialized_weights"), ("activations", "activations"),
-               ("activations (ckpt)", "activations_checkpointed"), ("total", "total"),
-               ("total (ckpt)", "total_checkpointed")]
+MEMORY_ROWS = [
+    ("parameters", "parameters"),
+    ("gradients", "gradients"),
+    ("optimizer state", "optimizer"),
+    ("binary signs", "binary_signs"),
+    ("reduce buffers", "reduce_buffers"),
+    ("materialized weights", "materialized_weights"),
+    ("activations", "activations"),
+    ("activations (ckpt)", "activations_checkpointed"),
+    ("total", "total"),
+    ("total (ckpt)", "total_checkpointed"),
+]
 
 
 def _memory_table(plan: MemoryPlan, config: str) -> str:
     """One column per mode, one row per term, in bytes (and GiB for the totals)."""
     names = [m.mode for m in plan.modes]
-    lines = [f"config  {config}",
-             f"model   {plan.model}: {plan.params:,} parameters, {plan.binary_params:,} binary",
-             f"per worker: {plan.workers} workers, global batch {plan.batch} = {plan.workers} x {plan.micro_batch} "
-             f"rows; activations {plan.activation_bytes_per_row:,} B/row "
-             f"({plan.activation_bytes_per_row_checkpointed:,} with checkpointing), measured on CPU fp32",
-             f"{'bytes':22s}" + "".join(f"{n:>16s}" for n in names)]
+    lines = [
+        f"config  {config}",
+        f"model   {plan.model}: {plan.params:,} parameters, {plan.binary_params:,} binary",
+        f"per worker: {plan.workers} workers, global batch {plan.batch} = {plan.workers} x {plan.micro_batch} "
+        f"rows; activations {plan.activation_bytes_per_row:,} B/row "
+        f"({plan.activation_bytes_per_row_checkpointed:,} with checkpointing), measured on CPU fp32",
+        f"{'bytes':22s}" + "".join(f"{n:>16s}" for n in names),
+    ]
     for label, key in MEMORY_ROWS:
         lines.append(f"{label:22s}" + "".join(f"{getattr(m, key):>16,}" for m in plan.modes))
     lines.append(f"{'total GiB':22s}" + "".join(f"{m.total / 2**30:>16.2f}" for m in plan.modes))
     if plan.gpu_memory is not None:
         for label, key in (("fits", "fits"), ("fits (ckpt)", "fits_checkpointed")):
-            lines.append(f"{label + f' {plan.gpu_memory / 2**30:.1f} GiB':22s}"
-                         + "".join(f"{'yes' if getattr(m, key) else 'no':>16s}" for m in plan.modes))
+            lines.append(
+                f"{label + f' {plan.gpu_memory / 2**30:.1f} GiB':22s}"
+                + "".join(f"{'yes' if getattr(m, key) else 'no':>16s}" for m in plan.modes)
+            )
     return "\n".join(lines)
 
 
@@ -100,16 +114,29 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbgen.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--link-gbps", type=float, default=None, help="also: bytes per step per communication "
-                        "mode, their time on a link of this rate and the rate each needs (dbgen.linkmodel)")
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="also: bytes per step per communication "
+        "mode, their time on a link of this rate and the rate each needs (dbgen.linkmodel)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="data-parallel workers (with --link-gbps, --memory)")
     parser.add_argument("--memory", action="store_true", help="per-worker memory plan in every comm mode")
     parser.add_argument("--batch", type=int, default=None, help="--memory: global batch (default train.batch_size)")
-    parser.add_argument("--gpu-memory", type=parse_bytes, default=None,
-                        help="--memory: the device memory per worker, e.g. 80GiB: which modes fit")
+    parser.add_argument(
+        "--gpu-memory",
+        type=parse_bytes,
+        default=None,
+        help="--memory: the device memory per worker, e.g. 80GiB: which modes fit",
+    )
     parser.add_argument("--link-latency-ms", type=float, default=0.0, help="one-way link latency (with --link-gbps)")
-    parser.add_argument("--step-ms", type=float, default=None, help="compute time of a step (with --link-gbps; "
-                        "default: the model's GPU target at the config's batch size)")
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=None,
+        help="compute time of a step (with --link-gbps; default: the model's GPU target at the config's batch size)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args(argv)
     if args.memory:
@@ -117,8 +144,14 @@ def main(argv=None) -> int:
     try:
         report = inspect_config(args.config, args.overrides)
         if args.link_gbps is not None:
-            link, link_text = link_section(load_config(args.config, args.overrides), report, args.link_gbps,
-                                           args.workers, args.link_latency_ms, args.step_ms)
+            link, link_text = link_section(
+                load_config(args.config, args.overrides),
+                report,
+                args.link_gbps,
+                args.workers,
+                args.link_latency_ms,
+                args.step_ms,
+            )
             report["link"] = link
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -131,8 +164,9 @@ def main(argv=None) -> int:
 
 def _memory_main(args) -> int:
     try:
-        plan = plan_memory(args.config, args.overrides, workers=args.workers, batch=args.batch,
-                           gpu_memory=args.gpu_memory)
+        plan = plan_memory(
+            args.config, args.overrides, workers=args.workers, batch=args.batch, gpu_memory=args.gpu_memory
+        )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,8 +23,16 @@ from __future__ import annotations
 from .sync.layout import slice_size
 from .sync.onebit import ONEBIT_CHUNK
 
-__all__ = ["COLLECTIVES_PER_STEP", "MODES", "TARGET_IMAGES_PER_S", "format_link_report", "link_report", "needed_gbps",
-           "step_bytes", "target_step_s"]
+__all__ = [
+    "COLLECTIVES_PER_STEP",
+    "MODES",
+    "TARGET_IMAGES_PER_S",
+    "format_link_report",
+    "link_report",
+    "needed_gbps",
+    "step_bytes",
+    "target_step_s",
+]
 
 MODES = ("dp", "zero1", "packed", "packed_onebit")  # as in ``python -m dbgen.bench comm``
 
@@ -71,8 +79,15 @@ def latency_s(mode: str, world: int, latency: float) -> float:
     return COLLECTIVES_PER_STEP[mode] * 2 * (world - 1) * latency
 
 
-def needed_gbps(nbytes: float, compute_s: float, latency: float = 0.0, slowdown: float = 0.10,
-                mode: str = "dp", world: int = 2, overlapped: bool = False) -> float:
+def needed_gbps(
+    nbytes: float,
+    compute_s: float,
+    latency: float = 0.0,
+    slowdown: float = 0.10,
+    mode: str = "dp",
+    world: int = 2,
+    overlapped: bool = False,
+) -> float:
     """Link rate (Gbit/s) at which ``nbytes`` per step plus the latency term add at most ``slowdown`` x
     ``compute_s`` (``overlapped``: take at most ``(1 + slowdown) x compute_s``, hidden behind the computation);
     inf when the latency term alone exceeds that."""
@@ -80,8 +95,15 @@ def needed_gbps(nbytes: float, compute_s: float, latency: float = 0.0, slowdown:
     return float("inf") if room <= 0 else 8 * nbytes / room / 1e9
 
 
-def link_report(params: int, binary_params: int, world: int, link_gbps: float, compute_s: float | None,
-                latency: float = 0.0, slowdown: float = 0.10) -> list[dict]:
+def link_report(
+    params: int,
+    binary_params: int,
+    world: int,
+    link_gbps: float,
+    compute_s: float | None,
+    latency: float = 0.0,
+    slowdown: float = 0.10,
+) -> list[dict]:
     """Per mode: bytes per step, seconds on a ``link_gbps`` link, and (with ``compute_s``) the slowdown there
     and the rate needed to stay within ``slowdown`` of compute-bound."""
     rows = []
@@ -97,13 +119,16 @@ def link_report(params: int, binary_params: int, world: int, link_gbps: float, c
     return rows
 
 
-def format_link_report(rows: list[dict], world: int, link_gbps: float, compute_s: float | None,
-                       latency: float) -> str:
+def format_link_report(rows: list[dict], world: int, link_gbps: float, compute_s: float | None, latency: float) -> str:
     """The table ``python -m dbgen.inspect --link-gbps`` prints."""
-    head = (f"link             {link_gbps:g} Gbit/s, one-way latency {latency * 1e3:g} ms, {world} workers; "
-            + (f"GPU step {compute_s * 1e3:.1f} ms (compute)" if compute_s else "no GPU step time (pass --step-ms)"))
-    lines = [head, f"{'mode':<14} {'MB/step/worker':>15} {'link ms':>9}"
-             + (f" {'slowdown':>9} {'Gbit/s for <=10%':>17} {'if overlapped':>14}" if compute_s else "")]
+    head = f"link             {link_gbps:g} Gbit/s, one-way latency {latency * 1e3:g} ms, {world} workers; " + (
+        f"GPU step {compute_s * 1e3:.1f} ms (compute)" if compute_s else "no GPU step time (pass --step-ms)"
+    )
+    lines = [
+        head,
+        f"{'mode':<14} {'MB/step/worker':>15} {'link ms':>9}"
+        + (f" {'slowdown':>9} {'Gbit/s for <=10%':>17} {'if overlapped':>14}" if compute_s else ""),
+    ]
     for r in rows:
         line = f"{r['mode']:<14} {r['bytes_per_step'] / 1e6:>15.2f} {r['comm_s'] * 1e3:>9.2f}"
         if compute_s:
@@ -112,8 +137,9 @@ def format_link_report(rows: list[dict], world: int, link_gbps: float, compute_s
     return "\n".join(lines)
 
 
-def link_section(cfg, report: dict, link_gbps: float, world: int, latency_ms: float = 0.0,
-                 step_ms: float | None = None) -> tuple[dict, str]:
+def link_section(
+    cfg, report: dict, link_gbps: float, world: int, latency_ms: float = 0.0, step_ms: float | None = None
+) -> tuple[dict, str]:
     """``python -m dbgen.inspect --link-gbps``: (JSON part, text) for config ``cfg`` whose size report is
     ``report``; the GPU step time is ``step_ms`` or the model's target at the config's batch size."""
     if link_gbps <= 0 or world < 1 or latency_ms < 0 or (step_ms is not None and step_ms <= 0):

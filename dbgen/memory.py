@@ -47,8 +47,15 @@ from .models import build, set_activation_checkpointing
 from .nn import binary_layers, data_dependent_init
 from .sync.layout import slice_size
 
-__all__ = ["MODES", "MemoryPlan", "ModeMemory", "measure_step_bytes", "plan_memory", "proc_status_bytes",
-           "reset_peak_rss"]
+__all__ = [
+    "MODES",
+    "MemoryPlan",
+    "ModeMemory",
+    "measure_step_bytes",
+    "plan_memory",
+    "proc_status_bytes",
+    "reset_peak_rss",
+]
 
 FP32 = 4
 # mode name -> (comm.binary_weights, comm.binary_grads, scale.zero_stage)

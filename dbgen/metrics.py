@@ -36,30 +36,66 @@ class Metric:
 
 
 METRICS = [
-    Metric("dbgen_run_info", "gauge", ("run", "model", "config_hash"), "1",
-           "constant 1; labels name the run's model and config hash"),
+    Metric(
+        "dbgen_run_info",
+        "gauge",
+        ("run", "model", "config_hash"),
+        "1",
+        "constant 1; labels name the run's model and config hash",
+    ),
     Metric("dbgen_steps", "counter", ("run", "worker"), "steps", "optimizer steps taken (skipped ones included)"),
-    Metric("dbgen_skipped_steps", "counter", ("run", "worker"), "steps",
-           "steps skipped because the global gradient norm exceeded train.skip_threshold or was not finite"),
+    Metric(
+        "dbgen_skipped_steps",
+        "counter",
+        ("run", "worker"),
+        "steps",
+        "steps skipped because the global gradient norm exceeded train.skip_threshold or was not finite",
+    ),
     Metric("dbgen_images", "counter", ("run", "worker"), "images", "training images processed by this worker"),
-    Metric("dbgen_images_per_second", "gauge", ("run", "worker"), "images/s",
-           "this worker's training throughput over the last logging interval"),
-    Metric("dbgen_job_images_per_second", "gauge", ("run",), "images/s",
-           "whole-job training throughput (global batch / step time), set by rank 0"),
+    Metric(
+        "dbgen_images_per_second",
+        "gauge",
+        ("run", "worker"),
+        "images/s",
+        "this worker's training throughput over the last logging interval",
+    ),
+    Metric(
+        "dbgen_job_images_per_second",
+        "gauge",
+        ("run",),
+        "images/s",
+        "whole-job training throughput (global batch / step time), set by rank 0",
+    ),
     Metric("dbgen_step_seconds", "gauge", ("run", "worker"), "s", "mean wall time of one step, last interval"),
-    Metric("dbgen_step_phase_seconds", "counter", ("run", "worker", "kind"), "s",
-           "time spent per step phase; kind: " + ", ".join(PHASES)),
+    Metric(
+        "dbgen_step_phase_seconds",
+        "counter",
+        ("run", "worker", "kind"),
+        "s",
+        "time spent per step phase; kind: " + ", ".join(PHASES),
+    ),
     Metric("dbgen_train_bpd", "gauge", ("run", "worker"), "bits/dim", "training loss of the last step"),
     Metric("dbgen_eval_bpd", "gauge", ("run",), "bits/dim", "bits/dim on the held-out split, last evaluation"),
     Metric("dbgen_grad_norm", "gauge", ("run", "worker"), "1", "global gradient norm before clipping, last step"),
     Metric("dbgen_learning_rate", "gauge", ("run", "worker"), "1", "learning rate of the last step"),
     Metric("dbgen_checkpoint_seconds", "gauge", ("run", "worker"), "s", "duration of the last checkpoint save"),
-    Metric("dbgen_checkpoint_bytes", "gauge", ("run", "worker"), "bytes",
-           "size of the last checkpoint, all workers' files"),
-    Metric("dbgen_comm_bytes", "counter", ("run", "worker", "kind"), "bytes",
-           "bytes this worker sent in collectives; kind: " + ", ".join(COMM_KINDS)),
-    Metric("dbgen_peak_memory_bytes", "gauge", ("run", "worker"), "bytes",
-           "peak device memory (CUDA) or peak resident memory (CPU) of this worker"),
+    Metric(
+        "dbgen_checkpoint_bytes", "gauge", ("run", "worker"), "bytes", "size of the last checkpoint, all workers' files"
+    ),
+    Metric(
+        "dbgen_comm_bytes",
+        "counter",
+        ("run", "worker", "kind"),
+        "bytes",
+        "bytes this worker sent in collectives; kind: " + ", ".join(COMM_KINDS),
+    ),
+    Metric(
+        "dbgen_peak_memory_bytes",
+        "gauge",
+        ("run", "worker"),
+        "bytes",
+        "peak device memory (CUDA) or peak resident memory (CPU) of this worker",
+    ),
 ]
 
 
@@ -119,8 +155,9 @@ class _HttpBackend:
 class TrainMetrics:
     """Per-worker metric recorder. ``backend``: "ray", "http" (needs ``port``) or None (records nothing)."""
 
-    def __init__(self, run: str, worker: int, model: str, config_hash: str, backend: str | None = "ray",
-                 port: int | None = None):
+    def __init__(
+        self, run: str, worker: int, model: str, config_hash: str, backend: str | None = "ray", port: int | None = None
+    ):
         self.run, self.worker = run, int(worker)
         self._labels = {"run": run, "worker": str(worker)}
         if backend == "ray":
@@ -159,8 +196,14 @@ class TrainMetrics:
             if key in stats and stats[key] is not None:
                 self._set(name, stats[key])
 
-    def record_interval(self, train_bpd: float, step_s: float, images_per_s: float,
-                        job_images_per_s: float | None, peak_memory_bytes: int) -> None:
+    def record_interval(
+        self,
+        train_bpd: float,
+        step_s: float,
+        images_per_s: float,
+        job_images_per_s: float | None,
+        peak_memory_bytes: int,
+    ) -> None:
         """Once per logging interval: loss, step time, this worker's and (rank 0) the job's throughput."""
         self._set("dbgen_train_bpd", train_bpd)
         self._set("dbgen_step_seconds", step_s)

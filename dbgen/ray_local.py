@@ -35,5 +35,9 @@ def connect_ray(verbose: bool = False) -> str:
     Unless ``verbose``, the workers' output (DeepSpeed, Ray Train's per-rank reports, Ray Data's progress bars)
     stays in Ray's log files instead of streaming to this console, and Ray's driver-side logger shows errors
     only (not, e.g., its notice that token auth is on)."""
-    return init_ray(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
-                    logging_level=logging.INFO if verbose else logging.ERROR)
+    return init_ray(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+    )

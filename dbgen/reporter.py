@@ -31,8 +31,15 @@ class Reporter:
     """The trainer's events: ``on_step``, ``on_interval``, ``on_eval``, ``on_checkpoint``, ``on_samples``,
     ``on_resume``; :meth:`close` at the end of the run stops the exporter's server."""
 
-    def __init__(self, run_dir: Path, rank: int, max_steps: int, world_size: int = 1,
-                 metrics: TrainMetrics | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        max_steps: int,
+        world_size: int = 1,
+        metrics: TrainMetrics | None = None,
+        device: torch.device | None = None,
+    ):
         self.run_dir, self.rank, self.max_steps, self.world_size = run_dir, rank, max_steps, world_size
         self.metrics_path = run_dir / METRICS_FILE
         self.metrics = metrics  # Prometheus exporter (dbgen.metrics); None records nothing
@@ -61,9 +68,13 @@ class Reporter:
         """Every ``log_every`` steps with the interval's job-level numbers (bpd averaged over ranks)."""
         self._record({"kind": "train", **rec})
         if self.metrics is not None:
-            self.metrics.record_interval(rec["bpd"], rec["step_s"], rec["images_per_s"] / self.world_size,
-                                         rec["images_per_s"] if self.rank == 0 else None,
-                                         self._peak_memory_bytes())
+            self.metrics.record_interval(
+                rec["bpd"],
+                rec["step_s"],
+                rec["images_per_s"] / self.world_size,
+                rec["images_per_s"] if self.rank == 0 else None,
+                self._peak_memory_bytes(),
+            )
 
     def on_eval(self, step: int, bpd: float, rows: int, seconds: float) -> None:
         self._record({"kind": "eval", "step": step, "eval_bpd": bpd, "rows": rows, "seconds": round(seconds, 3)})
@@ -82,8 +93,11 @@ class Reporter:
     def on_resume(self, step: int, submission: str, restart: bool) -> None:
         """Before anything else is recorded: drop records of steps after the checkpoint (a failed attempt)."""
         if self.rank == 0 and self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [
+                line
+                for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
             write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         self._record({"kind": "resume", "step": step, "submission": submission, "restart": restart})
 
@@ -99,8 +113,11 @@ def restarts(run_dir: Path, submission: str) -> list[int]:
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["step"] for r in records
-            if r.get("kind") == "resume" and r.get("submission") == submission and r.get("restart")]
+    return [
+        r["step"]
+        for r in records
+        if r.get("kind") == "resume" and r.get("submission") == submission and r.get("restart")
+    ]
 
 
 def metrics_exporter(cfg: Config, run: str, rank: int) -> TrainMetrics | None:

@@ -139,8 +139,10 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
             return path, read_meta(path)
         except RunError as e:
             log.warning("skipping %s", e)
-    raise RunError(f"{run_dir}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
-                   f"of python -m dbgen.train, and did it reach its first checkpoint?)")
+    raise RunError(
+        f"{run_dir}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
+        f"of python -m dbgen.train, and did it reach its first checkpoint?)"
+    )
 
 
 def verify_checkpoint(ckpt: str | Path, meta: dict, full: bool = True) -> None:
@@ -159,8 +161,9 @@ def verify_checkpoint(ckpt: str | Path, meta: dict, full: bool = True) -> None:
         except OSError:
             raise RunError(f"{path}: missing (listed in {ckpt / META_FILE})") from None
         if size != expected["bytes"]:
-            raise RunError(f"{path}: {size} bytes, but {ckpt / META_FILE} recorded {expected['bytes']} (truncated "
-                           f"or replaced)")
+            raise RunError(
+                f"{path}: {size} bytes, but {ckpt / META_FILE} recorded {expected['bytes']} (truncated or replaced)"
+            )
         if full and sha256_file(path) != expected["sha256"]:
             raise RunError(f"{path}: sha256 does not match {ckpt / META_FILE} (the file is corrupted)")
 
@@ -190,8 +193,11 @@ def find_resume(run_dir: str | Path, trusted: str | Path | None = None) -> tuple
         if reasons:
             log.warning("resuming from the newest intact checkpoint, %s (step %d)", path.name, meta["step"])
         return path, meta
-    raise RunError(f"{run_dir}: no checkpoint can be resumed:\n  " + "\n  ".join(reasons)
-                   + "\nrepair or remove them, or use another --name to start a new run")
+    raise RunError(
+        f"{run_dir}: no checkpoint can be resumed:\n  "
+        + "\n  ".join(reasons)
+        + "\nrepair or remove them, or use another --name to start a new run"
+    )
 
 
 def open_checkpoint(source: str | Path, allow_nonfinite: bool = False) -> tuple[Path, dict]:
@@ -222,8 +228,7 @@ def newest_finite_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def load_run(source: str | Path, ema: bool = True, device: str | torch.device = "cpu",
-             allow_nonfinite: bool = False):
+def load_run(source: str | Path, ema: bool = True, device: str | torch.device = "cpu", allow_nonfinite: bool = False):
     """The model of a checkpoint (``source``: a checkpoint directory, or a run directory for its newest one),
     verified by :func:`open_checkpoint`, in eval mode, and ``info`` (checkpoint, step, config, ema)."""
     ckpt, meta = open_checkpoint(source, allow_nonfinite)
@@ -265,25 +270,34 @@ def check_resume(ckpt: Path, meta: dict, cfg: Config, world_size: int) -> None:
     old = load_config(meta["config"])
     if old.model != cfg.model:
         diff = _config_diff(old.to_dict()["model"], cfg.to_dict()["model"], "model.")
-        raise RunError(f"{ckpt.parent} holds a run of another model ({ckpt.name} vs this config: "
-                       f"{'; '.join(diff)}); use another --name to start a new run")
+        raise RunError(
+            f"{ckpt.parent} holds a run of another model ({ckpt.name} vs this config: "
+            f"{'; '.join(diff)}); use another --name to start a new run"
+        )
     if meta["zero_stage"] > 0 and (meta["world_size"] != world_size or meta["zero_stage"] != cfg.scale.zero_stage):
-        raise RunError(f"{ckpt} was written by {meta['world_size']} workers with ZeRO stage {meta['zero_stage']}: "
-                       f"its optimizer state is partitioned, resume it with scale.num_workers={meta['world_size']} "
-                       f"scale.zero_stage={meta['zero_stage']}")
+        raise RunError(
+            f"{ckpt} was written by {meta['world_size']} workers with ZeRO stage {meta['zero_stage']}: "
+            f"its optimizer state is partitioned, resume it with scale.num_workers={meta['world_size']} "
+            f"scale.zero_stage={meta['zero_stage']}"
+        )
     if meta["zero_stage"] == 0 and cfg.scale.zero_stage > 0:
         raise RunError(f"{ckpt} was written with ZeRO stage 0; resume it with scale.zero_stage=0")
     if old.comm.binary_weights != cfg.comm.binary_weights:
-        raise RunError(f"{ckpt} was written with comm.binary_weights={old.comm.binary_weights}; resume it "
-                       f"with comm.binary_weights={old.comm.binary_weights}")
+        raise RunError(
+            f"{ckpt} was written with comm.binary_weights={old.comm.binary_weights}; resume it "
+            f"with comm.binary_weights={old.comm.binary_weights}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
     """This process's RNG states (torch, CUDA if present, python, numpy), as tensors and plain values."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -320,24 +334,37 @@ def partial_dir(run_dir: Path, step: int) -> Path:
 def list_files(directory: Path) -> list[str]:
     """Every file under ``directory``, as sorted POSIX paths relative to it (``meta.json`` excluded)."""
     directory = Path(directory)
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.relative_to(directory).as_posix() != META_FILE)
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.relative_to(directory).as_posix() != META_FILE
+    )
 
 
 def file_records(directory: Path, names: list[str]) -> dict:
     """``{name: {"bytes", "sha256"}}`` of the listed files under ``directory`` (each rank hashes a share)."""
     paths = {name: Path(directory) / name for name in names}
-    return {name: {"bytes": path.stat().st_size, "sha256": sha256_file(path, sync=True)}
-            for name, path in paths.items()}
+    return {
+        name: {"bytes": path.stat().st_size, "sha256": sha256_file(path, sync=True)} for name, path in paths.items()
+    }
 
 
-def checkpoint_meta(cfg: Config, step: int, world_size: int, ema: bool, images_seen: int, finite: bool,
-                    files: dict) -> dict:
+def checkpoint_meta(
+    cfg: Config, step: int, world_size: int, ema: bool, images_seen: int, finite: bool, files: dict
+) -> dict:
     """What rank 0 writes to ``meta.json``: ``finite`` (every weight, EMA included, was finite) and ``files``
     (size and sha256 of every other file of the checkpoint) among them."""
-    return {"step": step, "world_size": world_size, "zero_stage": cfg.scale.zero_stage, "ema": ema,
-            "images_seen": images_seen, "finite": finite, "config": cfg.to_dict(),
-            "weights": f"{DS_TAG}/{DS_MODEL_FILE}", "files": files}
+    return {
+        "step": step,
+        "world_size": world_size,
+        "zero_stage": cfg.scale.zero_stage,
+        "ema": ema,
+        "images_seen": images_seen,
+        "finite": finite,
+        "config": cfg.to_dict(),
+        "weights": f"{DS_TAG}/{DS_MODEL_FILE}",
+        "files": files,
+    }
 
 
 def save_checkpoint(directory: Path, engine, state: dict, rank: int) -> None:
@@ -396,8 +423,9 @@ def load_checkpoint(ckpt: Path, engine, cfg: Config, world_size: int) -> dict:
     returns the client state :func:`save_checkpoint` stored."""
     ckpt = Path(ckpt)
     check_resume(ckpt, read_meta(ckpt), cfg, world_size)  # the driver checked it too; a restart may not have
-    load_path, state = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+    load_path, state = engine.load_checkpoint(
+        str(ckpt), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if load_path is None:
         raise RunError(f"{ckpt}: DeepSpeed found no checkpoint with tag '{DS_TAG}'")
     return state

@@ -33,8 +33,13 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
-    p.add_argument("--engine", choices=ENGINES, default=None, help="packed: binary layers on the bitwise "
-                   "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="packed: binary layers on the bitwise "
+        "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)",
+    )
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
@@ -55,8 +60,10 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     images = model.sample(args.n, temperature=args.temperature)
     out = save_grid(images, args.out)
-    print(f"{out}: {args.n} samples from {info['checkpoint']} (step {info['step']}, "
-          f"{'EMA' if info['ema'] else 'raw'} weights, temperature {args.temperature}, {engine} engine on {device})")
+    print(
+        f"{out}: {args.n} samples from {info['checkpoint']} (step {info['step']}, "
+        f"{'EMA' if info['ema'] else 'raw'} weights, temperature {args.temperature}, {engine} engine on {device})"
+    )
     return 0
 
 

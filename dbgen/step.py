@@ -119,8 +119,11 @@ class ClientAdam(torch.optim.Adam):
         first = next(p for g in self.param_groups for p in g["params"])
         self.found_inf = torch.as_tensor(self.skip, dtype=torch.float32).to(first.device, non_blocking=True)
         coef = self.clip_coef
-        self.grad_scale = None if isinstance(coef, float | int) and coef == 1.0 else (
-            1.0 / torch.as_tensor(coef, dtype=torch.float32)).to(first.device, non_blocking=True)
+        self.grad_scale = (
+            None
+            if isinstance(coef, float | int) and coef == 1.0
+            else (1.0 / torch.as_tensor(coef, dtype=torch.float32)).to(first.device, non_blocking=True)
+        )
         super().step()
         for g in self.param_groups:
             if g.get("binary"):
@@ -136,8 +139,9 @@ def build_optimizer(cfg: Config, model: nn.Module) -> ClientAdam:
     binary = [p for p in model.parameters() if id(p) in binary_ids]
     other = [p for p in model.parameters() if id(p) not in binary_ids]
     groups = [g for g in ({"params": binary, "binary": True}, {"params": other, "binary": False}) if g["params"]]
-    return ClientAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                      decoupled_weight_decay=o.name == "adamw")
+    return ClientAdam(
+        groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, decoupled_weight_decay=o.name == "adamw"
+    )
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -181,8 +185,10 @@ class EMA:
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """A full model state dict with EMA parameters (what evaluate/sample load)."""
-        return {n: (self.params[n].to(t.dtype) if n in self.params else t).detach().cpu().clone()
-                for n, t in model.state_dict().items()}
+        return {
+            n: (self.params[n].to(t.dtype) if n in self.params else t).detach().cpu().clone()
+            for n, t in model.state_dict().items()
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for n in self.params:
@@ -264,8 +270,10 @@ class PhaseClock:
             def between(a, b):
                 return a.elapsed_time(b) / 1000.0
         else:
+
             def between(a, b):
                 return b - a
+
         out: dict[str, float] = {}
         for (_, a), (phase, b) in zip(self.marks, self.marks[1:], strict=False):
             if phase is not None:
@@ -275,8 +283,17 @@ class PhaseClock:
 
 
 # ----------------------------------------------------------------------------------------------- the step
-def run_step(forward, sync, batches: list[torch.Tensor], t: TrainConfig, lr: float, amp_dtype: torch.dtype | None,
-             clock: PhaseClock, model: nn.Module | None = None, ema: EMA | None = None) -> dict:
+def run_step(
+    forward,
+    sync,
+    batches: list[torch.Tensor],
+    t: TrainConfig,
+    lr: float,
+    amp_dtype: torch.dtype | None,
+    clock: PhaseClock,
+    model: nn.Module | None = None,
+    ema: EMA | None = None,
+) -> dict:
     """One optimizer step over ``batches`` (the micro-batches, already on the device); see the module docstring.
 
     Returns device tensors (``loss``: mean bits/dim over the micro-batches, ``grad_norm``, ``skipped``); read
@@ -307,8 +324,11 @@ def resolve_stats(steps: list[dict]) -> list[dict]:
     ``t_step``): one device-to-host copy for all of them."""
     if not steps:
         return []
-    values = torch.stack([torch.stack([s["loss"].float(), s["grad_norm"].float(), s["skipped"].float()])
-                          for s in steps]).cpu().tolist()
+    values = (
+        torch.stack([torch.stack([s["loss"].float(), s["grad_norm"].float(), s["skipped"].float()]) for s in steps])
+        .cpu()
+        .tolist()
+    )
     out = []
     for s, (loss, norm, skipped) in zip(steps, values, strict=True):
         r = {k: v for k, v in s.items() if k != "clock"}

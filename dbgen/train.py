@@ -93,8 +93,13 @@ def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
             check_resume(*found, cfg, cfg.scale.num_workers)
     except RunError as e:
         raise RunSetupError(str(e)) from None
-    return {"run_dir": str(run_dir), "train_dir": train_dir, "eval_dir": eval_dir,
-            "resume_from": str(found[0]) if found else None, "resume_step": found[1]["step"] if found else None}
+    return {
+        "run_dir": str(run_dir),
+        "train_dir": train_dir,
+        "eval_dir": eval_dir,
+        "resume_from": str(found[0]) if found else None,
+        "resume_step": found[1]["step"] if found else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- Ray
@@ -106,10 +111,14 @@ def header(cfg: Config, name: str, paths: dict, ray_desc: str) -> list[str]:
     """The run's opening lines: run, model and parameter counts, workers and devices, data."""
     m, s, t = cfg.model, cfg.scale, cfg.train
     size = size_report(build(cfg))
-    kind = (("binary weights" if m.binary_weights else "fp weights")
-            + (", binary activations" if m.binary_activations else ""))
-    resume = (f"resuming from {Path(paths['resume_from']).name}, step {paths['resume_step']}"
-              if paths["resume_from"] else "new run")
+    kind = ("binary weights" if m.binary_weights else "fp weights") + (
+        ", binary activations" if m.binary_activations else ""
+    )
+    resume = (
+        f"resuming from {Path(paths['resume_from']).name}, step {paths['resume_step']}"
+        if paths["resume_from"]
+        else "new run"
+    )
     micro = micro_batch_size(cfg, s.num_workers)
     device = "GPU" if s.use_gpu else "CPU"
     return [
@@ -132,8 +141,9 @@ class Interrupted(Exception):
         self.code = 128 + signum
 
 
-def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: dict | None = None,
-        verbose: bool = False) -> dict:
+def run(
+    cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: dict | None = None, verbose: bool = False
+) -> dict:
     """Train ``cfg`` as run ``name`` under ``storage``; returns the run's summary (see dbgen.trainer).
 
     ``trainer.fit()`` runs in a thread so that this (main) thread owns SIGINT and SIGTERM: the first one asks
@@ -165,21 +175,34 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = verbose
-        kwargs = {"datasets": ray_datasets(paths["train_dir"], paths["eval_dir"]),
-                  "dataset_config": ray_data_config()}
+        kwargs = {"datasets": ray_datasets(paths["train_dir"], paths["eval_dir"]), "dataset_config": ray_data_config()}
     trainer = torch_trainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "train_dir": paths["train_dir"],
-                           "eval_dir": paths["eval_dir"], "submission": submission,
-                           "driver_start": driver_start, "datasets_in_ray": in_ray,
-                           "resume_from": paths["resume_from"], "stop_file": str(stop_file)},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=s.placement_strategy),
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "run_dir": str(run_dir),
+            "train_dir": paths["train_dir"],
+            "eval_dir": paths["eval_dir"],
+            "submission": submission,
+            "driver_start": driver_start,
+            "datasets_in_ray": in_ray,
+            "resume_from": paths["resume_from"],
+            "stop_file": str(stop_file),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
         # Checkpoints are dbgen's (written, verified and rotated by the workers, chosen by find_resume), so
         # Ray Train keeps none of its own: num_to_keep would delete without knowing which one is intact.
-        run_config=RunConfig(name=name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
         **kwargs,
     )
     outcome: dict = {}
@@ -197,8 +220,10 @@ def run(cfg: Config, name: str, storage: str | Path = DEFAULT_STORAGE, paths: di
         if len(signals) > 1:
             raise Interrupted(signum, f"{signal.Signals(signum).name} again: stopped without waiting")
         stop_file.touch()
-        log.warning("%s: stopping the workers at their next logging interval (again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: stopping the workers at their next logging interval (again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     thread = threading.Thread(target=fit, name="dbgen-fit", daemon=True)
     handlers = _install_handlers(on_signal)
@@ -240,25 +265,41 @@ def _resume_hint(run_dir: Path, summary: dict) -> str:
         where = f"{ckpt.name} (step {meta['step']})"
     except RunError:
         where = "its start (no checkpoint yet)"
-    return (f"stopped at step {summary['steps']}; the same command resumes run {run_dir.name} from {where}")
+    return f"stopped at step {summary['steps']}; the same command resumes run {run_dir.name} from {where}"
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dbgen.train", description=__doc__.split("\n\n")[0],
-                                epilog="Example: python -m dbgen.train --config configs/rvae_binary_tiny.yaml "
-                                       "train.max_steps=200 --name demo --storage runs")
+    p = argparse.ArgumentParser(
+        prog="python -m dbgen.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python -m dbgen.train --config configs/rvae_binary_tiny.yaml "
+        "train.max_steps=200 --name demo --storage runs",
+    )
     p.add_argument("--config", help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=20")
-    p.add_argument("--name", default=None, help="run name (default: <config stem>-<date>-<time>); an existing "
-                   "run of this name is resumed")
-    p.add_argument("--storage", default=os.environ.get("DBGEN_STORAGE", DEFAULT_STORAGE),
-                   help=f"directory of runs (default $DBGEN_STORAGE or {DEFAULT_STORAGE})")
-    p.add_argument("--verbose", action="store_true", default=verbose_from_env(),
-                   help="also stream Ray's, Ray Train's, Ray Data's and DeepSpeed's own output from every worker "
-                        "(default: only in Ray's log files; DBGEN_VERBOSE=1 does the same)")
-    p.add_argument("--print-config-table", action="store_true",
-                   help="print every config key as a Markdown table (the README's) and exit")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="run name (default: <config stem>-<date>-<time>); an existing run of this name is resumed",
+    )
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("DBGEN_STORAGE", DEFAULT_STORAGE),
+        help=f"directory of runs (default $DBGEN_STORAGE or {DEFAULT_STORAGE})",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        default=verbose_from_env(),
+        help="also stream Ray's, Ray Train's, Ray Data's and DeepSpeed's own output from every worker "
+        "(default: only in Ray's log files; DBGEN_VERBOSE=1 does the same)",
+    )
+    p.add_argument(
+        "--print-config-table",
+        action="store_true",
+        help="print every config key as a Markdown table (the README's) and exit",
+    )
     args = p.parse_args(argv)
     if args.print_config_table:
         print(schema_markdown())
@@ -284,8 +325,18 @@ def main(argv=None) -> int:
         fatal = fatal_error(e)  # failed at once, not retried: say only what failed
         print(f"error: training failed: {fatal if fatal is not None else e}", file=sys.stderr)
         return 1
-    shown = {k: summary[k] for k in ("steps", "final_train_bpd", "final_eval_bpd", "skipped_steps", "images_per_s",
-                                     "wall_s", "resumed_from")}
+    shown = {
+        k: summary[k]
+        for k in (
+            "steps",
+            "final_train_bpd",
+            "final_eval_bpd",
+            "skipped_steps",
+            "images_per_s",
+            "wall_s",
+            "resumed_from",
+        )
+    }
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}
     print(f"summary ({Path(paths['run_dir']) / SUMMARY_FILE}):")
     print(yaml.safe_dump(shown, sort_keys=False).rstrip())

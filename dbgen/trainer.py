@@ -160,10 +160,22 @@ class Trainer:
     before that leaves the old one.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, train_dir: str, eval_dir: str | None = None, *, rank: int = 0,
-                 world_size: int = 1, device: torch.device | str = "cpu", checkpoint_dir: Path | None = None,
-                 submission: str | None = None, driver_start: float | None = None, datasets_in_ray: bool = False,
-                 stop_file: Path | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        train_dir: str,
+        eval_dir: str | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        checkpoint_dir: Path | None = None,
+        submission: str | None = None,
+        driver_start: float | None = None,
+        datasets_in_ray: bool = False,
+        stop_file: Path | None = None,
+    ):
         import deepspeed  # here: importing it starts DeepSpeed's accelerator detection and op builders
 
         # submission: id of the driver invocation; a checkpoint of the same one means a worker-group restart
@@ -174,17 +186,35 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         t = cfg.train
         self.micro = micro_batch_size(cfg, self.world_size)
-        self.reporter = Reporter(self.run_dir, self.rank, t.max_steps, world_size, device=self.device,
-                                 metrics=metrics_exporter(cfg, self.run_dir.name, rank))
+        self.reporter = Reporter(
+            self.run_dir,
+            self.rank,
+            t.max_steps,
+            world_size,
+            device=self.device,
+            metrics=metrics_exporter(cfg, self.run_dir.name, rank),
+        )
 
         backend = "ray" if datasets_in_ray else "arrow"
-        self.loader = TrainLoader(None if datasets_in_ray else train_dir, batch_size=self.micro, seed=t.seed,
-                                  rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  drop_last=cfg.data.drop_last, backend=backend)
+        self.loader = TrainLoader(
+            None if datasets_in_ray else train_dir,
+            batch_size=self.micro,
+            seed=t.seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            drop_last=cfg.data.drop_last,
+            backend=backend,
+        )
         self.eval_loader = None
         if eval_dir is not None:
-            self.eval_loader = EvalLoader(None if datasets_in_ray else eval_dir, batch_size=t.eval_batch_size,
-                                          rank=rank, world_size=world_size, backend=backend)
+            self.eval_loader = EvalLoader(
+                None if datasets_in_ray else eval_dir,
+                batch_size=t.eval_batch_size,
+                rank=rank,
+                world_size=world_size,
+                backend=backend,
+            )
 
         seed_all(t.seed)  # identical construction on every rank (rank 0's init is broadcast anyway)
         model = build(cfg.model).to(self.device)
@@ -202,8 +232,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, model)
         deepspeed.utils.logger.setLevel(logging.WARNING)
         with _without_deepspeed_broadcast():
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                        config=deepspeed_config(cfg, self.world_size))
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, self.world_size)
+            )
         self.model = self.engine.module
         self.sync = build_gradient_sync(cfg, self.engine, self.optimizer)
         self.ema = None
@@ -221,9 +252,15 @@ class Trainer:
     def _data_dependent_init(self, model: nn.Module, train_dir: str) -> None:
         """Rank 0 initializes gains and biases from ``train.init_batch_size`` training rows."""
         if self.rank == 0:
-            rows = TrainLoader(train_dir, batch_size=self.cfg.train.init_batch_size, seed=self.cfg.train.seed,
-                               rank=0, world_size=1, shuffle_buffer=self.cfg.data.shuffle_buffer,
-                               backend="arrow")
+            rows = TrainLoader(
+                train_dir,
+                batch_size=self.cfg.train.init_batch_size,
+                seed=self.cfg.train.seed,
+                rank=0,
+                world_size=1,
+                shuffle_buffer=self.cfg.data.shuffle_buffer,
+                backend="arrow",
+            )
             x = next(iter(rows)).to(self.device)  # (init_batch_size, C, H, W) uint8
             n = data_dependent_init(model, x)
             log.info("data-dependent init of %d modules on %d rows", n, x.shape[0])
@@ -238,8 +275,13 @@ class Trainer:
         import ray  # here: only to ask whether this worker runs inside Ray (Ray is heavy to import)
 
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        me = {"rank": self.rank, "node_id": node_id, "pid": os.getpid(), "host": socket.gethostname(),
-              "device": str(self.device)}
+        me = {
+            "rank": self.rank,
+            "node_id": node_id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.device),
+        }
         out = [None] * self.world_size
         dist.all_gather_object(out, me)
         return out
@@ -276,8 +318,15 @@ class Trainer:
         clock.mark(None)  # the data wait is that host time, not a device phase
         lr = lr_at(self.cfg, self.step)
         out = run_step(self.engine, self.sync, batches, cfg, lr, self.amp_dtype, clock, self.model, self.ema)
-        return {"step": self.step + 1, **out, "lr": lr, "images": cfg.batch_size, "t_data_wait": t_data,
-                "clock": clock, "comm_bytes": accounting.COUNTER.take()}  # bytes sent since the last step, by kind
+        return {
+            "step": self.step + 1,
+            **out,
+            "lr": lr,
+            "images": cfg.batch_size,
+            "t_data_wait": t_data,
+            "clock": clock,
+            "comm_bytes": accounting.COUNTER.take(),
+        }  # bytes sent since the last step, by kind
 
     # ---------------------------------------------------------------------------------------- eval, samples
     def _eval_mode(self, seed: int):
@@ -292,8 +341,12 @@ class Trainer:
         start = time.perf_counter()
         amp = autocast_context(self.device, self.amp_dtype)
         with self._eval_mode(derive_seed(self.cfg.train.seed + 1, self.rank)) as model, amp:
-            bpd, rows = bpd_sum(model, self.eval_loader, max_batches=self.cfg.train.eval_batches,
-                                to_device=lambda x: batch_to_device(x, self.device, self.channels_last))
+            bpd, rows = bpd_sum(
+                model,
+                self.eval_loader,
+                max_batches=self.cfg.train.eval_batches,
+                to_device=lambda x: batch_to_device(x, self.device, self.channels_last),
+            )
         total = torch.stack([bpd, torch.tensor(float(rows), dtype=torch.float64, device=self.device)])
         dist.all_reduce(total)  # (sum of bpd, rows) over the ranks' shards
         self.eval_rows = int(total[1].item())
@@ -320,11 +373,18 @@ class Trainer:
         absent; then it deletes the ones beyond ``train.keep_checkpoints`` (:func:`dbgen.rundir.prune_checkpoints`
         keeps the newest finite one)."""
         start = time.perf_counter()
-        state = {"step": self.step, "skipped": self.skipped, "images_seen": self.images_seen,
-                 "loader": self.loader.state_dict(), "sync": self.sync.state_dict(),
-                 "ema": self.ema.state_dict(self.model) if self.ema is not None else None,
-                 "world_size": self.world_size, "submission": self.submission,
-                 "resumed_from": self.resumed_from, "train_bpd": self.train_bpd}
+        state = {
+            "step": self.step,
+            "skipped": self.skipped,
+            "images_seen": self.images_seen,
+            "loader": self.loader.state_dict(),
+            "sync": self.sync.state_dict(),
+            "ema": self.ema.state_dict(self.model) if self.ema is not None else None,
+            "world_size": self.world_size,
+            "submission": self.submission,
+            "resumed_from": self.resumed_from,
+            "train_bpd": self.train_bpd,
+        }
         partial = partial_dir(self.run_dir, self.step)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted attempt
@@ -335,13 +395,14 @@ class Trainer:
         dist.barrier()
         names = list_files(partial)
         records = [None] * self.world_size
-        dist.all_gather_object(records, file_records(partial, names[self.rank::self.world_size]))
+        dist.all_gather_object(records, file_records(partial, names[self.rank :: self.world_size]))
         files = {name: rec for part in records for name, rec in part.items()}
         finite = torch.tensor([float(self._weights_finite())], device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # packed modes: each rank checks its own latents too
         if self.rank == 0:
-            meta = checkpoint_meta(self.cfg, self.step, self.world_size, self.ema is not None, self.images_seen,
-                                   bool(finite.item()), files)
+            meta = checkpoint_meta(
+                self.cfg, self.step, self.world_size, self.ema is not None, self.images_seen, bool(finite.item()), files
+            )
             commit_checkpoint(partial, meta)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         dist.barrier()  # the checkpoint is committed before any rank goes on (or stops)
@@ -361,8 +422,9 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether the driver asked the run to stop: rank 0 looks, every rank gets its answer (the ranks must
         leave the loop at the same step)."""
-        flag = torch.tensor([float(self.rank == 0 and self.stop_file is not None and self.stop_file.exists())],
-                            device=self.device)
+        flag = torch.tensor(
+            [float(self.rank == 0 and self.stop_file is not None and self.stop_file.exists())], device=self.device
+        )
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
@@ -388,8 +450,10 @@ class Trainer:
             self.step += 1
             self.images_seen += t.batch_size
             log_now = self.step % t.log_every == 0 or self.step == t.max_steps
-            due = [every and self.step % every == 0 and self.step < t.max_steps
-                   for every in (t.eval_every, t.sample_every, t.checkpoint_every)]
+            due = [
+                every and self.step % every == 0 and self.step < t.max_steps
+                for every in (t.eval_every, t.sample_every, t.checkpoint_every)
+            ]
             if not (log_now or any(due) or self.step == t.max_steps):
                 continue
             # Read the pending steps (the one host sync per interval), then report them in order.
@@ -407,19 +471,30 @@ class Trainer:
                     f"{self.run_dir}: the run diverged: steps {self.step - bad_steps + 1}-{self.step} were all "
                     f"skipped (gradient norm not finite or above train.skip_threshold={t.skip_threshold:g}; "
                     f"train.max_bad_steps={t.max_bad_steps}). The newest checkpoint from finite weights is "
-                    f"{newest_finite_checkpoint(self.run_dir) or 'none'}; resume it with a lower optimizer.lr")
+                    f"{newest_finite_checkpoint(self.run_dir) or 'none'}; resume it with a lower optimizer.lr"
+                )
             if log_now:
                 loss = torch.tensor([interval["loss"]], dtype=torch.float64, device=self.device)
                 dist.all_reduce(loss)  # every rank's micro-batches count equally
                 self.train_bpd = loss.item() / (self.world_size * interval["steps"])
                 step_s = interval["step_s"] / interval["steps"]  # training steps only (not eval, checkpoints)
-                self.reporter.on_interval({
-                    "step": self.step, "bpd": self.train_bpd, "grad_norm": stats["grad_norm"], "lr": stats["lr"],
-                    "skipped": self.skipped, "images_per_s": t.batch_size / step_s,
-                    "step_s": step_s, "eta_s": (t.max_steps - self.step) * step_s,
-                    "t_data_wait": stats["t_data_wait"], "t_forward": stats["t_forward"],
-                    "t_backward": stats["t_backward"], "t_communication": stats["t_communication"],
-                    "t_optimizer": stats["t_optimizer"]})
+                self.reporter.on_interval(
+                    {
+                        "step": self.step,
+                        "bpd": self.train_bpd,
+                        "grad_norm": stats["grad_norm"],
+                        "lr": stats["lr"],
+                        "skipped": self.skipped,
+                        "images_per_s": t.batch_size / step_s,
+                        "step_s": step_s,
+                        "eta_s": (t.max_steps - self.step) * step_s,
+                        "t_data_wait": stats["t_data_wait"],
+                        "t_forward": stats["t_forward"],
+                        "t_backward": stats["t_backward"],
+                        "t_communication": stats["t_communication"],
+                        "t_optimizer": stats["t_optimizer"],
+                    }
+                )
                 interval = {"step_s": 0.0, "steps": 0, "loss": 0.0}
             if due[0]:
                 self.evaluate()
@@ -440,26 +515,45 @@ class Trainer:
             if self.last_checkpoint_step != self.step:
                 self.checkpoint()
         summary = {
-            "run": self.run_dir.name, "steps": self.step, "images_seen": self.images_seen,
-            "final_train_bpd": self.train_bpd, "final_eval_bpd": self.eval_bpd, "eval_rows": self.eval_rows,
-            "skipped_steps": self.skipped, "wall_s": round(time.time() - self.driver_start, 3),
+            "run": self.run_dir.name,
+            "steps": self.step,
+            "images_seen": self.images_seen,
+            "final_train_bpd": self.train_bpd,
+            "final_eval_bpd": self.eval_bpd,
+            "eval_rows": self.eval_rows,
+            "skipped_steps": self.skipped,
+            "wall_s": round(time.time() - self.driver_start, 3),
             # training throughput of this attempt: optimizer steps incl. data wait, not eval or checkpoints
             "images_per_s": trained * t.batch_size / step_seconds if trained else None,
-            "steps_this_attempt": trained, "resumed_from": self.resumed_from, "interrupted": interrupted,
+            "steps_this_attempt": trained,
+            "resumed_from": self.resumed_from,
+            "interrupted": interrupted,
             "last_checkpoint_step": self.last_checkpoint_step,
             "recovered_from": restarts(self.run_dir, self.submission) if self.rank == 0 else [],
             "world_size": self.world_size,
-            "micro_batch_size": self.micro, "grad_accum": t.grad_accum, "zero_stage": self.cfg.scale.zero_stage,
+            "micro_batch_size": self.micro,
+            "grad_accum": t.grad_accum,
+            "zero_stage": self.cfg.scale.zero_stage,
             "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
-            "checkpoint": (str(self.run_dir / checkpoint_name(self.last_checkpoint_step))
-                           if self.last_checkpoint_step is not None else None),
-            "samples": str(samples) if samples else None, "config_hash": config_hash(self.cfg),
-            "submission": self.submission, "workers": self.workers,
+            "checkpoint": (
+                str(self.run_dir / checkpoint_name(self.last_checkpoint_step))
+                if self.last_checkpoint_step is not None
+                else None
+            ),
+            "samples": str(samples) if samples else None,
+            "config_hash": config_hash(self.cfg),
+            "submission": self.submission,
+            "workers": self.workers,
         }
         if self.rank == 0:
             write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
-            log.info("done: %d steps, train bpd %s, eval bpd %s, %s img/s", self.step, _fmt(self.train_bpd),
-                     _fmt(self.eval_bpd), _fmt(summary["images_per_s"], ".1f"))
+            log.info(
+                "done: %d steps, train bpd %s, eval bpd %s, %s img/s",
+                self.step,
+                _fmt(self.train_bpd),
+                _fmt(self.eval_bpd),
+                _fmt(summary["images_per_s"], ".1f"),
+            )
         return summary
 
 
@@ -478,8 +572,9 @@ def train_worker(config: dict) -> None:
     (:func:`dbgen.rundir.find_resume`; rank 0 chooses, the others get its choice): on the first attempt that is
     the driver's, after a worker-group restart it is the newest checkpoint this run has committed since. Ray's
     own checkpoint registry is not used."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     import ray.train
     import ray.train.torch
 
@@ -491,9 +586,18 @@ def train_worker(config: dict) -> None:
         found = find_resume(run_dir, trusted=config["resume_from"])
         choice[0] = str(found[0]) if found is not None else None
     dist.broadcast_object_list(choice, src=0)
-    trainer = Trainer(cfg, run_dir, config["train_dir"], config["eval_dir"], rank=rank,
-                      world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                      checkpoint_dir=Path(choice[0]) if choice[0] is not None else None,
-                      submission=config["submission"], driver_start=config["driver_start"],
-                      datasets_in_ray=config["datasets_in_ray"], stop_file=config["stop_file"])
+    trainer = Trainer(
+        cfg,
+        run_dir,
+        config["train_dir"],
+        config["eval_dir"],
+        rank=rank,
+        world_size=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        checkpoint_dir=Path(choice[0]) if choice[0] is not None else None,
+        submission=config["submission"],
+        driver_start=config["driver_start"],
+        datasets_in_ray=config["datasets_in_ray"],
+        stop_file=config["stop_file"],
+    )
     trainer.fit()

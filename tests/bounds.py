@@ -19,11 +19,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["assert_within", "conv2d_bound", "gamma", "linear_bound", "magnitude", "mean_bound", "rounding_bound",
-           "stack_bound", "std_rel_bound", "unit_roundoff"]
+__all__ = [
+    "assert_within",
+    "conv2d_bound",
+    "gamma",
+    "linear_bound",
+    "magnitude",
+    "mean_bound",
+    "rounding_bound",
+    "stack_bound",
+    "std_rel_bound",
+    "unit_roundoff",
+]
 
-_UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
-                  torch.bfloat16: 2.0**-8}
+_UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -39,8 +48,15 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     return nu / (1 - nu)
 
 
-def rounding_bound(mag, n: int, dtype: torch.dtype = torch.float32, *, ref_dtype: torch.dtype | None = torch.float64,
-                   ref_n: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rounding_bound(
+    mag,
+    n: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    ref_dtype: torch.dtype | None = torch.float64,
+    ref_n: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Elementwise bound on |got - ref| for results that are sums of terms with absolute sum ``mag``: ``got``
     computed in ``dtype`` with at most ``n`` roundings per term (then, with ``out_dtype``, rounded once more to
     it: u_out |got|), ``ref`` in ``ref_dtype`` with at most ``ref_n`` (default n) roundings per term (None:
@@ -70,8 +86,19 @@ def magnitude(op, x, weight, scale=None, bias=None, channel_dim: int = 1) -> tor
     return mag
 
 
-def conv2d_bound(x, weight, scale=None, bias=None, stride=1, padding=0, groups=1, *, roundings: int = 2,
-                 exact_sum: bool = False, **kw) -> torch.Tensor:
+def conv2d_bound(
+    x,
+    weight,
+    scale=None,
+    bias=None,
+    stride=1,
+    padding=0,
+    groups=1,
+    *,
+    roundings: int = 2,
+    exact_sum: bool = False,
+    **kw,
+) -> torch.Tensor:
     """Bound on |got - ref| for ``conv2d(x, weight) * scale + bias`` (scale, bias per output channel or None).
 
     n = K + roundings, K = the reduction length (C_in/groups * kh * kw); ``roundings`` counts the epilogue
@@ -84,8 +111,9 @@ def conv2d_bound(x, weight, scale=None, bias=None, stride=1, padding=0, groups=1
     return rounding_bound(mag, (0 if exact_sum else k) + roundings, ref_n=k + roundings, **kw)
 
 
-def linear_bound(x, weight, scale=None, bias=None, *, roundings: int = 2, exact_sum: bool = False,
-                 **kw) -> torch.Tensor:
+def linear_bound(
+    x, weight, scale=None, bias=None, *, roundings: int = 2, exact_sum: bool = False, **kw
+) -> torch.Tensor:
     """:func:`conv2d_bound` for ``linear(x, weight) * scale + bias`` (K = in_features)."""
     mag = magnitude(F.linear, x, weight, scale, bias, channel_dim=-1)
     k = weight.shape[-1]
@@ -144,8 +172,9 @@ def stack_bound(model: torch.nn.Sequential, x: torch.Tensor, same_float_layers: 
             op, w = (lambda a, ww, m=m: m._op(a, ww, None)), m.effective_weight()
             mag = magnitude(op, v.abs().double() + e, w, None, m.bias, m._output_dim)
             n = m.fan_in + 2
-            e = magnitude(op, e, w) + rounding_bound(mag, other_n(m.fan_in) if other_n else n, v.dtype,
-                                                     ref_dtype=v.dtype, ref_n=n)
+            e = magnitude(op, e, w) + rounding_bound(
+                mag, other_n(m.fan_in) if other_n else n, v.dtype, ref_dtype=v.dtype, ref_n=n
+            )
         elif isinstance(m, BinaryActivation):
             e = torch.zeros(out.shape, dtype=torch.float64)
             signs.append(out)
@@ -175,4 +204,5 @@ def assert_within(got, ref, bound, what: str = "") -> None:
         raise AssertionError(
             f"{what + ': ' if what else ''}{int(bad.sum())} of {ref.numel()} elements off by more than the "
             f"rounding-error bound; worst at {idx}: got {g:.9g}, ref {r:.9g}, |diff| {d:.3g} > bound {b:.3g} "
-            f"(err/bound {ratio.flatten()[i].item():.3g}); max |diff| {err.nan_to_num(nan=float('inf')).max():.3g}")
+            f"(err/bound {ratio.flatten()[i].item():.3g}); max |diff| {err.nan_to_num(nan=float('inf')).max():.3g}"
+        )

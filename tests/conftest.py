@@ -46,9 +46,19 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # The longest files, longest first (measured in CI, 2 xdist workers, 2026-12-01): scheduled before the rest.
-LONGEST_FILES = ["test_train_cluster.py", "test_train_integrity.py", "test_comm_train.py", "test_memory_planner.py",
-                 "test_scale_check.py", "test_monitoring_prometheus.py", "test_kernels_device.py", "test_step.py",
-                 "test_netns_cluster.py", "test_readme.py", "test_export.py"]
+LONGEST_FILES = [
+    "test_train_cluster.py",
+    "test_train_integrity.py",
+    "test_comm_train.py",
+    "test_memory_planner.py",
+    "test_scale_check.py",
+    "test_monitoring_prometheus.py",
+    "test_kernels_device.py",
+    "test_step.py",
+    "test_netns_cluster.py",
+    "test_readme.py",
+    "test_export.py",
+]
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -18,8 +18,14 @@ __all__ = ["join_group", "spawn"]
 
 def join_group(rank: int, world: int, port: int) -> None:
     """Make this process rank ``rank`` of a ``world``-rank gloo group whose rank 0 listens on ``port``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -36,5 +42,4 @@ def _rank_main(rank: int, fn, world: int, port: int, args: tuple) -> None:
 def spawn(fn, world: int, *args) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` spawned ranks of one gloo group; wait for all of them (an
     exception in any rank is raised here)."""
-    mp.start_processes(_rank_main, args=(fn, world, free_port(), args), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(_rank_main, args=(fn, world, free_port(), args), nprocs=world, join=True, start_method="spawn")

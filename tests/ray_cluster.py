@@ -88,8 +88,9 @@ class RayNode:
     def __init__(self, args: list[str], env: dict, log_path: Path):
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # setsid: its own process group
+        self.proc = subprocess.Popen(
+            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # setsid: its own process group
 
     @property
     def pid(self) -> int:
@@ -136,8 +137,15 @@ class RayNode:
 class RayHead:
     """A throwaway head node on 127.0.0.1 (see the module docstring); a context manager."""
 
-    def __init__(self, temp_dir: str | Path | None = None, num_cpus: int = 2, auth: str = "token",
-                 resources: dict | None = None, env: dict | None = None, worker_ports: int = 100):
+    def __init__(
+        self,
+        temp_dir: str | Path | None = None,
+        num_cpus: int = 2,
+        auth: str = "token",
+        resources: dict | None = None,
+        env: dict | None = None,
+        worker_ports: int = 100,
+    ):
         if auth not in ("token", "disabled"):
             raise ValueError(f"auth must be 'token' or 'disabled', got {auth!r}")
         # Ray puts unix sockets under the temp dir and their paths must stay under 108 bytes, so the default
@@ -212,9 +220,17 @@ class RayHead:
         return env
 
     def start(self, timeout: float = 90.0) -> RayHead:
-        args = [ray_bin(), "start", "--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}", f"--metrics-export-port={self.metrics_port}",
-                f"--ray-client-server-port={self.client_server_port}", "--include-dashboard=true"]
+        args = [
+            ray_bin(),
+            "start",
+            "--head",
+            f"--port={self.port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--ray-client-server-port={self.client_server_port}",
+            "--include-dashboard=true",
+        ]
         args += self._node_args(self.num_cpus, self.resources)
         self.nodes.append(RayNode(args, self._env(), self.temp_dir / "ray-start-head.log"))
         try:
@@ -246,8 +262,9 @@ class RayHead:
         while time.monotonic() < deadline:
             for node in self.nodes:
                 if not node.alive():
-                    raise RuntimeError(f"ray node (pid {node.pid}) exited with {node.proc.returncode}:\n"
-                                       f"{node.log_tail()}")
+                    raise RuntimeError(
+                        f"ray node (pid {node.pid}) exited with {node.proc.returncode}:\n{node.log_tail()}"
+                    )
             try:
                 nodes = self._get_json("/api/v0/nodes?detail=false&limit=100")
                 alive = [n for n in nodes["data"]["result"]["result"] if n.get("state") == "ALIVE"]
@@ -258,8 +275,7 @@ class RayHead:
             except (OSError, urllib.error.URLError, KeyError, ValueError) as e:
                 last = repr(e)
             time.sleep(0.5)
-        raise TimeoutError(f"ray cluster not ready after {timeout}s ({last}); head log:\n"
-                           f"{self.nodes[0].log_tail()}")
+        raise TimeoutError(f"ray cluster not ready after {timeout}s ({last}); head log:\n{self.nodes[0].log_tail()}")
 
     def _get_json(self, path: str):
         import json

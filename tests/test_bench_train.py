@@ -33,20 +33,25 @@ def hand_conv_flops(cfg, batch: int) -> int:
     the input gradient when the layer's input needs one (not for the first conv, whose input is the data)."""
     torch.manual_seed(0)
     model = build(cfg)
-    x = torch.randint(0, 256, (batch, cfg.model.channels, cfg.model.image_size, cfg.model.image_size),
-                      dtype=torch.uint8)
+    x = torch.randint(
+        0, 256, (batch, cfg.model.channels, cfg.model.image_size, cfg.model.image_size), dtype=torch.uint8
+    )
     data_dependent_init(model, x)
     total = 0
 
     def hook(module, args, out):
         nonlocal total
         inp, w = args[0], module.weight  # conv (out, in/g, kh, kw); transposed (in, out, kh, kw)
-        per_pass = 2 * (inp.numel() if isinstance(module, BinaryConvTranspose2d | WNConvTranspose2d)
-                        else out.numel()) * math.prod(w.shape[1:])
+        per_pass = (
+            2
+            * (inp.numel() if isinstance(module, BinaryConvTranspose2d | WNConvTranspose2d) else out.numel())
+            * math.prod(w.shape[1:])
+        )
         total += per_pass * (3 if inp.requires_grad else 2)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, WeightNormLayer) and m.weight.dim() == 4]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, WeightNormLayer) and m.weight.dim() == 4
+    ]
     model(x).backward()
     for h in handles:
         h.remove()
@@ -57,10 +62,27 @@ def hand_conv_flops(cfg, batch: int) -> int:
 def test_two_variants_in_one_call(tmp_path, capsys):
     """Two variants of the tiny binary RVAE: sane numbers, conv FLOPs equal to the hand count, JSON and table."""
     out = tmp_path / "train.json"
-    rc = bench_main(["train", "--config", str(CONFIGS / "rvae_binary_tiny.yaml"), "--batch", "4", "--steps", "2",
-                     "--repeats", "2", "--warmup", "1",
-                     "--variant", "fp32:train.precision=fp32,train.channels_last=false",
-                     "--variant", "bf16_nhwc:train.precision=bf16,train.channels_last=true", "--json-out", str(out)])
+    rc = bench_main(
+        [
+            "train",
+            "--config",
+            str(CONFIGS / "rvae_binary_tiny.yaml"),
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--variant",
+            "fp32:train.precision=fp32,train.channels_last=false",
+            "--variant",
+            "bf16_nhwc:train.precision=bf16,train.channels_last=true",
+            "--json-out",
+            str(out),
+        ]
+    )
     assert rc == 0
     results = json.loads(out.read_text())
     assert [r["variant"] for r in results] == ["fp32", "bf16_nhwc"]
@@ -108,8 +130,14 @@ def test_bench_loss_is_run_steps_loss():
     prepare_model(model, cfg, torch.device("cpu"))
     sync = LocalSync(model, build_optimizer(cfg, model), grad_accum=2)
     ema = EMA(model, 0.9)
-    stats = resolve_stats([run_step(model, sync, [x[:2], x[2:]], cfg.train, lr_at(cfg, i), None,
-                                    PhaseClock(torch.device("cpu")), model, ema) for i in range(3)])
+    stats = resolve_stats(
+        [
+            run_step(
+                model, sync, [x[:2], x[2:]], cfg.train, lr_at(cfg, i), None, PhaseClock(torch.device("cpu")), model, ema
+            )
+            for i in range(3)
+        ]
+    )
     assert r["first_loss_bpd"] == stats[1]["loss"]
     assert r["final_loss_bpd"] == stats[2]["loss"]
     assert stats[2]["loss"] != stats[0]["loss"]  # the steps did train
@@ -117,9 +145,26 @@ def test_bench_loss_is_run_steps_loss():
 
 def test_failed_variant_is_reported_and_others_run(tmp_path):
     out = tmp_path / "r.json"
-    rc = bench_main(["train", "--config", str(CONFIGS / "rvae_fp_tiny.yaml"), "--batch", "2", "--steps", "1",
-                     "--warmup", "0", "--no-flops", "--variant", "bad:train.precision=fp64",
-                     "--variant", "ok:train.precision=fp32", "--json-out", str(out)])
+    rc = bench_main(
+        [
+            "train",
+            "--config",
+            str(CONFIGS / "rvae_fp_tiny.yaml"),
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--no-flops",
+            "--variant",
+            "bad:train.precision=fp64",
+            "--variant",
+            "ok:train.precision=fp32",
+            "--json-out",
+            str(out),
+        ]
+    )
     assert rc == 1
     bad, ok = json.loads(out.read_text())
     assert "precision" in bad["error"] and "images_per_s" not in bad
@@ -147,9 +192,13 @@ raise SystemExit(main(["train", "--config", {str(CONFIGS / "rvae_fp_tiny.yaml")!
 
 def test_parse_variant():
     assert parse_variant("bf16_nhwc:train.precision=bf16,train.channels_last=true") == (
-        "bf16_nhwc", ["train.precision=bf16", "train.channels_last=true"])
+        "bf16_nhwc",
+        ["train.precision=bf16", "train.channels_last=true"],
+    )
     assert parse_variant("b:optimizer.betas=[0.9,0.99],train.compile=true") == (
-        "b", ["optimizer.betas=[0.9,0.99]", "train.compile=true"])
+        "b",
+        ["optimizer.betas=[0.9,0.99]", "train.compile=true"],
+    )
     assert parse_variant("asis:") == ("asis", [])
     for bad in ("no_colon", "bad name:train.compile=true", "x:train.compile"):
         with pytest.raises(ValueError, match="--variant"):
@@ -176,12 +225,30 @@ def test_reference_only_for_the_paper_configs_at_their_batch():
 
 
 def test_table_marks_targets():
-    row = {"config": "rvae_cifar10_binary", "variant": "bf16", "batch": 128, "step_ms": 20.0,
-           "images_per_s": 6400.0, "conv_tflops": 400.0, "frac_bf16_peak": 0.404, "peak_mem_mb": 9000.0,
-           "final_loss_bpd": 8.1, "vs_original": 4.57, "target_images_per_s": 5600, "target_met": True,
-           "original_images_per_s": 1399, "device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 989.4}
-    table = format_table([row, {**row, "variant": "fp32", "images_per_s": 1500.0, "target_met": False},
-                          {"config": "x", "variant": "y", "error": "OutOfMemoryError: ..."}])
+    row = {
+        "config": "rvae_cifar10_binary",
+        "variant": "bf16",
+        "batch": 128,
+        "step_ms": 20.0,
+        "images_per_s": 6400.0,
+        "conv_tflops": 400.0,
+        "frac_bf16_peak": 0.404,
+        "peak_mem_mb": 9000.0,
+        "final_loss_bpd": 8.1,
+        "vs_original": 4.57,
+        "target_images_per_s": 5600,
+        "target_met": True,
+        "original_images_per_s": 1399,
+        "device": "NVIDIA H100 80GB HBM3",
+        "bf16_peak_tflops": 989.4,
+    }
+    table = format_table(
+        [
+            row,
+            {**row, "variant": "fp32", "images_per_s": 1500.0, "target_met": False},
+            {"config": "x", "variant": "y", "error": "OutOfMemoryError: ..."},
+        ]
+    )
     lines = table.splitlines()
     assert ">=5600 ok" in lines[2] and "40.4" in lines[2] and "4.57" in lines[2]
     assert ">=5600 NO" in lines[3]
@@ -194,10 +261,19 @@ def test_gpu_check_script_dry_run(tmp_path):
     every stage passes, the twins run with the ladder's fastest variant, and at most 8 files land in OUT (what the
     device tool returns)."""
     out = tmp_path / "out"
-    env = {**os.environ, "DRY_RUN": "1", "COMPILE_MODES": "", "STEPS": "1", "REPEATS": "1", "OUT": str(out),
-           "PY": sys.executable, "TMPDIR": str(tmp_path)}
-    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=600)
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "COMPILE_MODES": "",
+        "STEPS": "1",
+        "REPEATS": "1",
+        "OUT": str(out),
+        "PY": sys.executable,
+        "TMPDIR": str(tmp_path),
+    }
+    p = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stdout[-4000:]
     files = {f.name for f in out.iterdir()}
     assert {"gpu_check.log", "summary.txt", "train_results.json", "profiles.txt", "details.tar.gz"} <= files
@@ -205,8 +281,10 @@ def test_gpu_check_script_dry_run(tmp_path):
     results = json.loads((out / "train_results.json").read_text())
     assert all("error" not in r for r in results)
     ladder = ["plain", "bf16", "bf16_nhwc"]
-    for model, twins in (("rvae", ["rvae_fp_tiny", "rvae_binary_act_tiny"]),
-                         ("flowpp", ["flowpp_fp_tiny", "flowpp_binary_act_tiny"])):
+    for model, twins in (
+        ("rvae", ["rvae_fp_tiny", "rvae_binary_act_tiny"]),
+        ("flowpp", ["flowpp_fp_tiny", "flowpp_binary_act_tiny"]),
+    ):
         rows = [r for r in results if r["stage"] == f"ladder_{model}"]
         assert [r["variant"] for r in rows] == ladder and all(r["config"] == f"{model}_binary_tiny" for r in rows)
         fastest = max(rows, key=lambda r: r["images_per_s"])

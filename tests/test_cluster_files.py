@@ -65,15 +65,16 @@ def test_kuberay_rayjob_runs_dbgen_train():
     check_train_command(spec["entrypoint"])
     assert "--storage /shared/" in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
-    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
-                                                            for g in cluster["workerGroupSpecs"]]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
     for pod in pods:
         volumes = {v["name"] for v in pod["volumes"]}
         for c in pod["containers"]:
             assert {m["name"] for m in c["volumeMounts"]} <= volumes
             assert any(m["mountPath"] == "/shared" for m in c["volumeMounts"])
-    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for g in cluster["workerGroupSpecs"])
+    gpus = sum(
+        g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in cluster["workerGroupSpecs"]
+    )
     assert f"scale.num_workers={gpus}" in spec["entrypoint"] and "scale.use_gpu=true" in spec["entrypoint"]
 
 
@@ -85,10 +86,23 @@ def test_dockerfile_installs_dbgen():
 def test_local_head_script_passes_every_port():
     text = (CLUSTER / "local_head.sh").read_text()
     subprocess.run(["bash", "-n", str(CLUSTER / "local_head.sh")], check=True)
-    for flag in ("--port=", "--dashboard-port=", "--dashboard-agent-listen-port=", "--dashboard-agent-grpc-port=",
-                 "--metrics-export-port=", "--runtime-env-agent-port=", "--ray-client-server-port=",
-                 "--node-manager-port=", "--object-manager-port=", "--min-worker-port=", "--max-worker-port=",
-                 "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--block", "--temp-dir="):
+    for flag in (
+        "--port=",
+        "--dashboard-port=",
+        "--dashboard-agent-listen-port=",
+        "--dashboard-agent-grpc-port=",
+        "--metrics-export-port=",
+        "--runtime-env-agent-port=",
+        "--ray-client-server-port=",
+        "--node-manager-port=",
+        "--object-manager-port=",
+        "--min-worker-port=",
+        "--max-worker-port=",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--block",
+        "--temp-dir=",
+    ):
         assert flag in text, flag
 
 
@@ -111,26 +125,44 @@ def test_local_head_script_starts_and_stops_on_sigterm(tmp_path):
 
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix socket paths
     first, last = free_port_range(60)
-    ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "METRICS_PORT": free_port(),
-             "DASHBOARD_AGENT_LISTEN_PORT": free_port(), "DASHBOARD_AGENT_GRPC_PORT": free_port(),
-             "RUNTIME_ENV_AGENT_PORT": free_port(), "RAY_CLIENT_SERVER_PORT": free_port(),
-             "NODE_MANAGER_PORT": free_port(), "OBJECT_MANAGER_PORT": free_port(),
-             "MIN_WORKER_PORT": first, "MAX_WORKER_PORT": last}
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "RAY_TEMP_DIR": temp_dir, "NUM_CPUS": "1",
-           "RAY_AUTH_MODE": "disabled"}
+    ports = {
+        "RAY_PORT": free_port(),
+        "DASHBOARD_PORT": free_port(),
+        "METRICS_PORT": free_port(),
+        "DASHBOARD_AGENT_LISTEN_PORT": free_port(),
+        "DASHBOARD_AGENT_GRPC_PORT": free_port(),
+        "RUNTIME_ENV_AGENT_PORT": free_port(),
+        "RAY_CLIENT_SERVER_PORT": free_port(),
+        "NODE_MANAGER_PORT": free_port(),
+        "OBJECT_MANAGER_PORT": free_port(),
+        "MIN_WORKER_PORT": first,
+        "MAX_WORKER_PORT": last,
+    }
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in ports.items()},
+        "RAY_TEMP_DIR": temp_dir,
+        "NUM_CPUS": "1",
+        "RAY_AUTH_MODE": "disabled",
+    }
     log = open(tmp_path / "head.log", "wb")
-    proc = subprocess.Popen(["bash", str(CLUSTER / "local_head.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(CLUSTER / "local_head.sh")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline, version, metrics = time.monotonic() + 120, None, None
         # The metrics endpoint answers with process metrics before Ray's own (ray_*) appear: wait for those.
         while time.monotonic() < deadline and (version is None or metrics is None or "ray_" not in metrics):
             assert proc.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             try:
-                version = urllib.request.urlopen(f"http://127.0.0.1:{ports['DASHBOARD_PORT']}/api/version",
-                                                 timeout=3).read()
-                metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics",
-                                                 timeout=3).read().decode()
+                version = urllib.request.urlopen(
+                    f"http://127.0.0.1:{ports['DASHBOARD_PORT']}/api/version", timeout=3
+                ).read()
+                metrics = (
+                    urllib.request.urlopen(f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics", timeout=3)
+                    .read()
+                    .decode()
+                )
             except OSError:
                 pass
             time.sleep(0.5)

@@ -133,16 +133,20 @@ def test_partitions_reshard_to_any_world_size(tmp_path):
         sl = slice(a, a + lay.slice)
         ranged = {k: torch.cat([t, pad])[sl] for k, t in (("latent", latent), ("exp_avg", m), ("exp_avg_sq", v))}
         save_partition(tmp_path, lay, ranged, {"send_error": errors[r]}, {"step": torch.tensor(7.0)})
-    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["rank_00000_of_00002.pt",
-                                                                        "rank_00001_of_00002.pt"]
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == [
+        "rank_00000_of_00002.pt",
+        "rank_00001_of_00002.pt",
+    ]
     for world in (1, 2, 3):
         for r in range(world):
             lay = BinaryLayout(params, world, r)
             got = load_partitions(tmp_path, lay, ["latent", "exp_avg", "exp_avg_sq"], ["send_error"])
             lo, n = lay.start, lay.valid
             assert got["world_size"] == 2 and float(got["step"]) == 7.0
-            assert torch.equal(got["latent"][:n], latent[lo:lo + n]) and not got["latent"][n:].any()
-            assert torch.equal(got["exp_avg"][:n], m[lo:lo + n]) and torch.equal(got["exp_avg_sq"][:n], v[lo:lo + n])
+            assert torch.equal(got["latent"][:n], latent[lo : lo + n]) and not got["latent"][n:].any()
+            assert torch.equal(got["exp_avg"][:n], m[lo : lo + n]) and torch.equal(
+                got["exp_avg_sq"][:n], v[lo : lo + n]
+            )
             want = errors[r][0] if world == 2 else 2.0
             assert torch.equal(got["send_error"][:numel], torch.full((numel,), want))
 
@@ -162,12 +166,18 @@ def test_partitions_refuse_incomplete_or_foreign_sets(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- config
-@pytest.mark.parametrize("overrides, message", [
-    (["comm.binary_weights=packed", "scale.zero_stage=1"], r"'scale.zero_stage' = 1: expected 0 with comm"),
-    (["comm.binary_grads=onebit", "scale.zero_stage=2"], r"'scale.zero_stage' = 2: expected 0 with comm"),
-    (["comm.binary_weights=packed", "model.binary_weights=false"], r"'model.binary_weights' = False: expected true"),
-    (["comm.binary_grads=onebit", "comm.onebit_warmup_steps=-1"], r"'comm.onebit_warmup_steps' = -1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["comm.binary_weights=packed", "scale.zero_stage=1"], r"'scale.zero_stage' = 1: expected 0 with comm"),
+        (["comm.binary_grads=onebit", "scale.zero_stage=2"], r"'scale.zero_stage' = 2: expected 0 with comm"),
+        (
+            ["comm.binary_weights=packed", "model.binary_weights=false"],
+            r"'model.binary_weights' = False: expected true",
+        ),
+        (["comm.binary_grads=onebit", "comm.onebit_warmup_steps=-1"], r"'comm.onebit_warmup_steps' = -1"),
+    ],
+)
 def test_comm_modes_check_their_settings(overrides, message):
     from dbgen.config import ConfigError, load_config
     from dbgen.config import check_config as check_train_config  # load_config runs the same checks
@@ -235,7 +245,7 @@ def _collectives_worker(rank: int, world: int, out_dir: str):
         record("reduce_scatter_single", "grad", lambda: dist.reduce_scatter_single(torch.empty(n // world), x))
         mine = record("reduce_scatter_sum", "grad", lambda: reduce_scatter_sum(x.clone(), world))
     with comm_kind("weight"):
-        full = record("all_gather_flat", "weight", lambda: all_gather_flat(torch.empty(n), x[:n // world]))
+        full = record("all_gather_flat", "weight", lambda: all_gather_flat(torch.empty(n), x[: n // world]))
     record("broadcast", "other", lambda: dist.broadcast(x.clone(), src=1))
     record("reduce", "other", lambda: dist.reduce(x.clone(), dst=2))
     record("all_reduce_max", "other", lambda: dist.all_reduce(torch.ones(1), op=dist.ReduceOp.MAX))
@@ -246,23 +256,25 @@ def _collectives_worker(rank: int, world: int, out_dir: str):
     # Sums of the world's `world` fp32 values in two orders (all_to_all + local sum vs gloo's all-reduce):
     # each within gamma_world * sum_r |x_r| of the exact sum; every rank's x is regenerated from its seed.
     mags = sum(torch.randn(n, generator=torch.Generator().manual_seed(r)).abs().double() for r in range(world))
-    bound = 2 * gamma(world, torch.float32) * mags[rank * s:(rank + 1) * s]
-    res["reduce_scatter_exact"] = bool(((mine.double() - total[rank * s:(rank + 1) * s].double()).abs() <= bound).all())
-    res["all_gather_exact"] = bool(torch.equal(full[rank * s:(rank + 1) * s], x[:s]))
+    bound = 2 * gamma(world, torch.float32) * mags[rank * s : (rank + 1) * s]
+    res["reduce_scatter_exact"] = bool(
+        ((mine.double() - total[rank * s : (rank + 1) * s].double()).abs() <= bound).all()
+    )
+    res["all_gather_exact"] = bool(torch.equal(full[rank * s : (rank + 1) * s], x[:s]))
 
     # 1-bit exchange (both sides) on a layout whose tail is padding
     params = [torch.nn.Parameter(torch.zeros(n - 1000))]
     lay = BinaryLayout(params, world, rank)
     ex = OneBitExchange(lay, receiver_side=True)
     with comm_kind("grad"):
-        sl = record("onebit_reduce_scatter", "grad", lambda: ex.reduce_scatter(lay.flat([x[:n - 1000]])))
+        sl = record("onebit_reduce_scatter", "grad", lambda: ex.reduce_scatter(lay.flat([x[: n - 1000]])))
         avg = record("onebit_all_gather", "grad", lambda: ex.all_gather(sl))
     ex.commit()
-    exact = total[:n - 1000] / world
+    exact = total[: n - 1000] / world
     res["onebit_shapes"] = (tuple(sl.shape), tuple(avg.shape), lay.slice, lay.padded)
-    res["onebit_padding_zero"] = bool((avg[lay.numel:] == 0).all() and (ex.send_error[lay.numel:] == 0).all())
-    res["onebit_rel_err"] = ((avg[:lay.numel] - exact).norm() / exact.norm()).item()
-    res["onebit_sign_agree"] = (torch.sign(avg[:lay.numel]) == torch.sign(exact)).float().mean().item()
+    res["onebit_padding_zero"] = bool((avg[lay.numel :] == 0).all() and (ex.send_error[lay.numel :] == 0).all())
+    res["onebit_rel_err"] = ((avg[: lay.numel] - exact).norm() / exact.norm()).item()
+    res["onebit_sign_agree"] = (torch.sign(avg[: lay.numel]) == torch.sign(exact)).float().mean().item()
     torch.save(res, Path(out_dir) / f"collectives{rank}.pt")
 
 
@@ -275,13 +287,15 @@ def test_counted_bytes_equal_socket_bytes_for_each_collective(tmp_path):
     s = n_bytes // world
     lay_slice = slice_size(3 * 2**17 - 1000, world)
     msg = lay_slice // 8 + 4 * lay_slice // ONEBIT_CHUNK
-    expected = {"all_reduce": 2 * (world - 1) * n_bytes // world,
-                "reduce_scatter_single": 2 * (world - 1) * n_bytes // world,  # gloo: as much as an all-reduce
-                "reduce_scatter_sum": (world - 1) * s,  # all_to_all + local sum: half of that
-                "all_gather_flat": (world - 1) * s,
-                "all_reduce_max": 2 * (world - 1) * 4 // world,
-                "onebit_reduce_scatter": (world - 1) * msg,
-                "onebit_all_gather": (world - 1) * msg}
+    expected = {
+        "all_reduce": 2 * (world - 1) * n_bytes // world,
+        "reduce_scatter_single": 2 * (world - 1) * n_bytes // world,  # gloo: as much as an all-reduce
+        "reduce_scatter_sum": (world - 1) * s,  # all_to_all + local sum: half of that
+        "all_gather_flat": (world - 1) * s,
+        "all_reduce_max": 2 * (world - 1) * 4 // world,
+        "onebit_reduce_scatter": (world - 1) * msg,
+        "onebit_all_gather": (world - 1) * msg,
+    }
     for rank in range(world):
         res = torch.load(tmp_path / f"collectives{rank}.pt", weights_only=False)
         reduce = (world - 1) * n_bytes // world if rank == 2 else n_bytes  # gloo: root (W-1)/W n, others n

@@ -27,8 +27,13 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rvae_binary_tiny.yaml"
-QUIET = ["train.eval_every=0", "train.sample_every=0", "train.num_samples=0", "train.eval_batches=1",
-         "train.log_every=5"]
+QUIET = [
+    "train.eval_every=0",
+    "train.sample_every=0",
+    "train.num_samples=0",
+    "train.eval_batches=1",
+    "train.log_every=5",
+]
 ONEBIT = ["comm.binary_weights=packed", "comm.binary_grads=onebit"]
 FIT = [*ONEBIT, "comm.onebit_warmup_steps=3", "train.max_steps=10", "train.checkpoint_every=5", *QUIET]
 
@@ -66,10 +71,14 @@ def _fit(loop, config: dict, storage: Path, name: str, workers: int, max_failure
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    TorchTrainer(loop, train_loop_config=config,
-                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(name=name, storage_path=str(storage),
-                                      failure_config=FailureConfig(max_failures=max_failures))).fit()
+    TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures)
+        ),
+    ).fit()
 
 
 # ------------------------------------------------------------------------------------- worker-side helpers
@@ -90,9 +99,16 @@ def _trainer(overrides, config, run_dir, checkpoint_dir=None):
     ctx = ray.train.get_context()
     cfg = load_config(CONFIG, [f"scale.num_workers={ctx.get_world_size()}", *overrides])
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, Path(run_dir), config["train"], config["eval"], rank=ctx.get_world_rank(),
-                   world_size=ctx.get_world_size(), checkpoint_dir=checkpoint_dir,
-                   submission=config.get("submission", "test"))
+    return Trainer(
+        cfg,
+        Path(run_dir),
+        config["train"],
+        config["eval"],
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        checkpoint_dir=checkpoint_dir,
+        submission=config.get("submission", "test"),
+    )
 
 
 def _steps(tr, n: int, poison_step: int | None = None) -> list[dict]:
@@ -101,16 +117,25 @@ def _steps(tr, n: int, poison_step: int | None = None) -> list[dict]:
 
     calls = {"n": 0}
     if poison_step is not None:
+
         def poison(module, args, loss):
             calls["n"] += 1
             return loss * float("nan") if tr.rank == 1 and calls["n"] == poison_step else loss
+
         handle = tr.model.register_forward_hook(poison)
     data = iter(tr.loader)
     rows = []
     for _ in range(n):
         (st,) = resolve_stats([tr.train_step(data)])
-        rows.append({"loss": st["loss"], "norm": st["grad_norm"], "skipped": st["skipped"],
-                     "signs": _signs_hash(tr.model), "bytes": st["comm_bytes"]})
+        rows.append(
+            {
+                "loss": st["loss"],
+                "norm": st["grad_norm"],
+                "skipped": st["skipped"],
+                "signs": _signs_hash(tr.model),
+                "bytes": st["comm_bytes"],
+            }
+        )
     if poison_step is not None:
         handle.remove()
     return rows
@@ -153,8 +178,10 @@ def _compare_loop(config):
     for name, overrides in (("dp", clip), ("packed", [*clip, "comm.binary_weights=packed"])):
         tr = _trainer(overrides + QUIET, config, run / name)
         out[name] = {"rows": _steps(tr, 6, poison_step=4), "sizes": _sizes(tr)}
-    for name, overrides in (("conv_packed", ["comm.binary_weights=packed"]),
-                            ("conv_onebit", [*ONEBIT, "comm.onebit_warmup_steps=15"])):
+    for name, overrides in (
+        ("conv_packed", ["comm.binary_weights=packed"]),
+        ("conv_onebit", [*ONEBIT, "comm.onebit_warmup_steps=15"]),
+    ):
         tr = _trainer(overrides + QUIET, config, run / name)
         out[name] = {"rows": _steps(tr, 80)}
     # the uninterrupted reference of the kill test
@@ -241,16 +268,21 @@ def test_onebit_converges_like_uncompressed(compare):
     assert onebit[:15] == full[:15]  # identical warm-up
     assert mean(full[-20:]) < mean(full[:10]) - 0.5  # it learns
     assert mean(onebit[-20:]) < mean(onebit[:10]) - 0.5
-    assert abs(mean(onebit[-20:]) - mean(full[-20:])) < 0.01 * mean(full[-20:]), (mean(onebit[-20:]),
-                                                                                  mean(full[-20:]))
+    assert abs(mean(onebit[-20:]) - mean(full[-20:])) < 0.01 * mean(full[-20:]), (mean(onebit[-20:]), mean(full[-20:]))
 
 
 @pytest.mark.timeout(900)
 def test_killed_worker_resumes_exactly_and_reshards(compare, cluster, splits, tmp_path):
     storage = tmp_path / "ray"
     kill = {"at": 7, "marker": str(tmp_path / "killed-once"), "committed": "checkpoint_0000005"}
-    config = {"train": splits[0], "eval": splits[1], "run": str(storage / "killed"), "out": str(tmp_path),
-              "kill": kill, "submission": "s1"}
+    config = {
+        "train": splits[0],
+        "eval": splits[1],
+        "run": str(storage / "killed"),
+        "out": str(tmp_path),
+        "kill": kill,
+        "submission": "s1",
+    }
     _fit(_resume_loop, config, storage, "killed", workers=2, max_failures=1)
     assert Path(kill["marker"]).exists(), "rank 1 was never killed"
     got = torch.load(tmp_path / "killed.pt", weights_only=False)
@@ -264,11 +296,15 @@ def test_killed_worker_resumes_exactly_and_reshards(compare, cluster, splits, tm
     assert summary["steps"] == 10 and summary["recovered_from"] == [5]
 
     ckpt = storage / "killed" / "checkpoint_0000010"
-    assert sorted(p.name for p in (ckpt / "packed").iterdir()) == ["rank_00000_of_00002.pt",
-                                                                   "rank_00001_of_00002.pt"]
+    assert sorted(p.name for p in (ckpt / "packed").iterdir()) == ["rank_00000_of_00002.pt", "rank_00001_of_00002.pt"]
     # the same checkpoint, resumed by one worker: the same binary state, reassembled from both partitions
-    one = {"train": splits[0], "eval": splits[1], "run": str(tmp_path / "one"), "out": str(tmp_path),
-           "checkpoint": str(ckpt)}
+    one = {
+        "train": splits[0],
+        "eval": splits[1],
+        "run": str(tmp_path / "one"),
+        "out": str(tmp_path),
+        "checkpoint": str(ckpt),
+    }
     _fit(_reshard_loop, one, storage, "reshard", workers=1)
     re = torch.load(tmp_path / "reshard.pt", weights_only=False)
     assert re["step"] == 10
@@ -289,8 +325,10 @@ def test_bench_comm_cli(cluster, capsys):
     from dbgen.sync.layout import slice_size
     from dbgen.sync.onebit import ONEBIT_CHUNK
 
-    assert main(["comm", "--config", str(CONFIG), "--workers", "2", "--steps", "1", "--modes", "packed_onebit",
-                 "--json"]) == 0
+    assert (
+        main(["comm", "--config", str(CONFIG), "--workers", "2", "--steps", "1", "--modes", "packed_onebit", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["workers"] == 2 and out["batch_per_worker"] == 16 and out["warmup"] == 1
     (r,) = out["modes"]

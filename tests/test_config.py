@@ -28,31 +28,34 @@ def test_model_name_selects_section_and_replaces_included_model(tmp_path):
     assert isinstance(cfg.model, FlowPPConfig) and cfg.model.hdim == 16
 
 
-@pytest.mark.parametrize("text, overrides, pattern", [
-    ("model: {name: rvae, widht: 3}\n", [], r"x.yaml: unknown key 'model.widht'"),
-    ("model: {name: rvae}\ntrian: {}\n", [], r"unknown key 'trian'"),
-    ("model: {name: rvae}\n", ["train.max_steps=ten"], r"'train.max_steps' = 'ten': expected int"),
-    ("model: {name: rvae}\n", ["train.max_steps=1.5"], r"'train.max_steps' = 1.5: expected int"),
-    ("model: {name: rvae}\n", ["model.binary_weights=3"], r"'model.binary_weights' = 3: expected bool"),
-    ("model: {name: rvae}\n", ["scale.zero_stage=3"], r"'scale.zero_stage' = 3: expected one of 0, 1, 2"),
-    ("model: {name: gan}\n", [], r"'model.name' = 'gan': expected one of rvae, flowpp"),
-    ("model: {width: 3}\n", [], r"'model' needs a 'name'"),
-    ("train: {}\n", [], r"missing required key 'model'"),
-    ("model: [1, 2]\n", [], r"'model' needs a 'name'"),
-    ("model: {name: rvae}\n", ["train.max_steps"], r"expected dotted.key=value"),
-    ("- a\n- b\n", [], r"expected a mapping at the top level"),
-    ("model: {name: rvae\n", [], r"invalid YAML"),
-    # Values that pass the types but would train on NaN, an exploding learning rate, or nothing at all.
-    ("model: {name: rvae}\n", ["optimizer.betas=[0.9,1.5]"], r"'optimizer.betas' = \(0.9, 1.5\): expected two"),
-    ("model: {name: rvae}\n", ["optimizer.betas=[-0.1,0.9]"], r"'optimizer.betas' = \(-0.1, 0.9\)"),
-    ("model: {name: rvae}\n", ["optimizer.lr=.inf"], r"'optimizer.lr' = inf: expected a finite number > 0"),
-    ("model: {name: rvae}\n", ["optimizer.lr=.nan"], r"'optimizer.lr' = nan: expected a finite number > 0"),
-    ("model: {name: rvae}\n", ["optimizer.eps=0"], r"'optimizer.eps' = 0"),
-    ("model: {name: rvae}\n", ["schedule.decay=2"], r"'schedule.decay' = 2.0: expected a number in \(0, 1\]"),
-    ("model: {name: rvae}\n", ["schedule.decay=0"], r"'schedule.decay' = 0"),
-    ("model: {name: rvae}\n", ["schedule.min_lr=.inf"], r"'schedule.min_lr' = inf"),
-    ("model: {name: rvae}\n", ["train.max_steps=0"], r"'train.max_steps' = 0: expected an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, pattern",
+    [
+        ("model: {name: rvae, widht: 3}\n", [], r"x.yaml: unknown key 'model.widht'"),
+        ("model: {name: rvae}\ntrian: {}\n", [], r"unknown key 'trian'"),
+        ("model: {name: rvae}\n", ["train.max_steps=ten"], r"'train.max_steps' = 'ten': expected int"),
+        ("model: {name: rvae}\n", ["train.max_steps=1.5"], r"'train.max_steps' = 1.5: expected int"),
+        ("model: {name: rvae}\n", ["model.binary_weights=3"], r"'model.binary_weights' = 3: expected bool"),
+        ("model: {name: rvae}\n", ["scale.zero_stage=3"], r"'scale.zero_stage' = 3: expected one of 0, 1, 2"),
+        ("model: {name: gan}\n", [], r"'model.name' = 'gan': expected one of rvae, flowpp"),
+        ("model: {width: 3}\n", [], r"'model' needs a 'name'"),
+        ("train: {}\n", [], r"missing required key 'model'"),
+        ("model: [1, 2]\n", [], r"'model' needs a 'name'"),
+        ("model: {name: rvae}\n", ["train.max_steps"], r"expected dotted.key=value"),
+        ("- a\n- b\n", [], r"expected a mapping at the top level"),
+        ("model: {name: rvae\n", [], r"invalid YAML"),
+        # Values that pass the types but would train on NaN, an exploding learning rate, or nothing at all.
+        ("model: {name: rvae}\n", ["optimizer.betas=[0.9,1.5]"], r"'optimizer.betas' = \(0.9, 1.5\): expected two"),
+        ("model: {name: rvae}\n", ["optimizer.betas=[-0.1,0.9]"], r"'optimizer.betas' = \(-0.1, 0.9\)"),
+        ("model: {name: rvae}\n", ["optimizer.lr=.inf"], r"'optimizer.lr' = inf: expected a finite number > 0"),
+        ("model: {name: rvae}\n", ["optimizer.lr=.nan"], r"'optimizer.lr' = nan: expected a finite number > 0"),
+        ("model: {name: rvae}\n", ["optimizer.eps=0"], r"'optimizer.eps' = 0"),
+        ("model: {name: rvae}\n", ["schedule.decay=2"], r"'schedule.decay' = 2.0: expected a number in \(0, 1\]"),
+        ("model: {name: rvae}\n", ["schedule.decay=0"], r"'schedule.decay' = 0"),
+        ("model: {name: rvae}\n", ["schedule.min_lr=.inf"], r"'schedule.min_lr' = inf"),
+        ("model: {name: rvae}\n", ["train.max_steps=0"], r"'train.max_steps' = 0: expected an int >= 1"),
+    ],
+)
 def test_errors_name_file_and_key(tmp_path, text, overrides, pattern):
     path = write(tmp_path / "x.yaml", text)
     with pytest.raises(ConfigError, match=pattern):

@@ -12,19 +12,33 @@ import pytest
 
 from dbgen.console import MetricsFollower, format_record
 
-TRAIN = {"kind": "train", "step": 20, "bpd": 5.4321, "images_per_s": 123.4, "grad_norm": 1.5, "lr": 0.002,
-         "skipped": 0, "eta_s": 3725.0}
+TRAIN = {
+    "kind": "train",
+    "step": 20,
+    "bpd": 5.4321,
+    "images_per_s": 123.4,
+    "grad_norm": 1.5,
+    "lr": 0.002,
+    "skipped": 0,
+    "eta_s": 3725.0,
+}
 
 
 def test_format_record_words_each_kind():
-    assert format_record(TRAIN, 3000) == ("step   20/3000 | bpd 5.4321 | 123 img/s | grad norm 1.5 | lr 0.002 | "
-                                          "skipped 0 | eta 1:02:05")
-    assert format_record({"kind": "eval", "step": 20, "eval_bpd": 5.1, "rows": 64, "seconds": 1.25}, 40) == \
-        "step 20 | eval bpd 5.1000 on 64 rows (1.2s)"
-    assert format_record({"kind": "checkpoint", "step": 30, "seconds": 0.5, "bytes": 2_500_000}, 40) == \
-        "step 30 | checkpoint 2.5 MB in 0.5s"
+    assert format_record(TRAIN, 3000) == (
+        "step   20/3000 | bpd 5.4321 | 123 img/s | grad norm 1.5 | lr 0.002 | skipped 0 | eta 1:02:05"
+    )
+    assert (
+        format_record({"kind": "eval", "step": 20, "eval_bpd": 5.1, "rows": 64, "seconds": 1.25}, 40)
+        == "step 20 | eval bpd 5.1000 on 64 rows (1.2s)"
+    )
+    assert (
+        format_record({"kind": "checkpoint", "step": 30, "seconds": 0.5, "bytes": 2_500_000}, 40)
+        == "step 30 | checkpoint 2.5 MB in 0.5s"
+    )
     assert format_record({"kind": "resume", "step": 10, "submission": "x", "restart": True}, 40).startswith(
-        "resumed at step 10 after a worker failure")
+        "resumed at step 10 after a worker failure"
+    )
     assert format_record({"kind": "something-new", "step": 1}, 40) is None
 
 
@@ -69,9 +83,12 @@ def test_follower_prints_new_records_once_and_survives_a_resume_rewrite(tmp_path
     _append(path, {**TRAIN, "step": 30, "time": 5.0})  # step 30 again, after the restart
     follower.poll()
     lines = captured.getvalue().splitlines()
-    assert [line.split(" |")[0] for line in lines] == ["step 20/40", "step 30/40",
-                                                        "resumed at step 20 after a worker failure (worker "
-                                                        "group restarted)", "step 30/40"]
+    assert [line.split(" |")[0] for line in lines] == [
+        "step 20/40",
+        "step 30/40",
+        "resumed at step 20 after a worker failure (worker group restarted)",
+        "step 30/40",
+    ]
 
 
 def test_follower_with_a_progress_bar_still_prints_every_line(tmp_path, captured, monkeypatch):

@@ -31,8 +31,14 @@ for split, path in builtin("photos32").items():
 
 def build_in_subprocess(cache: Path) -> subprocess.Popen:
     env = {**os.environ, "DBGEN_CACHE": str(cache)}
-    return subprocess.Popen([sys.executable, "-c", OFFLINE_BUILD], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", OFFLINE_BUILD],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +103,23 @@ def test_train_and_test_come_from_disjoint_regions(cache):
 
 
 def test_build_is_deterministic_and_cli_writes_a_copy(cache, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dbgen.data.convert", "--format", "builtin", "--src", "photos32",
-                        "--out", str(tmp_path / "copy")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dbgen.data.convert",
+            "--format",
+            "builtin",
+            "--src",
+            "photos32",
+            "--out",
+            str(tmp_path / "copy"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert f"train: {tmp_path / 'copy' / 'train'}" in r.stdout
     ref = builtin("photos32", cache_dir=cache)

@@ -46,8 +46,12 @@ def write_cifar_dir(root: Path, n: int = 6, seed: int = 0, bad_label_at=None) ->
         labels = rng.integers(0, 10, n).tolist()
         if bad_label_at is not None and name == bad_label_at[0]:
             labels[bad_label_at[1]] = 10
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": planar(imgs),
-                 b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": planar(imgs),
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
         (d / name).write_bytes(pickle.dumps(batch, protocol=2))
         imgs_, labels_, sources = expected["test" if name == "test_batch" else "train"]
         imgs_.append(imgs)
@@ -63,8 +67,9 @@ def tar_dir(src: Path, out: Path, mode: str = "w") -> Path:
     return out
 
 
-def write_imagenet(root: Path, files: dict, res: int = 32, fmt: str = "npz", seed: int = 0,
-                   ids_from: int | None = None) -> dict:
+def write_imagenet(
+    root: Path, files: dict, res: int = 32, fmt: str = "npz", seed: int = 0, ids_from: int | None = None
+) -> dict:
     """Downsampled-ImageNet batch files ``{name: rows}``: ``data`` N x 3*R*R planar, ``labels`` 1..1000.
 
     ``ids_from``: write row ids (counting from it) into the first 4 bytes of each HWC image, so loaders'
@@ -98,8 +103,14 @@ def ids_of(batch) -> np.ndarray:
 def id_split(root: Path, n: int, rows_per_shard: int = 150, row_group_rows: int = 64, res: int = 8) -> Path:
     """A split of ``n`` rows whose images carry their row id (several shards and row groups per shard)."""
     write_imagenet(root / "src", {"train_data_batch_1": n}, res=res, ids_from=0)
-    return convert("imagenet-batches", root / "src", root / "split", resolution=res,
-                   rows_per_shard=rows_per_shard, row_group_rows=row_group_rows)
+    return convert(
+        "imagenet-batches",
+        root / "src",
+        root / "split",
+        resolution=res,
+        rows_per_shard=rows_per_shard,
+        row_group_rows=row_group_rows,
+    )
 
 
 def write_image_folder(root: Path, res: int = 32, per_class: int = 3, seed: int = 0) -> dict:
@@ -146,25 +157,36 @@ def test_cifar10_pixel_exact(tmp_path, as_tar):
 @pytest.mark.parametrize("fmt", ["npz", "pickle"])
 def test_imagenet_batches_pixel_exact(tmp_path, fmt):
     # Numeric order of batch files: 1, 2, 10 (not 1, 10, 2).
-    files = write_imagenet(tmp_path / "in", {"train_data_batch_10": 4, "train_data_batch_2": 3,
-                                             "train_data_batch_1": 5, "val_data": 4}, fmt=fmt)
+    files = write_imagenet(
+        tmp_path / "in",
+        {"train_data_batch_10": 4, "train_data_batch_2": 3, "train_data_batch_1": 5, "val_data": 4},
+        fmt=fmt,
+    )
     out = convert("imagenet-batches", tmp_path / "in", tmp_path / "train", rows_per_shard=4)
     order = ["train_data_batch_1", "train_data_batch_2", "train_data_batch_10"]
     suffix = ".npz" if fmt == "npz" else ""
-    assert_split_equals(out, np.concatenate([files[k][0] for k in order]),
-                        np.concatenate([files[k][1] for k in order]) - 1,  # stored 0-based
-                        [f"{k}{suffix}:{i}" for k in order for i in range(len(files[k][1]))])
+    assert_split_equals(
+        out,
+        np.concatenate([files[k][0] for k in order]),
+        np.concatenate([files[k][1] for k in order]) - 1,  # stored 0-based
+        [f"{k}{suffix}:{i}" for k in order for i in range(len(files[k][1]))],
+    )
     test = convert("imagenet-batches", tmp_path / "in", tmp_path / "test", split="test")
-    assert_split_equals(test, files["val_data"][0], files["val_data"][1] - 1,
-                        [f"val_data{suffix}:{i}" for i in range(4)])
+    assert_split_equals(
+        test, files["val_data"][0], files["val_data"][1] - 1, [f"val_data{suffix}:{i}" for i in range(4)]
+    )
     assert open_split(test).num_classes == 1000
 
 
 def test_imagenet64(tmp_path):
     files = write_imagenet(tmp_path / "in", {"train_data_batch_1": 3}, res=64)
     out = convert("imagenet-batches", tmp_path / "in", tmp_path / "out", resolution=64)
-    assert_split_equals(out, files["train_data_batch_1"][0], files["train_data_batch_1"][1] - 1,
-                        [f"train_data_batch_1.npz:{i}" for i in range(3)])
+    assert_split_equals(
+        out,
+        files["train_data_batch_1"][0],
+        files["train_data_batch_1"][1] - 1,
+        [f"train_data_batch_1.npz:{i}" for i in range(3)],
+    )
 
 
 @pytest.mark.parametrize("kind", ["folder", "tar", "tar.gz"])
@@ -179,8 +201,9 @@ def test_image_files_pixel_exact(tmp_path, kind):
     out = convert(fmt, src, tmp_path / "out", rows_per_shard=4)
     names = sorted(expected)  # the folder is walked sorted; tar_dir adds members sorted
     classes = ["cat", "dog", "zebra"]
-    assert_split_equals(out, np.stack([expected[k][0] for k in names]),
-                        [classes.index(expected[k][1]) for k in names], names)
+    assert_split_equals(
+        out, np.stack([expected[k][0] for k in names]), [classes.index(expected[k][1]) for k in names], names
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["class_names"] == classes and m["ignored_files"] == 1
 
@@ -188,8 +211,9 @@ def test_image_files_pixel_exact(tmp_path, kind):
 def test_shard_schema_and_row_groups(tmp_path):
     out = id_split(tmp_path, 400, rows_per_shard=150, row_group_rows=64)
     f = pq.ParquetFile(out / "shard-00000.parquet")
-    assert str(f.schema_arrow) == "image: fixed_size_binary[192] not null\nlabel: int32 not null\n" \
-                                  "source: string not null"
+    assert (
+        str(f.schema_arrow) == "image: fixed_size_binary[192] not null\nlabel: int32 not null\nsource: string not null"
+    )
     assert [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)] == [64, 64, 22]
     assert [s.rows for s in open_split(out).shards] == [150, 150, 100]
 
@@ -211,8 +235,19 @@ def test_cli_convert_and_verify(tmp_path):
     # --out is the data set root: each split lands in OUT/<split>, where the presets' data.train/eval point
     write_imagenet(tmp_path / "in", {"train_data_batch_1": 5, "val_data": 3})
     for split, rows, shards in [("train", 5, 3), ("test", 3, 2)]:
-        r = run_cli("dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
-                    "--out", str(tmp_path / "out"), "--split", split, "--rows-per-shard", "2")
+        r = run_cli(
+            "dbgen.data.convert",
+            "--format",
+            "imagenet-batches",
+            "--src",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--split",
+            split,
+            "--rows-per-shard",
+            "2",
+        )
         assert r.returncode == 0, r.stderr
         assert f"{tmp_path / 'out' / split}: {rows} rows in {shards} shards, 0 skipped" in r.stdout
         r = run_cli("dbgen.data.verify", str(tmp_path / "out" / split))
@@ -220,11 +255,27 @@ def test_cli_convert_and_verify(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test", "train"]
     assert resolve_split(tmp_path / "out", "test") == (tmp_path / "out" / "test").resolve()
     # the default split is train; a split directory given as --out is refused, not nested
-    r = run_cli("dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
-                "--out", str(tmp_path / "out2"))
+    r = run_cli(
+        "dbgen.data.convert",
+        "--format",
+        "imagenet-batches",
+        "--src",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out2"),
+    )
     assert r.returncode == 0 and (tmp_path / "out2" / "train" / "manifest.json").exists(), r.stderr
-    r = run_cli("dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
-                "--out", str(tmp_path / "out" / "train"), "--split", "test")
+    r = run_cli(
+        "dbgen.data.convert",
+        "--format",
+        "imagenet-batches",
+        "--src",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out" / "train"),
+        "--split",
+        "test",
+    )
     assert r.returncode == 1 and "is itself a converted split; --out takes the data set root" in r.stderr
     assert not (tmp_path / "out" / "train" / "test").exists()
 
@@ -277,16 +328,24 @@ def test_bad_truncated_tar(tmp_path, cut):
     size = last.offset_data + 100 if cut == "member_data" else last.offset_data + 512 * (-(-last.size // 512))
     data = tar.read_bytes()[:size]
     tar.write_bytes(data)
-    _cli_fails(tmp_path, "image-tar", tar, match=f"in.tar: truncated tar: archive ends inside or right after "
-                                                 f"member '{last.name}'")
+    _cli_fails(
+        tmp_path,
+        "image-tar",
+        tar,
+        match=f"in.tar: truncated tar: archive ends inside or right after member '{last.name}'",
+    )
 
 
 def test_bad_truncated_tar_gz(tmp_path):
     write_image_folder(tmp_path / "in")
     tar = tar_dir(tmp_path / "in", tmp_path / "in.tar.gz", "w:gz")
     tar.write_bytes(tar.read_bytes()[:-300])
-    _cli_fails(tmp_path, "image-tar", tar, match="in.tar.gz: truncated tar: archive ends inside or right after "
-                                                 "member 'zebra/002.png'")
+    _cli_fails(
+        tmp_path,
+        "image-tar",
+        tar,
+        match="in.tar.gz: truncated tar: archive ends inside or right after member 'zebra/002.png'",
+    )
 
 
 def _split_for_shard_tests(tmp_path) -> Path:
@@ -338,15 +397,20 @@ def test_bad_manifest_json(tmp_path):
 
 def test_bad_wrong_shape_batches(tmp_path):
     write_imagenet(tmp_path / "in", {"train_data_batch_1": 3}, res=64)
-    _cli_fails(tmp_path, "imagenet-batches", tmp_path / "in", match="train_data_batch_1.npz: images are 64x64 "
-               "(12288 values per row), expected 32x32 (3072)")
+    _cli_fails(
+        tmp_path,
+        "imagenet-batches",
+        tmp_path / "in",
+        match="train_data_batch_1.npz: images are 64x64 (12288 values per row), expected 32x32 (3072)",
+    )
 
 
 def test_wrong_shape_batches_resize(tmp_path):
     files = write_imagenet(tmp_path / "in", {"train_data_batch_1": 2}, res=64)
     out = convert("imagenet-batches", tmp_path / "in", tmp_path / "out", resize=True)
-    want = np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.Resampling.BOX))
-                     for x in files["train_data_batch_1"][0]])
+    want = np.stack(
+        [np.asarray(Image.fromarray(x).resize((32, 32), Image.Resampling.BOX)) for x in files["train_data_batch_1"][0]]
+    )
     np.testing.assert_array_equal(read_rows(out)["image"], want)
 
 
@@ -394,8 +458,9 @@ def test_skip_bad(tmp_path):
     _corrupt_jpeg(tmp_path / "in" / "dog" / "001.jpg")
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "in" / "cat" / "small.png")
     tar = tar_dir(tmp_path / "in", tmp_path / "in.tar")
-    r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(tar), "--out", str(tmp_path / "out"),
-                "--skip-bad")
+    r = run_cli(
+        "dbgen.data.convert", "--format", "image-tar", "--src", str(tar), "--out", str(tmp_path / "out"), "--skip-bad"
+    )
     assert r.returncode == 0, r.stderr
     assert "8 rows in 1 shards, 2 skipped" in r.stdout
     m = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
@@ -415,7 +480,8 @@ def test_skip_bad_labels(tmp_path):
     images, labels, sources = expected["train"]
     assert_split_equals(out, images[keep], labels[keep], [sources[i] for i in keep])
     assert json.loads((out / "manifest.json").read_text())["skipped"] == [
-        {"source": "data_batch_2:1", "reason": "label 10, expected 0..9"}]
+        {"source": "data_batch_2:1", "reason": "label 10, expected 0..9"}
+    ]
 
 
 # -------------------------------------------------------------------------------------------- atomicity
@@ -424,8 +490,7 @@ def test_failed_conversion_leaves_no_split_and_rerun_starts_clean(tmp_path):
     _corrupt_jpeg(tmp_path / "in" / "zebra" / "003.jpg")  # late in the walk: earlier shards are written
     with pytest.raises(DataError, match="zebra/003.jpg"):
         convert("image-folder", tmp_path / "in", tmp_path / "out", rows_per_shard=2)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir())[:2] == ["shard-00000.parquet",
-                                                                         "shard-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[:2] == ["shard-00000.parquet", "shard-00001.parquet"]
     assert not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(DataError, match="manifest.json: missing .*conversion did not finish"):
         resolve_split(tmp_path / "out")
@@ -438,8 +503,19 @@ def test_failed_conversion_leaves_no_split_and_rerun_starts_clean(tmp_path):
 def test_killed_conversion_never_looks_complete(tmp_path):
     write_imagenet(tmp_path / "in", {f"train_data_batch_{i}": 4000 for i in range(1, 4)}, res=32)
     out = tmp_path / "out" / "train"  # the CLI writes the split to <--out>/<--split>
-    cmd = [PY, "-m", "dbgen.data.convert", "--format", "imagenet-batches", "--src", str(tmp_path / "in"),
-           "--out", str(tmp_path / "out"), "--rows-per-shard", "64"]
+    cmd = [
+        PY,
+        "-m",
+        "dbgen.data.convert",
+        "--format",
+        "imagenet-batches",
+        "--src",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out"),
+        "--rows-per-shard",
+        "64",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (out / "shard-00003.parquet").exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -482,10 +558,12 @@ def test_interrupted_conversion_leftovers_are_removed(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name in leftovers or p.name.endswith(".tmp")]
 
 
-
 def _file_hashes(d: Path) -> dict:
-    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_failed_overwrite_keeps_the_old_split(tmp_path):
@@ -497,22 +575,32 @@ def test_failed_overwrite_keeps_the_old_split(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     empty = tar_dir(tmp_path / "empty", tmp_path / "empty.tar")
     root = tmp_path / "out"
-    r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(good), "--out", str(root),
-                "--rows-per-shard", "2")
+    r = run_cli(
+        "dbgen.data.convert", "--format", "image-tar", "--src", str(good), "--out", str(root), "--rows-per-shard", "2"
+    )
     assert r.returncode == 0, r.stderr
     before = _file_hashes(root)
     assert "train/manifest.json" in before and len(before) == 6
     for src, match in [(corrupt, "zebra/001.jpg: cannot decode image"), (empty, "no images found")]:
-        r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(src), "--out", str(root),
-                    "--overwrite")
+        r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(src), "--out", str(root), "--overwrite")
         assert r.returncode == 1 and match in r.stderr, r.stderr
         assert "leftover" not in r.stderr
         assert _file_hashes(root) == before  # every file, byte for byte; no temporary sibling left
         assert [p.name for p in root.iterdir()] == ["train"]
     verify_split(root / "train")
     # a good --overwrite replaces it (and leaves nothing beside it)
-    r = run_cli("dbgen.data.convert", "--format", "image-tar", "--src", str(good), "--out", str(root),
-                "--overwrite", "--rows-per-shard", "3")
+    r = run_cli(
+        "dbgen.data.convert",
+        "--format",
+        "image-tar",
+        "--src",
+        str(good),
+        "--out",
+        str(root),
+        "--overwrite",
+        "--rows-per-shard",
+        "3",
+    )
     assert r.returncode == 0 and "9 rows in 3 shards" in r.stdout, r.stderr
     assert [p.name for p in root.iterdir()] == ["train"]
     assert open_split(root / "train", verify=True).num_rows == 9
@@ -560,8 +648,15 @@ def test_overwrite_refuses_a_split_holding_foreign_files(tmp_path):
 
 def test_failed_new_split_leaves_no_empty_directory(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
-    r = run_cli("dbgen.data.convert", "--format", "image-folder", "--src", str(tmp_path / "empty"),
-                "--out", str(tmp_path / "root"))
+    r = run_cli(
+        "dbgen.data.convert",
+        "--format",
+        "image-folder",
+        "--src",
+        str(tmp_path / "empty"),
+        "--out",
+        str(tmp_path / "root"),
+    )
     assert r.returncode == 1 and "no images found" in r.stderr, r.stderr
     assert not (tmp_path / "root").exists()
     (tmp_path / "ds").mkdir()  # an existing root stays; the split directory the conversion made goes
@@ -588,8 +683,9 @@ def test_out_is_a_file_exit_2_naming_it(tmp_path, capsys):
     # the split directory itself a file: named as such
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "train").write_text("mine")
-    code, err = _convert_main(capsys, "--format", "image-folder", "--src", str(tmp_path / "in"), "--out",
-                              str(tmp_path / "root"))
+    code, err = _convert_main(
+        capsys, "--format", "image-folder", "--src", str(tmp_path / "in"), "--out", str(tmp_path / "root")
+    )
     assert code == 2 and err.startswith(f"error: {tmp_path / 'root' / 'train'}: exists and is not a directory")
 
 
@@ -604,8 +700,13 @@ def _run_read_only(d: Path, *args) -> subprocess.CompletedProcess:
             d.chmod(0o755)
     mount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" || exit 99; exec "$@"'
     try:
-        r = subprocess.run(["unshare", "-m", "sh", "-c", mount, str(d), PY, "-m", *args], capture_output=True,
-                           text=True, cwd=REPO, timeout=120)
+        r = subprocess.run(
+            ["unshare", "-m", "sh", "-c", mount, str(d), PY, "-m", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
     except FileNotFoundError:
         pytest.skip("running as root (file modes do not apply) and no unshare for a read-only mount")
     if r.returncode == 99 or "unshare failed" in r.stderr:
@@ -617,8 +718,16 @@ def test_read_only_out_exit_2_naming_it_and_nothing_created(tmp_path):
     write_image_folder(tmp_path / "in", per_class=1)
     root = tmp_path / "ro"
     root.mkdir()
-    r = _run_read_only(root, "dbgen.data.convert", "--format", "image-folder", "--src", str(tmp_path / "in"),
-                       "--out", str(root / "data"))
+    r = _run_read_only(
+        root,
+        "dbgen.data.convert",
+        "--format",
+        "image-folder",
+        "--src",
+        str(tmp_path / "in"),
+        "--out",
+        str(root / "data"),
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: {root}: not writable (read-only file system or no permission)" in r.stderr
     assert not list(root.iterdir())  # no empty output directory left behind

@@ -22,8 +22,9 @@ from dbgen.atomic import sha256_file
 from dbgen.data import DataError, EvalLoader, TrainLoader, convert, open_split, read_rows, verify_split
 from dbgen.data.split import read_unit
 
-pytestmark = pytest.mark.skipif(not CIFAR_JPEG_TAR.is_file(),
-                                reason=f"{CIFAR_JPEG_TAR} absent (shared CIFAR-10 JPEG tar)")
+pytestmark = pytest.mark.skipif(
+    not CIFAR_JPEG_TAR.is_file(), reason=f"{CIFAR_JPEG_TAR} absent (shared CIFAR-10 JPEG tar)"
+)
 
 ROWS = 200  # the first 200 JPEGs of the shared tar: 2 shards of 100 rows, row groups of 50
 DAMAGED = "shard-00001.parquet"
@@ -49,7 +50,7 @@ def _copy(split: Path, tmp_path: Path) -> Path:
 
 def _invert(path: Path, offset: int, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
-    data[offset:offset + n] = bytes(b ^ 0xFF for b in data[offset:offset + n])
+    data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
     path.write_bytes(bytes(data))
 
 
@@ -122,8 +123,13 @@ def _without_page_checksums(split: Path) -> None:
     for s in m["shards"]:
         path = split / s["file"]
         table = pq.read_table(path)
-        pq.write_table(table, path, row_group_size=m["row_group_rows"], use_dictionary=False,
-                       compression={"image": "none", "label": "zstd", "source": "zstd"})
+        pq.write_table(
+            table,
+            path,
+            row_group_size=m["row_group_rows"],
+            use_dictionary=False,
+            compression={"image": "none", "label": "zstd", "source": "zstd"},
+        )
         s["bytes"], s["sha256"] = path.stat().st_size, sha256_file(path)
     del m["page_checksums"]
     (split / "manifest.json").write_text(json.dumps(m))

@@ -32,8 +32,9 @@ def epoch_ids(ranks, epochs=1):
     out = []
     iters = [iter(lo) for lo in ranks]
     for _ in range(epochs):
-        out.append([np.concatenate([ids_of(next(it)) for _ in range(len(lo))])
-                    for lo, it in zip(ranks, iters, strict=True)])
+        out.append(
+            [np.concatenate([ids_of(next(it)) for _ in range(len(lo))]) for lo, it in zip(ranks, iters, strict=True)]
+        )
     return out
 
 
@@ -93,7 +94,7 @@ def test_shuffle_is_bounded_by_the_buffer(split_dir):
     pos = 0
     while pos < N:
         unit = next(u for u in units if u[0] == stream[pos])
-        assert stream[pos:pos + unit[1] - unit[0]].tolist() == list(range(*unit))
+        assert stream[pos : pos + unit[1] - unit[0]].tolist() == list(range(*unit))
         pos += unit[1] - unit[0]
     plan = rank_plan(stream, layout, rank=1, seed=4, epoch=0)
     out_pos = plan.order
@@ -107,7 +108,7 @@ def test_shuffle_is_bounded_by_the_buffer(split_dir):
 def test_no_shuffle_buffer_reads_in_stream_order(split_dir):
     lo = loaders(split_dir, 1, seed=0, shuffle_buffer=0)[0]
     ids = np.concatenate(take(lo, len(lo)))
-    np.testing.assert_array_equal(ids, epoch_stream(open_split(split_dir), 0, 0)[:len(ids)])
+    np.testing.assert_array_equal(ids, epoch_stream(open_split(split_dir), 0, 0)[: len(ids)])
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -172,8 +173,9 @@ def test_too_few_rows_for_a_global_batch(split_dir):
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_eval_loader_each_row_once_in_order(split_dir, world_size):
-    parts = [EvalLoader(split_dir, batch_size=64, rank=r, world_size=world_size, backend="arrow")
-             for r in range(world_size)]
+    parts = [
+        EvalLoader(split_dir, batch_size=64, rank=r, world_size=world_size, backend="arrow") for r in range(world_size)
+    ]
     assert len({len(p) for p in parts}) == 1  # same number of batches on every rank
     batches = [[ids_of(x) for x in p] for p in parts]
     assert all(len(b) == len(p) for b, p in zip(batches, parts, strict=True))

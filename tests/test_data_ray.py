@@ -33,13 +33,34 @@ def ray_cluster():
 
     temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray puts unix sockets under it
     port, (base, _) = free_port(), free_port_range(200)
-    ports = {f"--{k}": str(free_port()) for k in [
-        "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"]}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=false",
-           "--disable-usage-stats", f"--port={port}", f"--min-worker-port={base}",
-           f"--max-worker-port={base + 199}"] + [f"{k}={v}" for k, v in ports.items()]
+    ports = {
+        f"--{k}": str(free_port())
+        for k in [
+            "dashboard-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        ]
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--port={port}",
+        f"--min-worker-port={base}",
+        f"--max-worker-port={base + 199}",
+    ] + [f"{k}={v}" for k, v in ports.items()]
     # Ray 2.6x heads turn on token auth and share ~/.ray/auth_token; this private cluster goes without.
     saved_auth = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -111,11 +132,13 @@ def _train_fn(config):
     rank, world = loader.rank, loader.layout.world_size
     it = iter(loader)
     batches = [next(it) for _ in range(2 * len(loader))]
-    epochs = [np.concatenate([ids_of(x) for x in batches[e * len(loader):(e + 1) * len(loader)]]).tolist()
-              for e in range(2)]
+    epochs = [
+        np.concatenate([ids_of(x) for x in batches[e * len(loader) : (e + 1) * len(loader)]]).tolist() for e in range(2)
+    ]
     # The pyarrow path in the same worker must give the very same batches.
-    arrow = TrainLoader(loader.split, batch_size=BATCH, seed=SEED, shuffle_buffer=100, rank=rank,
-                        world_size=world, backend="arrow")
+    arrow = TrainLoader(
+        loader.split, batch_size=BATCH, seed=SEED, shuffle_buffer=100, rank=rank, world_size=world, backend="arrow"
+    )
     arrow_it = iter(arrow)
     same_as_arrow = all(bool((x == next(arrow_it)).all()) for x in batches)
     # Interrupt in the middle of epoch 1, restore into a new Ray-backed loader, compare.
@@ -130,8 +153,16 @@ def _train_fn(config):
     resume_exact = all(bool((next(resumed_it) == batches[i]).all()) for i in range(k, 2 * len(loader)))
     ev = EvalLoader(batch_size=50)  # get_dataset_shard("eval")
     eval_batches = [ids_of(x).tolist() for x in ev]
-    out = {"rank": rank, "world": world, "len": len(loader), "epochs": epochs, "same_as_arrow": same_as_arrow,
-           "resume_exact": resume_exact, "eval": eval_batches, "eval_len": len(ev)}
+    out = {
+        "rank": rank,
+        "world": world,
+        "len": len(loader),
+        "epochs": epochs,
+        "same_as_arrow": same_as_arrow,
+        "resume_exact": resume_exact,
+        "eval": eval_batches,
+        "eval_len": len(ev),
+    }
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(out))
     ray.train.report({"done": 1})
 

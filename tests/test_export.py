@@ -90,7 +90,7 @@ def test_corrupted_truncated_and_foreign_artifacts_are_refused(tiny, tmp_path):
         "header byte changed": (lambda d: d[:20] + bytes([d[20] ^ 0x20]) + d[21:], "checksum mismatch"),
         "trailer changed": (lambda d: d[:-1] + bytes([d[-1] ^ 0xFF]), "checksum mismatch"),
         "truncated payload": (lambda d: d[:-1000], "truncated"),
-        "truncated header": (lambda d: d[:16 + head_len // 2], "truncated"),
+        "truncated header": (lambda d: d[: 16 + head_len // 2], "truncated"),
         "only the magic": (lambda d: d[:8], "truncated"),
         "not an artifact": (lambda d: b"PK\x03\x04" + d[4:], "not a dbgen packed artifact"),
         "future version": (lambda d: d[:7] + b"\x02" + d[8:], "format version 2"),
@@ -113,15 +113,16 @@ def test_artifact_of_another_shape_is_refused(tiny):
         load_packed(pack_model(model, wider))  # header says width 24, tensors are width 16
 
 
-
 def test_errors_name_the_artifact_file(tiny, tmp_path):
     # load_packed and load_artifact given a path: every error names that path, never <bytes>
     from dbgen.export import load_artifact
 
     cfg, model, data = tiny
-    cases = {"truncated.dbgen": (data[:len(data) // 2], "truncated"),
-             "flipped.dbgen": (data[:-200] + bytes([data[-200] ^ 0x10]) + data[-199:], "checksum mismatch"),
-             "other_shape.dbgen": (pack_model(model, load_config(TINY, ["model.width=24"])), "shape")}
+    cases = {
+        "truncated.dbgen": (data[: len(data) // 2], "truncated"),
+        "flipped.dbgen": (data[:-200] + bytes([data[-200] ^ 0x10]) + data[-199:], "checksum mismatch"),
+        "other_shape.dbgen": (pack_model(model, load_config(TINY, ["model.width=24"])), "shape"),
+    }
     for name, (content, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
@@ -166,9 +167,18 @@ def _train_worker(rank: int, world: int, run_dir: str, train_dir: str):
     from dbgen.trainer import Trainer
 
     torch.set_num_threads(1)
-    cfg = load_config(TINY, ["comm.binary_weights=packed", "train.max_steps=6", "train.checkpoint_every=0",
-                             "train.eval_every=0", "train.sample_every=0", "train.num_samples=0",
-                             "train.eval_batches=2"])
+    cfg = load_config(
+        TINY,
+        [
+            "comm.binary_weights=packed",
+            "train.max_steps=6",
+            "train.checkpoint_every=0",
+            "train.eval_every=0",
+            "train.sample_every=0",
+            "train.num_samples=0",
+            "train.eval_batches=2",
+        ],
+    )
     Trainer(cfg, Path(run_dir), train_dir, train_dir, rank=rank, world_size=world).fit()
 
 
@@ -197,8 +207,9 @@ def test_export_cli_round_trip_matches_the_run(packed_run, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 6 and result["bytes"] == out.stat().st_size and not result["ema"]
 
-    ckpt = torch.load(run / "checkpoint_0000006" / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
-                      weights_only=True)["module"]
+    ckpt = torch.load(
+        run / "checkpoint_0000006" / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+    )["module"]
     model = load_packed(out)
     for name, m in binary_layers(model):  # the packed run's module holds signs: the artifact has the same bits
         assert torch.equal(pack_signs(m.weight), pack_signs(ckpt[f"{name}.weight"])), name
@@ -216,8 +227,10 @@ def test_export_cli_round_trip_matches_the_run(packed_run, tmp_path, capsys):
     assert abs(total / rows - summary["final_eval_bpd"]) < 1e-3, (total / rows, summary["final_eval_bpd"])
 
     # evaluate and sample read artifacts
-    assert evaluate.main(["--packed", str(out), "--data", split, "--max-batches", "1", "--batch-size", "32",
-                          "--json"]) == 0
+    assert (
+        evaluate.main(["--packed", str(out), "--data", split, "--max-batches", "1", "--batch-size", "32", "--json"])
+        == 0
+    )
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["rows"] == 32 and ev["step"] == 6 and 0 < ev["bpd"] < 12
     png = tmp_path / "s.png"
@@ -265,8 +278,7 @@ def test_ray_actors_receive_packed_bytes_through_the_object_store(packed_run, tm
             assert torch.equal(ray.get(actor.sample.remote(3, 1.0, 5)), model.sample(3))
             ray.kill(actor)
 
-            res = evaluate_with_actors(data, split, workers=2, batch_size=32, seed=3, max_batches=2,
-                                       cpus_per_actor=0.5)
+            res = evaluate_with_actors(data, split, workers=2, batch_size=32, seed=3, max_batches=2, cpus_per_actor=0.5)
             assert res["received"]["type"] == "bytes" and res["object_store_bytes"] == len(data)
             total, rows = 0.0, 0
             for i in range(2):  # the same shards and seeds, locally

@@ -82,8 +82,17 @@ def jiggle_(module, scale=0.3, seed=0):
 
 
 def tiny_cfg(**kw) -> FlowPPConfig:
-    base = dict(image_size=4, hdim=6, blocks=1, mix_components=3, dropout=0.0, dequant_couplings=2,
-                dequant_blocks=1, dequant_context_hdim=4, dequant_context_blocks=1)
+    base = dict(
+        image_size=4,
+        hdim=6,
+        blocks=1,
+        mix_components=3,
+        dropout=0.0,
+        dequant_couplings=2,
+        dequant_blocks=1,
+        dequant_context_hdim=4,
+        dequant_context_blocks=1,
+    )
     return FlowPPConfig(**{**base, **kw})
 
 
@@ -120,16 +129,36 @@ def _layer_cases():
     mix_params = torch.randn(2, 3, 2 + 3 * 4, 2, 2, dtype=torch.float64)
     mix = MixLogisticTransform(4)
     return {
-        "logit_preprocess": (LogitPreprocess(), lambda: torch.rand(2, 3, 2, 2, dtype=torch.float64) * 256,
-                             lambda m, x: m(x), lambda m, y: m.inverse(y)),
-        "sigmoid": (Sigmoid(), lambda: 3 * torch.randn(2, 3, 2, 2, dtype=torch.float64),
-                    lambda m, x: m(x), lambda m, y: m.inverse(y)),
-        "actnorm": (an, lambda: torch.randn(2, 3, 2, 2, dtype=torch.float64),
-                    lambda m, x: m(x), lambda m, y: m.inverse(y)),
-        "pointwise": (pw, lambda: torch.randn(2, 3, 2, 2, dtype=torch.float64),
-                      lambda m, x: m(x), lambda m, y: m.inverse(y)),
-        "mixlogistic": (mix, lambda: 3 * torch.randn(2, 3, 2, 2, dtype=torch.float64),
-                        lambda m, x: m(x, mix_params), lambda m, y: m.inverse(y, mix_params)),
+        "logit_preprocess": (
+            LogitPreprocess(),
+            lambda: torch.rand(2, 3, 2, 2, dtype=torch.float64) * 256,
+            lambda m, x: m(x),
+            lambda m, y: m.inverse(y),
+        ),
+        "sigmoid": (
+            Sigmoid(),
+            lambda: 3 * torch.randn(2, 3, 2, 2, dtype=torch.float64),
+            lambda m, x: m(x),
+            lambda m, y: m.inverse(y),
+        ),
+        "actnorm": (
+            an,
+            lambda: torch.randn(2, 3, 2, 2, dtype=torch.float64),
+            lambda m, x: m(x),
+            lambda m, y: m.inverse(y),
+        ),
+        "pointwise": (
+            pw,
+            lambda: torch.randn(2, 3, 2, 2, dtype=torch.float64),
+            lambda m, x: m(x),
+            lambda m, y: m.inverse(y),
+        ),
+        "mixlogistic": (
+            mix,
+            lambda: 3 * torch.randn(2, 3, 2, 2, dtype=torch.float64),
+            lambda m, x: m(x, mix_params),
+            lambda m, y: m.inverse(y, mix_params),
+        ),
     }
 
 
@@ -147,8 +176,16 @@ def test_layer_inverts_and_logdet_matches_jacobian(name):
 @pytest.mark.parametrize("binary_weights, binary_activations", [(False, False), (True, False), (True, True)])
 def test_coupling_inverts_and_logdet_matches_jacobian(kind, channels, context, binary_weights, binary_activations):
     torch.manual_seed(1)
-    c = Coupling(channels, kind, hdim=5, blocks=2, components=3, context_channels=context,
-                 binary_weights=binary_weights, binary_activations=binary_activations).double()
+    c = Coupling(
+        channels,
+        kind,
+        hdim=5,
+        blocks=2,
+        components=3,
+        context_channels=context,
+        binary_weights=binary_weights,
+        binary_activations=binary_activations,
+    ).double()
     x = torch.randn(2, channels, 2, 4, dtype=torch.float64)
     ctx = torch.randn(2, context, 2, 2, dtype=torch.float64) if context else None
     data_dependent_init(c, x, ctx)
@@ -180,17 +217,26 @@ def test_dequant_flow_inverts_and_logdet_matches_jacobian():
 IMAGENET64_FLOW = ["squeeze"] + ["stripe"] * 4 + (["squeeze"] + ["channel"] * 2 + ["stripe"] * 2) * 2
 
 
-@pytest.mark.parametrize("flow, channels, size, latent, binary_weights, binary_activations", [
-    (None, 3, 4, (12, 2, 2), False, False),  # the default (CIFAR-10) flow
-    (None, 3, 4, (12, 2, 2), True, True),
-    (IMAGENET64_FLOW, 1, 16, (64, 2, 2), False, False),  # ImageNet64's; one channel: a 256 x 256 Jacobian
-])
-def test_whole_main_flow_inverts_and_logdet_matches_jacobian(flow, channels, size, latent, binary_weights,
-                                                             binary_activations):
+@pytest.mark.parametrize(
+    "flow, channels, size, latent, binary_weights, binary_activations",
+    [
+        (None, 3, 4, (12, 2, 2), False, False),  # the default (CIFAR-10) flow
+        (None, 3, 4, (12, 2, 2), True, True),
+        (IMAGENET64_FLOW, 1, 16, (64, 2, 2), False, False),  # ImageNet64's; one channel: a 256 x 256 Jacobian
+    ],
+)
+def test_whole_main_flow_inverts_and_logdet_matches_jacobian(
+    flow, channels, size, latent, binary_weights, binary_activations
+):
     torch.manual_seed(3)
     structure = {} if flow is None else dict(flow=flow)
-    cfg = tiny_cfg(channels=channels, image_size=size, binary_weights=binary_weights,
-                   binary_activations=binary_activations, **structure)
+    cfg = tiny_cfg(
+        channels=channels,
+        image_size=size,
+        binary_weights=binary_weights,
+        binary_activations=binary_activations,
+        **structure,
+    )
     model = FlowPP(cfg).double()
     assert model.latent_shape == latent
     data_dependent_init(model, torch.randint(0, 256, (8, channels, size, size), dtype=torch.uint8))
@@ -207,18 +253,35 @@ def test_stages_are_the_runs_of_couplings_of_the_flow():
     """Each run of same-split couplings is a stage named in flow order: the default flow has the parameter names
     of every checkpoint written before ``model.flow`` existed (stage1: 4 stripe, stage2: 2 channel, stage3: 3
     stripe); the ImageNet64 flow has five stages at 12x32x32, 48x16x16 (x2) and 192x8x8 (x2)."""
-    def stages(model):
-        return [(name, len(getattr(model, name)), getattr(model, name)[0].split, getattr(model, name)[0].norms[0]
-                 .logscale.numel()) for name in model.flow_steps if name != "squeeze"]
 
-    assert stages(FlowPP(tiny_cfg())) == [("stage1", 4, "stripe", 3), ("stage2", 2, "channel", 6),
-                                          ("stage3", 3, "stripe", 12)]
+    def stages(model):
+        return [
+            (
+                name,
+                len(getattr(model, name)),
+                getattr(model, name)[0].split,
+                getattr(model, name)[0].norms[0].logscale.numel(),
+            )
+            for name in model.flow_steps
+            if name != "squeeze"
+        ]
+
+    assert stages(FlowPP(tiny_cfg())) == [
+        ("stage1", 4, "stripe", 3),
+        ("stage2", 2, "channel", 6),
+        ("stage3", 3, "stripe", 12),
+    ]
     for preset in ("fp", "binary", "binary_act", "binary_tiny"):
         assert load_config(CONFIGS / f"flowpp_imagenet64_{preset}.yaml").model.flow == IMAGENET64_FLOW
     model = FlowPP(tiny_cfg(image_size=64, flow=IMAGENET64_FLOW))
     assert model.flow_steps == ["squeeze", "stage1", "squeeze", "stage2", "stage3", "squeeze", "stage4", "stage5"]
-    assert stages(model) == [("stage1", 4, "stripe", 12), ("stage2", 2, "channel", 24), ("stage3", 2, "stripe", 48),
-                             ("stage4", 2, "channel", 96), ("stage5", 2, "stripe", 192)]
+    assert stages(model) == [
+        ("stage1", 4, "stripe", 12),
+        ("stage2", 2, "channel", 24),
+        ("stage3", 2, "stripe", 48),
+        ("stage4", 2, "channel", 96),
+        ("stage5", 2, "stripe", 192),
+    ]
     assert model.latent_shape == (192, 8, 8)
 
 
@@ -228,11 +291,21 @@ class LegacyFlowPP(torch.nn.Module):
     def __init__(self, cfg: FlowPPConfig):
         super().__init__()
         c = cfg.channels
-        common = dict(hdim=cfg.hdim, components=cfg.mix_components, binary_weights=cfg.binary_weights,
-                      binary_activations=cfg.binary_activations, dropout=cfg.dropout)
-        self.dequant = DequantFlow(c, couplings=cfg.dequant_couplings, blocks=cfg.dequant_blocks,
-                                   context_width=cfg.dequant_context_hdim,
-                                   context_blocks=cfg.dequant_context_blocks, **common)
+        common = dict(
+            hdim=cfg.hdim,
+            components=cfg.mix_components,
+            binary_weights=cfg.binary_weights,
+            binary_activations=cfg.binary_activations,
+            dropout=cfg.dropout,
+        )
+        self.dequant = DequantFlow(
+            c,
+            couplings=cfg.dequant_couplings,
+            blocks=cfg.dequant_blocks,
+            context_width=cfg.dequant_context_hdim,
+            context_blocks=cfg.dequant_context_blocks,
+            **common,
+        )
         self.preprocess = LogitPreprocess()
         self.stage1 = torch.nn.ModuleList(Coupling(c, "stripe", blocks=cfg.blocks, **common) for _ in range(4))
         self.stage2 = torch.nn.ModuleList(Coupling(4 * c, "channel", blocks=cfg.blocks, **common) for _ in range(2))
@@ -289,8 +362,7 @@ def test_full_size_model_inverts_in_float64_and_float32():
 def test_mixture_cdf_pdf_and_inverse():
     torch.manual_seed(5)
     shape = (4, 3, 5, 6, 6)  # (N, C, K, H, W)
-    logits, means, logscales = torch.randn(shape).double(), 3 * torch.randn(shape).double(), torch.randn(
-        shape).double()
+    logits, means, logscales = torch.randn(shape).double(), 3 * torch.randn(shape).double(), torch.randn(shape).double()
     x = 5 * torch.randn(4, 3, 6, 6, dtype=torch.float64)
     logcdf, logsf = mixlogistic_logcdf_logsf(x, logits, means, logscales, dim=2)
     pi = torch.softmax(logits, dim=2)
@@ -353,8 +425,9 @@ def test_bound_is_log_p_minus_log_q_by_brute_force():
     torch.manual_seed(7)
     torch.testing.assert_close(model(x), -(log_p - log_q).mean() / (48 * math.log(2)), rtol=1e-9, atol=1e-9)
     torch.manual_seed(7)
-    torch.testing.assert_close(model.log_likelihood_bpd(x, samples=1), -(log_p - log_q) / (48 * math.log(2)),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        model.log_likelihood_bpd(x, samples=1), -(log_p - log_q) / (48 * math.log(2)), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_importance_weighting_tightens_the_bound():
@@ -393,8 +466,9 @@ def test_actnorm_data_init_gives_unit_channels():
     dims, f32 = (0, 2, 3), torch.float32
     s, b = an.logscale.detach().double().exp().view(1, -1, 1, 1), an.bias.detach().double().view(1, -1, 1, 1)
     e = gamma(2, f32) * (x.double().abs() * s + b.abs())
-    mean_b = (s.view(-1) * mean_bound(x, dims) + unit_roundoff(f32) * b.abs().view(-1) + e.mean(dims)
-              + mean_bound(y, dims))
+    mean_b = (
+        s.view(-1) * mean_bound(x, dims) + unit_roundoff(f32) * b.abs().view(-1) + e.mean(dims) + mean_bound(y, dims)
+    )
     rel = gamma(4, f32) * (1 + an.logscale.detach().double().abs()) + std_rel_bound(x, dims) + std_rel_bound(y, dims)
     assert_within(y.mean(dim=dims), torch.zeros(4), mean_b, "mean")
     assert_within(y.std(dim=dims, unbiased=False), torch.ones(4), 1.01 * (rel + e.square().mean(dims).sqrt()), "std")
@@ -502,30 +576,39 @@ def test_imagenet_configs_match_cifar_architecture():
         assert b.data.train.startswith("data/imagenet32")
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.image_size=30", "model.image_size"),
-    ("model.mix_components=0", "model.mix_components"),
-    ("model.dropout=1.0", "model.dropout"),
-    ("model.hdmi=3", "model.hdmi"),
-    ("model.blocks=two", "model.blocks"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.image_size=30", "model.image_size"),
+        ("model.mix_components=0", "model.mix_components"),
+        ("model.dropout=1.0", "model.dropout"),
+        ("model.hdmi=3", "model.hdmi"),
+        ("model.blocks=two", "model.blocks"),
+    ],
+)
 def test_bad_configs_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIGS / "flowpp_fp_tiny.yaml", [override])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.flow=[stripe, checkerboard]"], "'model.flow[1]' = 'checkerboard': expected one of 'stripe', 'channel'"),
-    (["model.flow=[squeeze, squeeze]"], "'model.flow' = ['squeeze', 'squeeze']: expected at least one 'stripe' or"),
-    (["model.flow=[]"], "'model.flow' = []: expected at least one 'stripe' or 'channel' coupling"),
-    (["model.flow=[stripe, channel]"], "expected an even channel count at each 'channel' step (step 1 splits 3"),
-    (["model.channels=4", "model.flow=[channel, squeeze, channel]"], None),  # 4 channels split: fine
-    # three squeezes and a stripe split after them: 8 -> 4 -> 2 -> 1 column, not splittable
-    (["model.image_size=8", f"model.flow={IMAGENET64_FLOW}"], "'model.image_size' = 8: expected a multiple of 16"),
-    (["model.image_size=6", "model.flow=[stripe]"], None),  # no squeeze: any even size
-    (["model.image_size=6", "model.flow=[stripe, squeeze]"], None),  # 6 -> 3x3: a squeeze needs only even
-    (["model.image_size=6", "model.flow=[squeeze, stripe]"], "'model.image_size' = 6: expected a multiple of 4"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.flow=[stripe, checkerboard]"],
+            "'model.flow[1]' = 'checkerboard': expected one of 'stripe', 'channel'",
+        ),
+        (["model.flow=[squeeze, squeeze]"], "'model.flow' = ['squeeze', 'squeeze']: expected at least one 'stripe' or"),
+        (["model.flow=[]"], "'model.flow' = []: expected at least one 'stripe' or 'channel' coupling"),
+        (["model.flow=[stripe, channel]"], "expected an even channel count at each 'channel' step (step 1 splits 3"),
+        (["model.channels=4", "model.flow=[channel, squeeze, channel]"], None),  # 4 channels split: fine
+        # three squeezes and a stripe split after them: 8 -> 4 -> 2 -> 1 column, not splittable
+        (["model.image_size=8", f"model.flow={IMAGENET64_FLOW}"], "'model.image_size' = 8: expected a multiple of 16"),
+        (["model.image_size=6", "model.flow=[stripe]"], None),  # no squeeze: any even size
+        (["model.image_size=6", "model.flow=[stripe, squeeze]"], None),  # 6 -> 3x3: a squeeze needs only even
+        (["model.image_size=6", "model.flow=[squeeze, stripe]"], "'model.image_size' = 6: expected a multiple of 4"),
+    ],
+)
 def test_flow_structure_is_checked_at_load_time(overrides, message):
     if message is None:
         load_config(CONFIGS / "flowpp_fp_tiny.yaml", overrides)

@@ -49,7 +49,7 @@ def import_graph(root: Path) -> dict[str, set[str]]:
                 targets = [_deepest(alias.name, modules) for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base_parts = package[:len(package) - (node.level - 1)]
+                    base_parts = package[: len(package) - (node.level - 1)]
                     base = ".".join(base_parts + ([node.module] if node.module else []))
                 else:
                     base = node.module or ""
@@ -125,7 +125,8 @@ def test_dbgen_has_no_import_cycle():
     cycles = find_cycles(graph)
     assert not cycles, "import cycles among dbgen's modules:\n" + "\n".join(
         f"{' -> '.join(c)}   (modules tied together: {', '.join(m)})"
-        for c, m in zip(cycles, strongly_connected(graph), strict=True))
+        for c, m in zip(cycles, strongly_connected(graph), strict=True)
+    )
 
 
 # ------------------------------------------------------------------------------- the checker checks itself
@@ -138,14 +139,17 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_graph_resolves_every_import_form(tmp_path):
-    pkg = _write(tmp_path, {
-        "pkg/__init__.py": "from .a import f\n",
-        "pkg/a.py": "import os\nimport pkg.sub.c\n\ndef f():\n    from . import b  # a submodule\n",
-        "pkg/b.py": "from pkg import VERSION  # not a submodule: the package itself\n",
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/c.py": "from .. import a\nfrom ..b import g\nfrom . import d\n",
-        "pkg/sub/d.py": "def h():\n    import json  # not the package's\n",
-    })
+    pkg = _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from .a import f\n",
+            "pkg/a.py": "import os\nimport pkg.sub.c\n\ndef f():\n    from . import b  # a submodule\n",
+            "pkg/b.py": "from pkg import VERSION  # not a submodule: the package itself\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/c.py": "from .. import a\nfrom ..b import g\nfrom . import d\n",
+            "pkg/sub/d.py": "def h():\n    import json  # not the package's\n",
+        },
+    )
     graph = import_graph(pkg)
     assert graph == {
         "pkg": {"pkg.a"},
@@ -163,18 +167,21 @@ def test_graph_resolves_every_import_form(tmp_path):
 def test_function_level_imports_close_cycles(tmp_path):
     """The two cycles this test was written against: a driver/CLI cycle closed only by imports inside
     functions, and a data package whose split reader built the built-in data set (which writes splits)."""
-    pkg = _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/evaluate.py": "RUN = 1\n\ndef main():\n    from .export import load\n    from .train import connect\n",
-        "pkg/export.py": "def run():\n    from .evaluate import RUN\n",
-        "pkg/sample.py": "from .evaluate import RUN\n",
-        "pkg/trainer.py": "from .evaluate import RUN\nfrom .sample import grid\n",
-        "pkg/train.py": "def prepare():\n    from .trainer import check\n",
-        "pkg/data/__init__.py": "from .builtin import builtin\nfrom .split import open_split\n",
-        "pkg/data/split.py": "def resolve(spec):\n    from .builtin import builtin\n",
-        "pkg/data/converters.py": "from .split import MANIFEST\n",
-        "pkg/data/builtin.py": "from .converters import write_split\nfrom .split import open_split\n",
-    })
+    pkg = _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/evaluate.py": "RUN = 1\n\ndef main():\n    from .export import load\n    from .train import connect\n",
+            "pkg/export.py": "def run():\n    from .evaluate import RUN\n",
+            "pkg/sample.py": "from .evaluate import RUN\n",
+            "pkg/trainer.py": "from .evaluate import RUN\nfrom .sample import grid\n",
+            "pkg/train.py": "def prepare():\n    from .trainer import check\n",
+            "pkg/data/__init__.py": "from .builtin import builtin\nfrom .split import open_split\n",
+            "pkg/data/split.py": "def resolve(spec):\n    from .builtin import builtin\n",
+            "pkg/data/converters.py": "from .split import MANIFEST\n",
+            "pkg/data/builtin.py": "from .converters import write_split\nfrom .split import open_split\n",
+        },
+    )
     graph = import_graph(pkg)
     assert strongly_connected(graph) == [
         ["pkg.data.builtin", "pkg.data.converters", "pkg.data.split"],

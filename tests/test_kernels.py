@@ -170,8 +170,7 @@ def test_packed_weight_conv2d_vs_conv2d(case):
     assert yb.dtype == torch.bfloat16
     ref_b = F.conv2d(x.bfloat16().double(), sign(wt).double() * scale.double().view(-1, 1, 1, 1), bias.double(), s, p)
     # bf16 input: the same fp32 computation on the bf16 values, then one rounding to bf16 (2^-8 relative).
-    assert_within(yb, ref_b, conv2d_bound(x.bfloat16(), sign(wt), scale, bias, s, p, out_dtype=torch.bfloat16),
-                  "bf16")
+    assert_within(yb, ref_b, conv2d_bound(x.bfloat16(), sign(wt), scale, bias, s, p, out_dtype=torch.bfloat16), "bf16")
 
 
 def test_packed_weight_linear_vs_linear():
@@ -199,8 +198,10 @@ def test_bound_catches_one_flipped_weight_sign(case):
     flipped = sign(wt).double()
     flipped[oc, ci, k // 2, k // 2] *= -1  # the centre tap: output (hi, wi) reads x[ci, hi, wi] through it
     # Float activations (packed_weight_conv2d) and +-1 activations (binary_act_conv2d: exact dot, epilogue only).
-    for xin, y, exact in ((x, K.packed_weight_conv2d(x, pw, scale, bias, s, p), False),
-                          (sign(x), K.binary_act_conv2d(x, pw, scale, bias, s, p), True)):
+    for xin, y, exact in (
+        (x, K.packed_weight_conv2d(x, pw, scale, bias, s, p), False),
+        (sign(x), K.binary_act_conv2d(x, pw, scale, bias, s, p), True),
+    ):
         bound = conv2d_bound(xin, sign(wt), scale, bias, s, p, exact_sum=exact)
         good = F.conv2d(xin.double(), sign(wt).double() * scale.double().view(-1, 1, 1, 1), bias.double(), s, p)
         assert_within(y, good, bound)
@@ -267,8 +268,17 @@ def test_to_packed_sequential_1_1_stack_matches_training_path():
     bound, signs = stack_bound(model, x)
     K.to_packed(model)
     kinds = [type(m).__name__ for m in model]
-    assert kinds == ["WNConv2d", "SignPack", "PackedBinaryConv2d", "SignPack", "PackedBinaryConv2d", "SignPack",
-                     "PackedBinaryConv2d", "ELU", "PackedBinaryConv2d"]
+    assert kinds == [
+        "WNConv2d",
+        "SignPack",
+        "PackedBinaryConv2d",
+        "SignPack",
+        "PackedBinaryConv2d",
+        "SignPack",
+        "PackedBinaryConv2d",
+        "ELU",
+        "PackedBinaryConv2d",
+    ]
     # Fused: layers 2 and 4 emit packed signs for the next binary layer; the last binary layer feeds ELU.
     assert [m.pack_output for m in model if isinstance(m, K.PackedBinaryConv2d)] == [True, True, False, False]
     seen = []
@@ -291,8 +301,15 @@ def test_to_packed_sequential_1_1_stack_matches_training_path():
 def test_to_packed_linear_stack_and_modes():
     torch.manual_seed(1)
     g = gen(10)
-    model = nn.Sequential(dnn.WNLinear(20, 70), dnn.BinaryActivation(), dnn.BinaryLinear(70, 33),
-                          dnn.BinaryActivation(), dnn.BinaryLinear(33, 65), nn.Tanh(), dnn.BinaryLinear(65, 5))
+    model = nn.Sequential(
+        dnn.WNLinear(20, 70),
+        dnn.BinaryActivation(),
+        dnn.BinaryLinear(70, 33),
+        dnn.BinaryActivation(),
+        dnn.BinaryLinear(33, 65),
+        nn.Tanh(),
+        dnn.BinaryLinear(65, 5),
+    )
     x = torch.randn(6, 20, generator=g)
     dnn.data_dependent_init(model, x)
     _randomize_gains(model, g)
@@ -342,8 +359,10 @@ def _model(config_name):
     return build(ROOT / "configs" / config_name)
 
 
-@pytest.mark.parametrize("config_name", ["rvae_binary_act_tiny.yaml", "rvae_binary_tiny.yaml",
-                                         "flowpp_binary_act_tiny.yaml", "flowpp_binary_tiny.yaml"])
+@pytest.mark.parametrize(
+    "config_name",
+    ["rvae_binary_act_tiny.yaml", "rvae_binary_tiny.yaml", "flowpp_binary_act_tiny.yaml", "flowpp_binary_tiny.yaml"],
+)
 def test_to_packed_real_model_same_bits_per_dim(config_name):
     model = _model(config_name)
     torch.manual_seed(3)

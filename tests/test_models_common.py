@@ -57,8 +57,16 @@ class TrainingSteps:
     def __call__(self, batches) -> float:
         """One step per batch; returns the last step's loss (bits/dim)."""
         for x in batches:
-            out = run_step(self.model, self.sync, [x], self.cfg.train, lr_at(self.cfg, self.step), None,
-                           PhaseClock(x.device), self.model)
+            out = run_step(
+                self.model,
+                self.sync,
+                [x],
+                self.cfg.train,
+                lr_at(self.cfg, self.step),
+                None,
+                PhaseClock(x.device),
+                self.model,
+            )
             self.step += 1
         return out["loss"].item()
 
@@ -73,9 +81,15 @@ def expected_binary(model_name, model):
 
     # Every conv of the gated blocks of coupling conditioning nets (main and dequantization flow); the
     # dequantization context's gated blocks stay full precision (the paper's 90.1%).
-    return {id(c) for net in model.modules() if isinstance(net, ConditioningNet)
-            for block in net.modules() if isinstance(block, GatedResBlock)
-            for c in block.modules() if isinstance(c, WeightNormLayer)}
+    return {
+        id(c)
+        for net in model.modules()
+        if isinstance(net, ConditioningNet)
+        for block in net.modules()
+        if isinstance(block, GatedResBlock)
+        for c in block.modules()
+        if isinstance(c, WeightNormLayer)
+    }
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -94,7 +108,8 @@ def test_binary_layers_are_exactly_the_named_ones(name):
     for layer_name, _ in binary_layers(models["binary"]):
         assert isinstance(fp_modules[layer_name], WeightNormLayer) and not fp_modules[layer_name].binary
     assert {id(m) for m in fp_modules.values()} & expected_binary(name, models["fp"]) == expected_binary(
-        name, models["fp"])
+        name, models["fp"]
+    )
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -205,11 +220,14 @@ def test_training_on_a_few_images_drives_bits_per_dim_down(name, variant):
 
 # --------------------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("change, key", [
-    ({"binary_weights": "maybe"}, "model.binary_weights"),  # wrong type
-    ({"image_size": 31}, "model.image_size"),  # impossible shape
-    ({"image_sise": 32}, "model.image_sise"),  # unknown key
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"binary_weights": "maybe"}, "model.binary_weights"),  # wrong type
+        ({"image_size": 31}, "model.image_size"),  # impossible shape
+        ({"image_sise": 32}, "model.image_sise"),  # unknown key
+    ],
+)
 def test_bad_configs_name_the_key_before_building(name, change, key):
     raw = load_config(config_path(name, "fp")).to_dict()
     raw["model"].update(change)

@@ -36,8 +36,12 @@ def test_prometheus_config_discovers_ray_nodes():
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_promtool_accepts_prometheus_config():
-    out = subprocess.run(["promtool", "check", "config", str(ROOT / "cluster/prometheus.yml")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["promtool", "check", "config", str(ROOT / "cluster/prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -60,11 +64,19 @@ def test_http_exporter_serves_recorded_values_on_loopback():
     m = TrainMetrics("r1", 0, "rvae", "abc123", backend="http", port=port)
     try:
         for _ in range(3):
-            m.record_step({"grad_norm": 2.0, "lr": 1e-3, "skipped": False, "t_forward": 0.25,
-                           "t_backward": 0.5, "comm_bytes": {"grad": 1000}}, images=32)
+            m.record_step(
+                {
+                    "grad_norm": 2.0,
+                    "lr": 1e-3,
+                    "skipped": False,
+                    "t_forward": 0.25,
+                    "t_backward": 0.5,
+                    "comm_bytes": {"grad": 1000},
+                },
+                images=32,
+            )
         m.record_step({"skipped": True, "comm_bytes": {"weight": 24}}, images=32)
-        m.record_interval(train_bpd=5.0, step_s=0.8, images_per_s=40.0, job_images_per_s=80.0,
-                          peak_memory_bytes=1024)
+        m.record_interval(train_bpd=5.0, step_s=0.8, images_per_s=40.0, job_images_per_s=80.0, peak_memory_bytes=1024)
         m.record_eval(4.75)
         m.record_checkpoint(1.5, 4096)
         with pytest.raises(ValueError, match="kind 'bogus'"):

@@ -25,8 +25,10 @@ from ray_cluster import RayHead, free_port  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("prometheus") is None,
-                       reason="prometheus not installed (Debian package 'prometheus'; .ci/run installs it)"),
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None,
+        reason="prometheus not installed (Debian package 'prometheus'; .ci/run installs it)",
+    ),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,19 +76,45 @@ def test_prometheus_sees_job_throughput_and_steps(tmp_path):
 
         port = free_port()
         prom = subprocess.Popen(
-            ["prometheus", f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=open(tmp_path / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+            [
+                "prometheus",
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=open(tmp_path / "prometheus.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_ready(port, prom)
             driver_env = head.client_env()
             driver_env["RAY_ADDRESS"] = head.address
             out = subprocess.run(
-                [sys.executable, "-m", "dbgen.train", "--config", "configs/rvae_binary_tiny.yaml", "--name", run,
-                 "--storage", str(tmp_path / "runs"), "train.max_steps=150", "train.log_every=10",
-                 "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=0", "train.eval_batches=1",
-                 "train.num_samples=4", "scale.num_workers=2"],
-                cwd=ROOT, env=driver_env, capture_output=True, text=True, timeout=600)
+                [
+                    sys.executable,
+                    "-m",
+                    "dbgen.train",
+                    "--config",
+                    "configs/rvae_binary_tiny.yaml",
+                    "--name",
+                    run,
+                    "--storage",
+                    str(tmp_path / "runs"),
+                    "train.max_steps=150",
+                    "train.log_every=10",
+                    "train.eval_every=0",
+                    "train.sample_every=0",
+                    "train.checkpoint_every=0",
+                    "train.eval_batches=1",
+                    "train.num_samples=4",
+                    "scale.num_workers=2",
+                ],
+                cwd=ROOT,
+                env=driver_env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
             time.sleep(4)  # the last report and scrape
 

@@ -58,14 +58,39 @@ def test_onebit_steps_across_a_rate_limited_link_send_what_dbgen_counts():
     pids = [int(p) for p in Path(cluster, "pids").read_text().split()]
     try:
         bench = subprocess.run(
-            ["bash", str(SCRIPT), "exec", cluster, sys.executable, "-m", "dbgen.bench", "comm", "--config", CONFIG,
-             "--workers", "2", "--steps", "3", "--modes", "packed_onebit", "--links", "1gbit/0",
-             "--set-link", f"bash {SCRIPT} set {cluster}", "--json", "scale.placement_strategy=STRICT_SPREAD",
-             # width 64: ~0.8 MB of 1-bit traffic per step, so Ray's own background traffic (a few KB per step,
-             # estimated from an idle window) stays a few percent of it; at the default width 16 (50 KB per step)
-             # its variation alone once put the wire count 30% over
-             "model.width=64"],
-            cwd=ROOT, capture_output=True, text=True, timeout=400)
+            [
+                "bash",
+                str(SCRIPT),
+                "exec",
+                cluster,
+                sys.executable,
+                "-m",
+                "dbgen.bench",
+                "comm",
+                "--config",
+                CONFIG,
+                "--workers",
+                "2",
+                "--steps",
+                "3",
+                "--modes",
+                "packed_onebit",
+                "--links",
+                "1gbit/0",
+                "--set-link",
+                f"bash {SCRIPT} set {cluster}",
+                "--json",
+                "scale.placement_strategy=STRICT_SPREAD",
+                # width 64: ~0.8 MB of 1-bit traffic per step, so Ray's own background traffic (a few KB per step,
+                # estimated from an idle window) stays a few percent of it; at the default width 16 (50 KB per step)
+                # its variation alone once put the wire count 30% over
+                "model.width=64",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-6000:]
     finally:
         down = subprocess.run(["bash", str(SCRIPT), "down", cluster], capture_output=True, text=True, timeout=120)

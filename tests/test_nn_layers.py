@@ -88,8 +88,13 @@ def test_binary_conv_transpose2d_matches_formula(seed):
     scale = layer.gain / math.sqrt(n)
     ref = ref * scale.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     # As for BinaryConv2d: at most n terms per output, 5 roundings besides the sum, both float64.
-    mag = magnitude(lambda a, w: F.conv_transpose2d(a, w, None, stride, padding, stride - 1), x,
-                    sign(layer.weight), scale, layer.bias)
+    mag = magnitude(
+        lambda a, w: F.conv_transpose2d(a, w, None, stride, padding, stride - 1),
+        x,
+        sign(layer.weight),
+        scale,
+        layer.bias,
+    )
     assert_within(layer(x), ref, rounding_bound(mag, n + 5, torch.float64, ref_dtype=torch.float64))
 
 
@@ -102,8 +107,9 @@ def test_binary_linear_matches_formula(seed):
     x = torch.randn(5, fin, generator=g)
     ref = F.linear(x, sign(layer.weight)) * layer.gain / math.sqrt(fin) + layer.bias
     # As for BinaryConv2d: fin-term sums, 5 roundings besides, both float64.
-    bound = linear_bound(x, sign(layer.weight), layer.gain / math.sqrt(fin), layer.bias, roundings=5,
-                         dtype=torch.float64)
+    bound = linear_bound(
+        x, sign(layer.weight), layer.gain / math.sqrt(fin), layer.bias, roundings=5, dtype=torch.float64
+    )
     assert_within(layer(x), ref, bound)
 
 
@@ -131,8 +137,9 @@ def test_wn_conv_matches_formula(cls):
     # Weights g * v / ||v|| rounded twice on either side (other order, same norm), then float64 sums of at
     # most 36 terms plus the bias: gamma_{36+3} each.
     mag = magnitude(lambda a, ww: op(a, ww, None, 2, 1), x, w, None, layer.bias)
-    assert_within(layer(x), op(x, w, layer.bias, 2, 1), rounding_bound(mag, 36 + 3, torch.float64,
-                                                                        ref_dtype=torch.float64))
+    assert_within(
+        layer(x), op(x, w, layer.bias, 2, 1), rounding_bound(mag, 36 + 3, torch.float64, ref_dtype=torch.float64)
+    )
 
 
 def test_wn_linear_matches_formula():
@@ -141,22 +148,32 @@ def test_wn_linear_matches_formula():
     x = torch.randn(4, 5)
     w = layer.gain[:, None] * layer.weight / layer.weight.norm(dim=1, keepdim=True)
     # As for the WN convs: weights rounded twice either way, 5-term sums plus the bias, float64.
-    assert_within(layer(x), F.linear(x, w, layer.bias), linear_bound(x, w, None, layer.bias, roundings=3,
-                                                                      dtype=torch.float64))
+    assert_within(
+        layer(x), F.linear(x, w, layer.bias), linear_bound(x, w, None, layer.bias, roundings=3, dtype=torch.float64)
+    )
 
 
-@pytest.mark.parametrize("binary, fp", [(dnn.BinaryConv2d, dnn.WNConv2d),
-                                        (dnn.BinaryConvTranspose2d, dnn.WNConvTranspose2d),
-                                        (dnn.BinaryLinear, dnn.WNLinear)])
+@pytest.mark.parametrize(
+    "binary, fp",
+    [
+        (dnn.BinaryConv2d, dnn.WNConv2d),
+        (dnn.BinaryConvTranspose2d, dnn.WNConvTranspose2d),
+        (dnn.BinaryLinear, dnn.WNLinear),
+    ],
+)
 def test_signatures_match_pytorch_and_twins(binary, fp):
-    torch_cls = {dnn.BinaryConv2d: nn.Conv2d, dnn.BinaryConvTranspose2d: nn.ConvTranspose2d,
-                 dnn.BinaryLinear: nn.Linear}[binary]
+    torch_cls = {
+        dnn.BinaryConv2d: nn.Conv2d,
+        dnn.BinaryConvTranspose2d: nn.ConvTranspose2d,
+        dnn.BinaryLinear: nn.Linear,
+    }[binary]
     ours = list(inspect.signature(binary.__init__).parameters)
     assert ours == list(inspect.signature(fp.__init__).parameters)
-    theirs = [p for p in inspect.signature(torch_cls.__init__).parameters if p not in ("device", "dtype",
-                                                                                      "padding_mode")]
+    theirs = [
+        p for p in inspect.signature(torch_cls.__init__).parameters if p not in ("device", "dtype", "padding_mode")
+    ]
     assert ours[: len(theirs)] == theirs
-    assert ours[len(theirs):] == ["init_scale"]
+    assert ours[len(theirs) :] == ["init_scale"]
 
 
 def test_output_depends_only_on_signs():
@@ -204,8 +221,7 @@ def test_binary_activation_forward_and_clipped_gradient():
 
 
 def test_clamp_touches_only_latents():
-    model = nn.Sequential(dnn.BinaryConv2d(2, 3, 3), dnn.WNConv2d(3, 3, 1), nn.Conv2d(3, 3, 1),
-                          dnn.BinaryLinear(3, 2))
+    model = nn.Sequential(dnn.BinaryConv2d(2, 3, 3), dnn.WNConv2d(3, 3, 1), nn.Conv2d(3, 3, 1), dnn.BinaryLinear(3, 2))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0).add_(5.0)
@@ -232,8 +248,12 @@ def init_bounds(layer, x, y, dims):
     with torch.no_grad():
         d, g, b = layer.direction(), layer.gain, layer.bias
         z = layer._op(x, d, None)
-        e = 2 * rounding_bound(magnitude(lambda a, w: layer._op(a, w, None), x, d, g, b, layer._output_dim),
-                               layer.fan_in + 2, torch.float64, ref_dtype=None)
+        e = 2 * rounding_bound(
+            magnitude(lambda a, w: layer._op(a, w, None), x, d, g, b, layer._output_dim),
+            layer.fan_in + 2,
+            torch.float64,
+            ref_dtype=None,
+        )
         e_mean = e.mean(dims).view(-1)
         mean_b = g * mean_bound(z, dims) + gamma(1, torch.float64) * b.abs() + e_mean + mean_bound(y, dims)
         rel = std_rel_bound(z, dims) + std_rel_bound(y, dims) + gamma(2, torch.float64)

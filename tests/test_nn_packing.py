@@ -67,7 +67,10 @@ def test_packed_state_round_trip_is_bit_identical():
     y = model(x)
     state = dnn.packed_state_dict(model)
     assert {k for k in state if k.endswith(".packed_signs")} == {
-        "2.weight.packed_signs", "4.weight.packed_signs", "6.weight.packed_signs"}
+        "2.weight.packed_signs",
+        "4.weight.packed_signs",
+        "6.weight.packed_signs",
+    }
     assert state["2.weight.packed_signs"].numel() == (8 * 8 * 9 + 7) // 8
     fresh = small_model()
     torch.manual_seed(123)

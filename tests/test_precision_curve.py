@@ -12,8 +12,18 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", str(ROOT / "configs/rvae_binary_tiny.yaml"), "--data", "builtin:photos32", "--batch", "8",
-        "--eval-rows", "16", "train.init_batch_size=16", "train.eval_batch_size=16"]
+TINY = [
+    "--config",
+    str(ROOT / "configs/rvae_binary_tiny.yaml"),
+    "--data",
+    "builtin:photos32",
+    "--batch",
+    "8",
+    "--eval-rows",
+    "16",
+    "train.init_batch_size=16",
+    "train.eval_batch_size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +38,26 @@ def pc():
 
 def test_main_writes_curves_and_verdict(pc, tmp_path):
     out = tmp_path / "curve.json"
-    result = pc.main([*TINY, "--steps", "5", "--window", "2", "--eval-every", "2", "--threads", "1",
-                      "--seeds", "0", "1", "--bf16-seeds", "0", "--json-out", str(out)])
+    result = pc.main(
+        [
+            *TINY,
+            "--steps",
+            "5",
+            "--window",
+            "2",
+            "--eval-every",
+            "2",
+            "--threads",
+            "1",
+            "--seeds",
+            "0",
+            "1",
+            "--bf16-seeds",
+            "0",
+            "--json-out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["comparison"] == json.loads(json.dumps(result["comparison"]))
     runs = {(r["precision"], r["seed"]): r for r in saved["runs"]}
@@ -51,7 +79,10 @@ def test_main_writes_curves_and_verdict(pc, tmp_path):
     assert init["train_diff"] > 0  # bf16 autocast really ran (CPU autocast): not the fp32 numbers again
     assert isinstance(c["init_within_1e-3"], bool) and "rule" in c
     assert {k: v["same_seed"] for k, v in c["pairs"].items()} == {
-        "fp32_s0 vs fp32_s1": False, "fp32_s0 vs bf16_s0": True, "fp32_s1 vs bf16_s0": False}
+        "fp32_s0 vs fp32_s1": False,
+        "fp32_s0 vs bf16_s0": True,
+        "fp32_s1 vs bf16_s0": False,
+    }
     assert c["pairs"]["fp32_s0 vs fp32_s1"]["max"] == pytest.approx(c["fp32_noise"]["max"])
 
 
@@ -70,9 +101,11 @@ def test_same_seed_same_curve_other_seed_other_curve(pc):
 
 def test_rule_flags_a_deviation_larger_than_the_noise(pc):
     flat = [5.0] * 4
-    runs = [{"precision": "fp32", "seed": 0, "loss": flat, "eval": [{"step": 0, "bpd": 5.0}]},
-            {"precision": "fp32", "seed": 1, "loss": [5.01] * 4, "eval": [{"step": 0, "bpd": 5.0}]},
-            {"precision": "bf16", "seed": 0, "loss": [5.0, 5.0, 5.1, 5.1], "eval": [{"step": 0, "bpd": 5.002}]}]
+    runs = [
+        {"precision": "fp32", "seed": 0, "loss": flat, "eval": [{"step": 0, "bpd": 5.0}]},
+        {"precision": "fp32", "seed": 1, "loss": [5.01] * 4, "eval": [{"step": 0, "bpd": 5.0}]},
+        {"precision": "bf16", "seed": 0, "loss": [5.0, 5.0, 5.1, 5.1], "eval": [{"step": 0, "bpd": 5.002}]},
+    ]
     c = pc.compare(runs, 2)
     assert c["fp32_noise"]["max"] == pytest.approx(0.01)
     assert c["bf16_deviation"]["s0"]["per_window"] == pytest.approx([0.0, 0.1])

@@ -41,8 +41,14 @@ README = ROOT / "README.md"
 TINY = ROOT / "configs" / "rvae_binary_tiny.yaml"
 CIFAR_PER_BATCH = 64  # rows per CIFAR-10 batch file: 5 x 64 train rows, 64 test rows
 STEPS = 10
-FAST = [f"train.max_steps={STEPS}", "train.batch_size=16", "train.eval_batches=1", "train.num_samples=4",
-        "train.log_every=5", "scale.num_workers=1"]
+FAST = [
+    f"train.max_steps={STEPS}",
+    "train.batch_size=16",
+    "train.eval_batches=1",
+    "train.num_samples=4",
+    "train.log_every=5",
+    "scale.num_workers=1",
+]
 # The packed artifact stores every non-binary parameter as fp16 (binary layers bit-exact): with the same data,
 # batch size and seed the two ELBOs differ only by that rounding (relative 2^-11 per parameter), which moves
 # the tiny model's bits/dim by ~1e-5; tests/test_export.py bounds the same comparison by 1e-3, as here.
@@ -72,8 +78,9 @@ def readme_commands(section: str) -> list[list[str]]:
     return cmds
 
 
-def expand(tokens: list[str], *, values: dict[str, str] | None = None,
-           optional: dict[str, list[str]] | None = None) -> list[str]:
+def expand(
+    tokens: list[str], *, values: dict[str, str] | None = None, optional: dict[str, list[str]] | None = None
+) -> list[str]:
     """A README command as argv: ``python`` -> this interpreter; every ``[...]`` group replaced by
     ``optional[group text]`` (an empty list drops it); the value after each flag in ``values`` replaced. An
     unhandled group or a leftover placeholder (an all-caps word such as DIR) fails the test."""
@@ -85,7 +92,7 @@ def expand(tokens: list[str], *, values: dict[str, str] | None = None,
             j = i
             while not tokens[j].endswith("]"):
                 j += 1
-            group = " ".join(tokens[i:j + 1])[1:-1]
+            group = " ".join(tokens[i : j + 1])[1:-1]
             assert group in optional, f"README command {shlex.join(tokens)!r}: optional [{group}] not handled"
             out += optional[group]
             i = j + 1
@@ -161,9 +168,15 @@ def test_readme_commands_work_as_written(tmp_path):
     for must in [("cifar10", "--split", "train"), ("cifar10", "--split", "test"), ("image-tar",), ("builtin",)]:
         pick(data, "dbgen.data.convert", *must)
     pick(data, "dbgen.data.verify", "data/cifar10/train")
-    expected_rows = {"cifar10/train": 5 * CIFAR_PER_BATCH, "cifar10/test": CIFAR_PER_BATCH,
-                     "imagenet32/train": 32, "imagenet32/test": 8, "mydata/train": 10,
-                     "photos32/train": 39540, "photos32/test": 3561}
+    expected_rows = {
+        "cifar10/train": 5 * CIFAR_PER_BATCH,
+        "cifar10/test": CIFAR_PER_BATCH,
+        "imagenet32/train": 32,
+        "imagenet32/test": 8,
+        "mydata/train": 10,
+        "photos32/train": 39540,
+        "photos32/test": 3561,
+    }
     for split, rows in expected_rows.items():  # --out is the data set root: the split is <out>/<split>
         m = manifest(cwd / "data" / split)
         assert m["num_rows"] == rows, (split, m["num_rows"])
@@ -177,13 +190,25 @@ def test_readme_commands_work_as_written(tmp_path):
     preset = train[train.index("--config") + 1]
     preset_cfg = load_config(ROOT / preset)  # the paths the README's preset reads are the ones converted above
     assert (preset_cfg.data.train, preset_cfg.data.eval) == ("data/cifar10/train", "data/cifar10/test")
-    for spec, split, want in [(preset_cfg.data.train, "train", "cifar10/train"),
-                              (preset_cfg.data.eval, "test", "cifar10/test")]:
+    for spec, split, want in [
+        (preset_cfg.data.train, "train", "cifar10/train"),
+        (preset_cfg.data.eval, "test", "cifar10/test"),
+    ]:
         assert resolve_split(cwd / spec, split) == (cwd / "data" / want).resolve()
     data_overrides = [f"data.train={preset_cfg.data.train}", f"data.eval={preset_cfg.data.eval}"]
-    run(expand(train, values={"--config": str(TINY)},
-               optional={"key=value ...": data_overrides + FAST, "--name RUN": ["--name", "readme"],
-                         "--storage DIR": ["--storage", "runs"]}), cwd, timeout=840)
+    run(
+        expand(
+            train,
+            values={"--config": str(TINY)},
+            optional={
+                "key=value ...": data_overrides + FAST,
+                "--name RUN": ["--name", "readme"],
+                "--storage DIR": ["--storage", "runs"],
+            },
+        ),
+        cwd,
+        timeout=840,
+    )
     run_dir = cwd / "runs" / "readme"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["skipped_steps"] == 0, summary
@@ -192,9 +217,14 @@ def test_readme_commands_work_as_written(tmp_path):
     check_png(run_dir / "samples" / f"step_{STEPS:07d}.png", 4)
 
     run_values = {"--run": "runs/readme", "--data": "data/cifar10/test"}
-    r = run(expand(pick(training, "dbgen.evaluate", "--run"), values=run_values,
-                   optional={"--data DIR": ["--data", "data/cifar10/test"], "--samples K": [], "--json": ["--json"]}),
-            cwd)
+    r = run(
+        expand(
+            pick(training, "dbgen.evaluate", "--run"),
+            values=run_values,
+            optional={"--data DIR": ["--data", "data/cifar10/test"], "--samples K": [], "--json": ["--json"]},
+        ),
+        cwd,
+    )
     ev_run = json.loads(r.stdout.strip().splitlines()[-1])
     assert ev_run["rows"] == CIFAR_PER_BATCH and ev_run["step"] == STEPS, ev_run
     assert math.isfinite(ev_run["bpd"]) and 0 < ev_run["bpd"] < 12, ev_run

@@ -62,8 +62,7 @@ def test_atomic_writes_replace_whole_files_and_leave_nothing_behind(tmp_path):
 def _checkpoint(run: Path, step: int, config: dict, **meta) -> Path:
     ck = run / checkpoint_name(step)
     ck.mkdir(parents=True)
-    (ck / META_FILE).write_text(json.dumps({"step": step, "world_size": 2, "zero_stage": 0, "config": config,
-                                            **meta}))
+    (ck / META_FILE).write_text(json.dumps({"step": step, "world_size": 2, "zero_stage": 0, "config": config, **meta}))
     return ck
 
 
@@ -85,8 +84,17 @@ def test_meta_holds_what_evaluate_and_resume_read():
     c = cfg("scale.zero_stage=1")
     files = {"ds/x.pt": {"bytes": 3, "sha256": "ab"}}
     meta = checkpoint_meta(c, step=7, world_size=2, ema=False, images_seen=224, finite=True, files=files)
-    assert meta == {"step": 7, "world_size": 2, "zero_stage": 1, "ema": False, "images_seen": 224, "finite": True,
-                    "config": c.to_dict(), "weights": "ds/mp_rank_00_model_states.pt", "files": files}
+    assert meta == {
+        "step": 7,
+        "world_size": 2,
+        "zero_stage": 1,
+        "ema": False,
+        "images_seen": 224,
+        "finite": True,
+        "config": c.to_dict(),
+        "weights": "ds/mp_rank_00_model_states.pt",
+        "files": files,
+    }
     assert load_config(meta["config"]) == c
 
 
@@ -105,15 +113,17 @@ def _committed(run: Path, step: int, finite: bool = True, payload: bytes = b"") 
 
 def _flip(path: Path, at: int, n: int = 16) -> None:
     data = bytearray(path.read_bytes())
-    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    data[at : at + n] = bytes(b ^ 0xFF for b in data[at : at + n])
     path.write_bytes(bytes(data))
 
 
 def test_damaged_checkpoints_are_named_and_resume_falls_back(tmp_path, caplog):
     run = tmp_path / "run"
     good, newest = _committed(run, 5), _committed(run, 10)
-    assert not partial_dir(run, 10).exists() and sorted(json.loads((newest / META_FILE).read_text())["files"]) == \
-        ["ds/model.pt", "rank_0.pt"]
+    assert not partial_dir(run, 10).exists() and sorted(json.loads((newest / META_FILE).read_text())["files"]) == [
+        "ds/model.pt",
+        "rank_0.pt",
+    ]
     assert find_resume(run)[0] == newest and open_checkpoint(run)[0] == newest
     assert find_resume(tmp_path / "empty") is None  # no checkpoint directory: a new run
 
@@ -173,8 +183,12 @@ def test_resume_check_names_what_to_change(tmp_path):
     check_resume(ck, zero1, cfg("scale.zero_stage=1"), world_size=2)
     cases = [
         (zero0, cfg("model.width=8"), 2, r"another model \(checkpoint_0000010 vs this config: model.width: "),
-        (zero1, cfg("scale.zero_stage=1", "scale.num_workers=1", "train.batch_size=32"), 1,
-         "scale.num_workers=2 scale.zero_stage=1"),
+        (
+            zero1,
+            cfg("scale.zero_stage=1", "scale.num_workers=1", "train.batch_size=32"),
+            1,
+            "scale.num_workers=2 scale.zero_stage=1",
+        ),
         (zero1, cfg("scale.zero_stage=2"), 2, "scale.num_workers=2 scale.zero_stage=1"),
         (zero0, cfg("scale.zero_stage=1"), 2, "resume it with scale.zero_stage=0"),
         (zero0, cfg("comm.binary_weights=packed"), 2, "written with comm.binary_weights=dp"),

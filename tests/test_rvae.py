@@ -50,12 +50,14 @@ def images(n, seed=0):
 
 
 # ------------------------------------------------------------------------------------------- likelihoods
-@pytest.mark.parametrize("loc, log_scale", [(0.0, -3.0), (0.3, -1.0), (-0.97, -5.0), (1.0, 0.0), (0.5, -9.0),
-                                            (3.0, -2.0), (-0.2, 2.0)])
+@pytest.mark.parametrize(
+    "loc, log_scale", [(0.0, -3.0), (0.3, -1.0), (-0.97, -5.0), (1.0, 0.0), (0.5, -9.0), (3.0, -2.0), (-0.2, 2.0)]
+)
 def test_discretized_logistic_sums_to_one(loc, log_scale):
     x = to_unit(torch.arange(256, dtype=torch.uint8), torch.float64)
-    logp = discretized_logistic_logp(x, torch.tensor(loc, dtype=torch.float64), torch.tensor(log_scale,
-                                                                                          dtype=torch.float64))
+    logp = discretized_logistic_logp(
+        x, torch.tensor(loc, dtype=torch.float64), torch.tensor(log_scale, dtype=torch.float64)
+    )
     assert torch.isfinite(logp).all()
     # First-order float64 bounds. Each mass comes from <= 16 roundings/libm calls (edges, logsigmoids, log of
     # expm1, exp): relative error gamma_16 (1 + |log mass| + cond), cond = (|upper| + |lower|) / (upper - lower)
@@ -138,8 +140,14 @@ def test_likelihood_data_init_matches_residual_spread():
 
 # ----------------------------------------------------------------------------------------- architecture
 def test_paper_config_sizes_via_inspect_cli():
-    out = subprocess.run([sys.executable, "-m", "dbgen.inspect", "--config", str(PAPER), "--json"],
-                         capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "dbgen.inspect", "--config", str(PAPER), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     report = json.loads(out.stdout)
     assert report["params"] == pytest.approx(56.15e6, rel=0.005)  # the paper's size, as it reports it (spec)
     assert report["binary_fraction"] >= 0.970
@@ -150,11 +158,22 @@ def test_paper_config_sizes_via_inspect_cli():
 
 
 def test_inspect_human_output_and_bad_config(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dbgen.inspect", "--config", str(TINY["binary_act"])],
-                         capture_output=True, text=True, check=True, cwd=ROOT, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dbgen.inspect", "--config", str(TINY["binary_act"])],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert "binary fraction" in out.stdout and "1/1" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "dbgen.inspect", "--config", str(TINY["fp"]), "model.kernel=4"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dbgen.inspect", "--config", str(TINY["fp"]), "model.kernel=4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "'model.kernel' = 4" in bad.stderr
 
 
@@ -303,25 +322,31 @@ def test_zero_temperature_sampling_is_deterministic():
 
 
 # ------------------------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("call, pattern", [
-    (lambda m: m(torch.zeros(2, 3, 32, 32)), r"uint8 images of shape \(N, 3, 32, 32\), got torch.float32"),
-    (lambda m: m(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)), r"got torch.uint8 \(2, 3, 16, 16\)"),
-    (lambda m: m.log_likelihood_bpd(images(2), samples=0), "samples must be a positive int"),
-    (lambda m: m.sample(0), "n must be a positive int"),
-    (lambda m: m.sample(2, temperature=-1.0), "temperature must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "call, pattern",
+    [
+        (lambda m: m(torch.zeros(2, 3, 32, 32)), r"uint8 images of shape \(N, 3, 32, 32\), got torch.float32"),
+        (lambda m: m(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)), r"got torch.uint8 \(2, 3, 16, 16\)"),
+        (lambda m: m.log_likelihood_bpd(images(2), samples=0), "samples must be a positive int"),
+        (lambda m: m.sample(0), "n must be a positive int"),
+        (lambda m: m.sample(2, temperature=-1.0), "temperature must be >= 0"),
+    ],
+)
 def test_bad_calls_raise_clear_errors(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call(tiny("fp"))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.image_size=31", "model.image_size"),
-    ("model.kernel=2", "model.kernel"),
-    ("model.width=0", "model.width"),
-    ("model.num_stochastic=0", "model.num_stochastic"),
-    ("model.kl_min=-1", "model.kl_min"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.image_size=31", "model.image_size"),
+        ("model.kernel=2", "model.kernel"),
+        ("model.width=0", "model.width"),
+        ("model.num_stochastic=0", "model.num_stochastic"),
+        ("model.kl_min=-1", "model.kl_min"),
+    ],
+)
 def test_impossible_shapes_rejected_at_load(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(TINY["fp"], [override])

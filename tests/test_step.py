@@ -35,8 +35,14 @@ from dbgen.step import (
 from dbgen.sync import LocalSync
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["rvae_binary_tiny", "rvae_fp_tiny", "rvae_binary_act_tiny", "flowpp_binary_tiny", "flowpp_fp_tiny",
-        "flowpp_binary_act_tiny"]
+TINY = [
+    "rvae_binary_tiny",
+    "rvae_fp_tiny",
+    "rvae_binary_act_tiny",
+    "flowpp_binary_tiny",
+    "flowpp_fp_tiny",
+    "flowpp_binary_act_tiny",
+]
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -48,8 +54,13 @@ def _setup(name, *overrides, n=8, device="cpu", perturb=True):
     torch.manual_seed(0)
     model = build(cfg).to(device)
     m = cfg.model
-    x = torch.randint(0, 256, (n, m.channels, m.image_size, m.image_size), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(1))
+    x = torch.randint(
+        0,
+        256,
+        (n, m.channels, m.image_size, m.image_size),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(1),
+    )
     data_dependent_init(model, x.to(device))
     if perturb:
         g = torch.Generator().manual_seed(2)
@@ -78,8 +89,11 @@ def _assert_grads_close(got, ref, rtol):
 
 
 # ------------------------------------------------------------------------------------------- fused BWN weight
-@pytest.mark.parametrize("layer", [BinaryConv2d(6, 5, 3), BinaryConvTranspose2d(6, 5, 3), BinaryLinear(7, 3)],
-                         ids=["conv", "convT", "linear"])
+@pytest.mark.parametrize(
+    "layer",
+    [BinaryConv2d(6, 5, 3), BinaryConvTranspose2d(6, 5, 3), BinaryLinear(7, 3)],
+    ids=["conv", "convT", "linear"],
+)
 def test_fused_bwn_weight_is_the_formula_with_its_gradients(layer):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -119,8 +133,10 @@ def test_channels_last_gives_the_plain_loss_and_gradients(name, one_torch_thread
     ref_loss, ref_grads = _loss_grads(model, x)
     nhwc_cfg = load_config(CONFIGS / f"{name}.yaml", ["train.channels_last=true"])
     prepare_model(model, nhwc_cfg, torch.device("cpu"))
-    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-               for p in model.parameters())
+    assert any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
     xl = batch_to_device(x, torch.device("cpu"), channels_last=True)
     assert xl.is_contiguous(memory_format=torch.channels_last)
     loss, grads = _loss_grads(model, xl)
@@ -258,8 +274,9 @@ def test_run_step_reads_nothing_on_the_host_and_still_skips(name, one_torch_thre
         reads = _HostReads()
         clock = PhaseClock(x.device)
         with reads:
-            steps.append(dict(run_step(model, sync, [x[:4], x[4:]], cfg.train, 1e-3, None, clock, model, ema),
-                              clock=clock))
+            steps.append(
+                dict(run_step(model, sync, [x[:4], x[4:]], cfg.train, 1e-3, None, clock, model, ema), clock=clock)
+            )
         assert reads.seen == [], f"host reads inside run_step: {reads.seen}"
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
     stats = resolve_stats(steps)
@@ -276,8 +293,17 @@ def test_phase_clock_sums_phases_and_resolve_reads_steps():
     sec = clock.seconds()
     assert set(sec) == {"data", "forward", "backward", "optimizer", "step"}
     assert sec["step"] == pytest.approx(sum(v for k, v in sec.items() if k != "step"))  # Python floats, other order
-    (r,) = resolve_stats([{"loss": torch.tensor(2.5), "grad_norm": torch.tensor(0.5),
-                           "skipped": torch.tensor(False), "clock": clock, "lr": 0.1}])
+    (r,) = resolve_stats(
+        [
+            {
+                "loss": torch.tensor(2.5),
+                "grad_norm": torch.tensor(0.5),
+                "skipped": torch.tensor(False),
+                "clock": clock,
+                "lr": 0.1,
+            }
+        ]
+    )
     assert r["loss"] == 2.5 and r["grad_norm"] == 0.5 and r["skipped"] is False and r["lr"] == 0.1
     assert r["t_step"] == sec["step"] and "clock" not in r
 
@@ -291,8 +317,7 @@ def test_gpu_fast_step_matches_fp32_at_init(name):
     bits/dim (TF32 off for the reference)."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
-    cfg, model, x = _setup(name, "train.precision=bf16", "train.channels_last=true", n=32, device=dev,
-                           perturb=False)
+    cfg, model, x = _setup(name, "train.precision=bf16", "train.channels_last=true", n=32, device=dev, perturb=False)
     ref, _ = _loss_grads(model, x.to(dev))
     prepare_model(model, cfg, dev)
     fast, grads = _loss_grads(model, batch_to_device(x, dev, True), amp=torch.bfloat16)
@@ -312,8 +337,14 @@ def test_gpu_compiled_rvae_matches_eager(monkeypatch):
 
     monkeypatch.setattr(likelihoods, "_logistic_noise", lambda like: torch.full_like(like, 0.3))
     dev = torch.device("cuda")
-    cfg, model, x = _setup("rvae_cifar10_binary", "train.precision=bf16", "train.channels_last=true",
-                           "train.compile=true", n=128, device=dev)
+    cfg, model, x = _setup(
+        "rvae_cifar10_binary",
+        "train.precision=bf16",
+        "train.channels_last=true",
+        "train.compile=true",
+        n=128,
+        device=dev,
+    )
     xl = batch_to_device(x, dev, True)
     cfg_eager = load_config(CONFIGS / "rvae_cifar10_binary.yaml", ["train.channels_last=true"])
     prepare_model(model, cfg_eager, dev)
@@ -340,8 +371,9 @@ def test_gpu_run_step_never_syncs(name):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = [run_step(model, sync, [xb], cfg.train, 1e-3, torch.bfloat16, PhaseClock(dev), model, ema)
-               for _ in range(3)]
+        out = [
+            run_step(model, sync, [xb], cfg.train, 1e-3, torch.bfloat16, PhaseClock(dev), model, ema) for _ in range(3)
+        ]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     stats = resolve_stats([dict(o, clock=PhaseClock(dev)) for o in out])

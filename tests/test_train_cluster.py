@@ -43,8 +43,9 @@ def cluster():
     # Faster failure handling than Ray's defaults, so the killed-worker test restarts in seconds: the Train
     # controller polls workers every 0.5 s (and registers reported checkpoints then), and gives a surviving
     # worker blocked in a collective 5 s (not 30) to leave its process group before it is killed.
-    head = RayHead(num_cpus=2, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-                                    "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"})
+    head = RayHead(
+        num_cpus=2, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}
+    )
     head.start()
     nodes = list(head.nodes)
     yield head
@@ -65,13 +66,30 @@ def driver_env(cluster) -> dict:
 
 
 def train_cmd(storage, name, *overrides) -> list[str]:
-    return [sys.executable, "-m", "dbgen.train", "--config", CONFIG, "--name", name, "--storage", str(storage),
-            *FAST, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "dbgen.train",
+        "--config",
+        CONFIG,
+        "--name",
+        name,
+        "--storage",
+        str(storage),
+        *FAST,
+        *overrides,
+    ]
 
 
 def run_train(cluster, storage, name, *overrides, timeout=400) -> dict:
-    out = subprocess.run(train_cmd(storage, name, *overrides), env=driver_env(cluster), cwd=ROOT,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        train_cmd(storage, name, *overrides),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return summary_of(storage / name)
 
@@ -93,14 +111,17 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def final_state(run_dir: Path, step: int) -> dict:
-    return torch.load(run_dir / f"checkpoint_{step:07d}" / "ds" / "mp_rank_00_model_states.pt",
-                      map_location="cpu", weights_only=True)
+    return torch.load(
+        run_dir / f"checkpoint_{step:07d}" / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+    )
 
 
 def train_worker_actors(cluster) -> list[dict]:
     """Every Ray Train worker actor the cluster has seen, live or dead (from the cluster's state API)."""
-    url = ("/api/v0/actors?detail=true&limit=1000&filter_keys=class_name&filter_predicates=%3D"
-           "&filter_values=RayTrainWorker")
+    url = (
+        "/api/v0/actors?detail=true&limit=1000&filter_keys=class_name&filter_predicates=%3D"
+        "&filter_values=RayTrainWorker"
+    )
     return cluster._get_json(url)["data"]["result"]["result"]
 
 
@@ -113,10 +134,33 @@ def train_worker_pids(cluster) -> list[int]:
 @pytest.mark.timeout(600)
 def test_ray_job_submit_end_to_end(cluster, storage, tmp_path):
     sid = f"dbgen-e2e-{uuid.uuid4().hex[:8]}"
-    cmd = [ray_bin(), "job", "submit", "--address", cluster.dashboard_url, "--submission-id", sid,
-           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs"]}),
-           "--", "python", "-m", "dbgen.train", "--config", CONFIG, "--name", "e2e", "--storage", str(storage),
-           *E2E_STEPS, "train.eval_every=20", "train.sample_every=20", *FAST]
+    cmd = [
+        ray_bin(),
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        sid,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps({"excludes": [".venv", ".git", "runs"]}),
+        "--",
+        "python",
+        "-m",
+        "dbgen.train",
+        "--config",
+        CONFIG,
+        "--name",
+        "e2e",
+        "--storage",
+        str(storage),
+        *E2E_STEPS,
+        "train.eval_every=20",
+        "train.sample_every=20",
+        *FAST,
+    ]
     out = subprocess.run(cmd, env=cluster.client_env(), cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert cluster._get_json(f"/api/jobs/{sid}")["status"] == "SUCCEEDED"
@@ -129,11 +173,21 @@ def test_ray_job_submit_end_to_end(cluster, storage, tmp_path):
     every_line = [line for line in console.splitlines() if line.strip()]
     lines = [line for line in every_line if not preamble.match(line)]
     assert len(every_line) - len(lines) <= 2, console[:1000]
-    for noise in ("Reporting training result", "TrainingReport(", "Running Dataset", "RayTrainWorker",
-                  "(pid=", "DeepSpeed", "WARNING", "Traceback"):
+    for noise in (
+        "Reporting training result",
+        "TrainingReport(",
+        "Running Dataset",
+        "RayTrainWorker",
+        "(pid=",
+        "DeepSpeed",
+        "WARNING",
+        "Traceback",
+    ):
         assert noise not in console, f"{noise!r} on the job's console:\n{console[-3000:]}"
-    dbgen_line = re.compile(r"^\d\d:\d\d:\d\d (run |model |\d+ worker|data |ray: |step +\d+|resumed )"
-                            r"|^summary \(|^[a-z_]+: ")
+    dbgen_line = re.compile(
+        r"^\d\d:\d\d:\d\d (run |model |\d+ worker|data |ray: |step +\d+|resumed )"
+        r"|^summary \(|^[a-z_]+: "
+    )
     assert all(dbgen_line.match(line) for line in lines), [line for line in lines if not dbgen_line.match(line)]
     for step in range(5, 41, 5):
         assert re.search(rf"step +{step}/40 \| bpd \d+\.\d+ \| \d+ img/s", console), step
@@ -162,14 +216,35 @@ def test_ray_job_submit_end_to_end(cluster, storage, tmp_path):
     assert (run / "config.yaml").exists()
 
     # evaluate and sample work on the run directory (single process, no Ray)
-    ev = subprocess.run([sys.executable, "-m", "dbgen.evaluate", "--run", str(run), "--json", "--max-batches", "1",
-                         "--batch-size", "64", "--samples", "2"], capture_output=True, text=True, timeout=120)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dbgen.evaluate",
+            "--run",
+            str(run),
+            "--json",
+            "--max-batches",
+            "1",
+            "--batch-size",
+            "64",
+            "--samples",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ev.returncode == 0, ev.stderr[-2000:]
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     assert result["step"] == 40 and result["rows"] == 64 and 0 < result["bpd"] < 10
     png = tmp_path / "grid.png"
-    sm = subprocess.run([sys.executable, "-m", "dbgen.sample", "--run", str(run), "--n", "9", "--out", str(png)],
-                        capture_output=True, text=True, timeout=120)
+    sm = subprocess.run(
+        [sys.executable, "-m", "dbgen.sample", "--run", str(run), "--n", "9", "--out", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sm.returncode == 0 and png.stat().st_size > 0, sm.stderr[-2000:]
 
 
@@ -193,14 +268,26 @@ def test_two_nodes_one_worker_each(storage):
 
         def ports(head: bool) -> dict:
             first, last = free_port_range(60)
-            p = {"node_manager_port": free_port(), "object_manager_port": free_port(),
-                 "dashboard_agent_listen_port": free_port(), "metrics_agent_port": free_port(),
-                 "metrics_export_port": free_port(), "runtime_env_agent_port": free_port(),
-                 "min_worker_port": first, "max_worker_port": last, "num_cpus": 1}
+            p = {
+                "node_manager_port": free_port(),
+                "object_manager_port": free_port(),
+                "dashboard_agent_listen_port": free_port(),
+                "metrics_agent_port": free_port(),
+                "metrics_export_port": free_port(),
+                "runtime_env_agent_port": free_port(),
+                "min_worker_port": first,
+                "max_worker_port": last,
+                "num_cpus": 1,
+            }
             if head:
-                p.update(gcs_server_port=free_port(), include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=free_port(), ray_client_server_port=free_port(),
-                         temp_dir=temp_dir)
+                p.update(
+                    gcs_server_port=free_port(),
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=free_port(),
+                    ray_client_server_port=free_port(),
+                    temp_dir=temp_dir,
+                )
             return p
 
         cluster = Cluster(shutdown_at_exit=False)
@@ -208,10 +295,22 @@ def test_two_nodes_one_worker_each(storage):
             cluster.add_node(**ports(head=True))
             worker = cluster.add_node(**ports(head=False))
             env = {**os.environ, "RAY_ADDRESS": cluster.address}
-            out = subprocess.run(train_cmd(storage, "spread", "train.max_steps=4", "train.checkpoint_every=0",
-                                           "train.eval_every=0", "train.sample_every=0",
-                                           "scale.placement_strategy=STRICT_SPREAD"),
-                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            out = subprocess.run(
+                train_cmd(
+                    storage,
+                    "spread",
+                    "train.max_steps=4",
+                    "train.checkpoint_every=0",
+                    "train.eval_every=0",
+                    "train.sample_every=0",
+                    "scale.placement_strategy=STRICT_SPREAD",
+                ),
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             nodes = {cluster.head_node.node_id, worker.node_id}
         finally:
             cluster.shutdown()  # kills the processes it started, by their PIDs
@@ -233,10 +332,22 @@ def test_killed_worker_recovers_exactly_and_resubmission_resumes(cluster, storag
 
     # The same run (checkpointing more often does not change the numbers), one worker killed by PID as soon as
     # the checkpoint at step 5 is committed (its directory appears complete, by rename).
-    proc = subprocess.Popen(train_cmd(storage, "exact-kill", "train.max_steps=40", "train.checkpoint_every=5",
-                                      "train.eval_every=0", "train.sample_every=0", "scale.max_failures=2"),
-                            env=driver_env(cluster), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        train_cmd(
+            storage,
+            "exact-kill",
+            "train.max_steps=40",
+            "train.checkpoint_every=5",
+            "train.eval_every=0",
+            "train.sample_every=0",
+            "scale.max_failures=2",
+        ),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run = storage / "exact-kill"
     try:
         deadline = time.monotonic() + 300
@@ -270,8 +381,7 @@ def test_killed_worker_recovers_exactly_and_resubmission_resumes(cluster, storag
     assert summary["final_train_bpd"] == pytest.approx(ref["final_train_bpd"], abs=1e-6)
 
     # re-submitted with the same name and more steps: continues from step 40
-    more = run_train(cluster, storage, "exact-kill", "train.max_steps=45", "train.eval_every=0",
-                     "train.sample_every=0")
+    more = run_train(cluster, storage, "exact-kill", "train.max_steps=45", "train.eval_every=0", "train.sample_every=0")
     assert more["resumed_from"] == 40 and more["steps"] == 45 and more["steps_this_attempt"] == 5
     assert more["images_seen"] == 45 * 32
     assert [r["step"] for r in records(run, "resume") if not r["restart"]] == [40]

@@ -38,8 +38,13 @@ def test_deepspeed_config_is_derived_from_ours():
     from deepspeed.runtime.config import DeepSpeedConfig
 
     parsed = DeepSpeedConfig(deepspeed_config(c, world_size=1))
-    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps,
-            parsed.zero_optimization_stage, parsed.gradient_clipping) == (48, 16, 3, 2, 0.0)
+    assert (
+        parsed.train_batch_size,
+        parsed.train_micro_batch_size_per_gpu,
+        parsed.gradient_accumulation_steps,
+        parsed.zero_optimization_stage,
+        parsed.gradient_clipping,
+    ) == (48, 16, 3, 2, 0.0)
 
 
 def test_batch_must_split_over_workers_and_accumulation():
@@ -64,16 +69,19 @@ def test_lr_schedule_decay_floor_and_warmup():
     assert lr_at(paper, 10**6) == pytest.approx(5e-4)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.grad_clip=0", "train.grad_clip"),
-    ("train.skip_threshold=-1", "train.skip_threshold"),
-    ("train.ema_decay=1.5", "train.ema_decay"),
-    ("train.log_every=0", "train.log_every"),
-    ("scale.num_workers=0", "scale.num_workers"),
-    ("scale.cpus_per_worker=0", "scale.cpus_per_worker"),
-    ("train.eval_batches=0", "train.eval_batches"),
-    ("train.max_steps=-1", "train.max_steps"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.grad_clip=0", "train.grad_clip"),
+        ("train.skip_threshold=-1", "train.skip_threshold"),
+        ("train.ema_decay=1.5", "train.ema_decay"),
+        ("train.log_every=0", "train.log_every"),
+        ("scale.num_workers=0", "scale.num_workers"),
+        ("scale.cpus_per_worker=0", "scale.cpus_per_worker"),
+        ("train.eval_batches=0", "train.eval_batches"),
+        ("train.max_steps=-1", "train.max_steps"),
+    ],
+)
 def test_invalid_training_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_train_config(cfg(override))
@@ -225,14 +233,30 @@ def test_resuming_zero1_with_another_worker_count_is_refused(tmp_path, capsys):
     ck.mkdir(parents=True)
     meta = {"step": 10, "world_size": 2, "zero_stage": 1, "config": cfg("scale.zero_stage=1").to_dict()}
     (ck / "meta.json").write_text(json.dumps(meta))
-    rc, err = _main(["--config", str(TINY), "scale.zero_stage=1", "scale.num_workers=1", "train.batch_size=32",
-                     "--name", "r", "--storage", str(tmp_path)], capsys)
+    rc, err = _main(
+        [
+            "--config",
+            str(TINY),
+            "scale.zero_stage=1",
+            "scale.num_workers=1",
+            "train.batch_size=32",
+            "--name",
+            "r",
+            "--storage",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert rc == 2 and "scale.num_workers=2 scale.zero_stage=1" in err
 
 
 def test_cli_exits_2_without_starting_ray(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dbgen.train", "--config", str(TINY), "scale.zero_stage=3",
-                          "--storage", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "dbgen.train", "--config", str(TINY), "scale.zero_stage=3", "--storage", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "'scale.zero_stage' = 3: expected one of 0, 1, 2" in out.stderr
     assert "Started a local Ray" not in out.stdout + out.stderr
@@ -242,7 +266,8 @@ def test_cli_exits_2_without_starting_ray(tmp_path):
 def test_readme_config_table_is_current():
     """The README's config table is generated: `python -m dbgen.train --print-config-table` prints it."""
     assert schema_markdown() in (ROOT / "README.md").read_text(), (
-        "README config table is stale: replace it with the output of python -m dbgen.train --print-config-table")
+        "README config table is stale: replace it with the output of python -m dbgen.train --print-config-table"
+    )
 
 
 # ------------------------------------------------------------------------------------------- progress bar

@@ -37,7 +37,7 @@ def _flip(path: Path, n: int = 16) -> None:
     """Invert ``n`` bytes in the middle of ``path`` (same size: only a checksum can tell)."""
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
     path.write_bytes(bytes(data))
 
 
@@ -52,28 +52,56 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
     from dbgen import evaluate, export
 
     run = storage / "integrity"
-    run_train(cluster, storage, "integrity", "train.max_steps=4", "train.checkpoint_every=2",
-              "train.eval_every=0", "train.sample_every=0")
+    run_train(
+        cluster,
+        storage,
+        "integrity",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+        "train.sample_every=0",
+    )
     assert _checkpoints(run) == ["checkpoint_0000002", "checkpoint_0000004"]
     damaged = run / "checkpoint_0000004" / "ds" / "mp_rank_00_model_states.pt"
     _flip(damaged)
 
-    for cli, argv in ((evaluate, ["--run", str(run), "--max-batches", "1"]),
-                      (export, ["--run", str(run), "--out", str(tmp_path / "x.dbgen")])):
-        proc = subprocess.run([sys.executable, "-m", cli.__name__, *argv], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
+    for cli, argv in (
+        (evaluate, ["--run", str(run), "--max-batches", "1"]),
+        (export, ["--run", str(run), "--out", str(tmp_path / "x.dbgen")]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", cli.__name__, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2 and f"{damaged}: sha256 does not match" in proc.stderr, (cli, proc.stderr)
     assert not (tmp_path / "x.dbgen").exists()
 
     config_before = (run / "config.yaml").read_text()
-    refused = subprocess.run(train_cmd(storage, "integrity", "model.width=8"), env=driver_env(cluster), cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        train_cmd(storage, "integrity", "model.width=8"),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2 and "another model" in refused.stderr and "model.width: " in refused.stderr
     assert (run / "config.yaml").read_text() == config_before
 
-    out = subprocess.run(train_cmd(storage, "integrity", "train.max_steps=5", "train.checkpoint_every=2",
-                                   "train.eval_every=0", "train.sample_every=0"),
-                         env=driver_env(cluster), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        train_cmd(
+            storage,
+            "integrity",
+            "train.max_steps=5",
+            "train.checkpoint_every=2",
+            "train.eval_every=0",
+            "train.sample_every=0",
+        ),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     log = out.stdout + out.stderr
     assert "not resuming from checkpoint_0000004" in log and "mp_rank_00_model_states.pt: sha256" in log
@@ -84,11 +112,27 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
     assert evaluate.main(["--run", str(run / "checkpoint_0000004"), "--max-batches", "1"]) == 0  # intact again
 
     start, workers_before = time.monotonic(), len(train_worker_actors(cluster))
-    diverged = subprocess.run(train_cmd(storage, "integrity", "train.max_steps=200", "train.checkpoint_every=2",
-                                        "train.keep_checkpoints=1", "train.max_bad_steps=3", "train.log_every=1",
-                                        "optimizer.lr=1e6", "schedule.min_lr=1e6", "scale.max_failures=3",
-                                        "train.eval_every=0", "train.sample_every=0"),
-                              env=driver_env(cluster), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    diverged = subprocess.run(
+        train_cmd(
+            storage,
+            "integrity",
+            "train.max_steps=200",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=1",
+            "train.max_bad_steps=3",
+            "train.log_every=1",
+            "optimizer.lr=1e6",
+            "schedule.min_lr=1e6",
+            "scale.max_failures=3",
+            "train.eval_every=0",
+            "train.sample_every=0",
+        ),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert diverged.returncode == 1, diverged.stdout[-3000:] + diverged.stderr[-3000:]
     assert "the run diverged: steps" in diverged.stderr and "train.max_bad_steps=3" in diverged.stderr
     assert "Traceback" not in diverged.stderr
@@ -119,10 +163,23 @@ def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, st
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
     run = storage / "interrupted"
-    proc = subprocess.Popen(train_cmd(storage, "interrupted", "train.max_steps=2000", "train.checkpoint_every=2",
-                                      "train.keep_checkpoints=2", "train.log_every=1", "train.eval_every=0",
-                                      "train.sample_every=0"),
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(
+            storage,
+            "interrupted",
+            "train.max_steps=2000",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=2",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.sample_every=0",
+        ),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / "checkpoint_0000006").is_dir():
@@ -135,8 +192,11 @@ def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, st
             proc.kill()
     try:
         assert proc.returncode == 130, out[-2000:] + err[-4000:]
-        hint = re.search(r"interrupted: stopped at step (\d+); the same command resumes run interrupted from "
-                         r"checkpoint_(\d+) \(step (\d+)\)", err)
+        hint = re.search(
+            r"interrupted: stopped at step (\d+); the same command resumes run interrupted from "
+            r"checkpoint_(\d+) \(step (\d+)\)",
+            err,
+        )
         assert hint, err[-4000:]
         stopped, resume_at = int(hint.group(1)), int(hint.group(3))
         assert resume_at % 2 == 0 and 6 <= resume_at <= stopped < 2000
@@ -150,8 +210,15 @@ def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, st
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    summary = run_train(cluster, storage, "interrupted", f"train.max_steps={resume_at + 1}", "train.log_every=1",
-                        "train.eval_every=0", "train.sample_every=0")
+    summary = run_train(
+        cluster,
+        storage,
+        "interrupted",
+        f"train.max_steps={resume_at + 1}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.sample_every=0",
+    )
     assert summary["resumed_from"] == resume_at and summary["steps"] == resume_at + 1
     assert [r["step"] for r in records(run, "resume")][-1] == resume_at
 
@@ -166,9 +233,22 @@ def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
     shard = sorted(split.glob("*.parquet"))[0]
     _flip(shard, n=64)
     start, workers_before = time.monotonic(), len(train_worker_actors(cluster))
-    out = subprocess.run(train_cmd(storage, "corrupt-shard", f"data.train={split}", "data.eval=null",
-                                   "train.max_steps=30", "scale.max_failures=3", "train.sample_every=0"),
-                         env=driver_env(cluster), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        train_cmd(
+            storage,
+            "corrupt-shard",
+            f"data.train={split}",
+            "data.eval=null",
+            "train.max_steps=30",
+            "scale.max_failures=3",
+            "train.sample_every=0",
+        ),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "error: training failed:" in out.stderr and shard.name in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr

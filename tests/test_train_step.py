@@ -43,8 +43,11 @@ def _worker(rank: int, world: int, tmp: str, train_dir: str):
         tr = trainer(f"zero{stage}", f"scale.zero_stage={stage}")
         data = iter(tr.loader)
         stats = resolve_stats([tr.train_step(data) for _ in range(3)])
-        out[f"zero{stage}"] = {"params": _params(tr.model), "norms": [s["grad_norm"] for s in stats],
-                               "skipped": [s["skipped"] for s in stats]}
+        out[f"zero{stage}"] = {
+            "params": _params(tr.model),
+            "norms": [s["grad_norm"] for s in stats],
+            "skipped": [s["skipped"] for s in stats],
+        }
 
     # 2. Accumulation: micro-batches x, x (2 x 8 rows) == one micro-batch x (8 rows). Every forward pass
     # reseeds the RNG so both see the same latent noise.
@@ -53,10 +56,11 @@ def _worker(rank: int, world: int, tmp: str, train_dir: str):
     def reseed(module, args):
         torch.manual_seed(1234)
 
-    for name, overrides, batches in (("accum1", ["train.batch_size=16"], [x]),
-                                     ("accum2", ["train.batch_size=32", "train.grad_accum=2"], [x, x]),
-                                     ("accum2_zero2", ["train.batch_size=32", "train.grad_accum=2",
-                                                       "scale.zero_stage=2"], [x, x])):
+    for name, overrides, batches in (
+        ("accum1", ["train.batch_size=16"], [x]),
+        ("accum2", ["train.batch_size=32", "train.grad_accum=2"], [x, x]),
+        ("accum2_zero2", ["train.batch_size=32", "train.grad_accum=2", "scale.zero_stage=2"], [x, x]),
+    ):
         tr = trainer(name, *overrides)
         tr.model.register_forward_pre_hook(reseed)
         tr.train_step(iter(batches))
@@ -81,7 +85,9 @@ def _worker(rank: int, world: int, tmp: str, train_dir: str):
     adam_unchanged = all(torch.equal(adam[k], adam_after[k]) for k in adam)
     (next_step,) = resolve_stats([tr.train_step(data)])
     out["nan"] = {
-        "skipped": nan_step["skipped"], "norm": nan_step["grad_norm"], "next_skipped": next_step["skipped"],
+        "skipped": nan_step["skipped"],
+        "norm": nan_step["grad_norm"],
+        "next_skipped": next_step["skipped"],
         "unchanged": all(torch.equal(before[n], after_skip[n]) for n in before),
         "adam_unchanged": adam_unchanged,
         "changed_after": any(not torch.equal(after_skip[n], p) for n, p in _params(tr.model).items()),
@@ -89,8 +95,15 @@ def _worker(rank: int, world: int, tmp: str, train_dir: str):
     }
 
     # 4. fit() counts the skipped step and finishes the run (and commits its checkpoint).
-    tr = trainer("fit", "train.max_steps=5", "train.log_every=2", "train.checkpoint_every=0",
-                 "train.eval_every=0", "train.sample_every=0", "train.num_samples=4")
+    tr = trainer(
+        "fit",
+        "train.max_steps=5",
+        "train.log_every=2",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+        "train.sample_every=0",
+        "train.num_samples=4",
+    )
     calls["n"] = 0
     tr.model.register_forward_hook(poison)
     tr.fit()
@@ -103,9 +116,20 @@ def _resume_on_one_worker(rank: int, world: int, tmp: str, train_dir: str):
     from dbgen.trainer import Trainer
 
     tmp = Path(tmp)
-    cfg = load_config(CONFIG, ["train.grad_clip=0.05", "optimizer.lr=0.01", "train.max_steps=8",
-                               "train.log_every=2", "train.checkpoint_every=0", "train.eval_every=0",
-                               "train.sample_every=0", "train.num_samples=4", "scale.num_workers=1"])
+    cfg = load_config(
+        CONFIG,
+        [
+            "train.grad_clip=0.05",
+            "optimizer.lr=0.01",
+            "train.max_steps=8",
+            "train.log_every=2",
+            "train.checkpoint_every=0",
+            "train.eval_every=0",
+            "train.sample_every=0",
+            "train.num_samples=4",
+            "scale.num_workers=1",
+        ],
+    )
     (tmp / "fit1").mkdir()
     Trainer(cfg, tmp / "fit1", train_dir, None, checkpoint_dir=tmp / "fit" / "checkpoint_0000005").fit()
 

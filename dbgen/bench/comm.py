@@ -65,24 +65,52 @@ def add_arguments(p):
     p.add_argument("--workers", type=int, default=2, help="data-parallel workers (Ray Train)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (also the 1-bit warm-up)")
-    p.add_argument("--batch", type=int, default=None, help="rows per worker per step (default: the config's "
-                   "train.batch_size / workers)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="rows per worker per step (default: the config's train.batch_size / workers)",
+    )
     p.add_argument("--init-rows", type=int, default=8, help="rows for data-dependent init")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    p.add_argument("--links", default=None, help="comma-separated RATE/LATENCY link settings (e.g. "
-                   "10gbit/0,1gbit/0); each mode runs --steps timed steps at each, in this order (needs --set-link)")
-    p.add_argument("--set-link", default=None, help="command that sets the link; rank 0 runs it with RATE LATENCY "
-                   "appended before each setting (e.g. 'bash benchmarks/netns_cluster.sh set DIR')")
+    p.add_argument(
+        "--links",
+        default=None,
+        help="comma-separated RATE/LATENCY link settings (e.g. "
+        "10gbit/0,1gbit/0); each mode runs --steps timed steps at each, in this order (needs --set-link)",
+    )
+    p.add_argument(
+        "--set-link",
+        default=None,
+        help="command that sets the link; rank 0 runs it with RATE LATENCY "
+        "appended before each setting (e.g. 'bash benchmarks/netns_cluster.sh set DIR')",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides (e.g. data.train=...)")
 
 
 # torch.distributed entry points timed in the bench workers (every collective dbgen or DeepSpeed issues)
-TIMED_OPS = ("all_reduce", "all_reduce_coalesced", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
-             "all_gather_into_tensor", "all_gather_coalesced", "all_to_all", "all_to_all_single", "broadcast",
-             "reduce", "gather", "scatter", "send", "recv", "barrier", "all_gather_object",
-             "broadcast_object_list")
+TIMED_OPS = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_coalesced",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+)
 
 
 class CollectiveClock:
@@ -120,8 +148,9 @@ class CollectiveClock:
 
 def link_tx_bytes() -> int:
     """Bytes sent so far on this network namespace's interfaces other than ``lo``."""
-    return sum(int((d / "statistics" / "tx_bytes").read_text()) for d in Path("/sys/class/net").iterdir()
-               if d.name != "lo")
+    return sum(
+        int((d / "statistics" / "tx_bytes").read_text()) for d in Path("/sys/class/net").iterdir() if d.name != "lo"
+    )
 
 
 def parse_links(text: str | None) -> list[tuple[str, str]]:
@@ -147,8 +176,15 @@ def _bench_loop(config: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cfg = load_config(config["cfg"])
     collectives = CollectiveClock()  # before DeepSpeed's engine, which keeps references to some collectives
-    tr = Trainer(cfg, config["run_dir"], config["train_dir"], None, rank=rank, world_size=world,
-                 device=ray.train.torch.get_device())
+    tr = Trainer(
+        cfg,
+        config["run_dir"],
+        config["train_dir"],
+        None,
+        rank=rank,
+        world_size=world,
+        device=ray.train.torch.get_device(),
+    )
     data = iter(tr.loader)
     links = config["links"] or [None]
 
@@ -184,11 +220,18 @@ def _bench_loop(config: dict) -> None:
             idle_rate = (link_tx_bytes() - tx) / idle_s
         dist.barrier()
         collectives.take()
-        rows.append({"link": link, "bytes": [s["comm_bytes"] for s in steps], "step_s": [s["t_step"] for s in steps],
-                     "collective_s": [s["t_collectives"] for s in steps],
-                     "collectives": [s["collectives"] for s in steps], "link_tx": [s["link_tx"] for s in steps],
-                     "link_idle_tx_per_s": idle_rate,
-                     "loss": [s["loss"] for s in steps]})
+        rows.append(
+            {
+                "link": link,
+                "bytes": [s["comm_bytes"] for s in steps],
+                "step_s": [s["t_step"] for s in steps],
+                "collective_s": [s["t_collectives"] for s in steps],
+                "collectives": [s["collectives"] for s in steps],
+                "link_tx": [s["link_tx"] for s in steps],
+                "link_idle_tx_per_s": idle_rate,
+                "loss": [s["loss"] for s in steps],
+            }
+        )
     if rank == 0:
         sizes = size_report(tr.model)
         with open(config["out"], "w") as f:
@@ -202,14 +245,26 @@ def run_mode(name: str, cfg, args, train_dir: str, work: str) -> list[dict]:
 
     out = os.path.join(work, f"{name}.json")
     resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if args.gpu else {})}
-    TorchTrainer(_bench_loop,
-                 train_loop_config={"cfg": cfg.to_dict(), "run_dir": os.path.join(work, name), "out": out,
-                                    "train_dir": train_dir, "warmup": args.warmup, "steps": args.steps,
-                                    "links": parse_links(args.links), "set_link": args.set_link},
-                 scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu,
-                                              resources_per_worker=resources,
-                                              placement_strategy=cfg.scale.placement_strategy),
-                 run_config=RunConfig(name=f"bench-comm-{name}", storage_path=os.path.join(work, "ray"))).fit()
+    TorchTrainer(
+        _bench_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "run_dir": os.path.join(work, name),
+            "out": out,
+            "train_dir": train_dir,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "links": parse_links(args.links),
+            "set_link": args.set_link,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=args.workers,
+            use_gpu=args.gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.scale.placement_strategy,
+        ),
+        run_config=RunConfig(name=f"bench-comm-{name}", storage_path=os.path.join(work, "ray")),
+    ).fit()
     with open(out) as f:
         r = json.load(f)
     rows = []
@@ -217,15 +272,25 @@ def run_mode(name: str, cfg, args, train_dir: str, work: str) -> list[dict]:
         n = len(row["bytes"])
         per = {k: sum(b[k] for b in row["bytes"]) / n for k in ("grad", "weight", "other")}
         step_s, comm_s = sum(row["step_s"]) / n, sum(row["collective_s"]) / n
-        rows.append({"mode": name, **({"link_rate": row["link"][0], "link_latency": row["link"][1]}
-                                      if row["link"] else {}),
-                     "weight_bytes_per_step": per["weight"], "grad_bytes_per_step": per["grad"],
-                     "other_bytes_per_step": per["other"], "total_bytes_per_step": sum(per.values()),
-                     "link_tx_bytes_per_step": sum(row["link_tx"]) / n,
-                     "link_idle_tx_bytes_per_s": row["link_idle_tx_per_s"], "step_s": step_s, "comm_s": comm_s,
-                     "compute_s": step_s - comm_s, "collectives_per_step": sum(row["collectives"]) / n,
-                     "params": r["params"], "binary_params": r["binary_params"],
-                     "final_loss": row["loss"][-1]})
+        rows.append(
+            {
+                "mode": name,
+                **({"link_rate": row["link"][0], "link_latency": row["link"][1]} if row["link"] else {}),
+                "weight_bytes_per_step": per["weight"],
+                "grad_bytes_per_step": per["grad"],
+                "other_bytes_per_step": per["other"],
+                "total_bytes_per_step": sum(per.values()),
+                "link_tx_bytes_per_step": sum(row["link_tx"]) / n,
+                "link_idle_tx_bytes_per_s": row["link_idle_tx_per_s"],
+                "step_s": step_s,
+                "comm_s": comm_s,
+                "compute_s": step_s - comm_s,
+                "collectives_per_step": sum(row["collectives"]) / n,
+                "params": r["params"],
+                "binary_params": r["binary_params"],
+                "final_loss": row["loss"][-1],
+            }
+        )
     return rows
 
 
@@ -244,10 +309,18 @@ def main(args) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="dbgen-bench-comm-") as work:
         for name in modes:
-            cfg = load_config(base, [*MODES[name], f"scale.num_workers={args.workers}",
-                                     f"train.batch_size={batch * args.workers}", "train.grad_accum=1",
-                                     f"train.init_batch_size={args.init_rows}",
-                                     f"comm.onebit_warmup_steps={args.warmup}", f"scale.use_gpu={args.gpu}"])
+            cfg = load_config(
+                base,
+                [
+                    *MODES[name],
+                    f"scale.num_workers={args.workers}",
+                    f"train.batch_size={batch * args.workers}",
+                    "train.grad_accum=1",
+                    f"train.init_batch_size={args.init_rows}",
+                    f"comm.onebit_warmup_steps={args.warmup}",
+                    f"scale.use_gpu={args.gpu}",
+                ],
+            )
             start = time.perf_counter()
             results += run_mode(name, cfg, args, train_dir, work)
             log.info("%s: %s (%.0f s)", name, results[-1], time.perf_counter() - start)
@@ -255,21 +328,35 @@ def main(args) -> int:
     for r in results:
         if r.get("link_rate") in zero1:
             r["total_vs_zero1"] = r["total_bytes_per_step"] / zero1[r.get("link_rate")]["total_bytes_per_step"]
-    summary = {"config": str(args.config), "workers": args.workers, "batch_per_worker": batch,
-               "steps": args.steps, "warmup": args.warmup, "machine": f"{platform.machine()} "
-               f"{os.cpu_count()} CPUs{', GPU' if args.gpu else ''}", "date": time.strftime("%Y-%m-%d"),
-               "overrides": list(args.overrides), "links": args.links, "modes": results}
+    summary = {
+        "config": str(args.config),
+        "workers": args.workers,
+        "batch_per_worker": batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs{', GPU' if args.gpu else ''}",
+        "date": time.strftime("%Y-%m-%d"),
+        "overrides": list(args.overrides),
+        "links": args.links,
+        "modes": results,
+    }
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"{args.config}, {args.workers} workers, batch {batch}/worker, {results[0]['params']:,} params "
-          f"({results[0]['binary_params']:,} binary)")
-    print(f"{'mode':<14} {'link':>12} {'weight B/step':>14} {'grad B/step':>14} {'total B/step':>14} "
-          f"{'vs zero1':>9} {'link tx B':>14} {'step s':>8} {'comm s':>8} {'loss':>8}")
+    print(
+        f"{args.config}, {args.workers} workers, batch {batch}/worker, {results[0]['params']:,} params "
+        f"({results[0]['binary_params']:,} binary)"
+    )
+    print(
+        f"{'mode':<14} {'link':>12} {'weight B/step':>14} {'grad B/step':>14} {'total B/step':>14} "
+        f"{'vs zero1':>9} {'link tx B':>14} {'step s':>8} {'comm s':>8} {'loss':>8}"
+    )
     for r in results:
         ratio = f"{r['total_vs_zero1']:.3f}" if "total_vs_zero1" in r else "-"
         link = f"{r['link_rate']}/{r['link_latency']}" if "link_rate" in r else "-"
-        print(f"{r['mode']:<14} {link:>12} {r['weight_bytes_per_step']:>14,.0f} {r['grad_bytes_per_step']:>14,.0f} "
-              f"{r['total_bytes_per_step']:>14,.0f} {ratio:>9} {r['link_tx_bytes_per_step']:>14,.0f} "
-              f"{r['step_s']:>8.2f} {r['comm_s']:>8.2f} {r['final_loss']:>8.4f}")
+        print(
+            f"{r['mode']:<14} {link:>12} {r['weight_bytes_per_step']:>14,.0f} {r['grad_bytes_per_step']:>14,.0f} "
+            f"{r['total_bytes_per_step']:>14,.0f} {ratio:>9} {r['link_tx_bytes_per_step']:>14,.0f} "
+            f"{r['step_s']:>8.2f} {r['comm_s']:>8.2f} {r['final_loss']:>8.4f}"
+        )
     return 0

@@ -56,12 +56,20 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch and rank")
     p.add_argument("--shuffle-buffer", type=int, default=10_000)
     p.add_argument("--max-rows", type=int, default=None, help="stop each measurement after about this many rows")
-    p.add_argument("--synthetic-rows", type=int, default=None,
-                   help="generate and convert this many random 32x32 rows under --data first")
+    p.add_argument(
+        "--synthetic-rows",
+        type=int,
+        default=None,
+        help="generate and convert this many random 32x32 rows under --data first",
+    )
     p.add_argument("--keep", action="store_true", help="keep the generated synthetic data")
-    p.add_argument("--page-checksums", choices=("off", "on", "compare"), default="off",
-                   help="check page CRCs on every read (reader and arrow loader); compare: measure what that "
-                        "costs, off vs on, alternating --repeats times")
+    p.add_argument(
+        "--page-checksums",
+        choices=("off", "on", "compare"),
+        default="off",
+        help="check page CRCs on every read (reader and arrow loader); compare: measure what that "
+        "costs, off vs on, alternating --repeats times",
+    )
     p.add_argument("--repeats", type=int, default=5, help="rounds of off/on for --page-checksums compare")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -107,39 +115,57 @@ def bench_reader(split, max_rows: int | None) -> dict:
         if rows >= total:
             break
     dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"rows": rows, "seconds": round(dt, 3), "images_per_s": round(rows / dt),
-            "images_per_cpu_s": round(rows / cpu), "rss_mb": trace.summary()}
+    return {
+        "rows": rows,
+        "seconds": round(dt, 3),
+        "images_per_s": round(rows / dt),
+        "images_per_cpu_s": round(rows / cpu),
+        "rss_mb": trace.summary(),
+    }
 
 
 def bench_arrow_loader(split, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
-    loader = TrainLoader(split, batch_size=batch_size, shuffle_buffer=shuffle_buffer, backend="arrow",
-                         rank=0, world_size=1)
+    loader = TrainLoader(
+        split, batch_size=batch_size, shuffle_buffer=shuffle_buffer, backend="arrow", rank=0, world_size=1
+    )
     n = len(loader) if not max_rows else min(len(loader), -(-max_rows // batch_size))
     trace, t0, cpu0, it = RssTrace(n), time.perf_counter(), time.process_time(), iter(loader)
     for i in range(n):
         next(it)
         trace.progress(i + 1)
     dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"rows": n * batch_size, "seconds": round(dt, 3), "images_per_s": round(n * batch_size / dt),
-            "images_per_cpu_s": round(n * batch_size / cpu), "rss_mb": trace.summary()}
+    return {
+        "rows": n * batch_size,
+        "seconds": round(dt, 3),
+        "images_per_s": round(n * batch_size / dt),
+        "images_per_cpu_s": round(n * batch_size / cpu),
+        "rss_mb": trace.summary(),
+    }
 
 
-def _ray_rank(split_dir: str, rank: int, world: int, batch_size: int, shuffle_buffer: int,
-              max_rows: int | None) -> dict:
+def _ray_rank(
+    split_dir: str, rank: int, world: int, batch_size: int, shuffle_buffer: int, max_rows: int | None
+) -> dict:
     """One Ray rank: warm up (starts the read workers), then time one epoch of its share."""
     for _ in EvalLoader(split_dir, batch_size=batch_size, rank=rank, world_size=max(world, 64), backend="ray"):
         pass  # warm-up: a small slice through the same Ray Data path
-    loader = TrainLoader(split_dir, batch_size=batch_size, shuffle_buffer=shuffle_buffer, rank=rank,
-                         world_size=world, backend="ray")
+    loader = TrainLoader(
+        split_dir, batch_size=batch_size, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world, backend="ray"
+    )
     n = len(loader) if not max_rows else min(len(loader), -(-max_rows // (batch_size * world)))
     trace, t0, it = RssTrace(n), time.perf_counter(), iter(loader)
     for i in range(n):
         next(it)
         trace.progress(i + 1)
     dt = time.perf_counter() - t0
-    return {"rank": rank, "rows": n * batch_size, "seconds": round(dt, 3),
-            "images_per_s": round(n * batch_size / dt), "rss_mb": trace.summary(),
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {
+        "rank": rank,
+        "rows": n * batch_size,
+        "seconds": round(dt, 3),
+        "images_per_s": round(n * batch_size / dt),
+        "rss_mb": trace.summary(),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
 
 
 def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int, max_rows: int | None) -> dict:
@@ -151,17 +177,22 @@ def bench_ray(split_dir: str, workers: int, batch_size: int, shuffle_buffer: int
     try:
         rank_fn = ray.remote(num_cpus=0.25)(_ray_rank)
         t0 = time.perf_counter()
-        results = ray.get([rank_fn.remote(split_dir, r, workers, batch_size, shuffle_buffer, max_rows)
-                           for r in range(workers)])
+        results = ray.get(
+            [rank_fn.remote(split_dir, r, workers, batch_size, shuffle_buffer, max_rows) for r in range(workers)]
+        )
         wall = time.perf_counter() - t0
     finally:
         if started:
             ray.shutdown()
     rows = sum(r["rows"] for r in results)
-    return {"workers": workers, "per_worker": results,
-            "images_per_s_per_worker": round(float(np.mean([r["images_per_s"] for r in results]))),
-            "images_per_s_total": round(sum(r["images_per_s"] for r in results)),
-            "rows": rows, "wall_seconds_with_warmup": round(wall, 1)}
+    return {
+        "workers": workers,
+        "per_worker": results,
+        "images_per_s_per_worker": round(float(np.mean([r["images_per_s"] for r in results]))),
+        "images_per_s_total": round(sum(r["images_per_s"] for r in results)),
+        "rows": rows,
+        "wall_seconds_with_warmup": round(wall, 1),
+    }
 
 
 def compare_page_checksums(split, batch_size: int, shuffle_buffer: int, max_rows: int | None, repeats: int) -> dict:
@@ -170,15 +201,21 @@ def compare_page_checksums(split, batch_size: int, shuffle_buffer: int, max_rows
     loaders' own check: every shard's sha256 (median seconds, wall and CPU)."""
     if not split.page_checksums:
         raise DataError(f"{split.path}: written without page checksums; convert it again to compare")
-    runs = {(path, unit, mode): [] for path in ("reader", "loader_arrow") for unit in ("images_per_s",
-            "images_per_cpu_s") for mode in ("off", "on")}
+    runs = {
+        (path, unit, mode): []
+        for path in ("reader", "loader_arrow")
+        for unit in ("images_per_s", "images_per_cpu_s")
+        for mode in ("off", "on")
+    }
     try:
         for _ in range(repeats):
             for mode in ("off", "on"):
                 split_format.PAGE_CHECKSUM_VERIFICATION = mode == "on"
                 _cached_unit.cache_clear()  # the loader's few cached row groups were read in the other mode
-                results = {"reader": bench_reader(split, max_rows),
-                           "loader_arrow": bench_arrow_loader(split, batch_size, shuffle_buffer, max_rows)}
+                results = {
+                    "reader": bench_reader(split, max_rows),
+                    "loader_arrow": bench_arrow_loader(split, batch_size, shuffle_buffer, max_rows),
+                }
                 for (path, unit, m), values in runs.items():
                     if m == mode:
                         values.append(results[path][unit])
@@ -191,14 +228,19 @@ def compare_page_checksums(split, batch_size: int, shuffle_buffer: int, max_rows
             sha256_file(s.path)
         sha_wall.append(time.perf_counter() - t0)
         sha_cpu.append(time.process_time() - cpu0)
-    out = {"sha256_once": {"wall_s": round(float(np.median(sha_wall)), 3),
-                           "cpu_s": round(float(np.median(sha_cpu)), 3)}}
+    out = {
+        "sha256_once": {"wall_s": round(float(np.median(sha_wall)), 3), "cpu_s": round(float(np.median(sha_cpu)), 3)}
+    }
     for path in ("reader", "loader_arrow"):
         for unit in ("images_per_s", "images_per_cpu_s"):
             off, on = runs[path, unit, "off"], runs[path, unit, "on"]
-            out[f"{path} {unit}"] = {"off": off, "on": on, "median_off": round(float(np.median(off))),
-                                     "median_on": round(float(np.median(on))),
-                                     "on_off_ratio": round(float(np.median(on) / np.median(off)), 3)}
+            out[f"{path} {unit}"] = {
+                "off": off,
+                "on": on,
+                "median_off": round(float(np.median(off))),
+                "median_on": round(float(np.median(on))),
+                "on_off_ratio": round(float(np.median(on) / np.median(off)), 3),
+            }
     return out
 
 
@@ -227,8 +269,13 @@ def _synthetic(work: Path, rows: int) -> tuple[Path, dict]:
     out = convert("imagenet-batches", src, work / "split", overwrite=True)
     converted = time.perf_counter() - t0
     shutil.rmtree(src)
-    return out, {"rows": rows, "generate_s": round(generated, 1), "convert_s": round(converted, 1),
-                 "convert_rows_per_s": round(rows / converted), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return out, {
+        "rows": rows,
+        "generate_s": round(generated, 1),
+        "convert_s": round(converted, 1),
+        "convert_rows_per_s": round(rows / converted),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
 
 
 def main(args) -> int:
@@ -242,13 +289,17 @@ def main(args) -> int:
         res = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-                       f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
-            "data": str(split.path), "rows": split.num_rows, "resolution": split.resolution,
-            "bytes": sum(s.bytes for s in split.shards), "synthetic": synthetic,
+            f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
+            "data": str(split.path),
+            "rows": split.num_rows,
+            "resolution": split.resolution,
+            "bytes": sum(s.bytes for s in split.shards),
+            "synthetic": synthetic,
         }
         if args.page_checksums == "compare":
-            res["page_checksums"] = compare_page_checksums(split, args.batch_size, args.shuffle_buffer,
-                                                           args.max_rows, args.repeats)
+            res["page_checksums"] = compare_page_checksums(
+                split, args.batch_size, args.shuffle_buffer, args.max_rows, args.repeats
+            )
             return _print_page_checksums(res, args.json)
         split_format.PAGE_CHECKSUM_VERIFICATION = args.page_checksums == "on"
         res["page_checksums"] = args.page_checksums
@@ -256,8 +307,7 @@ def main(args) -> int:
         res["loader_arrow"] = bench_arrow_loader(split, args.batch_size, args.shuffle_buffer, args.max_rows)
         split_format.PAGE_CHECKSUM_VERIFICATION = False
         if args.workers > 0:
-            res["ray"] = bench_ray(str(split.path), args.workers, args.batch_size, args.shuffle_buffer,
-                                   args.max_rows)
+            res["ray"] = bench_ray(str(split.path), args.workers, args.batch_size, args.shuffle_buffer, args.max_rows)
     finally:
         if synthetic is not None and not args.keep:
             shutil.rmtree(work / "split", ignore_errors=True)
@@ -268,11 +318,15 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{res['data']}: {res['rows']:,} rows {res['resolution']}x{res['resolution']}, "
-          f"{res['bytes'] / 2**30:.2f} GiB ({res['machine']})")
+    print(
+        f"{res['data']}: {res['rows']:,} rows {res['resolution']}x{res['resolution']}, "
+        f"{res['bytes'] / 2**30:.2f} GiB ({res['machine']})"
+    )
     if synthetic:
-        print(f"synthetic: generated in {synthetic['generate_s']} s, converted in {synthetic['convert_s']} s "
-              f"({synthetic['convert_rows_per_s']:,} rows/s), peak RSS {synthetic['peak_rss_mb']} MiB")
+        print(
+            f"synthetic: generated in {synthetic['generate_s']} s, converted in {synthetic['convert_s']} s "
+            f"({synthetic['convert_rows_per_s']:,} rows/s), peak RSS {synthetic['peak_rss_mb']} MiB"
+        )
     print(f"{'path':<16}{'rows':>11}{'images/s':>10}   RSS MiB (private anon + shared) at start, 25/50/75/100%")
     ranks = [(f"ray rank {r['rank']}", r) for r in res["ray"]["per_worker"]] if "ray" in res else []
     for name, r in [("reader", res["reader"]), ("loader_arrow", res["loader_arrow"])] + ranks:
@@ -286,14 +340,17 @@ def _print_page_checksums(res: dict, as_json: bool) -> int:
     if as_json:
         print(json.dumps(res))
         return 0
-    print(f"{res['data']}: {res['rows']:,} rows {res['resolution']}x{res['resolution']}, "
-          f"{res['bytes'] / 2**30:.2f} GiB ({res['machine']})")
+    print(
+        f"{res['data']}: {res['rows']:,} rows {res['resolution']}x{res['resolution']}, "
+        f"{res['bytes'] / 2**30:.2f} GiB ({res['machine']})"
+    )
     results = dict(res["page_checksums"])
     sha = results.pop("sha256_once")
     print(f"{'path':<30}{'median off':>12}{'median on':>11}{'on/off':>8}   per round (off | on)")
     for path, r in results.items():
-        print(f"{path:<30}{r['median_off']:>12,}{r['median_on']:>11,}{r['on_off_ratio']:>8.3f}   "
-              f"{' '.join(f'{v:,}' for v in r['off'])} | {' '.join(f'{v:,}' for v in r['on'])}")
-    print(f"sha256 of every shard (the loaders' check, once per process): {sha['wall_s']} s wall, "
-          f"{sha['cpu_s']} s CPU")
+        print(
+            f"{path:<30}{r['median_off']:>12,}{r['median_on']:>11,}{r['on_off_ratio']:>8.3f}   "
+            f"{' '.join(f'{v:,}' for v in r['off'])} | {' '.join(f'{v:,}' for v in r['on'])}"
+        )
+    print(f"sha256 of every shard (the loaders' check, once per process): {sha['wall_s']} s wall, {sha['cpu_s']} s CPU")
     return 0

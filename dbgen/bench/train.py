@@ -88,8 +88,13 @@ REFERENCE = [
 
 def add_arguments(p):
     p.add_argument("--config", action="append", required=True, help="experiment YAML (repeat for several)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
-                   help="a named set of overrides, measured for every config (repeat; default: the config as is)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:key=value,...",
+        help="a named set of overrides, measured for every config (repeat; default: the config as is)",
+    )
     p.add_argument("--batch", type=int, help="batch size (default: each config's train.batch_size)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per timing window")
     p.add_argument("--repeats", type=int, default=1, help="timing windows (step_ms is their median)")
@@ -97,8 +102,13 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a shared CPU)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting step")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="profile N extra steps; top-20 kernels by self time to profile_<config>_<variant>.txt")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile N extra steps; top-20 kernels by self time to profile_<config>_<variant>.txt",
+    )
     p.add_argument("--json-out", type=Path, help="write the list of results here (profiles go beside it)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides for every run")
@@ -109,8 +119,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     a new override starts only at ``,dotted.key=``."""
     name, sep, rest = text.partition(":")
     if not sep or not re.fullmatch(r"[\w.-]+", name):
-        raise ValueError(f"--variant {text!r}: expected NAME:key=value[,key=value...] (NAME of letters, digits, "
-                         "_ . -)")
+        raise ValueError(f"--variant {text!r}: expected NAME:key=value[,key=value...] (NAME of letters, digits, _ . -)")
     overrides = [o for o in re.split(r",(?=[\w.]+=)", rest) if o]
     for o in overrides:
         if "=" not in o:
@@ -131,8 +140,12 @@ def reference_for(cfg: Config, batch: int) -> tuple[float, float | None, str] | 
     """(original images/s, target images/s, note) when the config is a paper model at the measured batch."""
     m = cfg.model
     for shape, bw, ba, b, original, target, note in REFERENCE:
-        if (all(getattr(m, k) == v for k, v in shape.items()) and m.binary_weights == bw
-                and m.binary_activations == ba and batch == b):
+        if (
+            all(getattr(m, k) == v for k, v in shape.items())
+            and m.binary_weights == bw
+            and m.binary_activations == ba
+            and batch == b
+        ):
             return original, target, note
     return None
 
@@ -178,15 +191,32 @@ def _profile(one_step, n: int, device: torch.device, path: Path) -> dict:
         out["kernels_per_step"] = sum(e.count for e in kernels) / n
         out["device_busy_ms_per_step"] = busy_us / 1e3 / n
         out["device_busy_fraction"] = out["device_busy_ms_per_step"] / out["wall_ms_per_step"]
-    header = (f"# {n} profiled steps, {out['wall_ms_per_step']:.2f} ms/step wall"
-              + (f", kernels {out['kernels_per_step']:.0f}/step, device busy {out['device_busy_ms_per_step']:.2f} "
-                 f"ms/step ({100 * out['device_busy_fraction']:.0f}% of wall)" if cuda else "") + "\n")
+    header = (
+        f"# {n} profiled steps, {out['wall_ms_per_step']:.2f} ms/step wall"
+        + (
+            f", kernels {out['kernels_per_step']:.0f}/step, device busy {out['device_busy_ms_per_step']:.2f} "
+            f"ms/step ({100 * out['device_busy_fraction']:.0f}% of wall)"
+            if cuda
+            else ""
+        )
+        + "\n"
+    )
     write_atomic(path, header + table + "\n")
     return out
 
 
-def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int = 2, repeats: int = 1,
-          device: str = "cpu", flops: bool = True, profile: int = 0, profile_path: Path | None = None) -> dict:
+def bench(
+    cfg: Config,
+    *,
+    batch: int | None = None,
+    steps: int = 10,
+    warmup: int = 2,
+    repeats: int = 1,
+    device: str = "cpu",
+    flops: bool = True,
+    profile: int = 0,
+    profile_path: Path | None = None,
+) -> dict:
     """Measure the trainer's step for one config (see the module docstring); returns the result dict."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -263,8 +293,10 @@ def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int
         "step_ms": 1e3 * step_s,
         "step_ms_windows": [1e3 * w for w in windows],
         "images_per_s": batch / step_s,
-        "phase_ms": {p: 1e3 * sum(s[f"t_{p}"] for s in stats) / len(stats)
-                     for p in ("forward", "backward", "communication", "optimizer")},
+        "phase_ms": {
+            p: 1e3 * sum(s[f"t_{p}"] for s in stats) / len(stats)
+            for p in ("forward", "backward", "communication", "optimizer")
+        },
         "peak_mem_mb": peak_mb,
         "peak_mem_kind": peak_kind,
         "first_loss_bpd": stats[0]["loss"],
@@ -293,8 +325,12 @@ def bench(cfg: Config, *, batch: int | None = None, steps: int = 10, warmup: int
     ref = reference_for(cfg, batch)
     if ref is not None:
         original, target, note = ref
-        result.update(original_images_per_s=original, vs_original=result["images_per_s"] / original,
-                      target_images_per_s=target, original_note=note)
+        result.update(
+            original_images_per_s=original,
+            vs_original=result["images_per_s"] / original,
+            target_images_per_s=target,
+            original_note=note,
+        )
         if target:
             result["target_met"] = result["images_per_s"] >= target
     if profile > 0:
@@ -316,8 +352,15 @@ def _free(device: torch.device, compiled: bool) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_all(configs: list[str], variants: list[tuple[str, list[str]]], overrides: list[str] = (), *,
-            profile_dir: Path | None = None, on_result=None, **kwargs) -> list[dict]:
+def run_all(
+    configs: list[str],
+    variants: list[tuple[str, list[str]]],
+    overrides: list[str] = (),
+    *,
+    profile_dir: Path | None = None,
+    on_result=None,
+    **kwargs,
+) -> list[dict]:
     """Every config under every variant, one after the other in this process. A run that fails (out of memory,
     a compile error) gives a result with ``error`` and the others still run. ``on_result(results)`` is called
     after each run (the CLI writes its JSON there, so a run killed by a timeout keeps the earlier ones)."""
@@ -348,9 +391,19 @@ def _f(v, spec: str) -> str:
 
 def format_table(results: list[dict]) -> str:
     """The results as an aligned text table (one row per run)."""
-    cols = [("config", "<28"), ("variant", "<26"), ("batch", ">5"), ("step ms", ">9"), ("images/s", ">9"),
-            ("conv TFLOP/s", ">12"), ("% bf16 peak", ">11"), ("peak MB", ">8"), ("final bpd", ">9"),
-            ("vs orig", ">7"), ("target", ">13")]
+    cols = [
+        ("config", "<28"),
+        ("variant", "<26"),
+        ("batch", ">5"),
+        ("step ms", ">9"),
+        ("images/s", ">9"),
+        ("conv TFLOP/s", ">12"),
+        ("% bf16 peak", ">11"),
+        ("peak MB", ">8"),
+        ("final bpd", ">9"),
+        ("vs orig", ">7"),
+        ("target", ">13"),
+    ]
     lines = [" ".join(format(c, s) for c, s in cols)]
     lines.append(" ".join("-" * int(s[1:]) for _, s in cols))
     for r in results:
@@ -360,19 +413,32 @@ def format_table(results: list[dict]) -> str:
         frac = r.get("frac_bf16_peak")
         target = r.get("target_images_per_s")
         target_txt = f">={target} {'ok' if r['target_met'] else 'NO'}" if target else "-"
-        vals = [r["config"][:28], r["variant"][:26], r["batch"], _f(r["step_ms"], ".1f"),
-                _f(r["images_per_s"], ".1f"), _f(r.get("conv_tflops"), ".3f"),
-                _f(100 * frac if frac is not None else None, ".1f"), _f(r["peak_mem_mb"], ".0f"),
-                _f(r["final_loss_bpd"], ".4f"), _f(r.get("vs_original"), ".2f"), target_txt]
+        vals = [
+            r["config"][:28],
+            r["variant"][:26],
+            r["batch"],
+            _f(r["step_ms"], ".1f"),
+            _f(r["images_per_s"], ".1f"),
+            _f(r.get("conv_tflops"), ".3f"),
+            _f(100 * frac if frac is not None else None, ".1f"),
+            _f(r["peak_mem_mb"], ".0f"),
+            _f(r["final_loss_bpd"], ".4f"),
+            _f(r.get("vs_original"), ".2f"),
+            target_txt,
+        ]
         lines.append(" ".join(format(v, s) for v, (_, s) in zip(vals, cols, strict=True)))
     devices = sorted({r["device"] for r in results if "device" in r})
-    notes = [f"device: {', '.join(devices)}; conv FLOPs of one step (forward + backward) counted on an eager step; "
-             "% bf16 peak = conv TFLOP/s over the card's dense bf16 peak"]
+    notes = [
+        f"device: {', '.join(devices)}; conv FLOPs of one step (forward + backward) counted on an eager step; "
+        "% bf16 peak = conv TFLOP/s over the card's dense bf16 peak"
+    ]
     if any(r.get("bf16_peak_tflops") is None and "device" in r for r in results):
         notes.append("no bf16 peak known for this device (CPU or a card not in BF16_PEAK): no % given")
     if any("original_images_per_s" in r for r in results):
-        notes.append("vs orig: images/s over the original implementation's on one H200 (its fp32 defaults); "
-                     "target: 4x the original")
+        notes.append(
+            "vs orig: images/s over the original implementation's on one H200 (its fp32 defaults); "
+            "target: 4x the original"
+        )
     return "\n".join(lines + [f"# {n}" for n in notes])
 
 
@@ -392,8 +458,19 @@ def main(args) -> int:
         if args.json_out:
             write_atomic(args.json_out, json.dumps(results, indent=1))
 
-    results = run_all(args.config, variants, args.overrides, profile_dir=profile_dir, on_result=write_json,
-                      batch=args.batch, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                      device=args.device, flops=args.flops, profile=args.profile)
+    results = run_all(
+        args.config,
+        variants,
+        args.overrides,
+        profile_dir=profile_dir,
+        on_result=write_json,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=args.device,
+        flops=args.flops,
+        profile=args.profile,
+    )
     print(json.dumps(results) if args.json else format_table(results))
     return 1 if any("error" in r for r in results) else 0

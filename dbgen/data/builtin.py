@@ -38,8 +38,15 @@ from .writer import Chunk, Source, write_split
 log = logging.getLogger(__name__)
 
 BUILTINS = ("photos32",)
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-          "motorcycle_left.png", "rocket.jpg")
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "rocket.jpg",
+)
 RECIPE_VERSION = 2
 PATCH = 32
 TEST_FRACTION = 0.25  # bottom rows of every photograph
@@ -89,8 +96,11 @@ def _photos32_records(split: str):
             patches = _patches(x, stride)
             ny = (x.shape[0] - PATCH) // stride + 1
             nx = (x.shape[1] - PATCH) // stride + 1
-            sources = [f"skimage/data/{name}:{split}:scale={scale}:y={y * stride},x={i * stride}"
-                       for y in range(ny) for i in range(nx)]
+            sources = [
+                f"skimage/data/{name}:{split}:scale={scale}:y={y * stride},x={i * stride}"
+                for y in range(ny)
+                for i in range(nx)
+            ]
             flat = patches.reshape(len(patches), -1)
             keep = np.flatnonzero(flat.max(1) != flat.min(1))  # one-value patches (saturated areas) say nothing
             yield Chunk(patches[keep], np.full(len(keep), label), [sources[i] for i in keep])
@@ -101,18 +111,25 @@ def _source(name: str, split: str) -> Source:
         raise DataError(f"builtin data {name!r}: expected one of {', '.join(BUILTINS)}")
     import skimage
 
-    desc = {"format": "builtin", "path": f"builtin:{name}", "split": split,
-            "description": f"32x32 patches of scikit-image {skimage.__version__} photographs; split by "
-                           f"disjoint regions (top {1 - TEST_FRACTION:.0%} rows train, bottom "
-                           f"{TEST_FRACTION:.0%} test); scales 1/2/4, strides {STRIDES[split]}",
-            "photos": {f: sha256_file(_photo_dir() / f) for f in PHOTOS}, "recipe_version": RECIPE_VERSION}
+    desc = {
+        "format": "builtin",
+        "path": f"builtin:{name}",
+        "split": split,
+        "description": f"32x32 patches of scikit-image {skimage.__version__} photographs; split by "
+        f"disjoint regions (top {1 - TEST_FRACTION:.0%} rows train, bottom "
+        f"{TEST_FRACTION:.0%} test); scales 1/2/4, strides {STRIDES[split]}",
+        "photos": {f: sha256_file(_photo_dir() / f) for f in PHOTOS},
+        "recipe_version": RECIPE_VERSION,
+    }
     return Source(desc, len(PHOTOS), list(PHOTOS), records=_photos32_records(split))
 
 
 def build_builtin(name: str, out: Path, overwrite: bool = False) -> dict[str, Path]:
     """Write the built-in data set ``name`` to ``out/train`` and ``out/test``."""
-    return {split: write_split(_source(name, split), out / split, resolution=PATCH, overwrite=overwrite)
-            for split in ("train", "test")}
+    return {
+        split: write_split(_source(name, split), out / split, resolution=PATCH, overwrite=overwrite)
+        for split in ("train", "test")
+    }
 
 
 def builtin(name: str = "photos32", cache_dir: str | Path | None = None) -> dict[str, Path]:

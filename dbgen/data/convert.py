@@ -30,18 +30,28 @@ from .writer import DEFAULT_ROWS_PER_SHARD, RESIZE_METHOD, ROW_GROUP_ROWS, Outpu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dbgen.data.convert",
-                                description="Convert an image data set into a Parquet split.")
+    p = argparse.ArgumentParser(
+        prog="python -m dbgen.data.convert", description="Convert an image data set into a Parquet split."
+    )
     p.add_argument("--format", required=True, choices=FORMATS + ("builtin",))
     p.add_argument("--src", required=True, help=f"input path; for --format builtin one of {', '.join(BUILTINS)}")
-    p.add_argument("--out", default=None, help="data set root directory: the split is written to OUT/SPLIT "
-                                               "(builtin: OUT/train and OUT/test; default for builtin: the cache)")
-    p.add_argument("--split", default="train", choices=("train", "test"),
-                   help="which split to read from --src and write to OUT/SPLIT (not for builtin: it writes both)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="data set root directory: the split is written to OUT/SPLIT "
+        "(builtin: OUT/train and OUT/test; default for builtin: the cache)",
+    )
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=("train", "test"),
+        help="which split to read from --src and write to OUT/SPLIT (not for builtin: it writes both)",
+    )
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
-    p.add_argument("--row-group-rows", type=int, default=ROW_GROUP_ROWS,
-                   help="rows per Parquet row group = the loader's read unit")
+    p.add_argument(
+        "--row-group-rows", type=int, default=ROW_GROUP_ROWS, help="rows per Parquet row group = the loader's read unit"
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip (and list in the manifest) bad images")
     p.add_argument("--resize", action="store_true", help=f"resample other sizes: {RESIZE_METHOD}")
     p.add_argument("--overwrite", action="store_true", help="replace an existing converted split")
@@ -62,11 +72,22 @@ def main(argv=None) -> int:
             return 0
         root = Path(args.out).expanduser()
         if (root / MANIFEST).exists():
-            raise DataError(f"--out {args.out}: is itself a converted split; --out takes the data set root "
-                            f"(the split is written to <out>/{args.split})")
-        out = convert(args.format, args.src, root / args.split, split=args.split, resolution=args.resolution,
-                      rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows,
-                      skip_bad=args.skip_bad, resize=args.resize, overwrite=args.overwrite)
+            raise DataError(
+                f"--out {args.out}: is itself a converted split; --out takes the data set root "
+                f"(the split is written to <out>/{args.split})"
+            )
+        out = convert(
+            args.format,
+            args.src,
+            root / args.split,
+            split=args.split,
+            resolution=args.resolution,
+            rows_per_shard=args.rows_per_shard,
+            row_group_rows=args.row_group_rows,
+            skip_bad=args.skip_bad,
+            resize=args.resize,
+            overwrite=args.overwrite,
+        )
     except (OutputError, OSError) as e:  # where the split goes, not what is in the input: exit 2 like a bad path
         print(f"error: {e}", file=sys.stderr)
         return 2

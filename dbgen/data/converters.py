@@ -133,33 +133,39 @@ def _planar_rows(d: dict, where: str, resolution: int, resize: bool, label_lo: i
     """A batch dict with planar ``data`` and ``labels`` -> Chunks/Bads (labels shifted to 0-based)."""
     data, labels = d.get("data"), d.get("labels")
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.dtype != np.uint8:
-        raise DataError(f"{where}: 'data' must be an N x (3*R*R) uint8 array, got "
-                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+        raise DataError(
+            f"{where}: 'data' must be an N x (3*R*R) uint8 array, got "
+            f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
+        )
     labels = np.asarray(labels)
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{where}: 'labels' must be {len(data)} integers, got shape {labels.shape} "
-                        f"dtype {labels.dtype}")
+        raise DataError(
+            f"{where}: 'labels' must be {len(data)} integers, got shape {labels.shape} dtype {labels.dtype}"
+        )
     side = int(round((data.shape[1] / 3) ** 0.5))
     if 3 * side * side != data.shape[1]:
         raise DataError(f"{where}: rows of {data.shape[1]} values are not 3 square planes")
     images = data.reshape(len(data), 3, side, side).transpose(0, 2, 3, 1)  # planar -> (N, H, W, 3)
     if side != resolution and not resize:
-        raise DataError(f"{where}: images are {side}x{side} ({data.shape[1]} values per row), expected "
-                        f"{resolution}x{resolution} ({3 * resolution * resolution}); --resize resamples")
+        raise DataError(
+            f"{where}: images are {side}x{side} ({data.shape[1]} values per row), expected "
+            f"{resolution}x{resolution} ({3 * resolution * resolution}); --resize resamples"
+        )
     name = Path(where).name
     ok = (labels >= label_lo) & (labels <= label_hi)
     for i in np.flatnonzero(~ok):
         yield Bad(f"{name}:{i}", f"label {labels[i]}, expected {label_lo}..{label_hi}")
     step = 4096
     for a in range(0, len(data), step):
-        idx = np.flatnonzero(ok[a:a + step]) + a
+        idx = np.flatnonzero(ok[a : a + step]) + a
         if len(idx) == 0:
             continue
         imgs = images[idx]
         if side != resolution:
             imgs = np.stack([_fit(Image.fromarray(x), resolution, True) for x in imgs])
-        yield Chunk(np.ascontiguousarray(imgs), labels[idx].astype(np.int64) - label_lo,
-                    [f"{name}:{i}" for i in idx.tolist()])
+        yield Chunk(
+            np.ascontiguousarray(imgs), labels[idx].astype(np.int64) - label_lo, [f"{name}:{i}" for i in idx.tolist()]
+        )
 
 
 # ------------------------------------------------------------------------------------------ formats
@@ -171,9 +177,11 @@ def _cifar10(src: Path, split: str, resolution: int, resize: bool) -> Source:
         def read(name):
             p = root / name
             if not p.is_file():
-                raise DataError(f"{p}: missing (expected the CIFAR-10 python batches: "
-                                f"data_batch_1..5, test_batch, batches.meta)")
+                raise DataError(
+                    f"{p}: missing (expected the CIFAR-10 python batches: data_batch_1..5, test_batch, batches.meta)"
+                )
             return p.read_bytes(), str(p)
+
         opened = None
     elif tarfile.is_tarfile(src):
         opened = _open_tar(src)
@@ -202,8 +210,9 @@ def _cifar10(src: Path, split: str, resolution: int, resize: bool) -> Source:
             if opened is not None:
                 opened.close()
 
-    return Source({"format": "cifar10", "path": str(src), "split": split, "files": names}, 10, class_names,
-                  records=records())
+    return Source(
+        {"format": "cifar10", "path": str(src), "split": split, "files": names}, 10, class_names, records=records()
+    )
 
 
 def _imagenet_batches(src: Path, split: str, resolution: int, resize: bool) -> Source:
@@ -220,9 +229,18 @@ def _imagenet_batches(src: Path, split: str, resolution: int, resize: bool) -> S
         for p in files:
             yield from _planar_rows(_load_batch(p.read_bytes(), str(p)), str(p), resolution, resize, 1, 1000)
 
-    return Source({"format": "imagenet-batches", "path": str(src), "split": split,
-                   "files": [p.name for p in files], "labels": "stored 0-based (file label - 1)"},
-                  1000, None, records=records())
+    return Source(
+        {
+            "format": "imagenet-batches",
+            "path": str(src),
+            "split": split,
+            "files": [p.name for p in files],
+            "labels": "stored 0-based (file label - 1)",
+        },
+        1000,
+        None,
+        records=records(),
+    )
 
 
 def _is_image(name: str) -> bool:
@@ -265,14 +283,17 @@ def _image_folder(src: Path, split: str, resolution: int, resize: bool) -> Sourc
     for f in _walk(src):
         scan.add(f)
     classes = scan.classes()
-    source = Source({"format": "image-folder", "path": str(src), "split": split}, len(classes), list(classes),
-                    ignored_files=scan.others)
+    source = Source(
+        {"format": "image-folder", "path": str(src), "split": split},
+        len(classes),
+        list(classes),
+        ignored_files=scan.others,
+    )
 
     def records():
         for f in _walk(src):
             if _is_image(f):
-                yield _image_record(source, f, (src / f).read_bytes(), classes[Path(f).parent.name], resolution,
-                                    resize)
+                yield _image_record(source, f, (src / f).read_bytes(), classes[Path(f).parent.name], resolution, resize)
 
     source.records = records()
     return source
@@ -325,27 +346,46 @@ def _image_tar(src: Path, split: str, resolution: int, resize: bool) -> Source:
             if m.isfile():
                 scan.add(m.name)
     classes = scan.classes()
-    source = Source({"format": "image-tar", "path": str(src), "split": split}, len(classes), list(classes),
-                    ignored_files=scan.others)
+    source = Source(
+        {"format": "image-tar", "path": str(src), "split": split},
+        len(classes),
+        list(classes),
+        ignored_files=scan.others,
+    )
 
     def records():
         with _open_tar(src) as tar:
             for m in _tar_stream(tar, src):
                 if m.isfile() and _is_image(m.name):
-                    yield _image_record(source, m.name, _tar_read(tar, m, src), classes[Path(m.name).parent.name],
-                                        resolution, resize)
+                    yield _image_record(
+                        source, m.name, _tar_read(tar, m, src), classes[Path(m.name).parent.name], resolution, resize
+                    )
 
     source.records = records()
     return source
 
 
-_READERS = {"cifar10": _cifar10, "imagenet-batches": _imagenet_batches, "image-folder": _image_folder,
-            "image-tar": _image_tar}
+_READERS = {
+    "cifar10": _cifar10,
+    "imagenet-batches": _imagenet_batches,
+    "image-folder": _image_folder,
+    "image-tar": _image_tar,
+}
 
 
-def convert(format: str, src: str | Path, out: str | Path, *, split: str = "train", resolution: int = 32,
-            rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, row_group_rows: int = ROW_GROUP_ROWS,
-            skip_bad: bool = False, resize: bool = False, overwrite: bool = False) -> Path:
+def convert(
+    format: str,
+    src: str | Path,
+    out: str | Path,
+    *,
+    split: str = "train",
+    resolution: int = 32,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    skip_bad: bool = False,
+    resize: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Convert ``src`` (one of :data:`FORMATS`) into the split directory ``out``; returns ``out``.
 
     Raises :class:`DataError` naming the file / member / row for bad input (see the module docstring).
@@ -358,5 +398,13 @@ def convert(format: str, src: str | Path, out: str | Path, *, split: str = "trai
     if not src.exists():
         raise DataError(f"{src}: does not exist")
     source = _READERS[format](src, split, resolution, resize)
-    return write_split(source, out, resolution=resolution, rows_per_shard=rows_per_shard,
-                       row_group_rows=row_group_rows, skip_bad=skip_bad, overwrite=overwrite, resize=resize)
+    return write_split(
+        source,
+        out,
+        resolution=resolution,
+        rows_per_shard=rows_per_shard,
+        row_group_rows=row_group_rows,
+        skip_bad=skip_bad,
+        overwrite=overwrite,
+        resize=resize,
+    )

@@ -55,8 +55,10 @@ def ray_data_config():
 
 
 def _index_rows(split: Split) -> list[dict]:
-    return [{"split_dir": str(split.path), "shard": s, "row_group": g, "first_row": first, "rows": n}
-            for s, g, first, n in split.units()]
+    return [
+        {"split_dir": str(split.path), "shard": s, "row_group": g, "first_row": first, "rows": n}
+        for s, g, first, n in split.units()
+    ]
 
 
 def _split_from_index(iterator, name: str) -> Split:
@@ -68,8 +70,10 @@ def _split_from_index(iterator, name: str) -> Split:
     split = open_split(dirs.pop())
     units = sorted((r["shard"], r["row_group"], r["first_row"], r["rows"]) for r in rows)
     if units != split.units():
-        raise DataError(f"dataset '{name}': read-unit index does not match {split.path}/manifest.json "
-                        f"(the split changed after ray_datasets() was called)")
+        raise DataError(
+            f"dataset '{name}': read-unit index does not match {split.path}/manifest.json "
+            f"(the split changed after ray_datasets() was called)"
+        )
     return split
 
 
@@ -92,8 +96,10 @@ def _resolve_source(source, dataset_name: str, split_name: str) -> Split:
 
         shard = ray.train.get_dataset_shard(dataset_name)
         if shard is None:
-            raise DataError(f"no Ray Train dataset '{dataset_name}': pass datasets=ray_datasets(...) and "
-                            f"dataset_config=ray_data_config() to TorchTrainer, or give the split directory")
+            raise DataError(
+                f"no Ray Train dataset '{dataset_name}': pass datasets=ray_datasets(...) and "
+                f"dataset_config=ray_data_config() to TorchTrainer, or give the split directory"
+            )
         return _split_from_index(shard, dataset_name)
     if isinstance(source, str | Path):
         return open_split(resolve_split(source, split_name))
@@ -157,7 +163,7 @@ def rank_plan(stream: np.ndarray, layout: Layout, rank: int, seed: int, epoch: i
         rest = n - full * w * b
         lo = rank * full * b + rank * (rest // w) + min(rank, rest % w)
         size = full * b + rest // w + (rank < rest % w)
-    rows = stream[lo:lo + size]
+    rows = stream[lo : lo + size]
     window = max(layout.shuffle_buffer, 1)
     rng = np.random.default_rng([seed, epoch, 1, rank])
     order = np.arange(size, dtype=np.int64)
@@ -168,8 +174,9 @@ def rank_plan(stream: np.ndarray, layout: Layout, rank: int, seed: int, epoch: i
     return RankPlan(rows=rows, order=order, window=window, batch_size=b)
 
 
-def epoch_plan(split: Split, seed: int, epoch: int, layout: Layout, rank: int,
-               history: list[tuple[Layout, int]] = ()) -> RankPlan:
+def epoch_plan(
+    split: Split, seed: int, epoch: int, layout: Layout, rank: int, history: list[tuple[Layout, int]] = ()
+) -> RankPlan:
     """This rank's plan for ``epoch``; ``history`` = earlier layouts of this epoch and the batches each
     consumed before a resume changed the layout. Their rows are removed from the stream first."""
     stream = epoch_stream(split, seed, epoch)
@@ -177,7 +184,7 @@ def epoch_plan(split: Split, seed: int, epoch: int, layout: Layout, rank: int,
         consumed = []
         for r in range(old.world_size):
             p = rank_plan(stream, old, r, seed, epoch)
-            consumed.append(p.rows[p.order[:batches * old.batch_size]])
+            consumed.append(p.rows[p.order[: batches * old.batch_size]])
         stream = stream[~np.isin(stream, np.concatenate(consumed))]
     return rank_plan(stream, layout, rank, seed, epoch)
 
@@ -214,8 +221,10 @@ def _arrow_arrays(split: Split, runs):
 
 def _read_runs_batch(batch: dict, split: Split) -> dict:
     """Ray Data map_batches function: the runs of a batch of index rows -> their pixels, in order."""
-    parts = [read_unit(split, int(s), int(g), int(lo), int(hi))
-             for s, g, lo, hi in zip(batch["shard"], batch["group"], batch["lo"], batch["hi"], strict=True)]
+    parts = [
+        read_unit(split, int(s), int(g), int(lo), int(hi))
+        for s, g, lo, hi in zip(batch["shard"], batch["group"], batch["lo"], batch["hi"], strict=True)
+    ]
     seq = np.repeat(batch["seq"], batch["hi"] - batch["lo"])  # (n,) which run each row came from
     return {"image": np.concatenate(parts), "seq": seq}  # image: (n, R*R*C)
 
@@ -228,8 +237,13 @@ def _ray_arrays(split: Split, runs):
         return
     items = [{"seq": i, "shard": s, "group": g, "lo": lo, "hi": hi} for i, (s, g, lo, hi) in enumerate(runs)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // RAY_RUNS_PER_TASK)))
-    ds = ds.map_batches(_read_runs_batch, fn_kwargs={"split": split}, batch_size=RAY_RUNS_PER_TASK,
-                        batch_format="numpy", num_cpus=RAY_READ_CPUS)
+    ds = ds.map_batches(
+        _read_runs_batch,
+        fn_kwargs={"split": split},
+        batch_size=RAY_RUNS_PER_TASK,
+        batch_format="numpy",
+        num_cpus=RAY_READ_CPUS,
+    )
     ds.context.execution_options.preserve_order = True  # the plan's order, not completion order
     ds.context.enable_progress_bars = False  # one pipeline per epoch and rank: keep the logs quiet
     ds.context.print_on_execution_start = False
@@ -242,7 +256,7 @@ def _ray_arrays(split: Split, runs):
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=RAY_PREFETCH_BLOCKS):
             n = len(block["seq"])
-            if not np.array_equal(block["seq"], expected[done:done + n]):
+            if not np.array_equal(block["seq"], expected[done : done + n]):
                 raise DataError(f"{split.path}: Ray Data delivered read units out of the planned order")
             done += n
             yield block["image"]
@@ -323,9 +337,19 @@ class TrainLoader:
     next; see the module docstring for resuming with another world size.
     """
 
-    def __init__(self, source=None, *, batch_size: int, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, shuffle_buffer: int = 10_000, drop_last: bool = True,
-                 backend: str = "ray", pin_memory: bool | None = None):
+    def __init__(
+        self,
+        source=None,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle_buffer: int = 10_000,
+        drop_last: bool = True,
+        backend: str = "ray",
+        pin_memory: bool | None = None,
+    ):
         _check_backend(backend)
         if batch_size < 1 or seed < 0:
             raise ValueError(f"batch_size {batch_size}, seed {seed}: expected batch_size >= 1, seed >= 0")
@@ -338,8 +362,10 @@ class TrainLoader:
         self.epoch, self.batch = 0, 0  # position: batches already yielded in this epoch
         self._history: list[tuple[Layout, int]] = []
         if len(self) == 0:
-            raise DataError(f"{self.split.path}: {self.split.num_rows} rows, fewer than one global batch "
-                            f"({world_size} x {batch_size}) with drop_last")
+            raise DataError(
+                f"{self.split.path}: {self.split.num_rows} rows, fewer than one global batch "
+                f"({world_size} x {batch_size}) with drop_last"
+            )
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (for an epoch without a layout change)."""
@@ -362,7 +388,7 @@ class TrainLoader:
         if pos >= n:
             return
         first_window = pos // window
-        runs = _runs(self.split, plan.rows[first_window * window:])
+        runs = _runs(self.split, plan.rows[first_window * window :])
         arrays = _ray_arrays(self.split, runs) if self.backend == "ray" else _arrow_arrays(self.split, runs)
         stream, carry = _RowStream(arrays), None  # carry: < b rows left over from the previous window
         for lo in range(first_window * window, n, window):
@@ -372,12 +398,12 @@ class TrainLoader:
                 stream.close()
             out = data[plan.order[lo:hi] - lo]  # shuffled within the window
             if lo < pos:
-                out = out[pos - lo:]
+                out = out[pos - lo :]
             if carry is not None:
                 out = np.concatenate([carry, out])
             full = len(out) // b * b
             for k in range(0, full, b):
-                yield _to_tensor(out[k:k + b], self.split, self.pin)
+                yield _to_tensor(out[k : k + b], self.split, self.pin)
             carry = out[full:] if full < len(out) else None
         if carry is not None:
             yield _to_tensor(carry, self.split, self.pin)  # the last, partial batch (drop_last=False)
@@ -400,18 +426,28 @@ class TrainLoader:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state["fingerprint"] != self.split.fingerprint or state["num_rows"] != self.split.num_rows:
-            raise DataError(f"loader state is for another split (fingerprint {state['fingerprint']}, "
-                            f"{state['num_rows']} rows) than {self.split.path} ({self.split.fingerprint}, "
-                            f"{self.split.num_rows} rows)")
+            raise DataError(
+                f"loader state is for another split (fingerprint {state['fingerprint']}, "
+                f"{state['num_rows']} rows) than {self.split.path} ({self.split.fingerprint}, "
+                f"{self.split.num_rows} rows)"
+            )
         if state["seed"] != self.seed:
-            raise DataError(f"loader state has seed {state['seed']}, this loader {self.seed}: the resumed "
-                            f"epoch's order would differ; construct the loader with seed={state['seed']}")
+            raise DataError(
+                f"loader state has seed {state['seed']}, this loader {self.seed}: the resumed "
+                f"epoch's order would differ; construct the loader with seed={state['seed']}"
+            )
         old = Layout(**state["layout"])
         history = [(Layout(**lay), k) for lay, k in state["history"]]
         self.epoch, self.batch = state["epoch"], state["batch"]
         if old != self.layout and self.batch > 0:
-            log.info("resuming epoch %d with layout %s (was %s after %d batches): finishing the epoch on the "
-                     "rows not yet consumed", self.epoch, self.layout, old, self.batch)
+            log.info(
+                "resuming epoch %d with layout %s (was %s after %d batches): finishing the epoch on the "
+                "rows not yet consumed",
+                self.epoch,
+                self.layout,
+                old,
+                self.batch,
+            )
             history.append((old, self.batch))
             self.batch = 0
         self._history = history
@@ -427,8 +463,16 @@ class EvalLoader:
     Arguments as :class:`TrainLoader`; ``source=None`` takes ``get_dataset_shard("eval")``.
     """
 
-    def __init__(self, source=None, *, batch_size: int, rank: int | None = None, world_size: int | None = None,
-                 backend: str = "ray", pin_memory: bool | None = None):
+    def __init__(
+        self,
+        source=None,
+        *,
+        batch_size: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        backend: str = "ray",
+        pin_memory: bool | None = None,
+    ):
         _check_backend(backend)
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: expected >= 1")

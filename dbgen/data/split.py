@@ -53,11 +53,13 @@ def arrow_schema(resolution: int, channels: int = 3) -> pa.Schema:
     pyarrow 26 at 18-27k rows/s for 32x32. ``fixed_size_binary`` is stored as FIXED_LEN_BYTE_ARRAY, 1 byte
     per value, and reads at ~600k rows/s; its data buffer is the (n, R*R*C) uint8 array as is.
     """
-    return pa.schema([
-        pa.field("image", pa.binary(resolution * resolution * channels), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-    ])
+    return pa.schema(
+        [
+            pa.field("image", pa.binary(resolution * resolution * channels), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -118,35 +120,67 @@ def open_split(path: str | Path, verify: bool = False) -> Split:
     if not path.is_dir():
         raise DataError(f"{path}: not a directory (expected a converted split: Parquet shards + {MANIFEST})")
     if not mpath.is_file():
-        raise DataError(f"{mpath}: missing (not a converted split, or its conversion did not finish; "
-                        f"re-run python -m dbgen.data.convert)")
+        raise DataError(
+            f"{mpath}: missing (not a converted split, or its conversion did not finish; "
+            f"re-run python -m dbgen.data.convert)"
+        )
     try:
         m = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{mpath}: invalid JSON: {e}") from None
     _expect(isinstance(m, dict), mpath, "expected a JSON object")
-    _expect(m.get("format_version") == FORMAT_VERSION, mpath,
-            f"format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
-    for key, tp in [("resolution", int), ("channels", int), ("num_rows", int), ("row_group_rows", int),
-                    ("num_classes", int), ("shards", list)]:
-        _expect(isinstance(m.get(key), tp) and not isinstance(m.get(key), bool), mpath,
-                f"'{key}' = {m.get(key)!r}, expected {tp.__name__}")
-    _expect(m["resolution"] > 0 and m["channels"] in (1, 3) and m["row_group_rows"] > 0, mpath,
-            "expected resolution > 0, channels 1 or 3, row_group_rows > 0")
-    _expect(isinstance(m.get("page_checksums", False), bool), mpath,
-            f"'page_checksums' = {m.get('page_checksums')!r}, expected true or false")
+    _expect(
+        m.get("format_version") == FORMAT_VERSION,
+        mpath,
+        f"format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}",
+    )
+    for key, tp in [
+        ("resolution", int),
+        ("channels", int),
+        ("num_rows", int),
+        ("row_group_rows", int),
+        ("num_classes", int),
+        ("shards", list),
+    ]:
+        _expect(
+            isinstance(m.get(key), tp) and not isinstance(m.get(key), bool),
+            mpath,
+            f"'{key}' = {m.get(key)!r}, expected {tp.__name__}",
+        )
+    _expect(
+        m["resolution"] > 0 and m["channels"] in (1, 3) and m["row_group_rows"] > 0,
+        mpath,
+        "expected resolution > 0, channels 1 or 3, row_group_rows > 0",
+    )
+    _expect(
+        isinstance(m.get("page_checksums", False), bool),
+        mpath,
+        f"'page_checksums' = {m.get('page_checksums')!r}, expected true or false",
+    )
     names = m.get("class_names")
-    _expect(names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names)
-                              and len(names) == m["num_classes"]), mpath,
-            "'class_names' must be null or a list of num_classes strings")
+    _expect(
+        names is None
+        or (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) == m["num_classes"]),
+        mpath,
+        "'class_names' must be null or a list of num_classes strings",
+    )
     shards = []
     for i, s in enumerate(m["shards"]):
         where = f"shards[{i}]"
-        _expect(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("rows"), int)
-                and isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str), mpath,
-                f"{where}: expected {{file: str, rows: int, bytes: int, sha256: str}}, got {s!r}")
-        _expect("/" not in s["file"] and "\\" not in s["file"] and not s["file"].startswith("."), mpath,
-                f"{where}: file {s['file']!r} must be a plain file name inside the split directory")
+        _expect(
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and isinstance(s.get("rows"), int)
+            and isinstance(s.get("bytes"), int)
+            and isinstance(s.get("sha256"), str),
+            mpath,
+            f"{where}: expected {{file: str, rows: int, bytes: int, sha256: str}}, got {s!r}",
+        )
+        _expect(
+            "/" not in s["file"] and "\\" not in s["file"] and not s["file"].startswith("."),
+            mpath,
+            f"{where}: file {s['file']!r} must be a plain file name inside the split directory",
+        )
         spath = path / s["file"]
         if not spath.is_file():
             raise DataError(f"{spath}: shard named in {mpath} is missing")
@@ -156,10 +190,18 @@ def open_split(path: str | Path, verify: bool = False) -> Split:
         shards.append(Shard(spath, s["rows"], s["bytes"], s["sha256"]))
     total = sum(s.rows for s in shards)
     _expect(total == m["num_rows"], mpath, f"shards hold {total} rows, num_rows says {m['num_rows']}")
-    split = Split(path=path, resolution=m["resolution"], channels=m["channels"], num_rows=m["num_rows"],
-                  row_group_rows=m["row_group_rows"], class_names=tuple(names) if names is not None else None,
-                  num_classes=m["num_classes"], shards=tuple(shards), page_checksums=m.get("page_checksums", False),
-                  manifest=m)
+    split = Split(
+        path=path,
+        resolution=m["resolution"],
+        channels=m["channels"],
+        num_rows=m["num_rows"],
+        row_group_rows=m["row_group_rows"],
+        class_names=tuple(names) if names is not None else None,
+        num_classes=m["num_classes"],
+        shards=tuple(shards),
+        page_checksums=m.get("page_checksums", False),
+        manifest=m,
+    )
     if verify:
         _verify_shards(split)
     return split
@@ -180,8 +222,10 @@ _SHA256_CHECKED: set[tuple[Path, str]] = set()  # (shard, sha256) checked in thi
 def _check_sha256(s: Shard) -> None:
     digest = sha256_file(s.path)
     if digest != s.sha256:
-        raise DataError(f"{s.path}: sha256 {digest}, manifest says {s.sha256} (corrupted shard; python -m "
-                        f"dbgen.data.verify {s.path.parent} checks every shard)")
+        raise DataError(
+            f"{s.path}: sha256 {digest}, manifest says {s.sha256} (corrupted shard; python -m "
+            f"dbgen.data.verify {s.path.parent} checks every shard)"
+        )
     _SHA256_CHECKED.add((s.path, s.sha256))
 
 
@@ -195,8 +239,9 @@ def check_shards(split: Split, shards: list[Shard] | tuple[Shard, ...] | None = 
 
 def _corrupt(s: Shard, what: str, e: Exception) -> DataError:
     reason = " ".join(str(e).split())  # pyarrow's multi-line messages, on one line
-    return DataError(f"{s.path}: {what}: {reason} (corrupted shard; python -m dbgen.data.verify "
-                     f"{s.path.parent} checks every shard)")
+    return DataError(
+        f"{s.path}: {what}: {reason} (corrupted shard; python -m dbgen.data.verify {s.path.parent} checks every shard)"
+    )
 
 
 def _open_shard(s: Shard, verify_pages: bool) -> pq.ParquetFile:
@@ -224,8 +269,11 @@ def _verify_shards(split: Split) -> None:
         _expect(meta.num_rows == s.rows, s.path, f"{meta.num_rows} rows, manifest says {s.rows}")
         for g in range(meta.num_row_groups):
             want = min(split.row_group_rows, s.rows - g * split.row_group_rows)
-            _expect(meta.row_group(g).num_rows == want, s.path,
-                    f"row group {g} has {meta.row_group(g).num_rows} rows, expected {want}")
+            _expect(
+                meta.row_group(g).num_rows == want,
+                s.path,
+                f"row group {g} has {meta.row_group(g).num_rows} rows, expected {want}",
+            )
             _read_row_group(f, s, g)  # decodes every page: page headers parse, CRCs match (where written)
 
 
@@ -249,7 +297,8 @@ def image_array(column: pa.ChunkedArray | pa.Array, row_bytes: int, where) -> np
         raise DataError(f"{where}: image column is {arr.type}, expected fixed_size_binary[{row_bytes}]")
     buf = arr.buffers()[1]
     return np.frombuffer(buf, np.uint8, count=len(arr) * row_bytes, offset=arr.offset * row_bytes).reshape(
-        len(arr), row_bytes)
+        len(arr), row_bytes
+    )
 
 
 def read_rows(path: str | Path | Split, start: int = 0, stop: int | None = None) -> dict:

@@ -20,8 +20,10 @@ def main(argv=None) -> int:
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"{split.path}: ok, {split.num_rows} rows in {len(split.shards)} shards, "
-              f"{split.resolution}x{split.resolution}x{split.channels}")
+        print(
+            f"{split.path}: ok, {split.num_rows} rows in {len(split.shards)} shards, "
+            f"{split.resolution}x{split.resolution}x{split.channels}"
+        )
     return 0
 
 

@@ -33,8 +33,17 @@ import pyarrow.parquet as pq
 from ..atomic import TMP_SUFFIX, fsync_dir, sha256_file, write_atomic
 from .split import FORMAT_VERSION, MANIFEST, DataError, arrow_schema
 
-__all__ = ["DEFAULT_ROWS_PER_SHARD", "RESIZE_METHOD", "ROW_GROUP_ROWS", "Bad", "Chunk", "OutputError", "ShardWriter",
-           "Source", "write_split"]
+__all__ = [
+    "DEFAULT_ROWS_PER_SHARD",
+    "RESIZE_METHOD",
+    "ROW_GROUP_ROWS",
+    "Bad",
+    "Chunk",
+    "OutputError",
+    "ShardWriter",
+    "Source",
+    "write_split",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +100,10 @@ def _prepare_out(out: Path) -> None:
     names = [p.name for p in out.iterdir()]
     foreign = [n for n in names if not _owned(n)]
     if foreign:
-        raise DataError(f"{out}: contains '{foreign[0]}', which the converter did not write; "
-                        f"give an empty or converter-owned directory")
+        raise DataError(
+            f"{out}: contains '{foreign[0]}', which the converter did not write; "
+            f"give an empty or converter-owned directory"
+        )
     for n in names:
         (out / n).unlink()
     if names:
@@ -120,8 +131,9 @@ def _check_writable(out: Path, overwrite: bool) -> None:
     replacing = overwrite and (out / MANIFEST).exists()  # the new split is built beside it, then renamed
     for d in [first] + ([out.parent] if replacing else []):
         if not os.access(d, os.W_OK | os.X_OK):
-            raise OutputError(f"{d}: not writable (read-only file system or no permission); cannot write the "
-                              f"split {out}")
+            raise OutputError(
+                f"{d}: not writable (read-only file system or no permission); cannot write the split {out}"
+            )
 
 
 def _swap_in(new: Path, out: Path) -> None:
@@ -185,18 +197,25 @@ class ShardWriter:
         self._pending, self._pending_rows = ([rest], len(rest.labels)) if len(rest.labels) else ([], 0)
         row_bytes = self.resolution * self.resolution * 3
         pixels = pa.py_buffer(np.ascontiguousarray(images[:n]))  # (n, R, R, 3) HWC bytes, zero copy
-        table = pa.Table.from_arrays([
-            pa.Array.from_buffers(pa.binary(row_bytes), n, [None, pixels]),
-            pa.array(labels[:n], type=pa.int32()),
-            pa.array(sources[:n], type=pa.string()),
-        ], schema=self.schema)
+        table = pa.Table.from_arrays(
+            [
+                pa.Array.from_buffers(pa.binary(row_bytes), n, [None, pixels]),
+                pa.array(labels[:n], type=pa.int32()),
+                pa.array(sources[:n], type=pa.string()),
+            ],
+            schema=self.schema,
+        )
         if self._writer is None:
             self._tmp = self.out / f"shard-{len(self.shards):05d}.parquet.tmp"
             # Raw pixels barely compress and must read fast; the source strings compress well. Page CRCs:
             # checked by verify_split (why the loaders check sha256 instead: dbgen.data.split).
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression={"image": "none",
-                                            "label": "zstd", "source": "zstd"}, use_dictionary=False,
-                                            write_page_checksum=True)
+            self._writer = pq.ParquetWriter(
+                self._tmp,
+                self.schema,
+                compression={"image": "none", "label": "zstd", "source": "zstd"},
+                use_dictionary=False,
+                write_page_checksum=True,
+            )
         self._writer.write_table(table, row_group_size=n)
         self._shard_rows += n
         if self._shard_rows == self.rows_per_shard:
@@ -207,8 +226,14 @@ class ShardWriter:
         with open(self._tmp, "rb") as f:
             os.fsync(f.fileno())
         final = self._tmp.with_suffix("")  # drop .tmp
-        self.shards.append({"file": final.name, "rows": self._shard_rows, "bytes": self._tmp.stat().st_size,
-                            "sha256": sha256_file(self._tmp)})
+        self.shards.append(
+            {
+                "file": final.name,
+                "rows": self._shard_rows,
+                "bytes": self._tmp.stat().st_size,
+                "sha256": sha256_file(self._tmp),
+            }
+        )
         os.replace(self._tmp, final)
         self._writer, self._shard_rows = None, 0
 
@@ -220,25 +245,37 @@ class ShardWriter:
         return sum(s["rows"] for s in self.shards)
 
 
-def write_split(source: Source, out: str | Path, *, resolution: int = 32,
-                rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, row_group_rows: int = ROW_GROUP_ROWS,
-                skip_bad: bool = False, overwrite: bool = False, resize: bool = False) -> Path:
+def write_split(
+    source: Source,
+    out: str | Path,
+    *,
+    resolution: int = 32,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    resize: bool = False,
+) -> Path:
     """Stream ``source``'s records into the split directory ``out`` (atomic; manifest last).
 
     A complete split at ``out`` is refused unless ``overwrite``; then the new split is written beside it and
     swapped in only when complete (a failure leaves the old split untouched)."""
     out = Path(out).expanduser().resolve()
     if min(rows_per_shard, row_group_rows, resolution) < 1:
-        raise DataError(f"rows_per_shard {rows_per_shard}, row_group_rows {row_group_rows}, resolution "
-                        f"{resolution}: expected positive")
+        raise DataError(
+            f"rows_per_shard {rows_per_shard}, row_group_rows {row_group_rows}, resolution "
+            f"{resolution}: expected positive"
+        )
     _check_writable(out, overwrite)
     if (out / MANIFEST).exists():
         if not overwrite:
             raise DataError(f"{out}: already holds a converted split ({MANIFEST}); pass --overwrite to replace it")
         foreign = [p.name for p in out.iterdir() if not _owned(p.name)]
         if foreign:  # replacing the directory would delete them
-            raise DataError(f"{out}: contains '{foreign[0]}', which the converter did not write; "
-                            f"move it away before replacing the split")
+            raise DataError(
+                f"{out}: contains '{foreign[0]}', which the converter did not write; "
+                f"move it away before replacing the split"
+            )
         new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
         try:
             os.chmod(new, out.stat().st_mode & 0o7777)  # mkdtemp makes it 0700; keep the split's permissions
@@ -264,15 +301,24 @@ def write_split(source: Source, out: str | Path, *, resolution: int = 32,
     return out
 
 
-def _write(source: Source, out: Path, name: Path, resolution: int, rows_per_shard: int, row_group_rows: int,
-           skip_bad: bool, resize: bool) -> None:
+def _write(
+    source: Source,
+    out: Path,
+    name: Path,
+    resolution: int,
+    rows_per_shard: int,
+    row_group_rows: int,
+    skip_bad: bool,
+    resize: bool,
+) -> None:
     """Write the split into the prepared directory ``out`` (``name``: the split's final path, for the log)."""
     writer, skipped = ShardWriter(out, resolution, rows_per_shard, row_group_rows), []
     for rec in source.records:
         if isinstance(rec, Bad):
             if not skip_bad:
-                raise DataError(f"{source.description['path']}: {rec.source}: {rec.reason} "
-                                f"(--skip-bad skips bad images)")
+                raise DataError(
+                    f"{source.description['path']}: {rec.source}: {rec.reason} (--skip-bad skips bad images)"
+                )
             log.warning("skipping %s: %s", rec.source, rec.reason)
             skipped.append({"source": rec.source, "reason": rec.reason})
         else:

@@ -81,8 +81,10 @@ class _PackedLayer(nn.Module):
         return PackedWeight.from_signs(layer.weight), scale, layer.bias
 
     def extra_repr(self):
-        return (f"weight={self.weight_shape}, binary_input={self.binary_input}, pack_output={self.pack_output}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"weight={self.weight_shape}, binary_input={self.binary_input}, pack_output={self.pack_output}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class PackedBinaryConv2d(_PackedLayer):
@@ -95,8 +97,9 @@ class PackedBinaryConv2d(_PackedLayer):
     @classmethod
     def from_layer(cls, layer: BinaryConv2d) -> PackedBinaryConv2d:
         if layer.groups != 1 or layer.dilation != (1, 1):
-            raise ValueError(f"packed conv supports groups=1, dilation=1; got groups={layer.groups}, "
-                             f"dilation={layer.dilation}")
+            raise ValueError(
+                f"packed conv supports groups=1, dilation=1; got groups={layer.groups}, dilation={layer.dilation}"
+            )
         w, scale, bias = cls._layer_params(layer)
         return cls(w.to(layer.weight.device), scale, bias, layer.stride, layer.padding, layer.binary_input)
 
@@ -104,8 +107,16 @@ class PackedBinaryConv2d(_PackedLayer):
         w = self.packed_weight()
         if self._binary(x):
             out_dtype = torch.float32 if isinstance(x, PackedActivation) else x.dtype
-            return binary_act_conv2d(x, w, self.scale, self.bias, self.stride, self.padding, out_dtype=out_dtype,
-                                     pack_output=self.pack_output)
+            return binary_act_conv2d(
+                x,
+                w,
+                self.scale,
+                self.bias,
+                self.stride,
+                self.padding,
+                out_dtype=out_dtype,
+                pack_output=self.pack_output,
+            )
         y = packed_weight_conv2d(x, w, self.scale, self.bias, self.stride, self.padding)
         return pack_activations(y, "conv") if self.pack_output else y
 
@@ -176,12 +187,20 @@ def _chain_declared(parent: nn.Module) -> None:
     for producer_name, sign_name, consumer_name in getattr(parent, "sign_chains", ()):
         producer, consumer = parent.get_submodule(producer_name), parent.get_submodule(consumer_name)
         if not (isinstance(consumer, _PackedLayer) and consumer.binary_input):
-            raise ValueError(f"{type(parent).__name__}.sign_chains: {consumer_name!r} must be a binary layer "
-                             f"with binary_input set, got {type(consumer).__name__}")
+            raise ValueError(
+                f"{type(parent).__name__}.sign_chains: {consumer_name!r} must be a binary layer "
+                f"with binary_input set, got {type(consumer).__name__}"
+            )
         if not _chain(parent, sign_name, producer, consumer):
-            log.warning("to_packed: %s.sign_chains %s -> %s -> %s not chained (producer %s, sign %s)",
-                        type(parent).__name__, producer_name, sign_name, consumer_name, type(producer).__name__,
-                        type(parent.get_submodule(sign_name)).__name__)
+            log.warning(
+                "to_packed: %s.sign_chains %s -> %s -> %s not chained (producer %s, sign %s)",
+                type(parent).__name__,
+                producer_name,
+                sign_name,
+                consumer_name,
+                type(producer).__name__,
+                type(parent.get_submodule(sign_name)).__name__,
+            )
 
 
 def chained_layers(model: nn.Module) -> int:
@@ -197,8 +216,9 @@ def to_packed(model: nn.Module) -> nn.Module:
     a warning. The result is for inference: it has no latent weights to train.
     """
     if model.training:
-        raise ValueError("to_packed needs an eval-mode model (call model.eval() first): packed layers are "
-                         "inference-only")
+        raise ValueError(
+            "to_packed needs an eval-mode model (call model.eval() first): packed layers are inference-only"
+        )
     swapped, kept = 0, []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -219,9 +239,14 @@ def to_packed(model: nn.Module) -> nn.Module:
             _chain_sequential(module)
         _chain_declared(module)
     if kept:
-        log.warning("to_packed: %d binary layers have no packed kernel and run as before: %s", len(kept),
-                    ", ".join(kept[:8]))
+        log.warning(
+            "to_packed: %d binary layers have no packed kernel and run as before: %s", len(kept), ", ".join(kept[:8])
+        )
     binary_input = sum(isinstance(m, _PackedLayer) and m.binary_input for m in model.modules())
-    log.info("to_packed: %d binary layers packed (%d with binary inputs), %d hand packed bits to the next",
-             swapped, binary_input, chained_layers(model))
+    log.info(
+        "to_packed: %d binary layers packed (%d with binary inputs), %d hand packed bits to the next",
+        swapped,
+        binary_input,
+        chained_layers(model),
+    )
     return model

@@ -30,7 +30,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def backend(device: torch.device | str) -> str:
-    """"cuda" (the kernels) or "reference" for tensors on ``device`` (see the module docstring)."""
+    """ "cuda" (the kernels) or "reference" for tensors on ``device`` (see the module docstring)."""
     device = torch.device(device)
     choice = os.environ.get("DBGEN_KERNELS", "auto")
     if choice not in ("auto", "reference", "cuda"):
@@ -74,11 +74,14 @@ def pack_activations(x: torch.Tensor, layout: str | None = None) -> PackedActiva
 
 def _check_weight(w, in_channels: int, device: torch.device, what: str, conv: bool) -> None:
     if not isinstance(w, PackedWeight):
-        raise TypeError(f"{what}: w_packed must be a PackedWeight (PackedWeight.from_signs(weight) or "
-                        f".from_pack_signs(bytes, shape)), got {type(w).__name__}")
+        raise TypeError(
+            f"{what}: w_packed must be a PackedWeight (PackedWeight.from_signs(weight) or "
+            f".from_pack_signs(bytes, shape)), got {type(w).__name__}"
+        )
     if w.words.device != device:
-        raise ValueError(f"{what}: input is on {device} but the packed weight is on {w.words.device} "
-                         f"(use w_packed.to(device))")
+        raise ValueError(
+            f"{what}: input is on {device} but the packed weight is on {w.words.device} (use w_packed.to(device))"
+        )
     if conv and len(w.shape) != 4:
         raise ValueError(f"{what}: needs a conv weight (O, C, KH, KW), got shape {w.shape}")
     if not conv and w.kernel_size != (1, 1):
@@ -87,8 +90,17 @@ def _check_weight(w, in_channels: int, device: torch.device, what: str, conv: bo
         raise ValueError(f"{what}: input has {in_channels} channels, weight {w.shape} expects {w.in_channels}")
 
 
-def binary_act_conv2d(x, w_packed: PackedWeight, scale=None, bias=None, stride=1, padding=0, *,
-                      out_dtype: torch.dtype | None = None, pack_output: bool = False):
+def binary_act_conv2d(
+    x,
+    w_packed: PackedWeight,
+    scale=None,
+    bias=None,
+    stride=1,
+    padding=0,
+    *,
+    out_dtype: torch.dtype | None = None,
+    pack_output: bool = False,
+):
     """Fully binary conv: ``conv2d(sign(x), sign(w)) * scale + bias`` per output channel, zero padding.
 
     ``x``: a :class:`PackedActivation` (N, H, W, Cw) or a float (N, C, H, W) tensor whose signs are taken
@@ -106,15 +118,18 @@ def binary_act_conv2d(x, w_packed: PackedWeight, scale=None, bias=None, stride=1
     _check_weight(w_packed, x.channels, x.device, "binary_act_conv2d", conv=True)
     out_dtype = out_dtype or torch.float32
     if backend(x.device) == "cuda":
-        out = _cuda().bconv_cuda(x.words, x.channels, w_packed, scale, bias, stride, padding,
-                                 out_dtype=out_dtype, pack_output=pack_output)
+        out = _cuda().bconv_cuda(
+            x.words, x.channels, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output
+        )
         return PackedActivation(out, w_packed.out_channels) if pack_output else out
-    return ref.binary_conv2d_ref(x, w_packed, scale, bias, stride, padding, out_dtype=out_dtype,
-                                 pack_output=pack_output)
+    return ref.binary_conv2d_ref(
+        x, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output
+    )
 
 
-def binary_act_linear(x, w_packed: PackedWeight, scale=None, bias=None, *, out_dtype: torch.dtype | None = None,
-                      pack_output: bool = False):
+def binary_act_linear(
+    x, w_packed: PackedWeight, scale=None, bias=None, *, out_dtype: torch.dtype | None = None, pack_output: bool = False
+):
     """Fully binary linear: ``sign(x) @ sign(w).T * scale + bias``; x (..., C) float or packed (..., Cw)."""
     if not isinstance(x, PackedActivation):
         if out_dtype is None and x.is_floating_point():
@@ -125,8 +140,9 @@ def binary_act_linear(x, w_packed: PackedWeight, scale=None, bias=None, *, out_d
     if backend(x.device) == "cuda":
         lead = x.words.shape[:-1]
         words = x.words.reshape(-1, 1, 1, x.words.shape[-1])  # linear = 1x1 conv over M "pixels"
-        out = _cuda().bconv_cuda(words, x.channels, w_packed, scale, bias, (1, 1), (0, 0),
-                                 out_dtype=out_dtype, pack_output=pack_output)
+        out = _cuda().bconv_cuda(
+            words, x.channels, w_packed, scale, bias, (1, 1), (0, 0), out_dtype=out_dtype, pack_output=pack_output
+        )
         if pack_output:
             return PackedActivation(out.reshape(*lead, out.shape[-1]), w_packed.out_channels)
         return out.reshape(*lead, w_packed.out_channels)

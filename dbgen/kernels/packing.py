@@ -91,8 +91,10 @@ class PackedActivation:
             raise ValueError(f"PackedActivation.words must be int32, got {self.words.dtype}")
         cw = (self.channels + 31) // 32
         if self.words.dim() < 1 or self.words.shape[-1] != cw:
-            raise ValueError(f"PackedActivation: {self.channels} channels need {cw} words in the last dim, "
-                             f"got words of shape {tuple(self.words.shape)}")
+            raise ValueError(
+                f"PackedActivation: {self.channels} channels need {cw} words in the last dim, "
+                f"got words of shape {tuple(self.words.shape)}"
+            )
 
     @property
     def device(self) -> torch.device:

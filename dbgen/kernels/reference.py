@@ -56,8 +56,8 @@ def and_popcount_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(m, o, dtype=torch.int64, device=a.device)
     rows = max(1, _CHUNK_ELEMENTS // max(1, o * k))
     for i in range(0, m, rows):  # chunks of rows bound the memory; the work inside is vectorized
-        t = a64[i:i + rows, None, :] & b64[None, :, :]  # (rows, O, K/2)
-        out[i:i + rows] = _popcount64_(t).sum(dim=-1)
+        t = a64[i : i + rows, None, :] & b64[None, :, :]  # (rows, O, K/2)
+        out[i : i + rows] = _popcount64_(t).sum(dim=-1)
     return out
 
 
@@ -71,8 +71,17 @@ def _epilogue(dot: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor 
     return y
 
 
-def binary_conv2d_ref(x: PackedActivation, w: PackedWeight, scale, bias, stride, padding, *,
-                      out_dtype: torch.dtype = torch.float32, pack_output: bool = False):
+def binary_conv2d_ref(
+    x: PackedActivation,
+    w: PackedWeight,
+    scale,
+    bias,
+    stride,
+    padding,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    pack_output: bool = False,
+):
     """Fully binary conv: conv2d(+-1 x, +-1 w) * scale + bias (per output channel), exact integer dot.
 
     Returns a (N, O, Ho, Wo) tensor of ``out_dtype``, or with ``pack_output`` the :class:`PackedActivation`
@@ -98,8 +107,15 @@ def binary_conv2d_ref(x: PackedActivation, w: PackedWeight, scale, bias, stride,
     return y.permute(0, 3, 1, 2).to(out_dtype).contiguous()
 
 
-def binary_linear_ref(x: PackedActivation, w: PackedWeight, scale, bias, *,
-                      out_dtype: torch.dtype = torch.float32, pack_output: bool = False):
+def binary_linear_ref(
+    x: PackedActivation,
+    w: PackedWeight,
+    scale,
+    bias,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    pack_output: bool = False,
+):
     """Fully binary linear: (+-1 x) @ (+-1 w).T * scale + bias; x words (..., Cw)."""
     lead = x.words.shape[:-1]
     words = x.words.reshape(-1, x.words.shape[-1])

@@ -63,12 +63,22 @@ class FlowPP(nn.Module):
         self.image_shape = (c, s, s)
         binary = cfg.binary_weights or cfg.binary_activations
         dropout = 0.0 if binary else cfg.dropout
-        common = dict(hdim=cfg.hdim, components=cfg.mix_components, binary_weights=cfg.binary_weights,
-                      binary_activations=cfg.binary_activations, dropout=dropout)
+        common = dict(
+            hdim=cfg.hdim,
+            components=cfg.mix_components,
+            binary_weights=cfg.binary_weights,
+            binary_activations=cfg.binary_activations,
+            dropout=dropout,
+        )
 
-        self.dequant = DequantFlow(c, couplings=cfg.dequant_couplings, blocks=cfg.dequant_blocks,
-                                   context_width=cfg.dequant_context_hdim,
-                                   context_blocks=cfg.dequant_context_blocks, **common)
+        self.dequant = DequantFlow(
+            c,
+            couplings=cfg.dequant_couplings,
+            blocks=cfg.dequant_blocks,
+            context_width=cfg.dequant_context_hdim,
+            context_blocks=cfg.dequant_context_blocks,
+            **common,
+        )
         self.preprocess = LogitPreprocess()
         # The main flow as the forward pass runs it: "squeeze", or the name of a stage (an nn.ModuleList of
         # couplings that share a split and a shape).
@@ -81,8 +91,9 @@ class FlowPP(nn.Module):
                 c, s = c * 4**n, s // 2**n  # each squeeze: (C, S, S) -> (4C, S/2, S/2)
                 continue
             stages += 1
-            self.add_module(f"stage{stages}",
-                            nn.ModuleList(Coupling(c, kind, blocks=cfg.blocks, **common) for _ in range(n)))
+            self.add_module(
+                f"stage{stages}", nn.ModuleList(Coupling(c, kind, blocks=cfg.blocks, **common) for _ in range(n))
+            )
             self.flow_steps.append(f"stage{stages}")
         self.latent_shape = (c, s, s)
 
@@ -119,8 +130,9 @@ class FlowPP(nn.Module):
         if x.dtype != torch.uint8:
             raise TypeError(f"FlowPP expects uint8 images, got dtype {x.dtype}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"FlowPP expects images of shape (N, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"FlowPP expects images of shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}"
+            )
 
     def elbo_nats(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """One-sample dequantization bound ``log p(x + u) - log q(u | x)`` per example, in nats, shape (N,)."""

@@ -287,8 +287,16 @@ class GatedResBlock(nn.Module):
     0.1, so the block starts close to the identity.
     """
 
-    def __init__(self, channels: int, *, context_channels: int = 0, gate_kernel: int = 1,
-                 binary_weights: bool = False, binary_activations: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        context_channels: int = 0,
+        gate_kernel: int = 1,
+        binary_weights: bool = False,
+        binary_activations: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         conv = BinaryConv2d if binary_weights else WNConv2d
         self.act = concat_sign if binary_activations else concat_elu
@@ -324,14 +332,31 @@ class ConditioningNet(nn.Module):
     """Coupling network: full-precision 3x3 ``proj_in``, ``blocks`` x (gated residual block, layer norm),
     full-precision 3x3 ``proj_out`` (init_scale 0.1, so couplings start close to a fixed transform)."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, hdim: int, blocks: int, context_channels: int = 0,
-                 binary_weights: bool = False, binary_activations: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        hdim: int,
+        blocks: int,
+        context_channels: int = 0,
+        binary_weights: bool = False,
+        binary_activations: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.proj_in = WNConv2d(in_channels, hdim, 3, padding=1)
         self.blocks = nn.ModuleList(
-            GatedResBlock(hdim, context_channels=context_channels, gate_kernel=1, binary_weights=binary_weights,
-                          binary_activations=binary_activations, dropout=dropout)
-            for _ in range(blocks))
+            GatedResBlock(
+                hdim,
+                context_channels=context_channels,
+                gate_kernel=1,
+                binary_weights=binary_weights,
+                binary_activations=binary_activations,
+                dropout=dropout,
+            )
+            for _ in range(blocks)
+        )
         self.norms = nn.ModuleList(ChannelLayerNorm(hdim) for _ in range(blocks))
         self.proj_out = WNConv2d(hdim, out_channels, 3, padding=1, init_scale=0.1)
         self.activation_checkpointing = False  # recompute the whole network in the backward pass
@@ -356,9 +381,19 @@ class Coupling(nn.Module):
     of a half.
     """
 
-    def __init__(self, channels: int, split: str, *, hdim: int, blocks: int, components: int,
-                 context_channels: int = 0, binary_weights: bool = False, binary_activations: bool = False,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        split: str,
+        *,
+        hdim: int,
+        blocks: int,
+        components: int,
+        context_channels: int = 0,
+        binary_weights: bool = False,
+        binary_activations: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if split not in ("stripe", "channel"):
             raise ValueError(f"split must be 'stripe' or 'channel', got {split!r}")
@@ -367,9 +402,16 @@ class Coupling(nn.Module):
         self.norms = nn.ModuleList([ActNorm(half), ActNorm(half)])
         self.pointwise = nn.ModuleList([Pointwise(half), Pointwise(half)])
         self.transform = MixLogisticTransform(components)
-        self.cond = ConditioningNet(half, half * self.transform.params_per_element, hdim=hdim, blocks=blocks,
-                                    context_channels=context_channels, binary_weights=binary_weights,
-                                    binary_activations=binary_activations, dropout=dropout)
+        self.cond = ConditioningNet(
+            half,
+            half * self.transform.params_per_element,
+            hdim=hdim,
+            blocks=blocks,
+            context_channels=context_channels,
+            binary_weights=binary_weights,
+            binary_activations=binary_activations,
+            dropout=dropout,
+        )
 
     def _params(self, cond_half, context):
         n, c, h, w = cond_half.shape
@@ -419,16 +461,36 @@ class DequantFlow(nn.Module):
     """Variational dequantization q(u | x): Gaussian noise -> stripe couplings (conditioned on the context of
     x) -> sigmoid -> u in (0, 1)^D. ``forward(eps, x)`` returns ``(u, log |det du/deps|)``."""
 
-    def __init__(self, channels: int, *, couplings: int, hdim: int, blocks: int, components: int,
-                 context_width: int, context_blocks: int, binary_weights: bool = False,
-                 binary_activations: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        couplings: int,
+        hdim: int,
+        blocks: int,
+        components: int,
+        context_width: int,
+        context_blocks: int,
+        binary_weights: bool = False,
+        binary_activations: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.context = ContextNet(channels, context_width, context_blocks, dropout=dropout)
         self.couplings = nn.ModuleList(
-            Coupling(channels, "stripe", hdim=hdim, blocks=blocks, components=components,
-                     context_channels=context_width, binary_weights=binary_weights,
-                     binary_activations=binary_activations, dropout=dropout)
-            for _ in range(couplings))
+            Coupling(
+                channels,
+                "stripe",
+                hdim=hdim,
+                blocks=blocks,
+                components=components,
+                context_channels=context_width,
+                binary_weights=binary_weights,
+                binary_activations=binary_activations,
+                dropout=dropout,
+            )
+            for _ in range(couplings)
+        )
         self.sigmoid = Sigmoid()
 
     def forward(self, eps, x):

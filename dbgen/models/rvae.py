@@ -139,16 +139,20 @@ class RVAE(nn.Module):
         self.first_conv = WNConv2d(c, w, pk, stride=2, padding=pk // 2, init_scale=FP_INIT_SCALE)
         # Larger images (64x64: stride2_stages 2) get more stride-2 stages, so the latent grid stays 16x16 (the
         # multi-resolution VAEs, e.g. VDVAE, also downsample 64x64 images before their top latents).
-        self.down_convs = nn.ModuleList(WNConv2d(w, w, pk, stride=2, padding=pk // 2)
-                                        for _ in range(cfg.stride2_stages - 1))
+        self.down_convs = nn.ModuleList(
+            WNConv2d(w, w, pk, stride=2, padding=pk // 2) for _ in range(cfg.stride2_stages - 1)
+        )
         self.proc_in = nn.Sequential(*[ResidualLayer(**res) for _ in range(cfg.num_proc_layers)])
         self.layers = nn.ModuleList([StochasticLayer(cfg) for _ in range(cfg.num_stochastic)])  # bottom to top
         self.h_top = nn.Parameter(torch.zeros(w))  # learned input of the top-down path (IAF-VAE's h_top)
         self.proc_out = nn.Sequential(*[ResidualLayer(**res) for _ in range(cfg.num_proc_layers)])
-        self.up_convs = nn.ModuleList(WNConvTranspose2d(w, w, pk, stride=2, padding=pk // 2, output_padding=1)
-                                      for _ in range(cfg.stride2_stages - 1))
-        self.last_conv = WNConvTranspose2d(w, c, pk, stride=2, padding=pk // 2, output_padding=1,
-                                           init_scale=FP_INIT_SCALE)
+        self.up_convs = nn.ModuleList(
+            WNConvTranspose2d(w, w, pk, stride=2, padding=pk // 2, output_padding=1)
+            for _ in range(cfg.stride2_stages - 1)
+        )
+        self.last_conv = WNConvTranspose2d(
+            w, c, pk, stride=2, padding=pk // 2, output_padding=1, init_scale=FP_INIT_SCALE
+        )
         self.likelihood = DiscretizedLogistic()  # p(x|z), one global learned log-scale
         # train.activation_checkpointing: recompute every residual and stochastic layer in the backward pass
         self.activation_checkpointing = False

@@ -182,20 +182,33 @@ class WeightNormLayer(nn.Module):
 
 
 class _ConvNd(WeightNormLayer):
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, init_scale=1.0):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        init_scale=1.0,
+    ):
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                             f"divisible by groups ({groups})")
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation, self.groups = _pair(padding), _pair(dilation), groups
         self._init_params(self._weight_shape(), out_channels, bias, init_scale)
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, init_scale={self.init_scale}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, init_scale={self.init_scale}"
+        )
 
 
 class _Conv2d(_ConvNd):
@@ -212,20 +225,31 @@ class _ConvTranspose2d(_ConvNd):
     # ConvTranspose weights are (in, out/groups, kh, kw): output channels index dim 1.
     _channel_dim = 1
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
-                 bias=True, dilation=1, init_scale=1.0):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups=1,
+        bias=True,
+        dilation=1,
+        init_scale=1.0,
+    ):
         if groups != 1:
             raise ValueError("transposed weight-normalized convolutions support groups=1 only")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         init_scale)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, init_scale)
         self.output_padding = _pair(output_padding)
 
     def _weight_shape(self):
         return (self.in_channels, self.out_channels, *self.kernel_size)
 
     def _op(self, x, weight, bias):
-        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups,
-                                  self.dilation)
+        return F.conv_transpose2d(
+            x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
 
 
 class _Linear(WeightNormLayer):
@@ -241,8 +265,10 @@ class _Linear(WeightNormLayer):
         return F.linear(x, weight, bias)
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, init_scale={self.init_scale}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, init_scale={self.init_scale}"
+        )
 
 
 class BinaryConv2d(_Conv2d):

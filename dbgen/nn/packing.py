@@ -49,8 +49,10 @@ def unpack_signs(packed: torch.Tensor, shape, dtype: torch.dtype = torch.float32
     shape = torch.Size(shape) if not isinstance(shape, int) else torch.Size([shape])
     n = math.prod(shape)
     if packed.numel() != packed_nbytes(n):
-        raise ValueError(f"unpack_signs: shape {tuple(shape)} holds {n} signs = {packed_nbytes(n)} bytes, "
-                         f"but {packed.numel()} bytes were given")
+        raise ValueError(
+            f"unpack_signs: shape {tuple(shape)} holds {n} signs = {packed_nbytes(n)} bytes, "
+            f"but {packed.numel()} bytes were given"
+        )
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = (packed.reshape(-1, 1) >> shifts) & 1  # (nbytes, 8)
     bits = bits.reshape(-1)[:n]

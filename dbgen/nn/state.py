@@ -43,8 +43,9 @@ def load_packed_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
     expected = {n + PACKED_SUFFIX if n in binary else n for n in own}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"packed state does not match the model: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
+        raise ValueError(
+            f"packed state does not match the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
     full = {}
     for name, ref in own.items():
         if name in binary:
@@ -52,8 +53,7 @@ def load_packed_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
         else:
             t = state[name]
             if t.shape != ref.shape:
-                raise ValueError(f"packed state: {name} has shape {tuple(t.shape)}, model expects "
-                                 f"{tuple(ref.shape)}")
+                raise ValueError(f"packed state: {name} has shape {tuple(t.shape)}, model expects {tuple(ref.shape)}")
             full[name] = t.to(ref.dtype)
     model.load_state_dict(full)
 

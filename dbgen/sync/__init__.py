@@ -50,8 +50,9 @@ SYNC_MODES: dict[tuple[str, str], Callable[..., GradientSync]] = {
     ("dp", "none"): lambda engine, optimizer, comm: DataParallelSync(engine, optimizer),
     ("packed", "none"): lambda engine, optimizer, comm: PackedSync(engine, optimizer),
     ("packed", "onebit"): lambda engine, optimizer, comm: PackedSync(engine, optimizer, comm.onebit_warmup_steps),
-    ("dp", "onebit"): lambda engine, optimizer, comm: DataParallelOnebitSync(engine, optimizer,
-                                                                             comm.onebit_warmup_steps),
+    ("dp", "onebit"): lambda engine, optimizer, comm: DataParallelOnebitSync(
+        engine, optimizer, comm.onebit_warmup_steps
+    ),
 }
 
 

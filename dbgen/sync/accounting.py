@@ -148,6 +148,7 @@ def _by_formula(op: str, data: tuple[int, str], group_pos: int, root: tuple[int,
     """The counter of a collective whose bytes follow :func:`bytes_sent`: its input (a tensor or a list of
     tensors) is argument ``data`` (position, name), its group argument ``group_pos``, its root (a global rank)
     argument ``root``."""
+
     def count(a, k):
         t, group = _arg(a, k, *data), _arg(a, k, group_pos, "group")
         first = t if isinstance(t, torch.Tensor) else (t[0] if t else None)  # which backend: the device

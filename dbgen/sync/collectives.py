@@ -58,5 +58,5 @@ def all_reduce_mean(params) -> None:
     flat.mul_(1.0 / dist.get_world_size())
     o = 0
     for p in params:
-        p.grad = flat[o:o + p.numel()].view_as(p)
+        p.grad = flat[o : o + p.numel()].view_as(p)
         o += p.numel()

@@ -59,8 +59,13 @@ class DataParallelOnebitSync(ExchangeSync):
         self._settle(skip)
 
     def save_partition(self, directory: str | Path):
-        return save_partition(directory, self.layout, {"recv_error": self.exchange.recv_error},
-                              {"send_error": self.exchange.send_error}, {"step": None})
+        return save_partition(
+            directory,
+            self.layout,
+            {"recv_error": self.exchange.recv_error},
+            {"send_error": self.exchange.send_error},
+            {"step": None},
+        )
 
     def load_partition(self, directory: str | Path):
         if not (Path(directory) / PARTITION_DIR).is_dir():

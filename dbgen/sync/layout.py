@@ -48,7 +48,7 @@ class BinaryLayout:
         o = 0
         for p, t in zip(self.params, tensors, strict=True):
             if t is not None:
-                out[o:o + p.numel()].copy_(t.reshape(-1))
+                out[o : o + p.numel()].copy_(t.reshape(-1))
             o += p.numel()
         return out
 
@@ -56,7 +56,7 @@ class BinaryLayout:
         """Views of ``flat`` shaped like the latents (inverse of :meth:`flat`)."""
         out, o = [], 0
         for p in self.params:
-            out.append(flat[o:o + p.numel()].view_as(p))
+            out.append(flat[o : o + p.numel()].view_as(p))
             o += p.numel()
         return out
 
@@ -68,7 +68,7 @@ class BinaryLayout:
             n = p.numel()
             lo, hi = o // 8, (o + n + 7) // 8  # the bytes holding bits [o, o + n)
             bits = unpack_signs(packed[lo:hi], (hi - lo) * 8, p.dtype)
-            p.copy_(bits[o - 8 * lo:o - 8 * lo + n].view_as(p))
+            p.copy_(bits[o - 8 * lo : o - 8 * lo + n].view_as(p))
             o += n
 
 
@@ -87,12 +87,19 @@ def save_partition(directory: str | Path, layout: BinaryLayout, ranged: dict, fu
     written), ``full`` ones the whole flat vector (``numel`` elements); None values are kept as None."""
     d = Path(directory) / PARTITION_DIR
     d.mkdir(parents=True, exist_ok=True)
-    part = {"format": 1, "world_size": layout.world, "rank": layout.rank, "start": layout.start,
-            "stop": layout.start + layout.valid, "numel": layout.numel, **extra}
+    part = {
+        "format": 1,
+        "world_size": layout.world,
+        "rank": layout.rank,
+        "start": layout.start,
+        "stop": layout.start + layout.valid,
+        "numel": layout.numel,
+        **extra,
+    }
     for k, t in ranged.items():
-        part[k] = None if t is None else t.detach()[:layout.valid].cpu().clone()
+        part[k] = None if t is None else t.detach()[: layout.valid].cpu().clone()
     for k, t in full.items():
-        part[k] = None if t is None else t.detach()[:layout.numel].cpu().clone()
+        part[k] = None if t is None else t.detach()[: layout.numel].cpu().clone()
     path = d / _partition_name(layout.rank, layout.world)
     torch.save(part, path)
     return path
@@ -110,14 +117,18 @@ def load_partitions(directory: str | Path, layout: BinaryLayout, ranged: list[st
     d = Path(directory) / PARTITION_DIR
     files = sorted(d.glob("rank_*_of_*.pt"))
     if not files:
-        raise RuntimeError(f"{directory}: no per-rank partitions ({PARTITION_DIR}/rank_*_of_*.pt); was the "
-                           f"checkpoint written with another comm mode?")
+        raise RuntimeError(
+            f"{directory}: no per-rank partitions ({PARTITION_DIR}/rank_*_of_*.pt); was the "
+            f"checkpoint written with another comm mode?"
+        )
     old_world = int(files[0].stem.rsplit("_", 1)[1])
     names = {f.name for f in files}
     expected = {_partition_name(r, old_world) for r in range(old_world)}
     if names != expected:
-        raise RuntimeError(f"{d}: incomplete partitions for {old_world} ranks (missing "
-                           f"{sorted(expected - names)[:4]}, unexpected {sorted(names - expected)[:4]})")
+        raise RuntimeError(
+            f"{d}: incomplete partitions for {old_world} ranks (missing "
+            f"{sorted(expected - names)[:4]}, unexpected {sorted(names - expected)[:4]})"
+        )
     dev = layout.params[0].device
     lo, hi = layout.start, layout.start + layout.valid
     out = {k: torch.zeros(layout.slice, device=dev) for k in ranged}
@@ -142,7 +153,7 @@ def load_partitions(directory: str | Path, layout: BinaryLayout, ranged: list[st
                 if part.get(k) is None:
                     present[k] = False
                 else:
-                    out[k][x - lo:y - lo] = part[k][x - a:y - a].to(dev)
+                    out[k][x - lo : y - lo] = part[k][x - a : y - a].to(dev)
         if want_full:
             for k in full:
                 if part.get(k) is not None:
@@ -154,5 +165,5 @@ def load_partitions(directory: str | Path, layout: BinaryLayout, ranged: list[st
         out[k] = None
         if ts:
             out[k] = torch.zeros(layout.padded, device=dev)
-            out[k][:layout.numel] = torch.stack(ts).mean(dim=0)
+            out[k][: layout.numel] = torch.stack(ts).mean(dim=0)
     return out

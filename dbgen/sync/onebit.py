@@ -46,7 +46,7 @@ def _encode(x: torch.Tensor, parts: int, chunk: int) -> tuple[torch.Tensor, torc
 
 def _decode(msgs: torch.Tensor, s: int, chunk: int) -> torch.Tensor:
     """(parts, s/8 + 4 s/chunk) uint8 messages -> (parts, s) values."""
-    bits, scales = msgs[:, :s // 8], msgs[:, s // 8:].contiguous().view(torch.float32)
+    bits, scales = msgs[:, : s // 8], msgs[:, s // 8 :].contiguous().view(torch.float32)
     return onebit_decompress(bits.reshape(-1), scales.reshape(-1), chunk).view(msgs.shape[0], s)
 
 
@@ -78,12 +78,12 @@ class OneBitExchange:
         x = g.add_(self.send_error)
         msg, decoded = _encode(x, lay.world, c)  # (world, slice/8 + 4 slice/c): one message per destination
         error = x.sub_(decoded)
-        error[lay.numel:] = 0
+        error[lay.numel :] = 0
         self._pending["send_error"] = error
         recv = torch.empty_like(msg)
         dist.all_to_all_single(recv, msg)  # recv[j]: rank j's message about my slice
         mine = _decode(recv, lay.slice, c).sum(dim=0).mul_(1.0 / lay.world)
-        mine[lay.valid:] = 0
+        mine[lay.valid :] = 0
         return mine
 
     def all_gather(self, mine: torch.Tensor) -> torch.Tensor:
@@ -92,11 +92,11 @@ class OneBitExchange:
         z = mine + self.recv_error
         msg, decoded = _encode(z, 1, c)  # (1, slice/8 + 4 slice/c)
         error = z.sub_(decoded)
-        error[lay.valid:] = 0
+        error[lay.valid :] = 0
         self._pending["recv_error"] = error
         out = all_gather_flat(msg.new_empty(lay.world * msg.numel()), msg.view(-1))
         full = _decode(out.view(lay.world, -1), lay.slice, c).view(-1)
-        full[lay.numel:] = 0
+        full[lay.numel :] = 0
         return full
 
     def commit(self) -> None:

@@ -78,14 +78,19 @@ class PackedSync(ExchangeSync):
         optimizer.param_groups.remove(group)  # the engine's optimizer keeps the full-precision params only
         full = self.layout.flat([p.detach() for p in self.layout.params])  # identical on every rank (broadcast)
         start = self.layout.start
-        self.latent = torch.nn.Parameter(full[start:start + self.layout.slice].clone())  # (slice,)
+        self.latent = torch.nn.Parameter(full[start : start + self.layout.slice].clone())  # (slice,)
         self.binary_optimizer = type(optimizer)([dict(group, params=[self.latent])], lr=group["lr"])
         self.layout.write_signs(pack_signs(full))  # from here on the module holds signs only
         self.onebit = onebit_warmup_steps is not None
         self.exchange = OneBitExchange(self.layout, receiver_side=False) if self.onebit else None
-        log.info("packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s",
-                 self.layout.numel, len(self.layout.params), self.layout.slice, self.layout.valid,
-                 f"1-bit gradients after {self.warmup} steps" if self.onebit else "uncompressed gradients")
+        log.info(
+            "packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s",
+            self.layout.numel,
+            len(self.layout.params),
+            self.layout.slice,
+            self.layout.valid,
+            f"1-bit gradients after {self.warmup} steps" if self.onebit else "uncompressed gradients",
+        )
 
     @torch.no_grad()
     def reduce(self):
@@ -135,15 +140,19 @@ class PackedSync(ExchangeSync):
 
     @torch.no_grad()
     def load_partition(self, directory: str | Path):
-        part = load_partitions(directory, self.layout, ["latent", "exp_avg", "exp_avg_sq"],
-                               ["send_error"] if self.onebit else [])
+        part = load_partitions(
+            directory, self.layout, ["latent", "exp_avg", "exp_avg_sq"], ["send_error"] if self.onebit else []
+        )
         if part["latent"] is None:
             raise RuntimeError(f"{directory}: the partitions hold no latents (written by another comm mode?)")
         self.latent.copy_(part["latent"])
         self.binary_optimizer.state.pop(self.latent, None)
         if part["step"] is not None and part["exp_avg"] is not None:
-            self.binary_optimizer.state[self.latent] = {"step": part["step"].clone(), "exp_avg": part["exp_avg"],
-                                                        "exp_avg_sq": part["exp_avg_sq"]}
+            self.binary_optimizer.state[self.latent] = {
+                "step": part["step"].clone(),
+                "exp_avg": part["exp_avg"],
+                "exp_avg_sq": part["exp_avg_sq"],
+            }
         if self.onebit and part["send_error"] is not None:
             self.exchange.send_error = part["send_error"]
         self._gather_signs()
@@ -158,9 +167,9 @@ class PackedSync(ExchangeSync):
         out = {}
         with comm_kind("other"):
             for k, t in parts.items():
-                out[k] = all_gather_flat(t.new_empty(self.layout.padded), t.contiguous())[:self.layout.numel]
+                out[k] = all_gather_flat(t.new_empty(self.layout.padded), t.contiguous())[: self.layout.numel]
             if self.exchange is not None:
                 e = self.exchange.send_error.clone()
                 dist.all_reduce(e)
-                out["send_error_sum"] = e[:self.layout.numel]
+                out["send_error_sum"] = e[: self.layout.numel]
         return out
