@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         help="compute time of a step (with --link-gbps; default: the model's GPU target at the config's batch size)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before, between and after the flags
     if args.memory:
         return _memory_main(args)
     try:

@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="print every config key as a Markdown table (the README's) and exit",
     )
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may stand before, between and after the flags
     if args.print_config_table:
         print(schema_markdown())
         return 0

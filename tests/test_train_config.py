@@ -1,6 +1,7 @@
 """Fast checks of the training configuration: DeepSpeed config derivation, LR schedule, config validation,
 the client optimizer's skip/clip/clamp, EMA, sample grids, and the driver's errors before any worker starts."""
 
+import json
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from bounds import assert_within, gamma
 
 from dbgen.config import ConfigError, load_config, schema_markdown
 from dbgen.config import check_config as check_train_config  # load_config runs the same checks
+from dbgen.inspect import inspect_config
 from dbgen.step import EMA, ClientAdam, build_optimizer, lr_at
 from dbgen.trainer import deepspeed_config
 
@@ -197,6 +199,28 @@ def _main(args, capsys):
 def test_unknown_key_is_a_clear_error(tmp_path, capsys):
     rc, err = _main(["--config", str(TINY), "train.max_stepz=3", "--storage", str(tmp_path)], capsys)
     assert rc == 2 and "unknown key 'train.max_stepz'" in err
+
+
+@pytest.mark.parametrize("where", ["first", "between flags", "last"])
+def test_overrides_are_taken_anywhere_on_the_line(tmp_path, capsys, where):
+    """key=value overrides before, between and after the flags (argparse's intermixed parsing): each position
+    reaches the config, so the invalid one is named instead of argparse's "unrecognized arguments"."""
+    flags = ["--config", str(TINY), "--name", "r", "--storage", str(tmp_path)]
+    at = {"first": 0, "between flags": 4, "last": len(flags)}[where]
+    args = flags[:at] + ["train.batch_size=33"] + flags[at:]
+    rc, err = _main(["train.max_steps=3", *args, "model.width=16"] if where == "between flags" else args, capsys)
+    assert rc == 2 and "'train.batch_size' = 33" in err and "unrecognized" not in err
+
+
+def test_inspect_and_bench_take_overrides_anywhere(capsys):
+    from dbgen.bench.__main__ import main as bench_main
+    from dbgen.inspect import main as inspect_main
+
+    assert inspect_main(["model.width=8", "--config", str(TINY), "--json", "model.num_proc_layers=1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == inspect_config(TINY, ["model.width=8", "model.num_proc_layers=1"]) != inspect_config(TINY)
+    rc = bench_main(["comm", "--config", str(TINY), "train.max_stepz=1", "--steps", "1", "model.width=8"])
+    assert rc == 2 and "unknown key 'train.max_stepz'" in capsys.readouterr().err
 
 
 def test_missing_config_file(tmp_path, capsys):

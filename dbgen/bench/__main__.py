@@ -17,15 +17,27 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dbgen.bench")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in SUBCOMMANDS.items():
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The subcommand's own parser takes the rest of the line with ``parse_intermixed_args``, so that
+    ``key=value`` overrides may stand before, between and after the flags (argparse's intermixed parsing does
+    not support subparsers, hence one parser per subcommand, chosen by the first word)."""
+    if argv and argv[0] in SUBCOMMANDS:
+        name = argv[0]
         module = importlib.import_module(f"dbgen.bench.{name}")
-        p = sub.add_parser(name, help=help_text)
+        p = argparse.ArgumentParser(prog=f"python -m dbgen.bench {name}", description=SUBCOMMANDS[name])
         module.add_arguments(p)
         p.set_defaults(_main=module.main)
-    args = parser.parse_args(argv)
+        return p.parse_intermixed_args(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m dbgen.bench")  # --help, or a missing/unknown subcommand
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text)
+    parser.parse_args(argv)  # exits with argparse's usage message
+    raise AssertionError("unreachable: argparse exits on a missing or unknown subcommand")
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args._main(args)
