@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import ray_watchdog
 
 __all__ = ["connect_ray", "init_ray"]
 
@@ -24,8 +29,40 @@ def init_ray(**kwargs) -> str:
         ray.init(**kwargs)
         return f"connected to {address}"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    before = _own_descendants()
     ctx = ray.init(address="local", **kwargs)
+    _start_watchdog(sorted(set(_own_descendants()) - set(before)))
     return f"started a local Ray on 127.0.0.1 (dashboard {ctx.dashboard_url or 'off'})"
+
+
+# Write ends of the watchdogs' pipes: held, never written, until this process exits (however it ends).
+_watchdog_pipes: list[int] = []
+
+
+def _own_descendants() -> dict[int, int]:
+    if not sys.platform.startswith("linux"):
+        return {}
+    me = os.getpid()
+    return {pid: start for pid, start in ray_watchdog.descendants(ray_watchdog.alive_roots([me])).items() if pid != me}
+
+
+def _start_watchdog(roots: list[int]) -> None:
+    """Start :mod:`dbgen.ray_watchdog` over the head processes ``roots`` that ``ray.init`` just started: when
+    this process ends, even by SIGKILL, the watchdog kills every process of that Ray session."""
+    if not roots:
+        return
+    read_end, write_end = os.pipe()  # not inheritable: only this process holds the write end
+    try:
+        subprocess.Popen(
+            [sys.executable, str(Path(ray_watchdog.__file__)), *map(str, roots)],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # outside the driver's process group: a Ctrl-C to it must not stop this
+        )
+    finally:
+        os.close(read_end)
+    _watchdog_pipes.append(write_end)
 
 
 def connect_ray(verbose: bool = False) -> str:

@@ -5,6 +5,7 @@ throwaway Ray cluster of this module's own (tests/ray_cluster.py), real DeepSpee
   checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once with exit 1;
 * SIGINT to a driver with its own local Ray: exit 130, a resume line, keep_checkpoints held, no Ray process
   left; the resume continues from exactly the step it named;
+* SIGKILL of such a driver: every process of its Ray session is gone within 15 s;
 * a damaged training shard: exit 1 on the first attempt, naming the shard.
 """
 
@@ -221,6 +222,64 @@ def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, st
     )
     assert summary["resumed_from"] == resume_at and summary["steps"] == resume_at + 1
     assert [r["step"] for r in records(run, "resume")][-1] == resume_at
+
+
+def _process_tree(root: int) -> set[int]:
+    """``root`` and its descendants now, from ``ps`` (independent of dbgen's own /proc walk)."""
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        found.add(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def test_sigkill_of_a_driver_leaves_no_process_of_its_ray(storage):
+    """kill -9 of a training driver that started its own local Ray: within 15 s every process of that Ray
+    session (head processes, agents, Train workers, the watchdog itself) is gone, checked PID by PID."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dbk", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    run = storage / "killed-driver"
+    overrides = ("train.max_steps=2000", "train.log_every=1", "train.eval_every=0", "train.sample_every=0")
+    proc = subprocess.Popen(
+        train_cmd(storage, "killed-driver", *overrides),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").exists() and records(run, "train")):  # the workers are training
+            assert proc.poll() is None and time.monotonic() < deadline, "no training step within 300 s"
+            time.sleep(0.1)
+        session = _process_tree(proc.pid) - {proc.pid}
+        assert len(session) >= 5, session  # Ray's head processes, agents and the Train workers
+        proc.kill()
+        proc.wait(timeout=10)
+        killed_at = time.monotonic()
+        left = session
+        while left and time.monotonic() - killed_at < 15:
+            time.sleep(0.2)
+            left = {pid for pid in left if _running(pid)}
+        names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left if _running(pid)}
+        assert not left, f"{len(left)} of {len(session)} processes outlived the killed driver by 15 s: {names}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
