@@ -2,9 +2,10 @@
 will recur on every attempt.
 
 A worker that raises one of :data:`FATAL_ERRORS` (a bad config, bad data such as a corrupt shard, a damaged or
-incompatible checkpoint, a diverged run) fails the run at once: Ray Train's default policy would restart the
-worker group ``max_failures`` times, each attempt failing the same way minutes later. Everything else (a
-killed worker, a lost node, an out-of-memory kill) is retried from the last checkpoint as before.
+incompatible checkpoint, a diverged run, a taken metrics port or a full disk) fails the run at once: Ray Train's
+default policy would restart the worker group ``max_failures`` times, each attempt failing the same way minutes
+later. Everything else (a killed worker, a lost node, an out-of-memory kill) is retried from the last checkpoint
+as before.
 
 Ray Train V2 has no public hook for this, so :func:`torch_trainer` builds a ``TorchTrainer`` that hands its
 controller a ``FailFastOnFatal`` policy through the trainer's one controller-construction method; on a Ray
@@ -17,6 +18,7 @@ import logging
 
 from .config import ConfigError
 from .data import DataError
+from .resources import HostResourceError
 from .rundir import RunError
 
 __all__ = ["FATAL_ERRORS", "TrainingDiverged", "fatal_error", "torch_trainer"]
@@ -28,7 +30,7 @@ class TrainingDiverged(RuntimeError):
     """``train.max_bad_steps`` consecutive steps were skipped (non-finite or too large gradient norm)."""
 
 
-FATAL_ERRORS = (ConfigError, DataError, RunError, TrainingDiverged)
+FATAL_ERRORS = (ConfigError, DataError, RunError, TrainingDiverged, HostResourceError)
 
 
 def fatal_error(error: BaseException) -> BaseException | None:

@@ -14,9 +14,11 @@ run's model name and config hash once.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
+from .resources import port_taken_error
 from .sync.accounting import KINDS as COMM_KINDS
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,12 @@ class TrainMetrics:
         elif backend == "http":
             if port is None:
                 raise ValueError("TrainMetrics(backend='http') needs a port")
-            self._b = _HttpBackend(port + self.worker)
+            try:
+                self._b = _HttpBackend(port + self.worker)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                raise port_taken_error(port + self.worker, self.worker, port) from None
         elif backend is None:
             self._b = None
         else:

@@ -59,6 +59,28 @@ def scrape(port):
     return values
 
 
+def test_a_taken_metrics_port_is_a_fatal_error_naming_key_port_rank_and_host():
+    """The exporter of rank 1 finds its port (metrics_port + 1) taken: one fatal error (not retried by Ray Train,
+    dbgen.failures) that names the key, the port, the rank and the host, raised before any step."""
+    import socket
+
+    from dbgen.failures import FATAL_ERRORS
+    from dbgen.resources import HostResourceError
+
+    base = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", base + 1))
+        holder.listen()
+        with pytest.raises(HostResourceError) as info:
+            TrainMetrics("r1", 1, "rvae", "abc123", backend="http", port=base)
+    message = str(info.value)
+    assert f"train.metrics_port={base}" in message and f"port {base + 1}" in message
+    assert "rank 1" in message and socket.gethostname() in message
+    assert isinstance(info.value, FATAL_ERRORS)
+    m = TrainMetrics("r1", 1, "rvae", "abc123", backend="http", port=base)  # free again: served as before
+    m.close()
+
+
 def test_http_exporter_serves_recorded_values_on_loopback():
     port = free_port()
     m = TrainMetrics("r1", 0, "rvae", "abc123", backend="http", port=port)
