@@ -14,6 +14,8 @@
   damaged newer one is named and skipped (:func:`dbgen.rundir.find_resume`, the same choice the workers make).
   With several nodes the storage directory (and the data) must be on a file system every node sees at the
   same path: every worker writes its part of a checkpoint there.
+* One driver per run: the driver holds the run's lease (:mod:`dbgen.lease`) from before it writes anything until
+  it exits; a second driver on the same run exits 2 naming the holder (``--takeover`` once it is known gone).
 * Failures: a worker death is retried from the last checkpoint up to ``scale.max_failures`` times; bad data,
   a bad checkpoint, a bad config or a diverged run (``train.max_bad_steps``) fail at once (exit 1,
   :mod:`dbgen.failures`). SIGINT/SIGTERM stop the workers at their next logging interval and exit 130/143
@@ -44,6 +46,7 @@ from .config import Config, ConfigError, load_config, micro_batch_size, schema_m
 from .console import MetricsFollower, setup_logging, verbose_from_env
 from .data import DataError, open_split, ray_data_config, ray_datasets, resolve_split
 from .failures import fatal_error, torch_trainer
+from .lease import RunInUse, RunLease
 from .models import build
 from .nn import size_report
 from .ray_local import connect_ray
@@ -60,10 +63,11 @@ class RunSetupError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- preflight
-def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
+def prepare(cfg: Config, name: str, storage: str | Path, *, takeover: bool = False) -> dict:
     """All checks that need no Ray (the config checked itself when it was loaded): the data splits, the run
-    directory and, when it holds a checkpoint, whether ``cfg`` can resume it. Returns the paths the workers get;
-    raises :class:`RunSetupError`."""
+    directory's lease (:mod:`dbgen.lease`: one driver per run; ``takeover`` as ``--takeover``) and, when the
+    run holds a checkpoint, whether ``cfg`` can resume it. Returns the paths the workers get and ``"lease"``,
+    the :class:`RunLease` held from here on (:func:`run` releases it); raises :class:`RunSetupError`."""
     try:
         train_dir = str(resolve_split(cfg.data.train, "train"))
     except DataError as e:
@@ -80,20 +84,26 @@ def prepare(cfg: Config, name: str, storage: str | Path) -> dict:
     storage = Path(storage).expanduser().resolve()
     run_dir = storage / name
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lease = RunLease(run_dir, takeover=takeover)  # before anything is written into the run
+    except RunInUse as e:
+        raise RunSetupError(str(e)) from None
+    except OSError as e:
+        raise RunSetupError(f"--storage {storage}: cannot write the run directory {run_dir}: {e}") from None
+    try:
         probe = run_dir / ".write_probe"
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
-        raise RunSetupError(f"--storage {storage}: cannot write the run directory {run_dir}: {e}") from None
-
-    try:
         found = find_resume(run_dir)  # the workers choose with the same function
         if found is not None:
             check_resume(*found, cfg, cfg.scale.num_workers)
+    except OSError as e:
+        lease.release()
+        raise RunSetupError(f"--storage {storage}: cannot write the run directory {run_dir}: {e}") from None
     except RunError as e:
+        lease.release()
         raise RunSetupError(str(e)) from None
     return {
+        "lease": lease,
         "run_dir": str(run_dir),
         "train_dir": train_dir,
         "eval_dir": eval_dir,
@@ -149,19 +159,28 @@ def run(
     ``trainer.fit()`` runs in a thread so that this (main) thread owns SIGINT and SIGTERM: the first one asks
     the workers to stop at their next logging interval (a checkpoint being written is finished, no new one is
     started) and raises :class:`Interrupted` once they have; a second one stops at once. Either way a local Ray
-    this driver started is shut down before it returns."""
+    this driver started is shut down before it returns. The run's lease (taken by :func:`prepare`) is held
+    until then."""
+    driver_start = time.time()
+    paths = paths or prepare(cfg, name, storage)
+    try:
+        return _fit_on_ray(cfg, name, paths, verbose, driver_start)
+    finally:
+        paths["lease"].release()
+
+
+def _fit_on_ray(cfg: Config, name: str, paths: dict, verbose: bool, driver_start: float) -> dict:
     # Ray here, not at the top: a bad config or path exits before Ray is imported (seconds) or started.
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    driver_start = time.time()
-    paths = paths or prepare(cfg, name, storage)
     run_dir = Path(paths["run_dir"])
     submission = uuid.uuid4().hex
     stop_file = run_dir / f".stop-{submission}"
 
     owns_ray = not ray.is_initialized()
     ray_desc = connect_ray(verbose)
+    paths["lease"].set_ray_job(ray.get_runtime_context().get_job_id())
     for line in header(cfg, name, paths, ray_desc):
         log.info(line)
 
@@ -289,6 +308,11 @@ def main(argv=None) -> int:
         help=f"directory of runs (default $DBGEN_STORAGE or {DEFAULT_STORAGE})",
     )
     p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the run's lease although another driver holds it (only once that driver is known to be gone)",
+    )
+    p.add_argument(
         "--verbose",
         action="store_true",
         default=verbose_from_env(),
@@ -310,7 +334,7 @@ def main(argv=None) -> int:
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         cfg = load_config(args.config, args.overrides)
-        paths = prepare(cfg, name, args.storage)
+        paths = prepare(cfg, name, args.storage, takeover=args.takeover)
     except (ConfigError, RunSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@ throwaway Ray cluster of this module's own (tests/ray_cluster.py), real DeepSpee
   checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once with exit 1;
 * SIGINT to a driver with its own local Ray: exit 130, a resume line, keep_checkpoints held, no Ray process
   left; the resume continues from exactly the step it named;
-* SIGKILL of such a driver: every process of its Ray session is gone within 15 s;
+* one driver per run: a second driver on a running run exits 2 naming the first; SIGKILL of a driver with its
+  own local Ray: every process of its Ray session is gone within 15 s, and the next driver takes over its lease;
 * a damaged training shard: exit 1 on the first attempt, naming the shard.
 """
 
@@ -245,16 +246,18 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_sigkill_of_a_driver_leaves_no_process_of_its_ray(storage):
-    """kill -9 of a training driver that started its own local Ray: within 15 s every process of that Ray
-    session (head processes, agents, Train workers, the watchdog itself) is gone, checked PID by PID."""
+def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, storage):
+    """Driver A (its own local Ray) trains; driver B on the same run exits 2 within seconds naming A, having
+    written nothing. kill -9 of A: within 15 s every process of A's Ray session (head processes, agents, Train
+    workers, the watchdog) is gone, checked PID by PID. Driver C then takes over A's stale lease with one log
+    line and resumes the run."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="dbk", dir="/tmp"))  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
     run = storage / "killed-driver"
-    overrides = ("train.max_steps=2000", "train.log_every=1", "train.eval_every=0", "train.sample_every=0")
+    overrides = ("train.log_every=1", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=2")
     proc = subprocess.Popen(
-        train_cmd(storage, "killed-driver", *overrides),
+        train_cmd(storage, "killed-driver", "train.max_steps=2000", *overrides),
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -262,9 +265,23 @@ def test_sigkill_of_a_driver_leaves_no_process_of_its_ray(storage):
     )
     try:
         deadline = time.monotonic() + 300
-        while not ((run / "metrics.jsonl").exists() and records(run, "train")):  # the workers are training
-            assert proc.poll() is None and time.monotonic() < deadline, "no training step within 300 s"
+        while not (run / "checkpoint_0000002").is_dir():  # the workers are training
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.1)
+        second_start = time.monotonic()
+        second = subprocess.run(
+            train_cmd(storage, "killed-driver", "train.max_steps=2000", *overrides),
+            env=driver_env(cluster),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"error: run killed-driver is in use by PID {proc.pid} on " in second.stderr, second.stderr[-3000:]
+        assert "--takeover" in second.stderr and time.monotonic() - second_start < 30
+        assert len(records(run, "resume")) <= 1  # B started no workers (A's own resume record at most)
+
         session = _process_tree(proc.pid) - {proc.pid}
         assert len(session) >= 5, session  # Ray's head processes, agents and the Train workers
         proc.kill()
@@ -280,6 +297,20 @@ def test_sigkill_of_a_driver_leaves_no_process_of_its_ray(storage):
         if proc.poll() is None:
             proc.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    newest = max(int(path.name.split("_")[1]) for path in run.glob("checkpoint_*"))
+    resumed = subprocess.run(
+        train_cmd(storage, "killed-driver", f"train.max_steps={newest + 1}", *overrides),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    takeovers = [line for line in resumed.stderr.splitlines() if "taking over the lease" in line]
+    assert len(takeovers) == 1 and f"PID {proc.pid} on " in takeovers[0], resumed.stderr[-3000:]
+    assert summary_of(run)["resumed_from"] == newest
 
 
 def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
