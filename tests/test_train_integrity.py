@@ -29,6 +29,10 @@ from test_train_cluster import ROOT, driver_env, records, run_train, summary_of,
 
 pytestmark = pytest.mark.slow
 
+# The loader is not under test here (tests/test_data_ray.py and test_train_cluster's Ray Data runs cover it): the
+# in-process Arrow loader saves each run Ray Data's start-up, about 60 CPU-seconds of a 2-core machine.
+ARROW = "data.loader=arrow"
+
 # The same module-scoped fixtures as test_train_cluster's: this module gets a cluster (and a storage) of its own.
 cluster = test_train_cluster.cluster
 storage = test_train_cluster.storage
@@ -58,6 +62,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cluster,
         storage,
         "integrity",
+        ARROW,
         "train.max_steps=4",
         "train.checkpoint_every=2",
         "train.eval_every=0",
@@ -79,7 +84,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
 
     config_before = (run / "config.yaml").read_text()
     refused = subprocess.run(
-        train_cmd(storage, "integrity", "model.width=8"),
+        train_cmd(storage, "integrity", ARROW, "model.width=8"),
         env=driver_env(cluster),
         cwd=ROOT,
         capture_output=True,
@@ -93,6 +98,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         train_cmd(
             storage,
             "integrity",
+            ARROW,
             "train.max_steps=5",
             "train.checkpoint_every=2",
             "train.eval_every=0",
@@ -118,6 +124,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         train_cmd(
             storage,
             "integrity",
+            ARROW,
             "train.max_steps=200",
             "train.checkpoint_every=2",
             "train.keep_checkpoints=1",
@@ -169,6 +176,7 @@ def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, st
         train_cmd(
             storage,
             "interrupted",
+            ARROW,
             "train.max_steps=2000",
             "train.checkpoint_every=2",
             "train.keep_checkpoints=2",
@@ -216,6 +224,7 @@ def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, st
         cluster,
         storage,
         "interrupted",
+        ARROW,
         f"train.max_steps={resume_at + 1}",
         "train.log_every=1",
         "train.eval_every=0",
@@ -257,7 +266,7 @@ def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, st
     run = storage / "killed-driver"
     overrides = ("train.log_every=1", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=2")
     proc = subprocess.Popen(
-        train_cmd(storage, "killed-driver", "train.max_steps=2000", *overrides),
+        train_cmd(storage, "killed-driver", ARROW, "train.max_steps=2000", *overrides),
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -270,7 +279,7 @@ def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, st
             time.sleep(0.1)
         second_start = time.monotonic()
         second = subprocess.run(
-            train_cmd(storage, "killed-driver", "train.max_steps=2000", *overrides),
+            train_cmd(storage, "killed-driver", ARROW, "train.max_steps=2000", *overrides),
             env=driver_env(cluster),
             cwd=ROOT,
             capture_output=True,
@@ -300,7 +309,7 @@ def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, st
 
     newest = max(int(path.name.split("_")[1]) for path in run.glob("checkpoint_*"))
     resumed = subprocess.run(
-        train_cmd(storage, "killed-driver", f"train.max_steps={newest + 1}", *overrides),
+        train_cmd(storage, "killed-driver", ARROW, f"train.max_steps={newest + 1}", *overrides),
         env=driver_env(cluster),
         cwd=ROOT,
         capture_output=True,
@@ -327,6 +336,7 @@ def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
         train_cmd(
             storage,
             "corrupt-shard",
+            ARROW,
             f"data.train={split}",
             "data.eval=null",
             "train.max_steps=30",
