@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from .atomic import write_atomic
 from .config import Config, config_hash
 from .console import format_record
 from .metrics import TrainMetrics
+from .resources import disk_full_is_fatal
 from .rundir import METRICS_FILE
 
 __all__ = ["Reporter", "metrics_exporter", "restarts"]
@@ -39,11 +42,13 @@ class Reporter:
         world_size: int = 1,
         metrics: TrainMetrics | None = None,
         device: torch.device | None = None,
+        resume_point: Callable[[], str] = lambda: "the same command resumes the run",
     ):
         self.run_dir, self.rank, self.max_steps, self.world_size = run_dir, rank, max_steps, world_size
         self.metrics_path = run_dir / METRICS_FILE
         self.metrics = metrics  # Prometheus exporter (dbgen.metrics); None records nothing
         self.device = device or torch.device("cpu")
+        self.resume_point = resume_point  # words for a full disk's error: where the run resumes
 
     def _peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -52,8 +57,19 @@ class Reporter:
 
     def _record(self, record: dict) -> None:
         if self.rank == 0:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            line = (json.dumps({"time": round(time.time(), 3), **record}) + "\n").encode()
+            with (
+                disk_full_is_fatal(self.metrics_path, METRICS_FILE, self.resume_point),
+                open(self.metrics_path, "ab", buffering=0) as f,
+            ):
+                end = f.seek(0, os.SEEK_END)
+                try:
+                    written = 0
+                    while written < len(line):
+                        written += f.write(line[written:])
+                except OSError:
+                    os.ftruncate(f.fileno(), end)  # no torn line: every line in the file is a whole record
+                    raise
             line = format_record(record, self.max_steps)
             if line is not None:
                 log.info(line)
@@ -98,7 +114,8 @@ class Reporter:
                 for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step
             ]
-            write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+            with disk_full_is_fatal(self.metrics_path, METRICS_FILE, self.resume_point):
+                write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         self._record({"kind": "resume", "step": step, "submission": submission, "restart": restart})
 
     def close(self) -> None:

@@ -10,9 +10,18 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["DISK_FULL", "HostResourceError", "disk_full_error", "free_bytes", "port_taken_error"]
+__all__ = [
+    "DISK_FULL",
+    "HostResourceError",
+    "disk_full_error",
+    "disk_full_is_fatal",
+    "free_bytes",
+    "port_taken_error",
+]
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -47,3 +56,30 @@ def disk_full_error(path: str | Path, what: str, resume: str) -> HostResourceErr
     free = free_bytes(path)
     left = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
     return HostResourceError(f"disk full at {path} while writing {what} ({left} free); {resume} once there is space")
+
+
+LOW_WATER = 1 << 20  # a write that failed with less than this free on its file system failed for lack of space
+
+
+def _is_disk_full(error: BaseException, path: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return True
+    # torch.save's stream writer reports a failed write as a RuntimeError that carries no errno
+    free = free_bytes(path)
+    return isinstance(error, OSError | RuntimeError) and free is not None and free < LOW_WATER
+
+
+@contextmanager
+def disk_full_is_fatal(path: str | Path, what: str, resume: Callable[[], str]):
+    """Writes of ``what`` under ``path``: a full disk (ENOSPC, EDQUOT, or a failed write with less than
+    :data:`LOW_WATER` free) becomes :func:`disk_full_error` (fatal, one line); other errors pass unchanged.
+    ``resume()`` says where the run resumes, e.g. "the same command resumes run r from checkpoint_0000010
+    (step 10)"."""
+    try:
+        yield
+    except HostResourceError:
+        raise
+    except Exception as e:
+        if _is_disk_full(e, Path(path)):
+            raise disk_full_error(path, what, resume()) from e
+        raise

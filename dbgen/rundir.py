@@ -55,6 +55,7 @@ __all__ = [
     "SUMMARY_FILE",
     "RunError",
     "check_resume",
+    "checkpoint_bytes",
     "checkpoint_dirs",
     "checkpoint_meta",
     "checkpoint_name",
@@ -71,6 +72,7 @@ __all__ = [
     "partial_dir",
     "prune_checkpoints",
     "read_meta",
+    "remove_partial_checkpoints",
     "restore_rng",
     "rng_state",
     "samples_path",
@@ -329,6 +331,29 @@ def derive_seed(seed: int, index: int) -> int:
 def partial_dir(run_dir: Path, step: int) -> Path:
     """Where the ranks write a checkpoint before it is committed (renamed to ``checkpoint_<step>``)."""
     return Path(run_dir) / f".{checkpoint_name(step)}.partial"
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Delete every ``.checkpoint_<step>.partial`` folder of the run (what a failed or interrupted save left).
+    Only while no worker of the run is writing: the driver calls it, holding the run's lease, once its workers
+    have stopped. Returns what it removed."""
+    removed = sorted(Path(run_dir).glob(".checkpoint_*.partial"))
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def checkpoint_bytes(run_dir: str | Path, params: int, ema: bool) -> int:
+    """The size of one checkpoint of this run: the newest committed one's files, else an estimate from the
+    parameter count (fp32 weights and Adam's two moments, plus the EMA copy: 12 or 16 bytes per parameter)."""
+    for ckpt in checkpoint_dirs(run_dir):  # newest first
+        try:
+            files = read_meta(ckpt).get("files") or {}
+        except RunError:
+            continue
+        if files:
+            return sum(rec["bytes"] for rec in files.values())
+    return params * (16 if ema else 12)
 
 
 def list_files(directory: Path) -> list[str]:

@@ -40,6 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 import yaml
 
 from .config import Config, ConfigError, load_config, micro_batch_size, schema_markdown
@@ -50,7 +51,16 @@ from .lease import RunInUse, RunLease
 from .models import build
 from .nn import size_report
 from .ray_local import connect_ray
-from .rundir import SUMMARY_FILE, RunError, check_resume, find_resume, latest_checkpoint
+from .resources import free_bytes
+from .rundir import (
+    SUMMARY_FILE,
+    RunError,
+    check_resume,
+    checkpoint_bytes,
+    find_resume,
+    latest_checkpoint,
+    remove_partial_checkpoints,
+)
 from .trainer import train_worker
 
 log = logging.getLogger("dbgen.train")
@@ -117,10 +127,17 @@ def _rows(split_dir: str | None) -> str:
     return "none" if split_dir is None else f"{open_split(split_dir).num_rows:,} rows ({split_dir})"
 
 
+def model_size(cfg: Config) -> dict:
+    """:func:`dbgen.nn.size_report` of the model, built on the meta device: counts without allocating weights
+    (the 0.75B preset would take 3 GB on the driver)."""
+    with torch.device("meta"):
+        return size_report(build(cfg))
+
+
 def header(cfg: Config, name: str, paths: dict, ray_desc: str) -> list[str]:
     """The run's opening lines: run, model and parameter counts, workers and devices, data."""
     m, s, t = cfg.model, cfg.scale, cfg.train
-    size = size_report(build(cfg))
+    size = model_size(cfg)
     kind = ("binary weights" if m.binary_weights else "fp weights") + (
         ", binary activations" if m.binary_activations else ""
     )
@@ -183,6 +200,7 @@ def _fit_on_ray(cfg: Config, name: str, paths: dict, verbose: bool, driver_start
     paths["lease"].set_ray_job(ray.get_runtime_context().get_job_id())
     for line in header(cfg, name, paths, ray_desc):
         log.info(line)
+    _warn_if_storage_is_short(cfg, run_dir)
 
     s = cfg.scale
     resources = {"CPU": s.cpus_per_worker}
@@ -254,6 +272,9 @@ def _fit_on_ray(cfg: Config, name: str, paths: dict, verbose: bool, driver_start
     finally:
         _install_handlers(handlers)
         stop_file.unlink(missing_ok=True)
+        if not thread.is_alive():  # every worker has stopped: what a failed save left is garbage
+            for partial in remove_partial_checkpoints(run_dir):
+                log.warning("removed %s, a checkpoint that was not completed", partial.name)
         if owns_ray:
             ray.shutdown()
     if "error" in outcome:
@@ -262,6 +283,24 @@ def _fit_on_ray(cfg: Config, name: str, paths: dict, verbose: bool, driver_start
     if signals:
         raise Interrupted(signals[0], _resume_hint(run_dir, summary))
     return summary
+
+
+def _warn_if_storage_is_short(cfg: Config, run_dir: Path) -> None:
+    """A warning at start when the storage cannot hold ``train.keep_checkpoints`` + 1 checkpoints (rotation
+    deletes the oldest only after the new one is committed)."""
+    one = checkpoint_bytes(run_dir, model_size(cfg)["params"], cfg.train.ema_decay is not None)
+    need = one * (cfg.train.keep_checkpoints + 1)
+    free = free_bytes(run_dir)
+    if free is not None and free < need:
+        log.warning(
+            "%s has %.1f MiB free, less than %d checkpoints of this run (%.1f MiB; train.keep_checkpoints=%d, "
+            "plus the one being written): a checkpoint may fail for lack of space",
+            run_dir,
+            free / 2**20,
+            cfg.train.keep_checkpoints + 1,
+            need / 2**20,
+            cfg.train.keep_checkpoints,
+        )
 
 
 def _install_handlers(handler) -> dict:

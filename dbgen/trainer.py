@@ -67,6 +67,7 @@ from .images import save_grid
 from .models import build, set_activation_checkpointing
 from .nn import data_dependent_init
 from .reporter import Reporter, metrics_exporter, restarts
+from .resources import disk_full_is_fatal
 from .rundir import (
     CONFIG_FILE,
     SUMMARY_FILE,
@@ -193,6 +194,7 @@ class Trainer:
             world_size,
             device=self.device,
             metrics=metrics_exporter(cfg, self.run_dir.name, rank),
+            resume_point=self.resume_point,
         )
 
         backend = "ray" if datasets_in_ray else "arrow"
@@ -246,7 +248,8 @@ class Trainer:
             self.ema = EMA(self.model, t.ema_decay)  # from the initial (or restored, if it kept none) weights
         self.workers = self._gather_workers()
         if self.rank == 0:  # the run (or resume) is accepted: the config now matches its checkpoints
-            write_atomic(self.run_dir / CONFIG_FILE, to_yaml(cfg))
+            with disk_full_is_fatal(self.run_dir / CONFIG_FILE, CONFIG_FILE, self.resume_point):
+                write_atomic(self.run_dir / CONFIG_FILE, to_yaml(cfg))
 
     # --------------------------------------------------------------------------------------------- setup
     def _data_dependent_init(self, model: nn.Module, train_dir: str) -> None:
@@ -361,7 +364,9 @@ class Trainer:
             return None
         with self._eval_mode(self.cfg.train.seed + 2) as model:
             images = model.sample(n)
-        path = save_grid(images, samples_path(self.run_dir, self.step))
+        path = samples_path(self.run_dir, self.step)
+        with disk_full_is_fatal(path, f"the samples of step {self.step}", self.resume_point):
+            save_grid(images, path)
         self.reporter.on_samples(self.step, path)
         return path
 
@@ -386,29 +391,45 @@ class Trainer:
             "train_bpd": self.train_bpd,
         }
         partial = partial_dir(self.run_dir, self.step)
+        # A full disk stops the run with one line (not retried); the driver removes the partial folder once
+        # every worker has stopped (dbgen.train), and committed checkpoints are never touched.
+        with disk_full_is_fatal(partial, checkpoint_name(self.step), self.resume_point):
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted attempt
+                partial.mkdir(parents=True)
+            dist.barrier()
+            save_checkpoint(partial, self.engine, state, self.rank)
+            self.sync.save_partition(partial)
+            dist.barrier()
+            names = list_files(partial)
+            records = [None] * self.world_size
+            dist.all_gather_object(records, file_records(partial, names[self.rank :: self.world_size]))
+            files = {name: rec for part in records for name, rec in part.items()}
+            finite = torch.tensor([float(self._weights_finite())], device=self.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # packed modes: each rank checks its own latents too
+            if self.rank == 0:
+                meta = checkpoint_meta(
+                    self.cfg,
+                    self.step,
+                    self.world_size,
+                    self.ema is not None,
+                    self.images_seen,
+                    bool(finite.item()),
+                    files,
+                )
+                commit_checkpoint(partial, meta)
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted attempt
-            partial.mkdir(parents=True)
-        dist.barrier()
-        save_checkpoint(partial, self.engine, state, self.rank)
-        self.sync.save_partition(partial)
-        dist.barrier()
-        names = list_files(partial)
-        records = [None] * self.world_size
-        dist.all_gather_object(records, file_records(partial, names[self.rank :: self.world_size]))
-        files = {name: rec for part in records for name, rec in part.items()}
-        finite = torch.tensor([float(self._weights_finite())], device=self.device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # packed modes: each rank checks its own latents too
-        if self.rank == 0:
-            meta = checkpoint_meta(
-                self.cfg, self.step, self.world_size, self.ema is not None, self.images_seen, bool(finite.item()), files
-            )
-            commit_checkpoint(partial, meta)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         dist.barrier()  # the checkpoint is committed before any rank goes on (or stops)
         self.last_checkpoint_step = self.step
         nbytes = sum(rec["bytes"] for rec in files.values())
         self.reporter.on_checkpoint(self.step, time.perf_counter() - start, nbytes)
+
+    def resume_point(self) -> str:
+        """Where the same command resumes this run now, in words (for a fatal error's message)."""
+        step = self.last_checkpoint_step if self.last_checkpoint_step is not None else self.resumed_from
+        where = "its start (no checkpoint yet)" if step is None else f"{checkpoint_name(step)} (step {step})"
+        return f"the same command resumes run {self.run_dir.name} from {where}"
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
@@ -546,7 +567,8 @@ class Trainer:
             "workers": self.workers,
         }
         if self.rank == 0:
-            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+            with disk_full_is_fatal(self.run_dir / SUMMARY_FILE, SUMMARY_FILE, self.resume_point):
+                write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
             log.info(
                 "done: %d steps, train bpd %s, eval bpd %s, %s img/s",
                 self.step,

@@ -7,6 +7,7 @@ throwaway Ray cluster of this module's own (tests/ray_cluster.py), real DeepSpee
   left; the resume continues from exactly the step it named;
 * one driver per run: a second driver on a running run exits 2 naming the first; SIGKILL of a driver with its
   own local Ray: every process of its Ray session is gone within 15 s, and the next driver takes over its lease;
+* a full disk: one error line (path, what, free space, resume point), no retry, nothing committed damaged;
 * a damaged training shard: exit 1 on the first attempt, naming the shard.
 """
 
@@ -320,6 +321,73 @@ def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, st
     takeovers = [line for line in resumed.stderr.splitlines() if "taking over the lease" in line]
     assert len(takeovers) == 1 and f"PID {proc.pid} on " in takeovers[0], resumed.stderr[-3000:]
     assert summary_of(run)["resumed_from"] == newest
+
+
+@pytest.fixture
+def small_disk():
+    """A 2 MiB tmpfs made for the test and removed after it (root only): room for two checkpoints of the tiny
+    RVAE (~0.8 MB each), not three."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = Path(tempfile.mkdtemp(prefix="dbd", dir="/tmp"))
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        mount.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        mount.rmdir()
+
+
+def test_a_full_disk_stops_the_run_with_one_line_keeping_what_was_committed(cluster, small_disk):
+    """A run whose storage fills up: a warning at start, then one error line (path, what, free space, where the
+    run resumes), exit 1 without a retry; no partial checkpoint left, every committed checkpoint verifies and
+    every metrics line is whole."""
+    from dbgen.rundir import checkpoint_dirs, read_meta, verify_checkpoint
+
+    run = small_disk / "full"
+    workers_before = len(train_worker_actors(cluster))
+    out = subprocess.run(
+        train_cmd(
+            small_disk,
+            "full",
+            ARROW,
+            "train.max_steps=40",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=10",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.sample_every=0",
+            "scale.max_failures=3",
+        ),
+        env=driver_env(cluster),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "a checkpoint may fail for lack of space" in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    found = re.fullmatch(
+        rf"error: training failed: disk full at {run}/\S+ while writing (\S+) \((\d+\.\d) MiB free\); the same "
+        rf"command resumes run full from checkpoint_(\d+) \(step (\d+)\) once there is space",
+        errors[0],
+    )
+    assert found, errors[0]
+    assert len(train_worker_actors(cluster)) - workers_before == 2, "a full disk was retried"
+    committed = checkpoint_dirs(run)
+    assert committed and committed[0].name == f"checkpoint_{found.group(3)}"  # the newest one is the resume point
+    for ckpt in committed:
+        verify_checkpoint(ckpt, read_meta(ckpt))
+    assert not list(run.glob(".checkpoint_*.partial"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line) for line in lines)
 
 
 def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
