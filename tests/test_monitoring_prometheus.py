@@ -117,16 +117,20 @@ def test_prometheus_sees_job_throughput_and_steps(tmp_path):
                 timeout=600,
             )
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-            time.sleep(4)  # the last report and scrape
-
             sel = f'{{run="{run}"}}'
-            rate = query(port, f"max_over_time(ray_dbgen_job_images_per_second{sel}[10m])")
+            deadline = time.monotonic() + 120  # the last reports and scrapes land within seconds on an idle host
+            while True:
+                rate = query(port, f"max_over_time(ray_dbgen_job_images_per_second{sel}[10m])")
+                hi = query(port, f"max(max_over_time(ray_dbgen_steps_total{sel}[10m]))")
+                lo = query(port, f"min(min_over_time(ray_dbgen_steps_total{sel}[10m]))")
+                workers = query(port, f"count(count by (worker) (ray_dbgen_steps_total{sel}))")
+                seen = rate and hi and lo and workers and float(workers[0]["value"][1]) == 2
+                if (seen and float(hi[0]["value"][1]) > float(lo[0]["value"][1])) or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
             assert rate and float(rate[0]["value"][1]) > 0, rate
-            hi = query(port, f"max(max_over_time(ray_dbgen_steps_total{sel}[10m]))")
-            lo = query(port, f"min(min_over_time(ray_dbgen_steps_total{sel}[10m]))")
             assert float(hi[0]["value"][1]) > float(lo[0]["value"][1]), (lo, hi)
             assert float(hi[0]["value"][1]) <= 150
-            workers = query(port, f"count(count by (worker) (ray_dbgen_steps_total{sel}))")
             assert float(workers[0]["value"][1]) == 2
             info = query(port, f"max_over_time(ray_dbgen_run_info{sel}[10m])")
             assert info and info[0]["metric"]["model"] == "rvae"
