@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 
-POLL_S = 0.5
+POLL_S = 1.0
 KILL_DEADLINE_S = 10.0
 
 

@@ -108,7 +108,7 @@ def test_prometheus_sees_job_throughput_and_steps(tmp_path):
                     "train.eval_batches=1",
                     "train.num_samples=4",
                     "scale.num_workers=2",
-                    "data.loader=arrow",  # metrics are under test, not the loader (Ray Data: ~60 CPU-s a run)
+                    "data.loader=arrow",  # metrics are under test, not the loader (Ray Data adds ~7 CPU-s a run)
                 ],
                 cwd=ROOT,
                 env=driver_env,

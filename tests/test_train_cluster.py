@@ -304,7 +304,7 @@ def test_two_nodes_one_worker_each(storage):
                     "train.eval_every=0",
                     "train.sample_every=0",
                     "scale.placement_strategy=STRICT_SPREAD",
-                    "data.loader=arrow",  # placement is under test, not the loader (Ray Data: ~60 CPU-s a run)
+                    "data.loader=arrow",  # placement is under test, not the loader (Ray Data adds ~7 CPU-s a run)
                 ),
                 env=env,
                 cwd=ROOT,

@@ -31,7 +31,7 @@ from test_train_cluster import ROOT, driver_env, records, run_train, summary_of,
 pytestmark = pytest.mark.slow
 
 # The loader is not under test here (tests/test_data_ray.py and test_train_cluster's Ray Data runs cover it): the
-# in-process Arrow loader saves each run Ray Data's start-up, about 60 CPU-seconds of a 2-core machine.
+# in-process Arrow loader saves each run Ray Data's start-up (about 7 CPU-seconds of a tiny run's 30).
 ARROW = "data.loader=arrow"
 
 # The same module-scoped fixtures as test_train_cluster's: this module gets a cluster (and a storage) of its own.
