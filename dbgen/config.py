@@ -263,14 +263,15 @@ class TrainConfig:
     # Recompute each RVAE residual/stochastic block and each Flow++ coupling network in the backward pass
     # (torch.utils.checkpoint, RNG replayed): activations of one block instead of all, for ~1 more forward.
     activation_checkpointing: bool = False
-    checkpoint_every: int = 500
+    # Schedules for paper-length runs (the tiny presets set their own); 0: only at the end.
+    checkpoint_every: int = 5000
     keep_checkpoints: int = 2
-    eval_every: int = 500
+    eval_every: int = 5000
     eval_batches: int | None = None  # null: the whole eval split
     eval_batch_size: int = 256
-    sample_every: int = 500
+    sample_every: int = 5000
     num_samples: int = 64
-    log_every: int = 10
+    log_every: int = 100
     # Serve metrics with prometheus_client on 127.0.0.1:metrics_port+rank instead of Ray's metrics agent.
     metrics_port: int | None = None
 

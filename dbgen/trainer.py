@@ -433,9 +433,7 @@ class Trainer:
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
-        tensors = list(self.model.parameters())
-        if getattr(self.sync, "latent", None) is not None:  # packed modes: this rank's slice of the latents
-            tensors.append(self.sync.latent)
+        tensors = [*self.model.parameters(), *self.sync.rank_tensors()]  # packed modes: this rank's latent slice
         if self.ema is not None:
             tensors += [t for t in self.ema.state_dict(self.model).values() if torch.is_tensor(t)]
         return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())

@@ -10,7 +10,7 @@ as its own ``python -m`` subprocess in a temporary directory, so the relative pa
   ``--storage DIR`` -> ``runs``, ``--name RUN`` -> ``readme``;
 * optional ``[...]`` groups are either taken (``--json``, ``--resize``, ``--skip-bad``, ``--name``,
   ``--storage``, ``key=value ...``, ``--workers 4``: run without and with it) or dropped (``--samples K``: the
-  evaluations are compared);
+  evaluations are compared; ``--takeover``: a new run holds no lease);
 * the training preset (``configs/rvae_cifar10_binary.yaml``, the paper model: hours on a CPU) becomes the tiny
   ``configs/rvae_binary_tiny.yaml`` with the preset's own ``data.train``/``data.eval`` paths and a few steps;
 * the inputs (``cifar-10-python.tar.gz``, ``Imagenet32_*_npz``, ``train.tar``) are fabricated in the official
@@ -204,6 +204,7 @@ def test_readme_commands_work_as_written(tmp_path):
                 "key=value ...": data_overrides + FAST,
                 "--name RUN": ["--name", "readme"],
                 "--storage DIR": ["--storage", "runs"],
+                "--takeover": [],  # a new run: no lease to take over (tests/test_train_integrity.py takes one)
             },
         ),
         cwd,

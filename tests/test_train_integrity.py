@@ -3,10 +3,10 @@ throwaway Ray cluster of this module's own (tests/ray_cluster.py), real DeepSpee
 
 * a flipped checkpoint file: evaluate and export refuse it naming the file; a resume falls back to the previous
   checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once with exit 1;
-* SIGINT to a driver with its own local Ray: exit 130, a resume line, keep_checkpoints held, no Ray process
-  left; the resume continues from exactly the step it named;
-* one driver per run: a second driver on a running run exits 2 naming the first; SIGKILL of a driver with its
-  own local Ray: every process of its Ray session is gone within 15 s, and the next driver takes over its lease;
+* drivers with their own local Ray on one run: a second driver on a running run exits 2 naming the first;
+  SIGINT: exit 130, a resume line, keep_checkpoints held, no Ray process left; the resume continues from
+  exactly the step it named; SIGKILL: every process of its Ray session is gone within 15 s, and the next driver
+  takes over its lease;
 * a full disk: one error line (path, what, free space, resume point), no retry, nothing committed damaged;
 * a damaged training shard: exit 1 on the first attempt, naming the shard.
 """
@@ -165,76 +165,6 @@ def _ray_processes(marker: str) -> list[int]:
     return pids
 
 
-def test_sigint_stops_cleanly_and_the_resume_names_the_restored_step(cluster, storage):
-    """SIGINT to a driver that started its own local Ray: the workers stop at a step boundary, the driver
-    prints where the run resumes and exits 130, keep_checkpoints holds, nothing of that Ray outlives it by more
-    than a few seconds; the resume (driver and workers) continues from exactly that checkpoint."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="dbs", dir="/tmp"))  # short: Ray's socket paths live under it
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(ray_tmp)
-    run = storage / "interrupted"
-    proc = subprocess.Popen(
-        train_cmd(
-            storage,
-            "interrupted",
-            ARROW,
-            "train.max_steps=2000",
-            "train.checkpoint_every=2",
-            "train.keep_checkpoints=2",
-            "train.log_every=1",
-            "train.eval_every=0",
-            "train.sample_every=0",
-        ),
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not (run / "checkpoint_0000006").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, "checkpoint 6 never committed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    try:
-        assert proc.returncode == 130, out[-2000:] + err[-4000:]
-        hint = re.search(
-            r"interrupted: stopped at step (\d+); the same command resumes run interrupted from "
-            r"checkpoint_(\d+) \(step (\d+)\)",
-            err,
-        )
-        assert hint, err[-4000:]
-        stopped, resume_at = int(hint.group(1)), int(hint.group(3))
-        assert resume_at % 2 == 0 and 6 <= resume_at <= stopped < 2000
-        assert "Traceback" not in err and "Broken pipe" not in err
-        names = _checkpoints(run)
-        assert len(names) == 2 and names[-1] == f"checkpoint_{resume_at:07d}", names  # no partial left behind
-        deadline = time.monotonic() + 10
-        while _ray_processes(str(ray_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _ray_processes(str(ray_tmp)), "Ray processes outlived the interrupted driver"
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-    summary = run_train(
-        cluster,
-        storage,
-        "interrupted",
-        ARROW,
-        f"train.max_steps={resume_at + 1}",
-        "train.log_every=1",
-        "train.eval_every=0",
-        "train.sample_every=0",
-    )
-    assert summary["resumed_from"] == resume_at and summary["steps"] == resume_at + 1
-    assert [r["step"] for r in records(run, "resume")][-1] == resume_at
-
-
 def _process_tree(root: int) -> set[int]:
     """``root`` and its descendants now, from ``ps`` (independent of dbgen's own /proc walk)."""
     children: dict[int, list[int]] = {}
@@ -256,31 +186,59 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, storage):
-    """Driver A (its own local Ray) trains; driver B on the same run exits 2 within seconds naming A, having
-    written nothing. kill -9 of A: within 15 s every process of A's Ray session (head processes, agents, Train
-    workers, the watchdog) is gone, checked PID by PID. Driver C then takes over A's stale lease with one log
-    line and resumes the run."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="dbk", dir="/tmp"))  # short: Ray's socket paths live under it
+def _local_driver(storage, name: str, ray_tmp: Path, *overrides) -> subprocess.Popen:
+    """``python -m dbgen.train`` starting its own local Ray (no ``RAY_ADDRESS``) under ``ray_tmp``."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
-    run = storage / "killed-driver"
-    overrides = ("train.log_every=1", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=2")
-    proc = subprocess.Popen(
-        train_cmd(storage, "killed-driver", ARROW, "train.max_steps=2000", *overrides),
+    return subprocess.Popen(
+        train_cmd(storage, name, ARROW, "train.max_steps=2000", "train.log_every=1", *overrides),
         env=env,
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 900) -> None:
+    """Until ``condition()``, while ``proc`` runs; the deadline is generous: a loaded 2-core machine (load
+    average 60) is ten times slower than an idle one."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the driver exited with {proc.returncode} before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def _trained_since_resume(run: Path) -> bool:
+    """Whether ``metrics.jsonl`` holds a resume record followed by a training step."""
+    order = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            order.append(json.loads(line)["kind"])
+        except ValueError:  # a line being appended right now
+            continue
+    return "resume" in order and "train" in order[order.index("resume") :]
+
+
+def test_interrupts_and_one_driver_per_run(cluster, storage):
+    """Drivers that start their own local Ray, on one run:
+
+    1. A trains; B on the same run exits 2 within seconds naming A (before any worker, writing nothing);
+    2. SIGINT to A: the workers stop at a step boundary, A prints where the run resumes and exits 130,
+       keep_checkpoints holds, nothing of A's Ray outlives it by more than a few seconds;
+    3. C resumes from exactly that step; kill -9 of C: within 15 s every process of C's Ray session (head
+       processes, agents, Train workers, the watchdog) is gone, checked PID by PID;
+    4. D takes over C's stale lease with one log line and finishes from the same checkpoint."""
+    run = storage / "interrupted"
+    common = ("train.checkpoint_every=2", "train.keep_checkpoints=2", "train.eval_every=0", "train.sample_every=0")
+    ray_a = Path(tempfile.mkdtemp(prefix="dbs", dir="/tmp"))  # short: Ray's socket paths live under it
+    proc = _local_driver(storage, "interrupted", ray_a, *common)
     try:
-        deadline = time.monotonic() + 300
-        while not (run / "checkpoint_0000002").is_dir():  # the workers are training
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.1)
+        _wait_for(lambda: (run / "checkpoint_0000006").is_dir(), proc, "checkpoint 6")
         second_start = time.monotonic()
         second = subprocess.run(
-            train_cmd(storage, "killed-driver", ARROW, "train.max_steps=2000", *overrides),
+            train_cmd(storage, "interrupted", ARROW, "train.max_steps=2000", *common),
             env=driver_env(cluster),
             cwd=ROOT,
             capture_output=True,
@@ -288,15 +246,45 @@ def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, st
             timeout=120,
         )
         assert second.returncode == 2, second.stderr[-3000:]
-        assert f"error: run killed-driver is in use by PID {proc.pid} on " in second.stderr, second.stderr[-3000:]
+        assert f"error: run interrupted is in use by PID {proc.pid} on " in second.stderr, second.stderr[-3000:]
         # refused before Ray or a worker starts: ~5 s idle; the bound leaves room for a loaded machine
         assert "--takeover" in second.stderr and time.monotonic() - second_start < 90
-        assert len(records(run, "resume")) <= 1  # B started no workers (A's own resume record at most)
+        assert not records(run, "resume")  # B started no worker
 
-        session = _process_tree(proc.pid) - {proc.pid}
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        assert proc.returncode == 130, out[-2000:] + err[-4000:]
+        hint = re.search(
+            r"interrupted: stopped at step (\d+); the same command resumes run interrupted from "
+            r"checkpoint_(\d+) \(step (\d+)\)",
+            err,
+        )
+        assert hint, err[-4000:]
+        stopped, resume_at = int(hint.group(1)), int(hint.group(3))
+        assert resume_at % 2 == 0 and 6 <= resume_at <= stopped < 2000
+        assert "Traceback" not in err and "Broken pipe" not in err
+        names = _checkpoints(run)
+        assert len(names) == 2 and names[-1] == f"checkpoint_{resume_at:07d}", names  # no partial left behind
+        deadline = time.monotonic() + 10
+        while _ray_processes(str(ray_a)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _ray_processes(str(ray_a)), "Ray processes outlived the interrupted driver"
+    finally:
+        shutil.rmtree(ray_a, ignore_errors=True)
+
+    ray_c = Path(tempfile.mkdtemp(prefix="dbk", dir="/tmp"))
+    killed = _local_driver(storage, "interrupted", ray_c, "train.checkpoint_every=1000", *common[1:])
+    try:
+        _wait_for(lambda: _trained_since_resume(run), killed, "a step after resuming")
+        assert [r["step"] for r in records(run, "resume")][-1] == resume_at  # what C's workers restored
+        session = _process_tree(killed.pid) - {killed.pid}
         assert len(session) >= 5, session  # Ray's head processes, agents and the Train workers
-        proc.kill()
-        proc.wait(timeout=10)
+        killed.kill()
+        killed.wait(timeout=10)
         killed_at = time.monotonic()
         left = session
         while left and time.monotonic() - killed_at < 15:
@@ -305,13 +293,13 @@ def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, st
         names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left if _running(pid)}
         assert not left, f"{len(left)} of {len(session)} processes outlived the killed driver by 15 s: {names}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if killed.poll() is None:
+            killed.kill()
+        killed.communicate()
+        shutil.rmtree(ray_c, ignore_errors=True)
 
-    newest = max(int(path.name.split("_")[1]) for path in run.glob("checkpoint_*"))
     resumed = subprocess.run(
-        train_cmd(storage, "killed-driver", ARROW, f"train.max_steps={newest + 1}", *overrides),
+        train_cmd(storage, "interrupted", ARROW, f"train.max_steps={resume_at + 1}", "train.log_every=1", *common[2:]),
         env=driver_env(cluster),
         cwd=ROOT,
         capture_output=True,
@@ -320,8 +308,10 @@ def test_one_driver_per_run_and_a_killed_driver_leaves_no_ray_behind(cluster, st
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     takeovers = [line for line in resumed.stderr.splitlines() if "taking over the lease" in line]
-    assert len(takeovers) == 1 and f"PID {proc.pid} on " in takeovers[0], resumed.stderr[-3000:]
-    assert summary_of(run)["resumed_from"] == newest
+    assert len(takeovers) == 1 and f"PID {killed.pid} on " in takeovers[0], resumed.stderr[-3000:]
+    summary = summary_of(run)
+    assert summary["resumed_from"] == resume_at and summary["steps"] == resume_at + 1
+    assert [r["step"] for r in records(run, "resume")][-1] == resume_at
 
 
 @pytest.fixture

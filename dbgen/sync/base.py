@@ -23,6 +23,7 @@ optimizer here is any ``torch.optim`` optimizer with ClientAdam's ``skip`` and `
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -50,8 +51,10 @@ class GradientSync(Protocol):
     Called in this order per optimizer step, on every rank: ``backward(loss, last)`` per micro-batch,
     ``reduce()``, ``grad_norm()``, ``step(lr, clip_coef, skip)``. ``state_dict()`` goes into the checkpoint
     (e.g. error-feedback buffers) and is restored by ``load_state_dict`` before the first step.
-    Optional per-rank parts: ``save_partition(dir)`` (every rank, into the checkpoint directory) and
-    ``load_partition(dir)`` (after ``load_state_dict``), e.g. sharded latents (:class:`dbgen.sync.PackedSync`).
+    Per-rank parts (no-ops in :class:`SyncBase`, which every mode extends): ``save_partition(dir)`` (every rank,
+    into the checkpoint directory), ``load_partition(dir)`` (after ``load_state_dict``), e.g. sharded latents
+    (:class:`dbgen.sync.PackedSync`), and ``rank_tensors()``: the state this rank holds outside the model (its
+    latent slice), which the trainer's finiteness check covers too.
     """
 
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...
@@ -65,6 +68,12 @@ class GradientSync(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def save_partition(self, directory: str | Path) -> None: ...
+
+    def load_partition(self, directory: str | Path) -> None: ...
+
+    def rank_tensors(self) -> list[torch.Tensor]: ...
 
 
 # ------------------------------------------------------------------------------------------- shared parts
@@ -98,13 +107,22 @@ def set_step_decision(optimizer, lr, clip_coef, skip) -> None:
 
 
 class SyncBase:
-    """A sync with no state of its own: nothing to checkpoint, nothing to restore."""
+    """A sync with no state of its own: nothing to checkpoint, nothing to restore, nothing held per rank."""
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def save_partition(self, directory: str | Path) -> None:
+        pass
+
+    def load_partition(self, directory: str | Path) -> None:
+        pass
+
+    def rank_tensors(self) -> list[torch.Tensor]:
+        return []
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed engine modes

@@ -16,8 +16,7 @@ __all__ = ["CountedSync"]
 class CountedSync:
     """A GradientSync whose collectives count by phase: ``backward``/``reduce`` as ``grad``, ``grad_norm`` as
     ``other``, ``step`` as ``weight`` (ZeRO's parameter all-gather; the packed sign all-gather). A sync may
-    label its own collectives more precisely (the innermost :func:`comm_kind` wins). Everything else, and the
-    optional per-rank checkpoint hooks ``save_partition``/``load_partition`` (no-ops when absent), pass
+    label its own collectives more precisely (the innermost :func:`comm_kind` wins). Everything else passes
     through."""
 
     def __init__(self, sync):
@@ -46,12 +45,13 @@ class CountedSync:
         return self.inner.load_state_dict(state)
 
     def save_partition(self, directory) -> None:
-        if hasattr(self.inner, "save_partition"):
-            self.inner.save_partition(directory)
+        self.inner.save_partition(directory)
 
     def load_partition(self, directory) -> None:
-        if hasattr(self.inner, "load_partition"):
-            self.inner.load_partition(directory)
+        self.inner.load_partition(directory)
+
+    def rank_tensors(self):
+        return self.inner.rank_tensors()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -131,6 +131,9 @@ class PackedSync(ExchangeSync):
         self.layout.write_signs(full)
 
     # ---------------------------------------------------------------------------------------- checkpoints
+    def rank_tensors(self) -> list[torch.Tensor]:
+        return [self.latent]
+
     def save_partition(self, directory: str | Path):
         state = self.binary_optimizer.state.get(self.latent, {})
         ranged = {"latent": self.latent, "exp_avg": state.get("exp_avg"), "exp_avg_sq": state.get("exp_avg_sq")}
