@@ -18,6 +18,7 @@ if [ "${1:-}" = "--under-load" ]; then
     hogs+=("$!")
   done
   trap 'kill "${hogs[@]}" 2>/dev/null || true' EXIT
+  export DBGEN_TEST_TIMEOUT_SCALE="${DBGEN_TEST_TIMEOUT_SCALE:-5}"  # hang ceilings (tests/conftest.py) x5
   echo "under load: ${#hogs[@]} busy-loop processes (PIDs ${hogs[*]})" >&2
 fi
 workers="${DBGEN_TEST_WORKERS:-2}"

@@ -81,7 +81,7 @@ def train_cmd(storage, name, *overrides) -> list[str]:
     ]
 
 
-def run_train(cluster, storage, name, *overrides, timeout=400) -> dict:
+def run_train(cluster, storage, name, *overrides, timeout=900) -> dict:
     out = subprocess.run(
         train_cmd(storage, name, *overrides),
         env=driver_env(cluster),
@@ -161,7 +161,7 @@ def test_ray_job_submit_end_to_end(cluster, storage, tmp_path):
         "train.sample_every=20",
         *FAST,
     ]
-    out = subprocess.run(cmd, env=cluster.client_env(), cwd=ROOT, capture_output=True, text=True, timeout=500)
+    out = subprocess.run(cmd, env=cluster.client_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert cluster._get_json(f"/api/jobs/{sid}")["status"] == "SUCCEEDED"
 
@@ -184,8 +184,11 @@ def test_ray_job_submit_end_to_end(cluster, storage, tmp_path):
         "Traceback",
     ):
         assert noise not in console, f"{noise!r} on the job's console:\n{console[-3000:]}"
+    # dbgen's lines; also those of building the built-in data set, when this is the suite's first run to need
+    # it (which run that is depends on timing: under load it was this one)
     dbgen_line = re.compile(
-        r"^\d\d:\d\d:\d\d (run |model |\d+ worker|data |ray: |step +\d+|resumed )"
+        r"^\d\d:\d\d:\d\d (run |model |\d+ worker|data |ray: |step +\d+|resumed "
+        r"|\S+: \d+ rows in \d+ shards |built \w+ into )"
         r"|^summary \(|^[a-z_]+: "
     )
     assert all(dbgen_line.match(line) for line in lines), [line for line in lines if not dbgen_line.match(line)]
@@ -310,7 +313,7 @@ def test_two_nodes_one_worker_each(storage):
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
-                timeout=300,
+                timeout=900,  # ~60 s on an idle machine; generous for a loaded one
             )
             nodes = {cluster.head_node.node_id, worker.node_id}
         finally:
@@ -351,7 +354,7 @@ def test_killed_worker_recovers_exactly_and_resubmission_resumes(cluster, storag
     )
     run = storage / "exact-kill"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # generous: a loaded machine is ~10x slower
         while not (run / "checkpoint_0000005").is_dir():
             assert proc.poll() is None and time.monotonic() < deadline, "checkpoint 5 never committed"
             time.sleep(0.05)

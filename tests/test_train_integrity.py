@@ -78,7 +78,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         (export, ["--run", str(run), "--out", str(tmp_path / "x.dbgen")]),
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", cli.__name__, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", cli.__name__, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
         )
         assert proc.returncode == 2 and f"{damaged}: sha256 does not match" in proc.stderr, (cli, proc.stderr)
     assert not (tmp_path / "x.dbgen").exists()
@@ -90,7 +90,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert refused.returncode == 2 and "another model" in refused.stderr and "model.width: " in refused.stderr
     assert (run / "config.yaml").read_text() == config_before
@@ -109,7 +109,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     log = out.stdout + out.stderr
@@ -141,13 +141,13 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert diverged.returncode == 1, diverged.stdout[-3000:] + diverged.stderr[-3000:]
     assert "the run diverged: steps" in diverged.stderr and "train.max_bad_steps=3" in diverged.stderr
     assert "Traceback" not in diverged.stderr
     assert len(train_worker_actors(cluster)) - workers_before == 2, "a diverged run was retried"
-    assert time.monotonic() - start < 300
+    assert time.monotonic() - start < 900  # the retries are counted above; this bounds a hang
     steps = [int(name.rsplit("_", 1)[1]) for name in _checkpoints(run)]
     metas = {s: json.loads((run / f"checkpoint_{s:07d}" / "meta.json").read_text()) for s in steps}
     assert any(m["finite"] for m in metas.values()), metas.keys()  # the newest finite one is never rotated away
@@ -243,7 +243,7 @@ def test_interrupts_and_one_driver_per_run(cluster, storage):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,
         )
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"error: run interrupted is in use by PID {proc.pid} on " in second.stderr, second.stderr[-3000:]
@@ -252,7 +252,7 @@ def test_interrupts_and_one_driver_per_run(cluster, storage):
         assert not records(run, "resume")  # B started no worker
 
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=180)
+        out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -304,7 +304,7 @@ def test_interrupts_and_one_driver_per_run(cluster, storage):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     takeovers = [line for line in resumed.stderr.splitlines() if "taking over the lease" in line]
@@ -359,7 +359,7 @@ def test_a_full_disk_stops_the_run_with_one_line_keeping_what_was_committed(clus
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "a checkpoint may fail for lack of space" in out.stderr
@@ -406,10 +406,10 @@ def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "error: training failed:" in out.stderr and shard.name in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert len(train_worker_actors(cluster)) - workers_before == 2, "a corrupt shard was retried"
-    assert time.monotonic() - start < 300
+    assert time.monotonic() - start < 900  # the retries are counted above; this bounds a hang
