@@ -6,6 +6,7 @@ The trainer writes them, the driver checks them before a resume, and ``dbgen.eva
     config.yaml                         the resolved config (the driver)
     metrics.jsonl                       one JSON record per event (rank 0; :mod:`dbgen.reporter`)
     summary.json                        the last attempt's summary (rank 0)
+    .lease                              the driver's lease on the run: holder and heartbeat (:mod:`dbgen.lease`)
     samples/step_<step>.png             sample grids
     .checkpoint_<step>.partial/         a checkpoint being written: every rank writes its part here, then rank 0
                                         writes meta.json and renames it (:func:`commit_checkpoint`)
