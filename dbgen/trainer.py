@@ -44,6 +44,7 @@ Train entry point (:func:`train_worker`).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -128,6 +129,36 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+
+
+def load_deepspeed_cpu_comm_op() -> None:
+    """Load (building once) DeepSpeed's shared-memory comm op of the CPU backend before DeepSpeed does.
+
+    DeepSpeed builds and loads it through torch's ``FileBaton``: a ``lock`` file in the op's build directory that
+    only its holder removes. A process killed while holding it (a killed worker group, ``kill -9`` of a run
+    starting up, the driver's watchdog) leaves the file, and every later DeepSpeed start on the host waits for
+    it forever (seen under load in the suite). dbgen takes an ``flock`` first, which the kernel releases with its
+    holder: a baton found while holding the flock was left by a dead process and is removed, with a warning.
+    DeepSpeed's own load then reuses the module (its op builder caches loaded ops per process). A non-dbgen
+    process building the same op at that moment would lose its baton; nothing else on a dbgen host builds it."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".dbgen.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # waits while another dbgen process on this host builds or loads it
+        baton = build_dir / "lock"
+        if baton.exists():
+            log.warning("removing %s: left by a process killed while it built or loaded %s", baton, builder.NAME)
+            baton.unlink()
+        builder.load(verbose=False)
 
 
 @contextmanager
@@ -233,6 +264,7 @@ class Trainer:
         prepare_model(model, cfg, self.device)  # channels_last / torch.compile: same math, after init
         self.optimizer = build_optimizer(cfg, model)
         deepspeed.utils.logger.setLevel(logging.WARNING)
+        load_deepspeed_cpu_comm_op()
         with _without_deepspeed_broadcast():
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, self.world_size)

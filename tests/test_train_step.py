@@ -9,6 +9,8 @@ a 2-worker checkpoint resumes on 1 worker (ZeRO 0: the optimizer state is whole)
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,26 @@ def test_zero_stages_accumulation_and_nan_skip(tmp_path):
     resumed = json.loads((tmp_path / "fit1" / "summary.json").read_text())
     assert resumed["resumed_from"] == 5 and resumed["steps"] == 8 and resumed["world_size"] == 1
     assert resumed["images_seen"] == 8 * 32 and resumed["micro_batch_size"] == 32 and resumed["skipped_steps"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_stale_deepspeed_build_lock_does_not_hang_the_next_start():
+    """A ``lock`` file left in DeepSpeed's op build directory by a process killed while it held torch's
+    FileBaton used to make every later DeepSpeed start on the host wait forever (seen in the suite under load).
+    dbgen.trainer.load_deepspeed_cpu_comm_op removes it under an flock and loads the op."""
+    import fcntl
+
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = get_accelerator().create_op_builder("ShareMemCommBuilder").NAME
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".dbgen.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # no dbgen process is building or loading the op while it is planted
+        (build_dir / "lock").write_bytes(b"")
+    load = "import logging; logging.basicConfig(); from dbgen.trainer import load_deepspeed_cpu_comm_op as f; f()"
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=480)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (build_dir / "lock").exists()  # removed (here, or by another dbgen process that got there first)
