@@ -23,6 +23,8 @@
 #include <deque>
 #include <memory>
 #include <thread>
+#include <chrono>
+#include <system_error>
 #include <type_traits>
 #include <vector>
 
@@ -73,16 +75,27 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
         std::vector<uint32_t> dyn((smem + 3) / 4 + 4);
         std::vector<std::thread> pool;
         pool.reserve(threads);
-        for (int t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] {
-            tid_ = make_uint3((unsigned)t, 0, 0);
-            bid_ = make_uint3(x, y, z);
-            bdim_ = block;
-            gdim_ = grid;
-            block_ = &b;
-            dyn_smem_ = dyn.data();
-            kernel(args...);
-          });
+        for (int t = 0; t < threads; ++t) {
+          // A busy host can refuse a thread for a moment (EAGAIN); an exception here would destroy joinable
+          // threads (std::terminate: the whole process aborts), so wait and try again, for up to ~60 s.
+          for (int attempt = 0;; ++attempt) {
+            try {
+              pool.emplace_back([&, t] {
+                tid_ = make_uint3((unsigned)t, 0, 0);
+                bid_ = make_uint3(x, y, z);
+                bdim_ = block;
+                gdim_ = grid;
+                block_ = &b;
+                dyn_smem_ = dyn.data();
+                kernel(args...);
+              });
+              break;
+            } catch (const std::system_error&) {
+              if (attempt >= 6000) throw;  // threads already started wait at a barrier: nothing else to do
+              std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            }
+          }
+        }
         for (auto& th : pool) th.join();
       }
 }
