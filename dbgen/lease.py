@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+from .ray_watchdog import process_start
+
 __all__ = ["LEASE_FILE", "RunInUse", "RunLease"]
 
 log = logging.getLogger(__name__)
@@ -52,20 +54,11 @@ class RunInUse(RuntimeError):
     """Another live driver holds the run's lease; the message names it and says how to go on."""
 
 
-def _process_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat``), None if it is not running."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in (b"Z", b"X") else int(fields[19])
-
-
 def _running_here(holder: dict) -> bool:
     """Whether the holder is a process on this host that still runs (the same PID and the same start time)."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
-    start = _process_start(holder["pid"])
+    start = process_start(holder["pid"])
     return start is not None and start == holder.get("pid_start", start)
 
 
@@ -88,7 +81,7 @@ class RunLease:
         self.holder = {
             "host": socket.gethostname(),
             "pid": pid,
-            "pid_start": _process_start(pid),
+            "pid_start": process_start(pid),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "ray_job_id": None,
             "heartbeat": time.time(),

@@ -60,6 +60,13 @@ def descendants(roots: dict[int, int]) -> dict[int, int]:
     return found
 
 
+def process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, None when it is not running: with the PID, it names one
+    process (a PID alone may be reused)."""
+    st = _stat(pid)
+    return None if st is None else st[1]
+
+
 def alive_roots(pids: list[int]) -> dict[int, int]:
     """``{pid: start time}`` of those of ``pids`` that run now."""
     return {pid: st[1] for pid in pids if (st := _stat(pid)) is not None}
