@@ -10,7 +10,9 @@ whichever caller computes it.
 model through one of :data:`ENGINES` (:func:`use_engine`): ``packed`` swaps the binary layers for the bitwise
 kernels (:func:`dbgen.kernels.to_packed`; the exact pure-PyTorch reference on CPU), ``float`` runs the
 training-time float layers. :func:`default_engine` picks packed on CUDA and float on CPU, where the reference
-is slower than a float conv.
+is slower than a float conv; :func:`resolve_engine` checks that the packed engine can run on the device (the
+CUDA kernels need nvcc and sm_80 or newer): a default falls back to float with one warning saying why, an
+explicit ``packed`` raises :class:`EngineUnavailable` with what is missing.
 
 The two engines compute the same function with different roundings: the packed fully binary layers sum the
 +-1 products exactly and round once (``fl(fl(dot * scale) + bias)``), the float layers round their fp32 sums
@@ -27,13 +29,25 @@ layer runs on CUDA) samples agree except where a rounding difference crosses a s
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["ENGINES", "PACKED_BPD_TOLERANCE", "bpd_sum", "default_engine", "evaluate_bpd", "use_engine"]
+__all__ = [
+    "ENGINES",
+    "PACKED_BPD_TOLERANCE",
+    "EngineUnavailable",
+    "bpd_sum",
+    "default_engine",
+    "evaluate_bpd",
+    "resolve_engine",
+    "use_engine",
+]
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("packed", "float")
 
@@ -45,6 +59,31 @@ PACKED_BPD_TOLERANCE = 1e-3
 def default_engine(device: str | torch.device) -> str:
     """``"packed"`` on CUDA, ``"float"`` elsewhere (the CPU reference is exact but slower than a float conv)."""
     return "packed" if torch.device(device).type == "cuda" else "float"
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine asked for cannot run on the device; the message says what is missing."""
+
+
+def resolve_engine(requested: str | None, device: str | torch.device) -> str:
+    """The engine to run on ``device``: ``requested``, or :func:`default_engine` when None. The packed engine is
+    checked first (:func:`dbgen.kernels.kernels_missing`): when it cannot run, a default falls back to
+    ``float`` with one warning that says why, and an explicit ``packed`` raises :class:`EngineUnavailable`."""
+    device = torch.device(device)
+    engine = requested or default_engine(device)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "float":
+        return engine
+    from .kernels import kernels_missing  # here: float inference needs none of the kernels' modules
+
+    missing = kernels_missing(device)
+    if missing is None:
+        return engine
+    if requested == "packed":
+        raise EngineUnavailable(f"the packed engine cannot run on {device}: {missing}; use --engine float")
+    log.warning("the packed engine cannot run on %s (%s); using the float engine", device, missing)
+    return "float"
 
 
 def use_engine(model: nn.Module, engine: str) -> nn.Module:

@@ -1,14 +1,17 @@
 """``python -m dbgen.evaluate --run DIR [--data DIR] [--samples K] [--json]``: bits/dim of a run's checkpoint.
 
-Single process, no Ray and no DeepSpeed needed: the latest checkpoint of the run directory (the one with the
-highest step among ``checkpoint_*/meta.json``) is read with ``torch.load(weights_only=True)``, the model is
+Single process, no Ray and no DeepSpeed needed: the run directory's checkpoint that a resume would take (the
+newest intact one from finite weights, :func:`dbgen.rundir.choose_checkpoint`) is read with
+``torch.load(weights_only=True)``, the model is
 rebuilt from the config stored in that checkpoint, and every row of the held-out split (``--data``, default the
 run's ``data.eval``) is evaluated once with the importance-weighted bound of ``--samples`` posterior samples
 (K=1 is the ELBO / the flow's dequantized bound). EMA weights are used when the run kept an EMA.
 ``--packed FILE`` evaluates an exported artifact (``python -m dbgen.export``) instead of a run; ``--workers N``
 spreads the split over N Ray actors that receive the weights as packed bytes through the object store.
-``--engine`` picks how the model runs (default: ``packed``, the bitwise kernels, on CUDA; ``float`` on CPU;
-see :mod:`dbgen.eval_loop` for what differs between them).
+``--engine`` picks how the model runs (default: ``packed``, the bitwise kernels, on CUDA, falling back to
+``float`` with a warning where they cannot be built; ``float`` on CPU; an explicit ``--engine packed`` that
+cannot run exits 2 saying what is missing; see :mod:`dbgen.eval_loop` for what differs between them). The
+actors of ``--workers`` ask Ray for a share of a GPU when the cluster has GPUs, and run on it.
 
 The loop is :func:`dbgen.eval_loop.bpd_sum`, the one the trainer and the actors run; reading the run is
 :func:`dbgen.rundir.load_run`.
@@ -26,8 +29,8 @@ from pathlib import Path
 import torch
 
 from .data import DataError, EvalLoader, resolve_split
-from .eval_loop import ENGINES, default_engine, evaluate_bpd, use_engine
-from .export import ArtifactError, evaluate_with_actors, load_artifact, pack_model
+from .eval_loop import ENGINES, EngineUnavailable, evaluate_bpd, resolve_engine, use_engine
+from .export import ArtifactError, actor_placement, evaluate_with_actors, load_artifact, pack_model
 from .ray_local import connect_ray
 from .rundir import RunError, load_run
 
@@ -39,7 +42,11 @@ log = logging.getLogger(__name__)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dbgen.evaluate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory (<storage>/<name>)")
+    src.add_argument(
+        "--run",
+        help="run directory (<storage>/<name>): its newest intact finite checkpoint, as a resume takes; or one "
+        "checkpoint directory (<run>/checkpoint_<step>)",
+    )
     src.add_argument("--packed", help="a packed artifact (python -m dbgen.export) instead of a run")
     p.add_argument(
         "--workers",
@@ -70,9 +77,11 @@ def main(argv=None) -> int:
         p.error("--samples and --batch-size must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = args.engine or default_engine(device)
     artifact = None
     try:
+        # before any loading, so that a missing kernel fails fast; with --workers each actor resolves the engine
+        # on its own device
+        engine = resolve_engine(args.engine, device) if args.workers == 0 else args.engine
         if args.packed:
             try:
                 model, info, artifact = load_artifact(args.packed, device=device)
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
             raise RunError("the run has no data.eval; pass --data")
         split = resolve_split(spec, "test")
         loader = EvalLoader(split, batch_size=args.batch_size, rank=0, world_size=1, backend="arrow")
-    except (RunError, DataError) as e:
+    except (RunError, DataError, EngineUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
@@ -97,19 +106,21 @@ def main(argv=None) -> int:
         artifact = artifact or pack_model(
             model, info["config"], {"checkpoint": info["checkpoint"], "step": info["step"], "ema": info["ema"]}
         )
-        # More actors than the cluster's CPUs share them (a whole CPU each would leave some never scheduled).
-        cpus_per_actor = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.workers)
-        res = evaluate_with_actors(
-            artifact,
-            split,
-            args.workers,
-            batch_size=args.batch_size,
-            samples=args.samples,
-            seed=args.seed,
-            max_batches=args.max_batches,
-            cpus_per_actor=cpus_per_actor,
-            engine=args.engine,
-        )
+        try:
+            res = evaluate_with_actors(
+                artifact,
+                split,
+                args.workers,
+                batch_size=args.batch_size,
+                samples=args.samples,
+                seed=args.seed,
+                max_batches=args.max_batches,
+                engine=args.engine,
+                **actor_placement(ray.cluster_resources(), args.workers),
+            )
+        except EngineUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         bpd, rows = res["bpd"], res["rows"]
         engine = res["engine"]
     else:

@@ -44,7 +44,7 @@ from ._version import __version__
 from .atomic import write_atomic
 from .config import Config, ConfigError, load_config
 from .data import EvalLoader
-from .eval_loop import bpd_sum, default_engine, use_engine
+from .eval_loop import EngineUnavailable, bpd_sum, resolve_engine, use_engine
 from .models import build
 from .nn import binary_layers, packed_state_dict
 from .nn.state import PACKED_SUFFIX, load_packed_state_dict
@@ -54,6 +54,7 @@ __all__ = [
     "ArtifactError",
     "PackedArtifact",
     "PackedModelActor",
+    "actor_placement",
     "evaluate_with_actors",
     "export_model",
     "export_run",
@@ -139,9 +140,9 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, source: dict | 
 
 
 def export_run(run_dir: str | Path, out: str | Path, ema: bool = True, allow_nonfinite: bool = False) -> dict:
-    """Export a checkpoint (``run_dir``: a run directory for its latest, or a checkpoint directory), its EMA
-    weights if it kept an EMA and ``ema``. It is verified first; one taken from non-finite weights is refused
-    unless ``allow_nonfinite`` (:func:`dbgen.rundir.open_checkpoint`)."""
+    """Export a checkpoint (``run_dir``: a run directory for the checkpoint a resume would take, or one checkpoint
+    directory), its EMA weights if it kept an EMA and ``ema``. It is verified first; non-finite weights are
+    accepted only with ``allow_nonfinite`` (:func:`dbgen.rundir.load_run`)."""
     model, info = load_run(run_dir, ema=ema, allow_nonfinite=allow_nonfinite)
     source = {
         "run": str(Path(run_dir).resolve()),
@@ -259,19 +260,26 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
 class PackedModelActor:
     """A model replica for Ray: built from an artifact's bytes (resolved from the object store), evaluates
     shards of a held-out split and draws samples. Use via ``ray.remote(PackedModelActor)`` or
-    :func:`evaluate_with_actors`. The model runs on CUDA when the actor sees a GPU, through ``engine``
-    (default :func:`dbgen.eval_loop.default_engine`: the bitwise kernels on CUDA, float layers on CPU)."""
+    :func:`evaluate_with_actors`. The model runs on ``device`` (``cuda``: the GPU Ray gave the actor) through
+    ``engine``, resolved there (:func:`dbgen.eval_loop.resolve_engine`: by default the bitwise kernels on CUDA,
+    float layers on CPU). An explicit engine that cannot run leaves the actor without a model, and
+    :meth:`engine` says why."""
 
-    def __init__(self, artifact: bytes, threads: int = 1, engine: str | None = None):
+    def __init__(self, artifact: bytes, threads: int = 1, engine: str | None = None, device: str = "cpu"):
         torch.set_num_threads(threads)
         self.received = {"type": type(artifact).__name__, "bytes": len(artifact)}
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._engine = engine or default_engine(device)
+        self.device = device
+        try:
+            self._engine, self._missing = resolve_engine(engine, device), None
+        except EngineUnavailable as e:
+            self._engine, self._missing, self.model = None, str(e), None
+            return
         self.model = use_engine(load_packed(artifact, device=device), self._engine)
 
-    def engine(self) -> str:
-        """The engine the model runs through (``packed`` or ``float``)."""
-        return self._engine
+    def engine(self) -> dict:
+        """``{"engine": packed or float, "device", "missing"}``; ``missing`` (why the engine asked for cannot
+        run here) instead of an engine when it cannot."""
+        return {"engine": self._engine, "device": self.device, "missing": self._missing}
 
     def info(self) -> dict:
         """What arrived from the object store (type and size), and the model's parameter count."""
@@ -301,6 +309,18 @@ class PackedModelActor:
         return self.model.sample(n, temperature=temperature)
 
 
+def actor_placement(cluster: dict, workers: int) -> dict:
+    """Where ``workers`` evaluation actors run on a cluster with resources ``cluster``
+    (``ray.cluster_resources()``): ``{"device", "options"}`` for :func:`evaluate_with_actors`. On GPUs when the
+    cluster has any (each actor asks for ``num_gpus``), else on CPUs. More actors than the cluster's CPUs (or
+    GPUs) share them: a whole one each would leave some actors never scheduled."""
+    options = {"num_cpus": min(1.0, cluster.get("CPU", 1.0) / workers)}
+    gpus = cluster.get("GPU", 0.0)
+    if gpus > 0:
+        options["num_gpus"] = min(1.0, gpus / workers)
+    return {"device": "cuda" if gpus > 0 else "cpu", "options": options}
+
+
 def evaluate_with_actors(
     artifact: bytes,
     split: str | Path,
@@ -309,21 +329,27 @@ def evaluate_with_actors(
     samples: int = 1,
     seed: int = 0,
     max_batches: int | None = None,
-    cpus_per_actor: float = 1.0,
     engine: str | None = None,
+    device: str = "cpu",
+    options: dict | None = None,
 ) -> dict:
     """Bits/dim of an artifact over ``split`` with ``workers`` Ray actors (Ray must be initialized).
 
     The artifact's bytes go into the object store once (``ray.put``); each actor receives them as its
     constructor argument and evaluates shard ``i`` of ``workers`` of the split with seed
-    ``derive_seed(seed, i)``. ``max_batches`` bounds each shard. ``engine``: see :class:`PackedModelActor`.
-    """
+    ``derive_seed(seed, i)``. ``max_batches`` bounds each shard. ``engine``, ``device``: see
+    :class:`PackedModelActor`; ``options``: the actors' Ray resources (default one CPU each;
+    :func:`actor_placement` chooses both from the cluster). Raises :class:`dbgen.eval_loop.EngineUnavailable`
+    when the engine asked for cannot run on the actors' device."""
     import ray  # here: the rest of this module (export, load) needs no Ray
 
     ref = ray.put(bytes(artifact))
-    Actor = ray.remote(num_cpus=cpus_per_actor)(PackedModelActor)
-    actors = [Actor.remote(ref, engine=engine) for _ in range(workers)]
+    Actor = ray.remote(**(options or {"num_cpus": 1.0}))(PackedModelActor)
+    actors = [Actor.remote(ref, engine=engine, device=device) for _ in range(workers)]
     try:
+        status = ray.get(actors[0].engine.remote())
+        if status["missing"]:
+            raise EngineUnavailable(status["missing"])
         parts = ray.get(
             [
                 a.evaluate.remote(str(split), i, workers, batch_size, samples, derive_seed(seed, i), max_batches)
@@ -331,7 +357,6 @@ def evaluate_with_actors(
             ]
         )
         received = ray.get(actors[0].info.remote())
-        engine = ray.get(actors[0].engine.remote())
     finally:
         for a in actors:
             ray.kill(a)
@@ -342,7 +367,8 @@ def evaluate_with_actors(
         "workers": workers,
         "object_store_bytes": len(artifact),
         "received": received,
-        "engine": engine,
+        "engine": status["engine"],
+        "device": status["device"],
     }
 
 
@@ -352,8 +378,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--run",
         required=True,
-        help="run directory (<storage>/<name>): its latest checkpoint; or "
-        "one checkpoint directory (<run>/checkpoint_<step>)",
+        help="run directory (<storage>/<name>): its newest intact finite checkpoint, as a resume takes; or one "
+        "checkpoint directory (<run>/checkpoint_<step>)",
     )
     p.add_argument("--out", required=True, help="artifact file to write (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

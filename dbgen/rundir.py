@@ -21,10 +21,12 @@ The trainer writes them, the driver checks them before a resume, and ``dbgen.eva
                                             other file): what evaluate/sample/export and a resume read first
         packed/rank_<r>_of_<W>.pt           packed comm modes: each rank's slice of the binary latents (the sync)
 
-Integrity: a checkpoint is verified against its ``files`` before it is used (:func:`verify_checkpoint`):
-a resume falls back to the newest intact checkpoint taken from finite weights (:func:`find_resume`, the one
-choice the driver and the workers share), while evaluate/sample/export refuse a damaged one, naming the file
-(:func:`open_checkpoint`). Rotation (:func:`prune_checkpoints`) never deletes the newest finite checkpoint.
+Integrity: a checkpoint is verified against its ``files`` before it is used (:func:`verify_checkpoint`). Which
+checkpoint is used is chosen one way, by :func:`choose_checkpoint`, each caller stating its policy (verified,
+finite): a resume (driver and workers alike), the messages that say where a run resumes, and evaluate/sample/
+export on a run directory take the newest intact checkpoint taken from finite weights, naming each newer one
+they pass over; a checkpoint directory given by name is used as it is or refused, naming the file. Rotation
+(:func:`prune_checkpoints`) verifies what it keeps before it deletes, and never deletes the newest finite one.
 
 The config is stored once per checkpoint, in ``meta.json`` (the DeepSpeed client state of checkpoints written
 before that carries a copy too, which nothing reads). Reading a checkpoint needs no DeepSpeed: the model states
@@ -60,21 +62,19 @@ __all__ = [
     "checkpoint_dirs",
     "checkpoint_meta",
     "checkpoint_name",
+    "choose_checkpoint",
     "commit_checkpoint",
     "derive_seed",
     "file_records",
-    "find_resume",
-    "latest_checkpoint",
     "list_files",
     "load_checkpoint",
     "load_run",
-    "newest_finite_checkpoint",
-    "open_checkpoint",
     "partial_dir",
     "prune_checkpoints",
     "read_meta",
     "remove_partial_checkpoints",
     "restore_rng",
+    "resume_words",
     "rng_state",
     "samples_path",
     "save_checkpoint",
@@ -132,22 +132,6 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
-    """``(checkpoint dir, meta)`` of the run's newest checkpoint with a readable ``meta.json`` (not verified)."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise RunError(f"run directory not found: {run_dir}")
-    for path in checkpoint_dirs(run_dir):
-        try:
-            return path, read_meta(path)
-        except RunError as e:
-            log.warning("skipping %s", e)
-    raise RunError(
-        f"{run_dir}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
-        f"of python -m dbgen.train, and did it reach its first checkpoint?)"
-    )
-
-
 def verify_checkpoint(ckpt: str | Path, meta: dict, full: bool = True) -> None:
     """Check every file ``meta["files"]`` lists: present, of the recorded size and (``full``) sha256. Raises
     :class:`RunError` naming the first bad file. A checkpoint written before checksums (no ``files``) passes
@@ -171,70 +155,86 @@ def verify_checkpoint(ckpt: str | Path, meta: dict, full: bool = True) -> None:
             raise RunError(f"{path}: sha256 does not match {ckpt / META_FILE} (the file is corrupted)")
 
 
-def find_resume(run_dir: str | Path, trusted: str | Path | None = None) -> tuple[Path, dict] | None:
-    """The checkpoint a run resumes from: the newest one that is complete, intact (checksums) and taken from
-    finite weights; each newer one that is not is named in a warning. ``None`` when the run has no checkpoint
-    directory. ``trusted``: a checkpoint verified moments ago by the caller's caller (the driver), not hashed
-    again. The driver and every worker choose with this function, so they always agree. Raises
-    :class:`RunError` when checkpoint directories exist but none can be resumed: starting over would replace
-    them."""
+def choose_checkpoint(
+    run_dir: str | Path, *, verified: bool = True, finite: bool = True, trusted: str | Path | None = None
+) -> tuple[Path, dict] | None:
+    """The one way to choose a run's checkpoint: ``(checkpoint dir, meta)`` of the newest
+    ``checkpoint_<step>`` of ``run_dir`` with a readable ``meta.json`` that passes the caller's policy:
+
+    * ``verified``: every file matches the size and sha256 that ``meta.json`` records (:func:`verify_checkpoint`);
+      ``trusted`` is a checkpoint the caller verified moments ago, not hashed again;
+    * ``finite``: taken from finite weights (not from a diverged run's last steps).
+
+    Each newer checkpoint passed over is named in a warning, with why. ``None`` when the run has no checkpoint
+    directory; :class:`RunError` listing every reason when it has some and none passes (a caller must never start
+    over, or pick something older, silently).
+
+    The callers' policies: a resume (the driver, every worker, the interrupt and divergence messages that say
+    where the run resumes) and ``evaluate``/``sample``/``export`` on a run directory take the newest verified
+    finite one (``export --force`` drops ``finite``); rotation (:func:`prune_checkpoints`) deletes nothing
+    before the checkpoints it keeps have verified."""
     dirs = checkpoint_dirs(run_dir)
     if not dirs:
         return None
     reasons = []
     for path in dirs:
         try:
-            meta = read_meta(path)
-            if meta.get("finite") is False:
-                raise RunError(f"{path}: taken from non-finite weights (the run diverged)")
-            if trusted is None or Path(trusted).resolve() != path.resolve():
-                verify_checkpoint(path, meta)
+            meta = _check(path, verified=verified, finite=finite, trusted=trusted)
         except RunError as e:
             reasons.append(str(e))
-            log.warning("not resuming from %s: %s", path.name, e)
+            log.warning("passing over %s: %s", path.name, e)
             continue
         if reasons:
-            log.warning("resuming from the newest intact checkpoint, %s (step %d)", path.name, meta["step"])
+            log.warning("using the newest intact checkpoint, %s (step %d)", path.name, meta["step"])
         return path, meta
     raise RunError(
-        f"{run_dir}: no checkpoint can be resumed:\n  "
+        f"{run_dir}: no checkpoint is usable:\n  "
         + "\n  ".join(reasons)
         + "\nrepair or remove them, or use another --name to start a new run"
     )
 
 
-def open_checkpoint(source: str | Path, allow_nonfinite: bool = False) -> tuple[Path, dict]:
-    """``(checkpoint dir, meta)`` for ``dbgen.evaluate``/``sample``/``export``: ``source`` is a checkpoint
-    directory, or a run directory (its newest checkpoint). Verified against its checksums; one taken from
-    non-finite weights is refused unless ``allow_nonfinite``. Raises :class:`RunError` naming the file."""
-    source = Path(source).expanduser()
-    if (source / META_FILE).exists():
-        ckpt, meta = source, read_meta(source)
-    else:
-        ckpt, meta = latest_checkpoint(source)
-    verify_checkpoint(ckpt, meta)
-    if meta.get("finite") is False and not allow_nonfinite:
-        finite = newest_finite_checkpoint(ckpt.parent)
-        hint = f"; the newest finite one is {finite}" if finite is not None else ""
-        raise RunError(f"{ckpt}: taken from non-finite weights (the run diverged){hint}")
-    return ckpt, meta
+def resume_words(run_dir: str | Path, trusted: str | Path | None = None) -> str:
+    """Where the same command resumes the run, in words for a message (an interrupt, a full disk, a
+    divergence): the checkpoint a resume will choose (:func:`choose_checkpoint`), not merely the newest."""
+    run_dir = Path(run_dir)
+    try:
+        found = choose_checkpoint(run_dir, trusted=trusted)
+    except RunError as e:
+        return f"no checkpoint of run {run_dir.name} can be resumed: {e}"
+    where = f"{found[0].name} (step {found[1]['step']})" if found else "its start (no checkpoint yet)"
+    return f"the same command resumes run {run_dir.name} from {where}"
 
 
-def newest_finite_checkpoint(run_dir: str | Path) -> Path | None:
-    """The run's newest checkpoint whose ``meta.json`` does not mark non-finite weights (not verified)."""
-    for path in checkpoint_dirs(run_dir):
-        try:
-            if read_meta(path).get("finite") is not False:
-                return path
-        except RunError:
-            continue
-    return None
+def _check(path: Path, *, verified: bool, finite: bool, trusted: str | Path | None = None) -> dict:
+    """``path``'s meta after the checks of a policy (:func:`choose_checkpoint`); raises :class:`RunError`."""
+    meta = read_meta(path)
+    if finite and meta.get("finite") is False:
+        raise RunError(f"{path}: taken from non-finite weights (the run diverged)")
+    if verified and (trusted is None or Path(trusted).resolve() != path.resolve()):
+        verify_checkpoint(path, meta)
+    return meta
 
 
 def load_run(source: str | Path, ema: bool = True, device: str | torch.device = "cpu", allow_nonfinite: bool = False):
-    """The model of a checkpoint (``source``: a checkpoint directory, or a run directory for its newest one),
-    verified by :func:`open_checkpoint`, in eval mode, and ``info`` (checkpoint, step, config, ema)."""
-    ckpt, meta = open_checkpoint(source, allow_nonfinite)
+    """The model of a checkpoint, in eval mode, and ``info`` (checkpoint, step, config, ema), for
+    ``dbgen.evaluate``/``sample``/``export``. ``source``: a run directory (its newest verified finite
+    checkpoint, :func:`choose_checkpoint`), or one checkpoint directory, used as it is or refused (damaged, or
+    taken from non-finite weights). ``allow_nonfinite``: accept non-finite weights. Raises :class:`RunError`
+    naming the file."""
+    source = Path(source).expanduser()
+    if (source / META_FILE).exists():
+        ckpt, meta = source, _check(source, verified=True, finite=not allow_nonfinite)
+    elif not source.is_dir():
+        raise RunError(f"run directory not found: {source}")
+    else:
+        found = choose_checkpoint(source, finite=not allow_nonfinite)
+        if found is None:
+            raise RunError(
+                f"{source}: no checkpoint (expected checkpoint_*/{META_FILE}; is this a run directory "
+                f"of python -m dbgen.train, and did it reach its first checkpoint?)"
+            )
+        ckpt, meta = found
     try:
         cfg = load_config(meta["config"])
     except (ConfigError, KeyError) as e:
@@ -421,22 +421,28 @@ def commit_checkpoint(partial: Path, meta: dict) -> Path:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints, never the newest one taken from finite weights
-    (a diverged run keeps its last good state); returns what was deleted. Checkpoints that are not complete
-    (missing or resized files) are neither counted nor deleted: they are left for the user to inspect."""
-    complete = []
-    for path in checkpoint_dirs(run_dir):
-        try:
-            meta = read_meta(path)
-            verify_checkpoint(path, meta, full=False)
-        except RunError:
+    """Delete all but the newest ``keep`` intact checkpoints and the newest intact finite one (a diverged run
+    keeps its last good state); returns what was deleted. The survivors are verified by checksum before anything
+    is deleted, so a damaged checkpoint (even one of the right size) never outlives the intact one it would
+    replace: it is not counted, and it is left for the user to inspect, as is any incomplete one."""
+    dirs = checkpoint_dirs(run_dir)
+    survivors, newest_finite, deleted = [], None, []
+    for path in dirs:  # newest first
+        settled = len(survivors) >= keep and newest_finite is not None
+        try:  # until the survivors are known, every checkpoint is hashed; after, older ones need only be whole
+            meta = _check(path, verified=not settled, finite=False)
+            if settled:
+                verify_checkpoint(path, meta, full=False)
+        except RunError as e:
+            log.warning("leaving %s out of the rotation: %s", path.name, e)
             continue
-        complete.append((path, meta))
-    keepers = {path for path, _ in complete[:keep]}
-    newest_finite = next((path for path, meta in complete if meta.get("finite") is not False), None)
-    if newest_finite is not None:
-        keepers.add(newest_finite)
-    deleted = [path for path, _ in complete if path not in keepers]
+        first_finite = newest_finite is None and meta.get("finite") is not False
+        if first_finite:
+            newest_finite = path
+        if len(survivors) < keep or first_finite:
+            survivors.append(path)
+        else:
+            deleted.append(path)
     for path in deleted:
         shutil.rmtree(path)
     if deleted:

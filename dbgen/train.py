@@ -11,7 +11,7 @@
   (and one GPU with ``scale.use_gpu``) per worker and ``FailureConfig(max_failures=scale.max_failures)``.
 * The run directory is ``<storage>/<name>``. Re-running with the same ``--name`` and ``--storage`` resumes
   from its newest intact checkpoint taken from finite weights (e.g. with a larger ``train.max_steps``); a
-  damaged newer one is named and skipped (:func:`dbgen.rundir.find_resume`, the same choice the workers make).
+  damaged newer one is named and skipped (:func:`dbgen.rundir.choose_checkpoint`, the same choice the workers make).
   With several nodes the storage directory (and the data) must be on a file system every node sees at the
   same path: every worker writes its part of a checkpoint there.
 * One driver per run: the driver holds the run's lease (:mod:`dbgen.lease`) from before it writes anything until
@@ -57,9 +57,9 @@ from .rundir import (
     RunError,
     check_resume,
     checkpoint_bytes,
-    find_resume,
-    latest_checkpoint,
+    choose_checkpoint,
     remove_partial_checkpoints,
+    resume_words,
 )
 from .trainer import train_worker
 
@@ -103,7 +103,7 @@ def prepare(cfg: Config, name: str, storage: str | Path, *, takeover: bool = Fal
         probe = run_dir / ".write_probe"
         probe.write_text("ok")
         probe.unlink()
-        found = find_resume(run_dir)  # the workers choose with the same function
+        found = choose_checkpoint(run_dir)  # a resume: verified, finite (the workers choose alike)
         if found is not None:
             check_resume(*found, cfg, cfg.scale.num_workers)
     except OSError as e:
@@ -232,7 +232,7 @@ def _fit_on_ray(cfg: Config, name: str, paths: dict, verbose: bool, driver_start
             resources_per_worker=resources,
             placement_strategy=s.placement_strategy,
         ),
-        # Checkpoints are dbgen's (written, verified and rotated by the workers, chosen by find_resume), so
+        # Checkpoints are dbgen's (written, verified and rotated by the workers, chosen by choose_checkpoint), so
         # Ray Train keeps none of its own: num_to_keep would delete without knowing which one is intact.
         run_config=RunConfig(
             name=name,
@@ -318,12 +318,7 @@ def _install_handlers(handler) -> dict:
 
 
 def _resume_hint(run_dir: Path, summary: dict) -> str:
-    try:
-        ckpt, meta = latest_checkpoint(run_dir)
-        where = f"{ckpt.name} (step {meta['step']})"
-    except RunError:
-        where = "its start (no checkpoint yet)"
-    return f"stopped at step {summary['steps']}; the same command resumes run {run_dir.name} from {where}"
+    return f"stopped at step {summary['steps']}; {resume_words(run_dir)}"
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -361,7 +356,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--print-config-table",
         action="store_true",
-        help="print every config key as a Markdown table (the README's) and exit",
+        help="print every config key as a Markdown table (docs/config.md's) and exit",
     )
     args = p.parse_intermixed_args(argv)  # overrides may stand before, between and after the flags
     if args.print_config_table:

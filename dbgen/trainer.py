@@ -53,7 +53,9 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -74,16 +76,16 @@ from .rundir import (
     SUMMARY_FILE,
     checkpoint_meta,
     checkpoint_name,
+    choose_checkpoint,
     commit_checkpoint,
     derive_seed,
     file_records,
-    find_resume,
     list_files,
     load_checkpoint,
-    newest_finite_checkpoint,
     partial_dir,
     prune_checkpoints,
     restore_rng,
+    resume_words,
     samples_path,
     save_checkpoint,
     seed_all,
@@ -208,82 +210,103 @@ class Trainer:
         datasets_in_ray: bool = False,
         stop_file: Path | None = None,
     ):
-        import deepspeed  # here: importing it starts DeepSpeed's accelerator detection and op builders
-
         # submission: id of the driver invocation; a checkpoint of the same one means a worker-group restart
         self.cfg, self.run_dir, self.submission = cfg, Path(run_dir), submission or uuid.uuid4().hex
         self.driver_start = time.time() if driver_start is None else driver_start
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.stop_file = None if stop_file is None else Path(stop_file)
         self.amp_dtype = autocast_dtype(cfg, self.device)
-        t = cfg.train
         self.micro = micro_batch_size(cfg, self.world_size)
+        self.step, self.skipped, self.images_seen = 0, 0, 0
+        self.resumed_from, self.last_checkpoint_step = None, None
+        self.train_bpd, self.eval_bpd, self.eval_rows = None, None, None
         self.reporter = Reporter(
             self.run_dir,
             self.rank,
-            t.max_steps,
+            cfg.train.max_steps,
             world_size,
             device=self.device,
             metrics=metrics_exporter(cfg, self.run_dir.name, rank),
             resume_point=self.resume_point,
         )
-
-        backend = "ray" if datasets_in_ray else "arrow"
-        self.loader = TrainLoader(
-            None if datasets_in_ray else train_dir,
-            batch_size=self.micro,
-            seed=t.seed,
-            rank=rank,
-            world_size=world_size,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            drop_last=cfg.data.drop_last,
-            backend=backend,
-        )
-        self.eval_loader = None
-        if eval_dir is not None:
-            self.eval_loader = EvalLoader(
-                None if datasets_in_ray else eval_dir,
-                batch_size=t.eval_batch_size,
-                rank=rank,
-                world_size=world_size,
-                backend=backend,
-            )
-
-        seed_all(t.seed)  # identical construction on every rank (rank 0's init is broadcast anyway)
-        model = build(cfg.model).to(self.device)
-        set_activation_checkpointing(model, t.activation_checkpointing)
-        self.step, self.skipped, self.images_seen = 0, 0, 0
-        self.resumed_from, self.last_checkpoint_step = None, None
-        self.train_bpd, self.eval_bpd, self.eval_rows = None, None, None
-
-        if checkpoint_dir is None:
-            self._data_dependent_init(model, train_dir)
-        accounting.install()  # count every collective from here on (accounting.COUNTER, taken once per step)
-        self._broadcast(model)
-        self.channels_last = use_channels_last(cfg, self.device)
-        prepare_model(model, cfg, self.device)  # channels_last / torch.compile: same math, after init
-        self.optimizer = build_optimizer(cfg, model)
-        deepspeed.utils.logger.setLevel(logging.WARNING)
-        load_deepspeed_cpu_comm_op()
-        with _without_deepspeed_broadcast():
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, self.world_size)
-            )
+        self.loader, self.eval_loader = self._build_loaders(train_dir, eval_dir, datasets_in_ray)
+        model = self._build_model(init_from=train_dir if checkpoint_dir is None else None)
+        self.engine, self.optimizer = self._build_engine(model)
         self.model = self.engine.module
         self.sync = build_gradient_sync(cfg, self.engine, self.optimizer)
         self.ema = None
-        if checkpoint_dir is not None:
-            self._restore(Path(checkpoint_dir))
-        else:
-            seed_all(derive_seed(t.seed, self.rank))
-        if t.ema_decay and self.ema is None:
-            self.ema = EMA(self.model, t.ema_decay)  # from the initial (or restored, if it kept none) weights
+        self._restore_or_start(checkpoint_dir)
         self.workers = self._gather_workers()
         if self.rank == 0:  # the run (or resume) is accepted: the config now matches its checkpoints
             with disk_full_is_fatal(self.run_dir / CONFIG_FILE, CONFIG_FILE, self.resume_point):
                 write_atomic(self.run_dir / CONFIG_FILE, to_yaml(cfg))
 
     # --------------------------------------------------------------------------------------------- setup
+    def _build_loaders(
+        self, train_dir: str, eval_dir: str | None, datasets_in_ray: bool
+    ) -> tuple[TrainLoader, EvalLoader | None]:
+        """This rank's training loader and (with an eval split) its eval loader: Ray Train's datasets, or the
+        splits read in-process (``data.loader``)."""
+        cfg, backend = self.cfg, "ray" if datasets_in_ray else "arrow"
+        train = TrainLoader(
+            None if datasets_in_ray else train_dir,
+            batch_size=self.micro,
+            seed=cfg.train.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            drop_last=cfg.data.drop_last,
+            backend=backend,
+        )
+        if eval_dir is None:
+            return train, None
+        evaluation = EvalLoader(
+            None if datasets_in_ray else eval_dir,
+            batch_size=cfg.train.eval_batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            backend=backend,
+        )
+        return train, evaluation
+
+    def _build_model(self, init_from: str | None) -> nn.Module:
+        """The model, identical on every rank: built from the same seed, data-dependent init on rank 0 from
+        ``init_from`` rows (a new run; None when a checkpoint will be restored), then every parameter and
+        buffer broadcast from rank 0; then channels-last / ``torch.compile`` (same math)."""
+        seed_all(self.cfg.train.seed)  # identical construction on every rank (rank 0's init is broadcast anyway)
+        model = build(self.cfg.model).to(self.device)
+        set_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        if init_from is not None:
+            self._data_dependent_init(model, init_from)
+        accounting.install()  # count every collective from here on (accounting.COUNTER, taken once per step)
+        self._broadcast(model)
+        self.channels_last = use_channels_last(self.cfg, self.device)
+        prepare_model(model, self.cfg, self.device)
+        return model
+
+    def _build_engine(self, model: nn.Module):
+        """``(DeepSpeed engine, client optimizer)`` around ``model`` (:func:`deepspeed_config`)."""
+        import deepspeed  # here: importing it starts DeepSpeed's accelerator detection and op builders
+
+        optimizer = build_optimizer(self.cfg, model)
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        load_deepspeed_cpu_comm_op()
+        with _without_deepspeed_broadcast():
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=deepspeed_config(self.cfg, self.world_size)
+            )
+        return engine, optimizer
+
+    def _restore_or_start(self, checkpoint_dir: Path | None) -> None:
+        """Restore ``checkpoint_dir`` (engine, counters, loader, sync, EMA, RNG), or seed this rank's RNG for a
+        new run; then an EMA from the current weights if the run keeps one and the checkpoint had none."""
+        if checkpoint_dir is not None:
+            self._restore(Path(checkpoint_dir))
+        else:
+            seed_all(derive_seed(self.cfg.train.seed, self.rank))
+        if self.cfg.train.ema_decay and self.ema is None:
+            self.ema = EMA(self.model, self.cfg.train.ema_decay)  # from the initial (or restored) weights
+
     def _data_dependent_init(self, model: nn.Module, train_dir: str) -> None:
         """Rank 0 initializes gains and biases from ``train.init_batch_size`` training rows."""
         if self.rank == 0:
@@ -459,9 +482,8 @@ class Trainer:
 
     def resume_point(self) -> str:
         """Where the same command resumes this run now, in words (for a fatal error's message)."""
-        step = self.last_checkpoint_step if self.last_checkpoint_step is not None else self.resumed_from
-        where = "its start (no checkpoint yet)" if step is None else f"{checkpoint_name(step)} (step {step})"
-        return f"the same command resumes run {self.run_dir.name} from {where}"
+        last = self.last_checkpoint_step
+        return resume_words(self.run_dir, trusted=self.run_dir / checkpoint_name(last) if last is not None else None)
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
@@ -491,81 +513,115 @@ class Trainer:
 
     def _fit(self) -> dict:
         t = self.cfg.train
-        start_step, step_seconds = self.step, 0.0
-        data = iter(self.loader)
+        start_step, data = self.step, iter(self.loader)
         pending: list[dict] = []  # steps whose device results are not read yet
-        interval = {"step_s": 0.0, "steps": 0, "loss": 0.0}
-        bad_steps, interrupted = 0, False  # consecutive skipped steps; whether the driver asked to stop
+        interval = _Interval()
+        interrupted = False  # whether the driver asked to stop
         while self.step < t.max_steps:
             pending.append(self.train_step(data))
             self.step += 1
             self.images_seen += t.batch_size
-            log_now = self.step % t.log_every == 0 or self.step == t.max_steps
-            due = [
-                every and self.step % every == 0 and self.step < t.max_steps
-                for every in (t.eval_every, t.sample_every, t.checkpoint_every)
-            ]
-            if not (log_now or any(due) or self.step == t.max_steps):
+            due = self._due()
+            if not due.anything:
                 continue
-            # Read the pending steps (the one host sync per interval), then report them in order.
-            for stats in resolve_stats(pending):
-                self.skipped += int(stats["skipped"])
-                bad_steps = bad_steps + 1 if stats["skipped"] else 0
-                interval["steps"] += 1
-                interval["step_s"] += stats["t_step"]
-                interval["loss"] += stats["loss"]
-                step_seconds += stats["t_step"]
-                self.reporter.on_step(stats)
+            stats = self._read_steps(pending, interval)  # the one host sync per interval
             pending = []
-            if bad_steps >= t.max_bad_steps:  # every rank agrees: the skip decision is on the all-reduced norm
-                raise TrainingDiverged(
-                    f"{self.run_dir}: the run diverged: steps {self.step - bad_steps + 1}-{self.step} were all "
-                    f"skipped (gradient norm not finite or above train.skip_threshold={t.skip_threshold:g}; "
-                    f"train.max_bad_steps={t.max_bad_steps}). The newest checkpoint from finite weights is "
-                    f"{newest_finite_checkpoint(self.run_dir) or 'none'}; resume it with a lower optimizer.lr"
-                )
-            if log_now:
-                loss = torch.tensor([interval["loss"]], dtype=torch.float64, device=self.device)
-                dist.all_reduce(loss)  # every rank's micro-batches count equally
-                self.train_bpd = loss.item() / (self.world_size * interval["steps"])
-                step_s = interval["step_s"] / interval["steps"]  # training steps only (not eval, checkpoints)
-                self.reporter.on_interval(
-                    {
-                        "step": self.step,
-                        "bpd": self.train_bpd,
-                        "grad_norm": stats["grad_norm"],
-                        "lr": stats["lr"],
-                        "skipped": self.skipped,
-                        "images_per_s": t.batch_size / step_s,
-                        "step_s": step_s,
-                        "eta_s": (t.max_steps - self.step) * step_s,
-                        "t_data_wait": stats["t_data_wait"],
-                        "t_forward": stats["t_forward"],
-                        "t_backward": stats["t_backward"],
-                        "t_communication": stats["t_communication"],
-                        "t_optimizer": stats["t_optimizer"],
-                    }
-                )
-                interval = {"step_s": 0.0, "steps": 0, "loss": 0.0}
-            if due[0]:
+            self._stop_if_diverged(interval.bad_steps)
+            if due.log:
+                self._log_interval(interval, stats)
+            if due.eval:
                 self.evaluate()
-            if due[1]:
+            if due.samples:
                 self.save_samples()
-            if due[2]:
+            if due.checkpoint:
                 self.checkpoint()
             if self._stop_requested():
                 interrupted = True
                 break
-        trained = self.step - start_step
         samples = None
         if interrupted:
             log.info("stopped at step %d on the driver's request", self.step)
-        else:
+        else:  # the end of a run: a last eval, samples and checkpoint
             self.evaluate()
             samples = self.save_samples()
             if self.last_checkpoint_step != self.step:
                 self.checkpoint()
-        summary = {
+        summary = self._summary(self.step - start_step, interval.seconds, interrupted, samples)
+        if self.rank == 0:
+            with disk_full_is_fatal(self.run_dir / SUMMARY_FILE, SUMMARY_FILE, self.resume_point):
+                write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+            log.info(
+                "done: %d steps, train bpd %s, eval bpd %s, %s img/s",
+                self.step,
+                _fmt(self.train_bpd),
+                _fmt(self.eval_bpd),
+                _fmt(summary["images_per_s"], ".1f"),
+            )
+        return summary
+
+    def _due(self) -> _Due:
+        """What the step just taken is due for: a log line (every ``train.log_every`` steps and at the end),
+        eval, samples, checkpoint (every ``*_every`` steps before the end; the end has its own)."""
+        t, step = self.cfg.train, self.step
+        eval_, samples, ckpt = (
+            bool(every) and step % every == 0 and step < t.max_steps
+            for every in (t.eval_every, t.sample_every, t.checkpoint_every)
+        )
+        log_now = step % t.log_every == 0 or step == t.max_steps
+        return _Due(log_now, eval_, samples, ckpt, log_now or eval_ or samples or ckpt or step == t.max_steps)
+
+    def _read_steps(self, pending: list[dict], interval: _Interval) -> dict:
+        """Read the pending steps' device results (one host sync), count them into ``interval`` and the run's
+        counters and report each in order; returns the last step's stats."""
+        for stats in resolve_stats(pending):
+            self.skipped += int(stats["skipped"])
+            interval.bad_steps = interval.bad_steps + 1 if stats["skipped"] else 0
+            interval.steps += 1
+            interval.step_s += stats["t_step"]
+            interval.loss += stats["loss"]
+            interval.seconds += stats["t_step"]
+            self.reporter.on_step(stats)
+        return stats
+
+    def _stop_if_diverged(self, bad_steps: int) -> None:
+        """Raise :class:`TrainingDiverged` after ``train.max_bad_steps`` skipped steps in a row. Every rank
+        agrees: the skip decision is on the all-reduced norm."""
+        t = self.cfg.train
+        if bad_steps >= t.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.run_dir}: the run diverged: steps {self.step - bad_steps + 1}-{self.step} were all "
+                f"skipped (gradient norm not finite or above train.skip_threshold={t.skip_threshold:g}; "
+                f"train.max_bad_steps={t.max_bad_steps}). Lower optimizer.lr: "
+                f"{self.resume_point()}"
+            )
+
+    def _log_interval(self, interval: _Interval, stats: dict) -> None:
+        """The logging interval's record: mean training bits/dim over every rank's micro-batches, throughput
+        and ETA from the training steps alone (not eval or checkpoints), the last step's phase times."""
+        t = self.cfg.train
+        loss = torch.tensor([interval.loss], dtype=torch.float64, device=self.device)
+        dist.all_reduce(loss)  # every rank's micro-batches count equally
+        self.train_bpd = loss.item() / (self.world_size * interval.steps)
+        step_s = interval.step_s / interval.steps
+        self.reporter.on_interval(
+            {
+                "step": self.step,
+                "bpd": self.train_bpd,
+                "grad_norm": stats["grad_norm"],
+                "lr": stats["lr"],
+                "skipped": self.skipped,
+                "images_per_s": t.batch_size / step_s,
+                "step_s": step_s,
+                "eta_s": (t.max_steps - self.step) * step_s,
+                **{k: stats[k] for k in ("t_data_wait", "t_forward", "t_backward", "t_communication", "t_optimizer")},
+            }
+        )
+        interval.step_s, interval.steps, interval.loss = 0.0, 0, 0.0
+
+    def _summary(self, trained: int, step_seconds: float, interrupted: bool, samples: Path | None) -> dict:
+        """This attempt's summary (``summary.json``): ``trained`` steps in ``step_seconds`` of training steps."""
+        t = self.cfg.train
+        return {
             "run": self.run_dir.name,
             "steps": self.step,
             "images_seen": self.images_seen,
@@ -596,17 +652,28 @@ class Trainer:
             "submission": self.submission,
             "workers": self.workers,
         }
-        if self.rank == 0:
-            with disk_full_is_fatal(self.run_dir / SUMMARY_FILE, SUMMARY_FILE, self.resume_point):
-                write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
-            log.info(
-                "done: %d steps, train bpd %s, eval bpd %s, %s img/s",
-                self.step,
-                _fmt(self.train_bpd),
-                _fmt(self.eval_bpd),
-                _fmt(summary["images_per_s"], ".1f"),
-            )
-        return summary
+
+
+@dataclass
+class _Interval:
+    """What the loop accumulates between log lines (``step_s``, ``steps``, ``loss``, reset at each), and over the
+    attempt (``seconds`` of training steps; ``bad_steps``: skipped steps in a row)."""
+
+    step_s: float = 0.0
+    steps: int = 0
+    loss: float = 0.0
+    seconds: float = 0.0
+    bad_steps: int = 0
+
+
+class _Due(NamedTuple):
+    """What a step is due for (:meth:`Trainer._due`); ``anything``: read the pending steps now."""
+
+    log: bool
+    eval: bool
+    samples: bool
+    checkpoint: bool
+    anything: bool
 
 
 def _fmt(x, spec: str = ".4f") -> str:
@@ -621,7 +688,7 @@ def train_worker(config: dict) -> None:
     chose and verified, or None) and ``stop_file``.
 
     The checkpoint to start from is chosen here, on every attempt, the way the driver chose it
-    (:func:`dbgen.rundir.find_resume`; rank 0 chooses, the others get its choice): on the first attempt that is
+    (:func:`dbgen.rundir.choose_checkpoint`; rank 0 chooses, the others get its choice): on the first attempt that is
     the driver's, after a worker-group restart it is the newest checkpoint this run has committed since. Ray's
     own checkpoint registry is not used."""
     logging.basicConfig(
@@ -635,7 +702,7 @@ def train_worker(config: dict) -> None:
     rank, run_dir = ctx.get_world_rank(), Path(config["run_dir"])
     choice = [None]
     if rank == 0:
-        found = find_resume(run_dir, trusted=config["resume_from"])
+        found = choose_checkpoint(run_dir, trusted=config["resume_from"])  # a resume: verified, finite
         choice[0] = str(found[0]) if found is not None else None
     dist.broadcast_object_list(choice, src=0)
     trainer = Trainer(

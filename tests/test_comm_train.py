@@ -198,10 +198,10 @@ def _sizes(tr) -> dict:
 
 
 def _resume_loop(config):
-    from dbgen.rundir import find_resume
+    from dbgen.rundir import choose_checkpoint
 
     torch.set_num_threads(1)
-    found = find_resume(config["run"])  # what dbgen.trainer.train_worker chooses: the newest intact checkpoint
+    found = choose_checkpoint(config["run"])  # what dbgen.trainer.train_worker chooses: newest intact
     tr = _trainer(FIT, config, config["run"], checkpoint_dir=found[0] if found else None)
     losses = _fit_with_records(tr, config["kill"])
     state = _full_state(tr)

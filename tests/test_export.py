@@ -250,8 +250,8 @@ def test_ray_actors_receive_packed_bytes_through_the_object_store(packed_run, tm
     from ray_cluster import RayHead
 
     from dbgen.data import EvalLoader
-    from dbgen.eval_loop import evaluate_bpd
-    from dbgen.export import PackedModelActor, evaluate_with_actors
+    from dbgen.eval_loop import EngineUnavailable, evaluate_bpd, use_engine
+    from dbgen.export import PackedModelActor, actor_placement, evaluate_with_actors
     from dbgen.rundir import derive_seed as shard_seed  # the actors' per-shard seeds
     from dbgen.rundir import load_run
 
@@ -278,16 +278,28 @@ def test_ray_actors_receive_packed_bytes_through_the_object_store(packed_run, tm
             assert torch.equal(ray.get(actor.sample.remote(3, 1.0, 5)), model.sample(3))
             ray.kill(actor)
 
-            res = evaluate_with_actors(data, split, workers=2, batch_size=32, seed=3, max_batches=2, cpus_per_actor=0.5)
-            assert res["received"]["type"] == "bytes" and res["object_store_bytes"] == len(data)
-            total, rows = 0.0, 0
-            for i in range(2):  # the same shards and seeds, locally
-                torch.manual_seed(shard_seed(3, i))
-                loader = EvalLoader(split, batch_size=32, rank=i, world_size=2, backend="arrow")
-                bpd, n = evaluate_bpd(model, loader, max_batches=2)
-                total, rows = total + bpd * n, rows + n
-            assert res["rows"] == rows == 128
-            assert res["bpd"] == pytest.approx(total / rows, abs=1e-5)
+            # every engine through the actors gives what the same engine gives locally, shard by shard
+            placement = actor_placement(ray.cluster_resources(), 4)
+            assert placement == {"device": "cpu", "options": {"num_cpus": 0.5}}  # 2 CPUs, no GPU: half a CPU each
+            for engine in ("packed", "float"):
+                res = evaluate_with_actors(
+                    data, split, 2, batch_size=32, seed=3, max_batches=2, engine=engine, **placement
+                )
+                assert res["received"]["type"] == "bytes" and res["object_store_bytes"] == len(data)
+                assert res["engine"] == engine and res["device"] == "cpu"
+                local = use_engine(load_packed(data), engine)
+                total, rows = 0.0, 0
+                for i in range(2):  # the same shards and seeds, locally
+                    torch.manual_seed(shard_seed(3, i))
+                    loader = EvalLoader(split, batch_size=32, rank=i, world_size=2, backend="arrow")
+                    bpd, n = evaluate_bpd(local, loader, max_batches=2)
+                    total, rows = total + bpd * n, rows + n
+                assert res["rows"] == rows == 128
+                assert res["bpd"] == pytest.approx(total / rows, abs=1e-5)
+            # the packed engine asked for on a device it cannot run on: a clear error, not a dead actor
+            if not torch.cuda.is_available():
+                with pytest.raises(EngineUnavailable, match="cannot run on cuda: no CUDA device"):
+                    evaluate_with_actors(data, split, 1, engine="packed", device="cuda", options={"num_cpus": 0.5})
         finally:
             ray.shutdown()
             if saved is None:

@@ -21,7 +21,7 @@ import dbgen.kernels as K
 from dbgen import evaluate, export, sample
 from dbgen.config import load_config
 from dbgen.data import EvalLoader, resolve_split
-from dbgen.eval_loop import PACKED_BPD_TOLERANCE, default_engine, use_engine
+from dbgen.eval_loop import PACKED_BPD_TOLERANCE, EngineUnavailable, default_engine, resolve_engine, use_engine
 from dbgen.export import load_packed
 from dbgen.nn import binary_layers
 from dbgen.rundir import (
@@ -82,11 +82,29 @@ def _pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine whose CUDA kernels cannot run")
+def test_the_default_engine_falls_back_where_the_kernels_cannot_run(monkeypatch, caplog):
+    """On CUDA the default is packed, but where its kernels cannot be had (here: no CUDA device; on a GPU
+    machine: no nvcc, or older than sm_80) a default falls back to float with one warning saying why, and an
+    explicit ``--engine packed`` is refused with what is missing."""
+    monkeypatch.delenv("DBGEN_KERNELS", raising=False)
+    assert default_engine("cpu") == "float" and default_engine("cuda") == "packed"
+    with caplog.at_level("WARNING"):
+        assert resolve_engine(None, "cuda") == "float"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "packed engine cannot run on cuda (no CUDA device" in warnings[0], warnings
+    with pytest.raises(EngineUnavailable, match="cannot run on cuda: no CUDA device.*use --engine float"):
+        resolve_engine("packed", "cuda")
+    assert resolve_engine("packed", "cpu") == "packed" and resolve_engine(None, "cpu") == "float"
+    assert resolve_engine("float", "cuda") == "float"
+    monkeypatch.setenv("DBGEN_KERNELS", "reference")  # the pure-PyTorch path needs no kernel library
+    assert resolve_engine(None, "cuda") == "packed"
+
+
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_sample_and_evaluate_through_the_packed_engine(trained, config_name, tmp_path, capsys):
     split, runs = trained
     run, artifact = runs[config_name]
-    assert default_engine("cpu") == "float" and default_engine("cuda") == "packed"
     bpd = {}
     for source in (["--run", str(run)], ["--packed", str(artifact)]):
         for engine in ("packed", "float"):

@@ -16,6 +16,7 @@ from ray_cluster import free_port
 from dbgen.atomic import write_atomic, write_json_atomic
 from dbgen.config import load_config
 from dbgen.metrics import TrainMetrics
+from dbgen.models import build
 from dbgen.reporter import Reporter, restarts
 from dbgen.rundir import (
     META_FILE,
@@ -24,15 +25,15 @@ from dbgen.rundir import (
     checkpoint_dirs,
     checkpoint_meta,
     checkpoint_name,
+    choose_checkpoint,
     commit_checkpoint,
     derive_seed,
     file_records,
-    find_resume,
-    latest_checkpoint,
     list_files,
-    open_checkpoint,
+    load_run,
     partial_dir,
     prune_checkpoints,
+    resume_words,
     rng_state,
     set_rng_state,
 )
@@ -66,18 +67,21 @@ def _checkpoint(run: Path, step: int, config: dict, **meta) -> Path:
     return ck
 
 
-def test_latest_checkpoint_is_the_highest_step(tmp_path):
+def test_the_newest_readable_checkpoint_is_chosen(tmp_path, caplog):
     with pytest.raises(RunError, match="run directory not found"):
-        latest_checkpoint(tmp_path / "nope")
+        load_run(tmp_path / "nope")
     with pytest.raises(RunError, match="no checkpoint"):
-        latest_checkpoint(tmp_path)
+        load_run(tmp_path)
+    assert choose_checkpoint(tmp_path) is None  # no checkpoint directory: a new run
     c = cfg().to_dict()
     _checkpoint(tmp_path, 20, c)
-    newest = _checkpoint(tmp_path, 100, c)
+    newest = _checkpoint(tmp_path, 100, c)  # written before checksums: used, with a warning
     (tmp_path / checkpoint_name(300)).mkdir()
-    (tmp_path / checkpoint_name(300) / META_FILE).write_text("{not json")  # unreadable: skipped
-    path, meta = latest_checkpoint(tmp_path)
+    (tmp_path / checkpoint_name(300) / META_FILE).write_text("{not json")  # unreadable: passed over, named
+    with caplog.at_level("WARNING"):
+        path, meta = choose_checkpoint(tmp_path)
     assert path == newest and meta["step"] == 100
+    assert "passing over checkpoint_0000300: " in caplog.text and "without checksums" in caplog.text
 
 
 def test_meta_holds_what_evaluate_and_resume_read():
@@ -101,10 +105,16 @@ def test_meta_holds_what_evaluate_and_resume_read():
 # ------------------------------------------------------------------------------------ integrity, rotation
 def _committed(run: Path, step: int, finite: bool = True, payload: bytes = b"") -> Path:
     """A checkpoint written the way the trainer writes one: files into the partial directory, their records
-    (here all hashed by one 'rank'), then meta.json and the rename."""
+    (here all hashed by one 'rank'), then meta.json and the rename. The weights are the tiny model's, seeded by
+    the step (``payload``: raw bytes instead)."""
     partial = partial_dir(run, step)
     (partial / "ds").mkdir(parents=True)
-    (partial / "ds" / "model.pt").write_bytes(payload or f"weights of step {step}".encode() * 100)
+    weights = partial / "ds" / "mp_rank_00_model_states.pt"
+    if payload:
+        weights.write_bytes(payload)
+    else:
+        torch.manual_seed(step)
+        torch.save({"module": build(cfg().model).state_dict(), "ema": None}, weights)
     (partial / "rank_0.pt").write_bytes(b"rng" * 10)
     files = file_records(partial, list_files(partial))
     meta = checkpoint_meta(cfg(), step, world_size=1, ema=False, images_seen=step * 32, finite=finite, files=files)
@@ -121,30 +131,52 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back(tmp_path, caplog):
     run = tmp_path / "run"
     good, newest = _committed(run, 5), _committed(run, 10)
     assert not partial_dir(run, 10).exists() and sorted(json.loads((newest / META_FILE).read_text())["files"]) == [
-        "ds/model.pt",
+        "ds/mp_rank_00_model_states.pt",
         "rank_0.pt",
     ]
-    assert find_resume(run)[0] == newest and open_checkpoint(run)[0] == newest
-    assert find_resume(tmp_path / "empty") is None  # no checkpoint directory: a new run
+    assert choose_checkpoint(run)[0] == newest
+    assert resume_words(run) == "the same command resumes run run from checkpoint_0000010 (step 10)"
 
-    _flip(newest / "ds" / "model.pt", 500)  # same size, different bytes
-    with pytest.raises(RunError, match=r"checkpoint_0000010/ds/model.pt: sha256 does not match"):
-        open_checkpoint(run)  # evaluate/sample/export refuse it, naming the file
+    _flip(newest / "ds" / "mp_rank_00_model_states.pt", 500)  # same size, different bytes
+    with pytest.raises(RunError, match=r"checkpoint_0000010/ds/mp_rank_00_model_states.pt: sha256 does not match"):
+        load_run(newest)  # a checkpoint named by the user is used as it is or refused, naming the file
     with caplog.at_level("WARNING"):
-        path, meta = find_resume(run)  # a resume falls back, and says so
+        path, meta = choose_checkpoint(run)  # a resume falls back, and says so
     assert path == good and meta["step"] == 5
-    assert "model.pt: sha256 does not match" in caplog.text and "checkpoint_0000005 (step 5)" in caplog.text
-    assert find_resume(run, trusted=newest)[0] == newest  # the driver's verified choice is not hashed again
+    assert "states.pt: sha256 does not match" in caplog.text and "checkpoint_0000005 (step 5)" in caplog.text
+    # the interrupt and full-disk messages name the checkpoint a resume takes, not the damaged newest one
+    assert resume_words(run).endswith("from checkpoint_0000005 (step 5)")
+    assert choose_checkpoint(run, trusted=newest)[0] == newest  # the driver's verified choice is not hashed again
+    assert choose_checkpoint(run, verified=False)[0] == newest  # a policy that does not hash
 
     (good / "rank_0.pt").write_bytes(b"rng")  # truncated
-    (newest / "ds" / "model.pt").unlink()
+    (newest / "ds" / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(RunError) as e:
-        find_resume(run)
-    assert "model.pt: missing" in str(e.value) and "rank_0.pt: 3 bytes, but" in str(e.value)
+        choose_checkpoint(run)
+    assert "states.pt: missing" in str(e.value) and "rank_0.pt: 3 bytes, but" in str(e.value)
     assert "use another --name" in str(e.value)  # never silently a new run over them
+    assert resume_words(run).startswith("no checkpoint of run run can be resumed: ")
     (good / META_FILE).unlink()  # a checkpoint directory without metadata is not a reason to start over
     with pytest.raises(RunError, match="cannot read checkpoint metadata"):
-        find_resume(run)
+        choose_checkpoint(run)
+
+
+def test_evaluate_takes_the_checkpoint_a_resume_takes(tmp_path, caplog):
+    """A diverged run: evaluate/sample/export on the run directory load the newest finite checkpoint, as a
+    resume does (they used to refuse the run); the non-finite one only when named and allowed."""
+    run = tmp_path / "run"
+    finite = _committed(run, 5)
+    diverged = _committed(run, 10, finite=False)
+    with caplog.at_level("WARNING"):
+        model, info = load_run(run)
+    assert info["checkpoint"] == str(finite) == str(choose_checkpoint(run)[0]) and info["step"] == 5
+    assert "passing over checkpoint_0000010: " in caplog.text and "non-finite weights" in caplog.text
+    expected = torch.load(finite / "ds" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(RunError, match=r"checkpoint_0000010: taken from non-finite weights"):
+        load_run(diverged)
+    assert load_run(diverged, allow_nonfinite=True)[1]["step"] == 10  # export --force
+    assert load_run(run, allow_nonfinite=True)[1]["step"] == 10
 
 
 def test_non_finite_checkpoints_are_marked_skipped_and_never_the_last_kept(tmp_path):
@@ -152,11 +184,8 @@ def test_non_finite_checkpoints_are_marked_skipped_and_never_the_last_kept(tmp_p
     finite = _committed(run, 5)
     for step in (10, 15, 20):
         _committed(run, step, finite=False)
-    assert find_resume(run)[0] == finite  # resume from the last good weights
-    with pytest.raises(RunError, match=rf"non-finite weights.*newest finite one is {finite}"):
-        open_checkpoint(run)
-    assert open_checkpoint(run, allow_nonfinite=True)[0].name == checkpoint_name(20)  # forced
-    assert open_checkpoint(finite)[0] == finite  # a checkpoint directory is a valid source
+    assert choose_checkpoint(run)[0] == finite  # resume from the last good weights
+    assert choose_checkpoint(run, finite=False)[0].name == checkpoint_name(20)
     deleted = prune_checkpoints(run, keep=2)
     assert [p.name for p in deleted] == [checkpoint_name(10)]
     assert [p.name for p in checkpoint_dirs(run)] == [checkpoint_name(s) for s in (20, 15, 5)]
@@ -165,11 +194,25 @@ def test_non_finite_checkpoints_are_marked_skipped_and_never_the_last_kept(tmp_p
     assert [p.name for p in checkpoint_dirs(run)] == [checkpoint_name(s) for s in (25, 20)]
 
 
+def test_rotation_keeps_the_intact_checkpoint_when_the_newest_is_damaged(tmp_path):
+    """Rotation verifies what it keeps by checksum: a newest checkpoint damaged at the same size is not counted
+    (the size check alone deleted the intact one before it), and is left for the user to inspect."""
+    run = tmp_path / "run"
+    for step in (5, 10, 15):
+        _committed(run, step)
+    _flip(run / checkpoint_name(15) / "rank_0.pt", 0, n=4)
+    deleted = prune_checkpoints(run, keep=1)
+    assert [p.name for p in deleted] == [checkpoint_name(5)]
+    assert [p.name for p in checkpoint_dirs(run)] == [checkpoint_name(15), checkpoint_name(10)]
+    assert choose_checkpoint(run)[0].name == checkpoint_name(10)  # what a resume takes survived
+
+
 def test_commit_replaces_a_checkpoint_of_the_same_step_whole(tmp_path):
     run = tmp_path / "run"
     _committed(run, 5, payload=b"old" * 50)
     again = _committed(run, 5, payload=b"new" * 70)  # a resume from an older checkpoint reaches step 5 again
-    assert (again / "ds" / "model.pt").read_bytes() == b"new" * 70 and open_checkpoint(again)[0] == again
+    weights = again / "ds" / "mp_rank_00_model_states.pt"
+    assert weights.read_bytes() == b"new" * 70 and choose_checkpoint(run)[0] == again
     assert sorted(p.name for p in run.iterdir()) == [checkpoint_name(5)]
 
 

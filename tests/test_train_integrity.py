@@ -1,8 +1,9 @@
 """Integrity, divergence and interrupts of a real run (issue 19): ``python -m dbgen.train`` drivers against a
 throwaway Ray cluster of this module's own (tests/ray_cluster.py), real DeepSpeed, CPU, the tiny binary RVAE.
 
-* a flipped checkpoint file: evaluate and export refuse it naming the file; a resume falls back to the previous
-  checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once with exit 1;
+* a flipped checkpoint file: evaluate on the run falls back to the checkpoint a resume takes, naming the file;
+  export of that checkpoint by name refuses it; a resume falls back to the previous checkpoint and says so; a
+  refused resume keeps config.yaml; a diverged run stops at once with exit 1;
 * drivers with their own local Ray on one run: a second driver on a running run exits 2 naming the first;
   SIGINT: exit 130, a resume line, keep_checkpoints held, no Ray process left; the resume continues from
   exactly the step it named; SIGKILL: every process of its Ray session is gone within 15 s, and the next driver
@@ -53,9 +54,9 @@ def _checkpoints(run: Path) -> list[str]:
 
 
 def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(cluster, storage, tmp_path):
-    """A flipped checkpoint file is refused by evaluate and export, naming it; a resume falls back to the
-    previous checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at once (no
-    retries), exit 1, keeping the last finite checkpoint."""
+    """A flipped checkpoint file is passed over by evaluate and refused by export, naming it; a resume falls
+    back to the previous checkpoint and says so; a refused resume keeps config.yaml; a diverged run stops at
+    once (no retries), exit 1, keeping the last finite checkpoint."""
     from dbgen import evaluate, export
 
     run = storage / "integrity"
@@ -73,14 +74,25 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
     damaged = run / "checkpoint_0000004" / "ds" / "mp_rank_00_model_states.pt"
     _flip(damaged)
 
-    for cli, argv in (
-        (evaluate, ["--run", str(run), "--max-batches", "1"]),
-        (export, ["--run", str(run), "--out", str(tmp_path / "x.dbgen")]),
-    ):
-        proc = subprocess.run(
-            [sys.executable, "-m", cli.__name__, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 2 and f"{damaged}: sha256 does not match" in proc.stderr, (cli, proc.stderr)
+    # evaluate on the run takes what a resume takes (checkpoint 2), naming the damaged file it passed over;
+    # export of the damaged checkpoint by name refuses it, naming the file, and writes nothing
+    ev = subprocess.run(
+        [sys.executable, "-m", evaluate.__name__, "--run", str(run), "--max-batches", "1", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ev.returncode == 0 and f"{damaged}: sha256 does not match" in ev.stderr, ev.stderr[-3000:]
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 2
+    ex = subprocess.run(
+        [sys.executable, "-m", export.__name__, "--run", str(damaged.parents[1]), "--out", str(tmp_path / "x.dbgen")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ex.returncode == 2 and f"{damaged}: sha256 does not match" in ex.stderr, ex.stderr[-3000:]
     assert not (tmp_path / "x.dbgen").exists()
 
     config_before = (run / "config.yaml").read_text()
@@ -113,7 +125,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     log = out.stdout + out.stderr
-    assert "not resuming from checkpoint_0000004" in log and "mp_rank_00_model_states.pt: sha256" in log
+    assert "passing over checkpoint_0000004" in log and "mp_rank_00_model_states.pt: sha256" in log
     assert "resuming from checkpoint_0000002, step 2" in log
     assert summary_of(run)["resumed_from"] == 2 and summary_of(run)["steps"] == 5
     assert [r["step"] for r in records(run, "resume") if not r["restart"]][-1] == 2  # what the workers restored

@@ -10,7 +10,7 @@
   hand packed bits to the next).
 
 Nothing is compiled on import or on CPU; on CUDA the kernels build with nvcc on first use (cached), see
-:mod:`dbgen.kernels.cuda`.
+:mod:`dbgen.kernels.cuda`; :func:`kernels_missing` says whether they can run on a device, and why not.
 """
 
 from .modules import PackedBinaryConv2d, PackedBinaryLinear, SignPack, chained_layers, to_packed
@@ -18,6 +18,7 @@ from .ops import (
     backend,
     binary_act_conv2d,
     binary_act_linear,
+    kernels_missing,
     pack_activations,
     pack_signs,
     packed_weight_conv2d,
@@ -35,6 +36,7 @@ __all__ = [
     "binary_act_conv2d",
     "binary_act_linear",
     "chained_layers",
+    "kernels_missing",
     "pack_activations",
     "pack_signs",
     "packed_weight_conv2d",

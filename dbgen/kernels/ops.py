@@ -18,6 +18,7 @@ from .packing import PackedActivation, PackedWeight
 
 __all__ = [
     "backend",
+    "kernels_missing",
     "binary_act_conv2d",
     "binary_act_linear",
     "pack_activations",
@@ -38,6 +39,21 @@ def backend(device: torch.device | str) -> str:
     if device.type != "cuda" or choice == "reference":
         return "reference"
     return "cuda"
+
+
+def kernels_missing(device: torch.device | str) -> str | None:
+    """Why the packed ops cannot run on ``device`` now, or None when they can. The reference (CPU tensors, or
+    ``DBGEN_KERNELS=reference``) always can; on CUDA the kernel library must build (nvcc, on first use, cached)
+    and load for the device's architecture (sm_80 or newer)."""
+    device = torch.device(device)
+    if backend(device) == "reference":
+        return None
+    cuda = _cuda()
+    try:
+        cuda.library(device)
+    except cuda.KernelUnavailable as e:
+        return str(e)
+    return None
 
 
 def _cuda():
