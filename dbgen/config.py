@@ -585,7 +585,7 @@ def _plain(obj):
 
 
 def schema_markdown() -> str:
-    """Every config key with its type and default, as a Markdown table (for the README)."""
+    """Every config key with its type and default, as a Markdown table (docs/config.md)."""
     rows = ["| key | type | default |", "|---|---|---|"]
 
     def walk(cls, prefix):

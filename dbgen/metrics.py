@@ -1,6 +1,6 @@
 """Prometheus metrics of throughput and training health, exported from every training worker.
 
-One table (:data:`METRICS`) defines every metric; it drives both exporters and the README table:
+One table (:data:`METRICS`) defines every metric; it drives both exporters and the table of docs/monitoring.md:
 
 * ``ray`` (default inside Ray): ``ray.util.metrics``, served by each node's metrics agent (the port given to
   ``ray start --metrics-export-port``); Ray prefixes ``ray_`` and appends ``_total`` to counters.

@@ -45,8 +45,8 @@ def test_promtool_accepts_prometheus_config():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_readme_metric_table_is_current():
-    assert metrics_markdown() in (ROOT / "README.md").read_text()
+def test_metric_reference_table_is_current():
+    assert metrics_markdown() in (ROOT / "docs" / "monitoring.md").read_text()
 
 
 def scrape(port):

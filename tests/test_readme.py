@@ -1,5 +1,7 @@
-"""Every command of the README's Data, Training and "Communication modes and packed models" sections works as
-written, run in the order a user would, on tiny inputs.
+"""Every command of the README and docs/ is run here or named here with the reason it is not: the README's Data,
+"Training on one machine" and "Evaluate, sample, export" sections work as written, run in the order a user
+would, on tiny inputs, and so do the cheap commands of docs/; the others (a cloud cluster, a long-running
+server, root, minutes of CPU) are listed in :data:`NOT_RUN` with the test that covers them instead.
 
 The command lines are read out of the sections' ```bash blocks (a README edit that changes a command changes
 what runs here, and an unknown placeholder or optional flag fails the test until it is handled below). Each runs
@@ -38,6 +40,44 @@ from dbgen.export import MAGIC  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+RUN_SECTIONS = ("Data", "Training on one machine", "Evaluate, sample, export")  # README sections run below
+CHEAP_DOCS = ("python -m dbgen.inspect --config configs/rvae_cifar10_binary.yaml --link-gbps",)  # run: seconds
+
+_CLUSTER = (
+    "needs a cloud account and GPUs: tests/test_train_cluster.py submits the same dbgen.train job with ray job "
+    "submit to a throwaway head, and tests/test_cluster_files.py checks the cluster configs"
+)
+_LOCAL_JOB = "tests/test_train_cluster.py::test_ray_job_submit_end_to_end submits this job to a throwaway head"
+_NETNS = "root and minutes: tests/test_netns_cluster.py runs this two-namespace cluster and dbgen.bench comm on it"
+# Commands (by their start) of the README and docs/ that this test does not run, and why.
+NOT_RUN = {
+    "bash scripts/setup.sh": ".ci/run runs it on a fresh machine before the suite, which runs in the .venv it made",
+    "source .venv/bin/activate": "changes the calling shell only; the commands here run with .venv's interpreter",
+    "bash scripts/demo.sh": "4 minutes of training on 2 cores; its driver, sample and evaluate run here on tiny inputs",
+    "ray up ": _CLUSTER,
+    "ray dashboard ": _CLUSTER,
+    "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=": _CLUSTER,
+    "ray rsync-up ": _CLUSTER,
+    "ray exec ": _CLUSTER,
+    "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m dbgen.train": _CLUSTER,
+    "ray down ": _CLUSTER,
+    "prometheus --config.file=cluster/prometheus.yml": (
+        "a server that runs until stopped: tests/test_monitoring_prometheus.py runs Prometheus with this file's "
+        "service discovery against a throwaway Ray head and a training job"
+    ),
+    "bash cluster/local_head.sh &": _LOCAL_JOB,
+    "RAY_AUTH_MODE=token ray job submit": _LOCAL_JOB,
+    "kill %1": _LOCAL_JOB,
+    "DIR=$(bash benchmarks/netns_cluster.sh up": _NETNS,
+    "bash benchmarks/netns_cluster.sh ": _NETNS,
+    "python -m dbgen.bench scale": "minutes on 2 cores: tests/test_scale_check.py runs it (--small)",
+    "python -m dbgen.inspect --config configs/rvae_cifar10_wide_binary.yaml --memory": (
+        "minutes: it measures a step of the 755M model on the CPU; tests/test_memory_planner.py runs the planner "
+        "on a smaller model against measured peaks"
+    ),
+    "bash scripts/test.sh": "the test suite itself",
+}
 TINY = ROOT / "configs" / "rvae_binary_tiny.yaml"
 CIFAR_PER_BATCH = 64  # rows per CIFAR-10 batch file: 5 x 64 train rows, 64 test rows
 STEPS = 10
@@ -62,20 +102,51 @@ ACTORS_BPD_TOL = RUN_EVAL_BPD_TOL + PACKED_BPD_TOL
 
 
 # ------------------------------------------------------------------------------------------- the README
+def bash_lines(path: Path, section: str | None = None) -> list[tuple[str, str]]:
+    """``(section, command line)`` of every line of the ```bash blocks of ``path`` (continuations joined, comments
+    kept); ``section``: only that ``## section``'s own text (up to its first ``###`` or the next ``##``)."""
+    text = path.read_text()
+    found = []
+    for m in re.finditer(r"^## ([^\n]+)\n(.*?)(?=^##|\Z)", text, flags=re.M | re.S):
+        if section is not None and m.group(1) != section:
+            continue
+        for block in re.findall(r"^```bash\n(.*?)^```", m.group(2), flags=re.M | re.S):
+            found += [(m.group(1), line.strip()) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    if path.parent.name == "docs":  # a docs page: its text before the first ## counts too
+        head = text.split("\n## ", 1)[0]
+        for block in re.findall(r"^```bash\n(.*?)^```", head, flags=re.M | re.S):
+            found += [("", line.strip()) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    return found
+
+
 def readme_commands(section: str) -> list[list[str]]:
-    """Tokens of every ``python -m dbgen...`` line in the ```bash blocks of ``## section``, in order; only the
-    section's own text counts (up to its first ``###`` subsection or the next ``##``)."""
-    text = README.read_text()
-    m = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^##)", text, flags=re.M | re.S)
-    assert m, f"README.md has no '## {section}' section"
+    """Tokens of every ``python -m dbgen...`` line in the ```bash blocks of the README's ``## section``."""
+    assert re.search(rf"^## {re.escape(section)}\n", README.read_text(), flags=re.M), f"README.md has no '## {section}'"
     cmds = []
-    for block in re.findall(r"^```bash\n(.*?)^```", m.group(1), flags=re.M | re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            tokens = shlex.split(line, comments=True)
-            if tokens[:2] == ["python", "-m"] and tokens[2].startswith("dbgen."):
-                cmds.append(tokens)
+    for _, line in bash_lines(README, section):
+        tokens = shlex.split(line, comments=True)
+        if tokens[:2] == ["python", "-m"] and tokens[2].startswith("dbgen."):
+            cmds.append(tokens)
     assert cmds, f"no python -m dbgen commands in README.md's '## {section}'"
     return cmds
+
+
+def test_every_command_of_the_readme_and_docs_is_run_or_named():
+    """A command added to the README or docs/ must run in this file or be named in NOT_RUN with a reason."""
+    unhandled, used = [], set()
+    for path in [README, *DOCS]:
+        for section, line in bash_lines(path):
+            if path == README and section in RUN_SECTIONS and line.startswith("python -m dbgen."):
+                continue
+            if path != README and line.startswith(CHEAP_DOCS):
+                continue
+            reasons = [start for start in NOT_RUN if line.startswith(start)]
+            if not reasons:
+                unhandled.append(f"{path.relative_to(ROOT)} ({section or 'top'}): {line}")
+            used.update(reasons)
+    assert not unhandled, "commands neither run nor named in NOT_RUN:\n" + "\n".join(unhandled)
+    assert used == set(NOT_RUN), f"NOT_RUN names commands no page shows: {set(NOT_RUN) - used}"
+    assert len(README.read_text().splitlines()) <= 250  # the README stays short; details go to docs/
 
 
 def expand(
@@ -184,9 +255,8 @@ def test_readme_commands_work_as_written(tmp_path):
     assert [s["source"] for s in skipped] == ["dog/broken.png"]  # --skip-bad; cat/big.png was --resize'd
     assert not (cwd / "data" / "cifar10" / "manifest.json").exists()
 
-    # ---- ## Training: train, evaluate, sample
-    training = readme_commands("Training")
-    train = pick(training, "dbgen.train")
+    # ---- ## Training on one machine
+    train = pick(readme_commands("Training on one machine"), "dbgen.train")
     preset = train[train.index("--config") + 1]
     preset_cfg = load_config(ROOT / preset)  # the paths the README's preset reads are the ones converted above
     assert (preset_cfg.data.train, preset_cfg.data.eval) == ("data/cifar10/train", "data/cifar10/test")
@@ -217,10 +287,12 @@ def test_readme_commands_work_as_written(tmp_path):
     assert (run_dir / f"checkpoint_{STEPS:07d}").is_dir()
     check_png(run_dir / "samples" / f"step_{STEPS:07d}.png", 4)
 
+    # ---- ## Evaluate, sample, export: the run, then its packed artifact
+    inference = readme_commands("Evaluate, sample, export")
     run_values = {"--run": "runs/readme", "--data": "data/cifar10/test"}
     r = run(
         expand(
-            pick(training, "dbgen.evaluate", "--run"),
+            pick(inference, "dbgen.evaluate", "--run"),
             values=run_values,
             optional={"--data DIR": ["--data", "data/cifar10/test"], "--samples K": [], "--json": ["--json"]},
         ),
@@ -230,18 +302,16 @@ def test_readme_commands_work_as_written(tmp_path):
     assert ev_run["rows"] == CIFAR_PER_BATCH and ev_run["step"] == STEPS, ev_run
     assert math.isfinite(ev_run["bpd"]) and 0 < ev_run["bpd"] < 12, ev_run
     assert abs(ev_run["bpd"] - summary["final_eval_bpd"]) < RUN_EVAL_BPD_TOL, (ev_run, summary["final_eval_bpd"])
-    sample_run = pick(training, "dbgen.sample", "--run")
+    sample_run = pick(inference, "dbgen.sample", "--run")
     run(expand(sample_run, values=run_values), cwd)
     n = int(sample_run[sample_run.index("--n") + 1])
     check_png(cwd / sample_run[sample_run.index("--out") + 1], n)
 
-    # ---- ## Communication modes and packed models: export, evaluate and sample the artifact
-    packed = readme_commands("Communication modes and packed models")
-    export = pick(packed, "dbgen.export")
+    export = pick(inference, "dbgen.export")
     run(expand(export, values=run_values), cwd)
     artifact = cwd / export[export.index("--out") + 1]
     assert artifact.is_file() and artifact.read_bytes().startswith(MAGIC)
-    evaluate_packed = pick(packed, "dbgen.evaluate", "--packed")
+    evaluate_packed = pick(inference, "dbgen.evaluate", "--packed")
     for workers in ([], ["--workers", "4"]):  # in this process, then 4 Ray actors (more than this host's CPUs)
         r = run(expand(evaluate_packed, values=run_values, optional={"--workers 4": workers}), cwd)
         m = re.match(r"([0-9.]+) bits/dim \(ELBO\) on (\d+) rows", r.stdout.strip().splitlines()[-1])
@@ -252,8 +322,28 @@ def test_readme_commands_work_as_written(tmp_path):
         # draw each shard's noise from its own seed: then the ELBO's sampling noise on 64 rows dominates.
         tol = PACKED_BPD_TOL if not workers else ACTORS_BPD_TOL
         assert abs(bpd_packed - ev_run["bpd"]) < tol, (workers, bpd_packed, ev_run["bpd"])
-    sample_packed = pick(packed, "dbgen.sample", "--packed")
+    sample_packed = pick(inference, "dbgen.sample", "--packed")
     out = cwd / sample_packed[sample_packed.index("--out") + 1]
     out.unlink(missing_ok=True)  # the README writes grid.png again: make sure this command wrote it
     run(expand(sample_packed, values=run_values), cwd)
     check_png(out, int(sample_packed[sample_packed.index("--n") + 1]))
+
+
+def test_cheap_docs_commands_work_as_written(tmp_path):
+    """The docs/ commands that take seconds (:data:`CHEAP_DOCS`) run as written, every optional group taken."""
+    ran = []
+    for path in DOCS:
+        for _, line in bash_lines(path):
+            if not line.startswith(CHEAP_DOCS):
+                continue
+            tokens = shlex.split(line, comments=True)
+            groups = {g: g.split() for g in re.findall(r"\[([^\]]+)\]", line)}
+            r = run(expand(tokens, optional=groups), ROOT)  # the configs/ paths are the checkout's
+            ran.append((path.name, r.stdout))
+    assert ran, "no cheap docs/ command found"
+    for name, out in ran:
+        if name == "communication.md":  # the link model: every mode's bytes and the rate it needs, per worker
+            rows = re.findall(r"^(dp|zero1|packed|packed_onebit) +([0-9.]+) ", out, flags=re.M)
+            assert [mode for mode, _ in rows] == ["dp", "zero1", "packed", "packed_onebit"], out[-2000:]
+            megabytes = dict(rows)
+            assert float(megabytes["packed_onebit"]) < float(megabytes["packed"]) < float(megabytes["dp"]), out

@@ -286,11 +286,11 @@ def test_cli_exits_2_without_starting_ray(tmp_path):
     assert "Started a local Ray" not in out.stdout + out.stderr
 
 
-# ------------------------------------------------------------------------------------------------ README
-def test_readme_config_table_is_current():
-    """The README's config table is generated: `python -m dbgen.train --print-config-table` prints it."""
-    assert schema_markdown() in (ROOT / "README.md").read_text(), (
-        "README config table is stale: replace it with the output of python -m dbgen.train --print-config-table"
+# ------------------------------------------------------------------------------------------- docs/config.md
+def test_config_reference_table_is_current():
+    """docs/config.md's table is generated: `python -m dbgen.train --print-config-table` prints it."""
+    assert schema_markdown() in (ROOT / "docs" / "config.md").read_text(), (
+        "docs/config.md's table is stale: replace it with the output of python -m dbgen.train --print-config-table"
     )
 
 
