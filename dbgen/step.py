@@ -96,33 +96,45 @@ def batch_to_device(x: torch.Tensor, device: torch.device, channels_last: bool) 
 class ClientAdam(torch.optim.Adam):
     """Fused Adam (AdamW with ``decoupled_weight_decay``) that applies the step's clip and skip decision.
 
-    Set ``clip_coef`` and ``skip`` before :meth:`step`, as Python numbers or as 0-dim device tensors (then
-    nothing waits for the GPU): the update uses gradients scaled by ``clip_coef`` (given to the fused kernel as
-    its ``grad_scale = 1 / clip_coef``) and a skipped step leaves parameters, moments and step counts exactly as
-    they were (the kernel's ``found_inf`` flag). Param groups flagged ``binary`` hold the binary latents and are
-    clamped to [-1, 1] after the update (a no-op on a skipped step: they were clamped already). DeepSpeed ZeRO
-    1/2 calls ``step()`` once per param group with that group's flat fp32 partition as its only param, so all of
-    this works on whatever tensors the optimizer owns: the clamp reaches the master copy itself.
+    ``step(clip_coef=, skip=)`` takes the decision as Python numbers or as 0-dim device tensors (then nothing
+    waits for the GPU): the update uses gradients scaled by ``clip_coef`` (given to the fused kernel as its
+    ``grad_scale = 1 / clip_coef``) and a skipped step leaves parameters, moments and step counts exactly as
+    they were (the kernel's ``found_inf`` flag). DeepSpeed's ``engine.step()`` calls ``step()`` without
+    arguments (ZeRO 1/2: once per param group, with that group's flat fp32 partition as its only param), so
+    around it the decision is given for one block (:meth:`deciding`); a ``step()`` given none clips and skips
+    nothing. Param groups flagged ``binary`` hold the binary latents and are clamped to [-1, 1] after the update
+    (a no-op on a skipped step: they were clamped already); under ZeRO the clamp reaches the master copy itself.
     """
-
-    skip: bool | torch.Tensor = False
-    clip_coef: float | torch.Tensor = 1.0
 
     def __init__(self, params, **kwargs):
         kwargs.setdefault("fused", True)
         super().__init__(params, **kwargs)
+        self._decision: tuple = (1.0, False)  # (clip_coef, skip) inside a deciding() block
+
+    @contextmanager
+    def deciding(self, clip_coef: float | torch.Tensor, skip: bool | torch.Tensor):
+        """``clip_coef`` and ``skip`` for every :meth:`step` called without them inside the block."""
+        self._decision = (clip_coef, skip)
+        try:
+            yield self
+        finally:
+            self._decision = (1.0, False)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        if self.skip is True:  # decided on the host: nothing to launch
+    def step(
+        self, closure=None, *, clip_coef: float | torch.Tensor | None = None, skip: bool | torch.Tensor | None = None
+    ):
+        clip_coef = self._decision[0] if clip_coef is None else clip_coef
+        skip = self._decision[1] if skip is None else skip
+        if skip is True:  # decided on the host: nothing to launch
             return None
         first = next(p for g in self.param_groups for p in g["params"])
-        self.found_inf = torch.as_tensor(self.skip, dtype=torch.float32).to(first.device, non_blocking=True)
-        coef = self.clip_coef
+        # torch's fused Adam reads these two attributes (GradScaler's protocol) during super().step()
+        self.found_inf = torch.as_tensor(skip, dtype=torch.float32).to(first.device, non_blocking=True)
         self.grad_scale = (
             None
-            if isinstance(coef, float | int) and coef == 1.0
-            else (1.0 / torch.as_tensor(coef, dtype=torch.float32)).to(first.device, non_blocking=True)
+            if isinstance(clip_coef, float | int) and clip_coef == 1.0
+            else (1.0 / torch.as_tensor(clip_coef, dtype=torch.float32)).to(first.device, non_blocking=True)
         )
         super().step()
         for g in self.param_groups:

@@ -208,10 +208,8 @@ def test_device_side_clip_and_skip_equal_the_host_decision(one_torch_thread):
             assert coef.item() < 1.0  # grad_clip 0.01: every real step is clipped
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         state_before = copy.deepcopy(opt.state_dict()["state"])
-        opt.skip, opt.clip_coef = skip, coef
-        opt.step()
-        twin_opt.skip, twin_opt.clip_coef = host_skip, min(1.0, cfg.train.grad_clip / (host_norm + 1e-6))
-        twin_opt.step()
+        opt.step(clip_coef=coef, skip=skip)
+        twin_opt.step(clip_coef=min(1.0, cfg.train.grad_clip / (host_norm + 1e-6)), skip=host_skip)
         ema.update(model, skip)
         twin_ema.update(twin, host_skip)
         if i == 1:

@@ -121,14 +121,15 @@ def test_client_adam_skip_clip_and_clamp():
     opt, ref_opt = build_optimizer(cfg("optimizer.lr=0.5"), model), build_optimizer(cfg("optimizer.lr=0.5"), ref)
     before = [p.detach().clone() for p in model.parameters()]
 
-    opt.skip = True
-    opt.step()
+    opt.step(skip=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not opt.state  # no moments either
+    with opt.deciding(0.25, True):  # DeepSpeed's way: a decision for the block, step() without arguments
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)) and not opt.state
 
     # clip: gradients scaled by clip_coef, then a plain Adam step (compared against torch.optim.Adam)
-    opt.skip, opt.clip_coef = False, 0.25
-    opt.step()
+    opt.step(clip_coef=0.25, skip=False)
     plain = torch.optim.Adam(ref.parameters(), lr=0.5)
     for p in ref.parameters():
         p.grad.mul_(0.25)

@@ -7,7 +7,7 @@ implementations would otherwise each write again live here once:
 
 * :func:`nan_as_inf`, :func:`local_grad_norm`, :func:`agreed_norm`: a NaN norm read as inf, the L2 norm of
   this rank's gradients, and the max over ranks, so every rank takes the same skip/clip decision bit for bit;
-* :func:`set_step_decision`: the step's learning rate, clip coefficient and skip flag handed to the optimizer
+* :func:`set_lr`: the step's learning rate, handed to the optimizer
   (a :class:`dbgen.step.ClientAdam`, which applies the clip, the skip and the latent clamp in its ``step()``);
 * :class:`SyncBase`: no state of its own to checkpoint;
 * :class:`EngineSync`: the modes running a DeepSpeed engine: backward with an explicit accumulation boundary
@@ -17,7 +17,7 @@ implementations would otherwise each write again live here once:
   buffers kept or dropped with the step, a checkpoint state tagged with the mode.
 
 Nothing in :mod:`dbgen.sync` imports :mod:`dbgen.step` (it is step that imports :class:`LocalSync`): an
-optimizer here is any ``torch.optim`` optimizer with ClientAdam's ``skip`` and ``clip_coef`` attributes.
+optimizer here is any ``torch.optim`` optimizer with ClientAdam's ``step(clip_coef=, skip=)`` and ``deciding``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = [
     "agreed_norm",
     "local_grad_norm",
     "nan_as_inf",
-    "set_step_decision",
+    "set_lr",
 ]
 
 
@@ -98,12 +98,10 @@ def agreed_norm(norm: torch.Tensor) -> torch.Tensor:
     return norm[0]
 
 
-def set_step_decision(optimizer, lr, clip_coef, skip) -> None:
-    """Hand the step's learning rate and decision to ``optimizer`` (a ClientAdam): its ``step()`` then scales
-    the gradients by ``clip_coef``, changes nothing when ``skip`` and clamps the binary latents."""
+def set_lr(optimizer, lr: float) -> None:
+    """The step's learning rate, in every param group of ``optimizer``."""
     for g in optimizer.param_groups:
         g["lr"] = lr
-    optimizer.skip, optimizer.clip_coef = skip, clip_coef
 
 
 class SyncBase:
@@ -145,8 +143,9 @@ class EngineSync(SyncBase):
         return agreed_norm(local_grad_norm(self.engine.module.parameters()))
 
     def step(self, lr, clip_coef, skip):
-        set_step_decision(self.optimizer, lr, clip_coef, skip)
-        self.engine.step()  # ClientAdam (ZeRO 1/2: per partition, then the parameter all-gather); grads cleared
+        set_lr(self.optimizer, lr)
+        with self.optimizer.deciding(clip_coef, skip):  # DeepSpeed calls ClientAdam.step() without arguments
+            self.engine.step()  # ClientAdam (ZeRO 1/2: per partition, then the parameter all-gather); grads cleared
 
 
 class ExchangeSync(EngineSync):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import SyncBase, local_grad_norm, set_step_decision
+from .base import SyncBase, local_grad_norm, set_lr
 
 __all__ = ["LocalSync"]
 
@@ -29,6 +29,6 @@ class LocalSync(SyncBase):
         return local_grad_norm(self.model.parameters())
 
     def step(self, lr, clip_coef, skip):
-        set_step_decision(self.optimizer, lr, clip_coef, skip)
-        self.optimizer.step()
+        set_lr(self.optimizer, lr)
+        self.optimizer.step(clip_coef=clip_coef, skip=skip)
         self.optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..nn import pack_signs
 from .accounting import comm_kind
-from .base import ExchangeSync, nan_as_inf, set_step_decision
+from .base import ExchangeSync, nan_as_inf, set_lr
 from .collectives import all_gather_flat, all_reduce_mean, reduce_scatter_sum
 from .layout import load_partitions, save_partition
 from .onebit import OneBitExchange
@@ -116,8 +116,8 @@ class PackedSync(ExchangeSync):
     def step(self, lr, clip_coef, skip):
         skip = bool(skip)  # a host decision: whether to send this step's signs and keep its errors depends on it
         super().step(lr, clip_coef, skip)  # full-precision update (ClientAdam), DeepSpeed's counters, grads cleared
-        set_step_decision(self.binary_optimizer, lr, clip_coef, skip)
-        self.binary_optimizer.step()  # Adam + clamp on the slice
+        set_lr(self.binary_optimizer, lr)
+        self.binary_optimizer.step(clip_coef=clip_coef, skip=skip)  # Adam + clamp on the slice
         self._settle(skip)
         self.latent.grad = None
         if not skip:
