@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite, slow multi-process tests included, on 2 pytest-xdist
+# Set up (idempotent) and run the whole test suite, slow multi-process tests included, on 3 pytest-xdist
 # workers: the slow tests spend much of their time waiting on other processes (Ray, DeepSpeed workers, servers),
-# so two files at a time keep both cores busy. Whole files go to one worker (--dist loadfile): a module's Ray
+# so three files at a time keep 2 cores busy (measured on 2 cores, 2026-12-07: pytest 14:30 with 3 workers,
+# 19:28-19:42 with 2). Whole files go to one worker (--dist loadfile): a module's Ray
 # cluster and its tests stay together, in order. DBGEN_TEST_WORKERS=0 runs it in one process.
 #
 # --under-load (first argument): the same suite beside one busy-loop process per core (stopped by PID when the
@@ -21,7 +22,7 @@ if [ "${1:-}" = "--under-load" ]; then
   export DBGEN_TEST_TIMEOUT_SCALE="${DBGEN_TEST_TIMEOUT_SCALE:-5}"  # hang ceilings (tests/conftest.py) x5
   echo "under load: ${#hogs[@]} busy-loop processes (PIDs ${hogs[*]})" >&2
 fi
-workers="${DBGEN_TEST_WORKERS:-2}"
+workers="${DBGEN_TEST_WORKERS:-3}"
 parallel=()
 # --no-loadscope-reorder: keep the conftest's longest-first file order (xdist would sort files by test count)
 if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder); fi

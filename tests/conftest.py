@@ -27,7 +27,7 @@ import torch
 # every Ray process of a test (GCS, raylet, workers, metrics agent, service-discovery file) stays on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-# With pytest-xdist (scripts/test.sh runs 2 workers) the controller makes the folder and its workers, which
+# With pytest-xdist (scripts/test.sh runs 3 workers) the controller makes the folder and its workers, which
 # inherit the environment, share it: the DeepSpeed op and photos32 are built once per run (torch's build lock
 # and photos32's atomic rename make a simultaneous first use safe), and only the controller removes it.
 _SHARED = os.environ.get("DBGEN_TEST_SESSION_ROOT") if os.environ.get("PYTEST_XDIST_WORKER") else None
@@ -45,18 +45,19 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
-# The longest files, longest first (measured in CI, 2 xdist workers, 2026-12-01): scheduled before the rest.
+# The longest files, longest first (measured in CI, 3 xdist workers, 2026-12-07): scheduled before the rest.
 LONGEST_FILES = [
-    "test_train_cluster.py",
     "test_train_integrity.py",
+    "test_train_cluster.py",
     "test_comm_train.py",
     "test_memory_planner.py",
     "test_scale_check.py",
-    "test_monitoring_prometheus.py",
-    "test_kernels_device.py",
-    "test_step.py",
-    "test_netns_cluster.py",
     "test_readme.py",
+    "test_kernels_device.py",
+    "test_netns_cluster.py",
+    "test_step.py",
+    "test_data_ray.py",
+    "test_monitoring_prometheus.py",
     "test_export.py",
 ]
 

@@ -323,6 +323,7 @@ def test_interrupts_and_one_driver_per_run(cluster, storage):
     assert len(takeovers) == 1 and f"PID {killed.pid} on " in takeovers[0], resumed.stderr[-3000:]
     summary = summary_of(run)
     assert summary["resumed_from"] == resume_at and summary["steps"] == resume_at + 1
+    assert summary["steps_this_attempt"] == 1 and summary["images_seen"] == (resume_at + 1) * 32
     assert [r["step"] for r in records(run, "resume")][-1] == resume_at
 
 
