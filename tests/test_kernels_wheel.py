@@ -1,6 +1,7 @@
-"""The CUDA kernel sources ship inside the installed package: a wheel built from this checkout holds them, and
-an install of that wheel (the checkout not importable, cwd elsewhere) finds them through the package and
-builds them (the host emulation of the same source; nvcc would take the same path on a GPU machine)."""
+"""The kernel sources ship inside the installed package: a wheel built from this checkout holds them, and an
+install of that wheel (the checkout not importable, cwd elsewhere) finds them through the package and builds
+them: the CPU kernels, and the CUDA kernels' host emulation of the same source (nvcc would take the same path
+on a GPU machine)."""
 
 import shutil
 import subprocess
@@ -32,6 +33,12 @@ x, w = torch.randn(1, 40, 4, 3, generator=g), torch.randn(24, 40, 3, 3, generato
 pa, pw = pack_activations_ref(x, 1), PackedWeight.from_signs(w)
 got = cuda.bconv_cuda(pa.words, 40, pw, None, None, (1, 1), (1, 1), tile=0, ksplit=1)
 assert torch.equal(got, binary_conv2d_ref(pa, pw, None, None, (1, 1), (1, 1)))
+from dbgen.kernels import cpu
+cpu.build_library(Path(tempfile.mkdtemp()))  # from the installed source
+assert cpu.sources.kernel_source(cpu.SOURCE_NAME).resolve().is_relative_to(target)
+a, b = torch.randint(-9, 9, (5, 7), dtype=torch.int32), torch.randint(-9, 9, (3, 7), dtype=torch.int32)
+from dbgen.kernels.reference import and_popcount_matmul
+assert torch.equal(cpu.and_popcount_matmul(a, b), and_popcount_matmul(a, b))
 print("installed kernels ok:", src)
 """
 
@@ -73,7 +80,7 @@ def test_wheel_ships_and_builds_the_kernels(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("dbgen-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in sorted((ROOT / "kernels").iterdir()):
-        if f.suffix in (".cu", ".h"):
+        if f.suffix in (".cu", ".h", ".cpp"):
             assert f"dbgen/_kernels_src/{f.name}" in names, f"{f.name} missing from {wheel.name}"
     # Every module of the package is in the wheel (pyproject lists the packages explicitly).
     for f in (ROOT / "dbgen").rglob("*.py"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.resources
 import logging
 import os
 import shutil
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from . import sources
 from .packing import PackedWeight
+from .sources import KernelUnavailable
 
 __all__ = [
     "KernelUnavailable",
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (8, 0)
 SOURCE_NAME = "binary_kernels.cu"
-SOURCE_PACKAGE = "dbgen._kernels_src"  # the top-level kernels/ folder, installed inside the package
 ABI_VERSION = 3
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _OUT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -57,35 +57,9 @@ _counters: dict[tuple, torch.Tensor] = {}  # split-K tile counters per (device, 
 EMULATED_SMS = 4  # multiprocessor count the split heuristics assume under emulation
 
 
-class KernelUnavailable(RuntimeError):
-    """The CUDA kernels cannot be used here; the message says what is missing and how to fall back."""
-
-
-def _installed_source_dir() -> Path:
-    """The folder of the sources shipped in the package (``kernels/`` installed as ``dbgen._kernels_src``).
-
-    A checkout run without an install (the repository on ``PYTHONPATH``, as on a bare GPU machine) has no
-    such package: there the sources are the checkout's own ``kernels/`` folder, the one that package maps.
-    """
-    try:
-        return Path(importlib.resources.files(SOURCE_PACKAGE))  # a regular package on disk: a Path already
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "kernels"
-
-
 def kernel_source() -> Path:
-    """Path of the CUDA source: ``$DBGEN_KERNELS_SRC`` (file or folder), else the copy installed with dbgen."""
-    env = os.environ.get("DBGEN_KERNELS_SRC")
-    path = Path(env) if env else _installed_source_dir() / SOURCE_NAME
-    if path.is_dir():
-        path = path / SOURCE_NAME
-    if not path.is_file():
-        raise KernelUnavailable(
-            f"CUDA kernel source not found at {path} (reinstall dbgen, whose package ships "
-            f"{SOURCE_PACKAGE}/{SOURCE_NAME}; or set DBGEN_KERNELS_SRC to the kernels/ folder "
-            f"of the dbgen repository; or use DBGEN_KERNELS=reference)"
-        )
-    return path
+    """Path of the CUDA source (:func:`dbgen.kernels.sources.kernel_source`)."""
+    return sources.kernel_source(SOURCE_NAME)
 
 
 def find_nvcc() -> str:
@@ -108,10 +82,6 @@ def find_nvcc() -> str:
     )
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DBGEN_KERNEL_CACHE", Path.home() / ".cache" / "dbgen" / "kernels"))
-
-
 def _arch_flags(arch: str) -> list[str]:
     """``arch`` like "90" or "90a" -> nvcc -gencode flags (SASS for that chip only)."""
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
@@ -127,7 +97,7 @@ def build_library(arch: str, out_dir: Path | None = None, nvcc: str | None = Non
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *_arch_flags(arch)]
     key = hashlib.sha256(src.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir is not None else _cache_dir() / f"sm{arch}-{key}"
+    out_dir = Path(out_dir) if out_dir is not None else sources.cache_dir() / f"sm{arch}-{key}"
     lib_path = out_dir / "libdbgen_kernels.so"
     if lib_path.is_file():
         return lib_path

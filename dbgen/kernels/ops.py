@@ -1,12 +1,17 @@
-"""The public ops: CUDA kernels for CUDA tensors, the exact pure-PyTorch reference otherwise.
+"""The public ops: CUDA kernels for CUDA tensors, the bitwise CPU kernels for CPU tensors, and the exact
+pure-PyTorch reference, which every kernel matches.
 
-``DBGEN_KERNELS=reference`` forces the reference on CUDA tensors too (it is plain torch code); the default
-(``auto``) uses the kernels for CUDA tensors and raises :class:`~dbgen.kernels.cuda.KernelUnavailable` with
-what is missing if they cannot be built.
+``DBGEN_KERNELS`` (:func:`backend`): ``auto`` (default) uses the CUDA kernels for CUDA tensors (raising
+:class:`~dbgen.kernels.sources.KernelUnavailable` with what is missing if they cannot be built) and the CPU
+kernels for CPU tensors where they build (else one warning, then the reference); ``cpu`` forces the CPU
+kernels for CPU tensors (raising if they cannot be had); ``reference`` forces the reference everywhere. On the
+CPU, the fully binary ops run the reference's algorithm with the kernels' AND-popcount product
+(:func:`dbgen.kernels.cpu.and_popcount_matmul`); the packed-weight ops (float activations) are the reference's.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -28,32 +33,62 @@ __all__ = [
 ]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHOICES = ("auto", "reference", "cuda", "cpu")
+
+log = logging.getLogger(__name__)
+_cpu_missing: list[str | None] = []  # why the CPU kernels cannot be had (None: they can), found once per process
 
 
 def backend(device: torch.device | str) -> str:
-    """ "cuda" (the kernels) or "reference" for tensors on ``device`` (see the module docstring)."""
+    """ "cuda", "cpu" (the kernels) or "reference" for tensors on ``device`` (see the module docstring)."""
     device = torch.device(device)
     choice = os.environ.get("DBGEN_KERNELS", "auto")
-    if choice not in ("auto", "reference", "cuda"):
-        raise ValueError(f"DBGEN_KERNELS={choice!r}: expected 'auto', 'reference' or 'cuda'")
-    if device.type != "cuda" or choice == "reference":
+    if choice not in _CHOICES:
+        raise ValueError(f"DBGEN_KERNELS={choice!r}: expected one of {', '.join(_CHOICES)}")
+    if choice == "reference":
         return "reference"
-    return "cuda"
+    if device.type == "cuda":
+        return "cuda"
+    if device.type != "cpu" or choice == "cuda":
+        return "reference"
+    if not _cpu_missing:
+        try:
+            _cpu().library()
+            _cpu_missing.append(None)
+        except _cpu().KernelUnavailable as e:
+            _cpu_missing.append(str(e))
+            if choice == "auto":
+                log.warning("the CPU kernels cannot be built (%s): using the PyTorch reference", e)
+    if _cpu_missing[0] is None:
+        return "cpu"
+    if choice == "cpu":
+        raise _cpu().KernelUnavailable(f"DBGEN_KERNELS=cpu: {_cpu_missing[0]}")
+    return "reference"
 
 
 def kernels_missing(device: torch.device | str) -> str | None:
-    """Why the packed ops cannot run on ``device`` now, or None when they can. The reference (CPU tensors, or
-    ``DBGEN_KERNELS=reference``) always can; on CUDA the kernel library must build (nvcc, on first use, cached)
-    and load for the device's architecture (sm_80 or newer)."""
+    """Why the packed ops cannot run on ``device`` now, or None when they can. The reference (and with it every
+    CPU tensor under ``DBGEN_KERNELS=auto``: the CPU kernels, or the reference where they do not build) always
+    can; on CUDA the kernel library must build (nvcc, on first use, cached) and load for the device's
+    architecture (sm_80 or newer); ``DBGEN_KERNELS=cpu`` needs the CPU kernels."""
     device = torch.device(device)
-    if backend(device) == "reference":
-        return None
+    try:
+        if backend(device) != "cuda":
+            return None
+    except _cpu().KernelUnavailable as e:  # DBGEN_KERNELS=cpu without the CPU kernels
+        return str(e)
     cuda = _cuda()
     try:
         cuda.library(device)
     except cuda.KernelUnavailable as e:
         return str(e)
     return None
+
+
+def _cpu():
+    from . import cpu  # imported lazily: builds nothing until a CPU tensor reaches a packed op
+
+    return cpu
 
 
 def _cuda():
@@ -138,8 +173,9 @@ def binary_act_conv2d(
             x.words, x.channels, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output
         )
         return PackedActivation(out, w_packed.out_channels) if pack_output else out
+    matmul = _cpu().and_popcount_matmul if backend(x.device) == "cpu" else ref.and_popcount_matmul
     return ref.binary_conv2d_ref(
-        x, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output
+        x, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output, matmul=matmul
     )
 
 
@@ -162,7 +198,8 @@ def binary_act_linear(
         if pack_output:
             return PackedActivation(out.reshape(*lead, out.shape[-1]), w_packed.out_channels)
         return out.reshape(*lead, w_packed.out_channels)
-    return ref.binary_linear_ref(x, w_packed, scale, bias, out_dtype=out_dtype, pack_output=pack_output)
+    matmul = _cpu().and_popcount_matmul if backend(x.device) == "cpu" else ref.and_popcount_matmul
+    return ref.binary_linear_ref(x, w_packed, scale, bias, out_dtype=out_dtype, pack_output=pack_output, matmul=matmul)
 
 
 def packed_weight_conv2d(x: torch.Tensor, w_packed: PackedWeight, scale=None, bias=None, stride=1, padding=0):

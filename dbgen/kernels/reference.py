@@ -81,11 +81,13 @@ def binary_conv2d_ref(
     *,
     out_dtype: torch.dtype = torch.float32,
     pack_output: bool = False,
+    matmul=and_popcount_matmul,
 ):
     """Fully binary conv: conv2d(+-1 x, +-1 w) * scale + bias (per output channel), exact integer dot.
 
     Returns a (N, O, Ho, Wo) tensor of ``out_dtype``, or with ``pack_output`` the :class:`PackedActivation`
-    of its signs (the fused sign of the next binary layer's input).
+    of its signs (the fused sign of the next binary layer's input). ``matmul``: the AND-popcount product
+    (the CPU kernels pass theirs: the same integers).
     """
     n, h, wd, cw = x.words.shape
     kh, kw = w.kernel_size
@@ -95,7 +97,7 @@ def binary_conv2d_ref(
     xp = F.pad(x.words, (0, 0, pw, pw, ph, ph))  # (N, H+2ph, W+2pw, Cw)
     cols = xp.unfold(1, kh, sh).unfold(2, kw, sw)  # (N, Ho, Wo, Cw, KH, KW)
     cols = cols.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * cw)  # K = (tap, word)
-    p = and_popcount_matmul(cols, w.tap_words())  # (N*Ho*Wo, O)
+    p = matmul(cols, w.tap_words())  # (N*Ho*Wo, O)
     pc = F.pad(x.pixel_popcount(), (pw, pw, ph, ph))  # (N, H+2ph, W+2pw)
     xs = pc.unfold(1, kh, sh).unfold(2, kw, sw).sum(dim=(-1, -2)).reshape(-1, 1)  # (N*Ho*Wo, 1)
     cv, _ = w.valid_tap_tables(h, wd, stride, padding)  # (O, Ho, Wo)
@@ -115,11 +117,12 @@ def binary_linear_ref(
     *,
     out_dtype: torch.dtype = torch.float32,
     pack_output: bool = False,
+    matmul=and_popcount_matmul,
 ):
-    """Fully binary linear: (+-1 x) @ (+-1 w).T * scale + bias; x words (..., Cw)."""
+    """Fully binary linear: (+-1 x) @ (+-1 w).T * scale + bias; x words (..., Cw); ``matmul`` as for conv."""
     lead = x.words.shape[:-1]
     words = x.words.reshape(-1, x.words.shape[-1])
-    p = and_popcount_matmul(words, w.tap_words())  # (M, O)
+    p = matmul(words, w.tap_words())  # (M, O)
     xs = popcount32(words).sum(dim=-1, keepdim=True)  # (M, 1)
     dot = 4 * p - 2 * xs + w.tap_corr.to(torch.int64)[:, 0]
     y = _epilogue(dot, scale, bias).reshape(*lead, w.out_channels)

@@ -1,0 +1,156 @@
+"""The bitwise CPU kernels (kernels/cpu_bitwise.cpp, dbgen.kernels.cpu): built with g++ on first use, one path per
+instruction set, every path bit-identical to the PyTorch reference (integer results compared exactly).
+
+Paths this CPU lacks are skipped with the reason; ``DBGEN_CPU_ISA`` forces a family (avx512, avx2, scalar) and
+the library's codes reach every variant (AVX-512: VPOPCNTDQ and the AVX-512BW nibble lookup).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dbgen.kernels as K
+from dbgen.kernels import cpu
+from dbgen.kernels import reference as ref
+from dbgen.kernels.packing import PackedWeight
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = list(cpu.ISA_CODES)  # scalar, avx2, avx512bw, avx512vpopcntdq
+
+
+def _words(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**31), 2**31, shape, generator=g, dtype=torch.int64).to(torch.int32)
+
+
+def _have(variant):
+    if variant not in cpu.supported_isas():
+        pytest.skip(f"this CPU lacks {variant} (it runs {', '.join(cpu.supported_isas())})")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_and_popcount_matmul_is_exact_on_every_path(variant):
+    """Every shape class: one row or column, K of 1 word, K not a multiple of the vector width, O not a multiple
+    of the 4-row output block, long K (the byte accumulators' periodic flush), all-ones words."""
+    _have(variant)
+    shapes = [(1, 1, 1), (3, 5, 2), (7, 4, 16), (9, 6, 17), (33, 17, 72), (2, 3, 600), (65, 9, 40)]
+    for i, (m, o, k) in enumerate(shapes):
+        a, b = _words((m, k), 2 * i), _words((o, k), 2 * i + 1)
+        assert torch.equal(cpu.and_popcount_matmul(a, b, variant), ref.and_popcount_matmul(a, b)), (m, o, k)
+    ones = torch.full((3, 600), -1, dtype=torch.int32)  # every bit set: 19,200 per entry
+    assert cpu.and_popcount_matmul(ones, ones, variant).unique().tolist() == [600 * 32]
+    empty = cpu.and_popcount_matmul(_words((0, 5), 0), _words((3, 5), 1), variant)
+    assert empty.shape == (0, 3)
+
+
+def test_thread_count_changes_no_number():
+    a, b = _words((257, 72), 3), _words((37, 72), 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.and_popcount_matmul(a, b)
+        torch.set_num_threads(2)
+        two = cpu.and_popcount_matmul(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, ref.and_popcount_matmul(a, b))
+
+
+CONV_CASES = [  # (N, C, H, W, O, k, stride, padding): odd sizes, channels not multiples of 32, batch 1 and 64
+    (1, 3, 5, 7, 4, 3, 1, 1),
+    (2, 70, 9, 9, 37, 3, 2, 1),
+    (64, 33, 6, 5, 5, 3, 1, 0),
+    (3, 256, 8, 8, 16, 1, 1, 0),
+    (1, 97, 11, 4, 6, 5, 2, 2),
+]
+
+
+@pytest.mark.parametrize("family", list(cpu.ISAS))
+def test_binary_ops_on_the_cpu_kernels_equal_the_reference(family, monkeypatch):
+    """binary_act_conv2d / binary_act_linear through DBGEN_KERNELS=cpu on each path: the same floats and the
+    same packed output bits as DBGEN_KERNELS=reference."""
+    try:
+        cpu.isa(family)
+    except K.sources.KernelUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("DBGEN_CPU_ISA", family)
+    g = torch.Generator().manual_seed(5)
+    for n, c, h, w, o, k, s, p in CONV_CASES:
+        x = torch.randn(n, c, h, w, generator=g)
+        wt = PackedWeight.from_signs(torch.randn(o, c, k, k, generator=g))
+        scale, bias = torch.rand(o, generator=g) + 0.1, torch.randn(o, generator=g)
+        out = {}
+        for kernels in ("reference", "cpu"):
+            monkeypatch.setenv("DBGEN_KERNELS", kernels)
+            assert K.backend("cpu") == kernels
+            y = K.binary_act_conv2d(x, wt, scale, bias, s, p)
+            bits = K.binary_act_conv2d(x, wt, scale, bias, s, p, pack_output=True).words
+            lin_w = PackedWeight.from_signs(torch.randn(o, c, generator=torch.Generator().manual_seed(o)))
+            lin = K.binary_act_linear(x.permute(0, 2, 3, 1), lin_w, scale, bias)
+            out[kernels] = (y, bits, lin)
+        for name, a, b in zip(("conv", "packed conv", "linear"), out["reference"], out["cpu"], strict=True):
+            assert torch.equal(a, b), (name, n, c, h, w, o, k, s, p)
+
+
+def test_a_packed_one_one_rvae_samples_and_evaluates_as_on_the_reference(monkeypatch):
+    """The tiny 1/1 RVAE on the packed engine: the same samples for a seed and the same bits/dim as with the
+    reference, bit for bit (the CPU kernels change only how the integers are counted)."""
+    from dbgen.config import load_config
+    from dbgen.eval_loop import use_engine
+    from dbgen.models import build
+
+    cfg = load_config(ROOT / "configs" / "rvae_binary_act_tiny.yaml")
+    torch.manual_seed(0)
+    model = use_engine(build(cfg.model).eval(), "packed")
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = {}
+    for kernels in ("reference", "cpu"):
+        monkeypatch.setenv("DBGEN_KERNELS", kernels)
+        torch.manual_seed(3)
+        samples = model.sample(4)
+        torch.manual_seed(4)
+        bpd = model.log_likelihood_bpd(x)
+        got[kernels] = (samples, bpd)
+    assert torch.equal(got["reference"][0], got["cpu"][0]) and torch.equal(got["reference"][1], got["cpu"][1])
+
+
+def test_choosing_a_path(monkeypatch):
+    have = cpu.supported_isas()
+    assert have[0] == "scalar" and cpu.isa() == have[-1]  # the fastest by default
+    monkeypatch.setenv("DBGEN_CPU_ISA", "scalar")
+    assert cpu.isa() == "scalar"
+    monkeypatch.setenv("DBGEN_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="DBGEN_CPU_ISA='sse9': expected one of scalar, avx2, avx512"):
+        cpu.isa()
+    missing = [family for family, codes in cpu.ISAS.items() if not any(cpu.ISA_CODES[v] in codes for v in have)]
+    for family in missing:  # e.g. avx512 on an AVX2-only machine
+        monkeypatch.setenv("DBGEN_CPU_ISA", family)
+        with pytest.raises(K.sources.KernelUnavailable, match=f"DBGEN_CPU_ISA={family}: this CPU lacks it"):
+            cpu.isa()
+
+
+def test_a_failed_build_falls_back_to_the_reference_or_is_an_error_when_forced(tmp_path):
+    """A fresh process whose compiler fails: DBGEN_KERNELS=auto logs one line and runs the reference;
+    DBGEN_KERNELS=cpu exits with what is missing."""
+    script = (
+        "import torch, dbgen.kernels as K\n"
+        "print(K.backend('cpu'))\n"
+        "w = K.PackedWeight.from_signs(torch.randn(4, 8, 3, 3))\n"
+        "print(K.binary_act_conv2d(torch.randn(1, 8, 5, 5), w, padding=1).shape)\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "DBGEN_KERNEL_CACHE": str(tmp_path / "cache")}
+    auto = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert auto.stdout.split("\n")[:2] == ["reference", "torch.Size([1, 4, 5, 5])"]
+    warnings = [line for line in auto.stderr.splitlines() if "CPU kernels cannot be built" in line]
+    assert len(warnings) == 1 and "/bin/false failed building" in warnings[0], auto.stderr[-3000:]
+    forced = subprocess.run(
+        [sys.executable, "-c", script], env={**env, "DBGEN_KERNELS": "cpu"}, capture_output=True, text=True, timeout=300
+    )
+    assert (
+        forced.returncode != 0 and "KernelUnavailable: DBGEN_KERNELS=cpu: /bin/false failed building" in forced.stderr
+    )
