@@ -1,7 +1,12 @@
 // Bitwise CPU kernels of dbgen: the AND-popcount product of packed sign words, the integer core of the fully
 // binary (1/1) conv and linear layers (dbgen/kernels/packing.py derives the +-1 dot product from it exactly).
 //
-//   out[i, o] = sum_k popcount(a[i, k] & b[o, k])      a: (M, K) uint32 words, b: (O, K), out: (M, O) int64
+//   p[i, o] = sum_k popcount(a[i, k] & b[o, k])        a: (M, K) uint32 words, b: (O, K)
+//
+// either as it is (dbgen_and_popcount_matmul: int64 (M, O)) or through the binary layers' exact epilogue
+// (dbgen_binary_dot_epilogue: the +-1 dot product 4 p - 2 xs[i] + cv[o, i % P], then float32(dot) * scale[o]
+// + bias[o], each operation rounded to float32 as the reference and the CUDA kernels do; built with
+// -ffp-contract=off so that no multiply-add is fused).
 //
 // Built with g++ into a plain shared library (no torch headers) and called through ctypes by
 // dbgen/kernels/cpu.py. One library holds every instruction-set path (each function compiled for its own
@@ -21,18 +26,42 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <thread>
 #include <vector>
 
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 constexpr int64_t kOutBlock = 4;  // output rows o sharing one load of the activation row
 
-using RowsFn = void (*)(const uint32_t*, const uint32_t*, int64_t*, int64_t, int64_t, int64_t, int64_t);
+// What a kernel does with each finished popcount sum p of row i and output o.
+struct Product {  // the plain product
+  int64_t* out;
+  int64_t O;
+  void operator()(int64_t i, int64_t o, int64_t p) const { out[i * O + o] = p; }
+};
+
+struct Epilogue {  // the binary layer's output (see the top of this file)
+  const int64_t* xs;
+  const int32_t* cv;
+  int64_t P;
+  const float* scale;
+  const float* bias;
+  float* out;
+  int64_t O;
+  void operator()(int64_t i, int64_t o, int64_t p) const {
+    const int64_t dot = 4 * p - 2 * xs[i] + cv[o * P + i % P];
+    float y = static_cast<float>(dot);
+    if (scale) y = y * scale[o];
+    if (bias) y = y + bias[o];
+    out[i * O + o] = y;
+  }
+};
 
 // ------------------------------------------------------------------------------------------------ scalar
-void rows_scalar(const uint32_t* a, const uint32_t* b, int64_t* out, int64_t i0, int64_t i1, int64_t O,
+template <class Emit>
+void rows_scalar(const uint32_t* a, const uint32_t* b, const Emit& emit, int64_t i0, int64_t i1, int64_t O,
                  int64_t K) {
   const int64_t k64 = K / 2;
   for (int64_t i = i0; i < i1; ++i) {
@@ -46,7 +75,7 @@ void rows_scalar(const uint32_t* a, const uint32_t* b, int64_t* out, int64_t i0,
         std::memcpy(&y, bo + 2 * k, 8);
         sum += __builtin_popcountll(x & y);
       }
-      out[i * O + o] = sum;
+      emit(i, o, sum);
     }
   }
 }
@@ -66,7 +95,8 @@ __attribute__((target("avx2"))) inline int64_t hsum_avx2(__m256i v) {
          _mm256_extract_epi64(v, 3);
 }
 
-__attribute__((target("avx2"))) void rows_avx2(const uint32_t* a, const uint32_t* b, int64_t* out, int64_t i0,
+template <class Emit>
+__attribute__((target("avx2"))) void rows_avx2(const uint32_t* a, const uint32_t* b, const Emit& emit, int64_t i0,
                                                 int64_t i1, int64_t O, int64_t K) {
   const int64_t nv = K / 8;  // 256-bit vectors per row
   const __m256i zero = _mm256_setzero_si256();
@@ -89,7 +119,7 @@ __attribute__((target("avx2"))) void rows_avx2(const uint32_t* a, const uint32_t
           }
         }
       }
-      for (int j = 0; j < kOutBlock; ++j) out[i * O + o + j] = hsum_avx2(total[j]);
+      for (int j = 0; j < kOutBlock; ++j) emit(i, o + j, hsum_avx2(total[j]));
     }
     for (; o < O; ++o) {  // the last O % 4 output rows, one at a time
       __m256i total = zero, bytes = zero;
@@ -102,7 +132,7 @@ __attribute__((target("avx2"))) void rows_avx2(const uint32_t* a, const uint32_t
           bytes = zero;
         }
       }
-      out[i * O + o] = hsum_avx2(total);
+      emit(i, o, hsum_avx2(total));
     }
   }
 }
@@ -116,7 +146,8 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512i popcount_bytes_avx512
   return _mm512_add_epi8(_mm512_shuffle_epi8(lut, lo), _mm512_shuffle_epi8(lut, hi));
 }
 
-__attribute__((target("avx512f,avx512bw"))) void rows_avx512bw(const uint32_t* a, const uint32_t* b, int64_t* out,
+template <class Emit>
+__attribute__((target("avx512f,avx512bw"))) void rows_avx512bw(const uint32_t* a, const uint32_t* b, const Emit& emit,
                                                                 int64_t i0, int64_t i1, int64_t O, int64_t K) {
   const int64_t nv = K / 16;  // 512-bit vectors per row
   const __m512i zero = _mm512_setzero_si512();
@@ -140,14 +171,15 @@ __attribute__((target("avx512f,avx512bw"))) void rows_avx512bw(const uint32_t* a
           }
         }
       }
-      for (int64_t j = 0; j < n; ++j) out[i * O + o + j] = _mm512_reduce_add_epi64(total[j]);
+      for (int64_t j = 0; j < n; ++j) emit(i, o + j, _mm512_reduce_add_epi64(total[j]));
     }
   }
 }
 
+template <class Emit>
 __attribute__((target("avx512f,avx512vpopcntdq"))) void rows_avx512vpopcntdq(const uint32_t* a, const uint32_t* b,
-                                                                              int64_t* out, int64_t i0, int64_t i1,
-                                                                              int64_t O, int64_t K) {
+                                                                              const Emit& emit, int64_t i0,
+                                                                              int64_t i1, int64_t O, int64_t K) {
   const int64_t nv = K / 16;
   for (int64_t i = i0; i < i1; ++i) {
     const uint32_t* ai = a + i * K;
@@ -163,7 +195,7 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void rows_avx512vpopcntdq(con
           total[j] = _mm512_add_epi64(total[j], _mm512_popcnt_epi64(_mm512_and_si512(x, y)));
         }
       }
-      for (int64_t j = 0; j < n; ++j) out[i * O + o + j] = _mm512_reduce_add_epi64(total[j]);
+      for (int64_t j = 0; j < n; ++j) emit(i, o + j, _mm512_reduce_add_epi64(total[j]));
     }
   }
 }
@@ -184,6 +216,40 @@ bool supports(int isa) {
   }
 }
 
+
+// Rows [0, M) over up to `threads` threads on path `isa`, each sum handed to `emit`.
+template <class Emit>
+int run(const uint32_t* a, const uint32_t* b, const Emit& emit, int64_t M, int64_t O, int64_t K, int isa,
+        int threads) {
+  if (M < 0 || O < 0 || K < 0 || K % 16 != 0) return 2;
+  if (!supports(isa)) return 1;
+  using RowsFn = void (*)(const uint32_t*, const uint32_t*, const Emit&, int64_t, int64_t, int64_t, int64_t);
+  static const RowsFn fns[] = {rows_scalar<Emit>, rows_avx2<Emit>, rows_avx512bw<Emit>, rows_avx512vpopcntdq<Emit>};
+  const RowsFn fn = fns[isa];
+  // Split rows evenly, but give each thread at least ~1M word-ANDs: a thread costs tens of microseconds.
+  const int64_t work = M * O * std::max<int64_t>(K, 1);
+  const int64_t useful = std::max<int64_t>(1, work / (1 << 20));
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(threads), useful, M}));
+  if (n == 1) {
+    fn(a, b, emit, 0, M, O, K);
+    return 0;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(n - 1);
+  const int64_t per = (M + n - 1) / n;
+  for (int64_t t = 1; t < n; ++t) {
+    const int64_t i0 = t * per, i1 = std::min(M, i0 + per);
+    if (i0 >= i1) continue;
+    try {
+      pool.emplace_back(fn, a, b, std::cref(emit), i0, i1, O, K);
+    } catch (...) {  // the host refused a thread (e.g. a process limit): this chunk runs here instead
+      fn(a, b, emit, i0, i1, O, K);
+    }
+  }
+  fn(a, b, emit, 0, std::min(M, per), O, K);
+  for (auto& th : pool) th.join();
+  return 0;
+}
 }  // namespace
 
 extern "C" {
@@ -200,33 +266,16 @@ int dbgen_cpu_isas() {
 // 0 on success; 1: the CPU lacks `isa`; 2: bad arguments (K not a multiple of 16, negative sizes).
 int dbgen_and_popcount_matmul(const uint32_t* a, const uint32_t* b, int64_t* out, int64_t M, int64_t O, int64_t K,
                               int isa, int threads) {
-  if (M < 0 || O < 0 || K < 0 || K % 16 != 0) return 2;
-  if (!supports(isa)) return 1;
-  static const RowsFn fns[] = {rows_scalar, rows_avx2, rows_avx512bw, rows_avx512vpopcntdq};
-  const RowsFn fn = fns[isa];
-  // Split rows evenly, but give each thread at least ~1M word-ANDs: a thread costs tens of microseconds.
-  const int64_t work = M * O * std::max<int64_t>(K, 1);
-  const int64_t useful = std::max<int64_t>(1, work / (1 << 20));
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(threads), useful, M}));
-  if (n == 1) {
-    fn(a, b, out, 0, M, O, K);
-    return 0;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(n - 1);
-  const int64_t per = (M + n - 1) / n;
-  for (int64_t t = 1; t < n; ++t) {
-    const int64_t i0 = t * per, i1 = std::min(M, i0 + per);
-    if (i0 >= i1) continue;
-    try {
-      pool.emplace_back(fn, a, b, out, i0, i1, O, K);
-    } catch (...) {  // the host refused a thread (e.g. a process limit): this chunk runs here instead
-      fn(a, b, out, i0, i1, O, K);
-    }
-  }
-  fn(a, b, out, 0, std::min(M, per), O, K);
-  for (auto& th : pool) th.join();
-  return 0;
+  return run(a, b, Product{out, O}, M, O, K, isa, threads);
+}
+
+// The same product through the binary layers' epilogue into out (M, O) float32; xs (M,) int64, cv (O, P) int32,
+// scale and bias (O,) float32 or null. Return codes as above.
+int dbgen_binary_dot_epilogue(const uint32_t* a, const uint32_t* b, int64_t M, int64_t O, int64_t K, const int64_t* xs,
+                              const int32_t* cv, int64_t P, const float* scale, const float* bias, float* out, int isa,
+                              int threads) {
+  if (P < 1) return 2;
+  return run(a, b, Epilogue{xs, cv, P, scale, bias, out, O}, M, O, K, isa, threads);
 }
 
 }  // extern "C"

@@ -24,18 +24,29 @@ from pathlib import Path
 
 import torch
 
+from . import reference as ref
 from . import sources
+from .packing import PackedActivation, PackedWeight
 from .sources import KernelUnavailable
 
-__all__ = ["ISAS", "and_popcount_matmul", "build_library", "isa", "library", "supported_isas"]
+__all__ = [
+    "ISAS",
+    "and_popcount_matmul",
+    "binary_conv2d",
+    "binary_linear",
+    "build_library",
+    "isa",
+    "library",
+    "supported_isas",
+]
 
 SOURCE_NAME = "cpu_bitwise.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 # The library's paths, slowest first: the name DBGEN_CPU_ISA takes and the codes the library knows it by.
 ISAS = {"scalar": (0,), "avx2": (1,), "avx512": (3, 2)}  # avx512: VPOPCNTDQ, else the AVX-512BW nibble lookup
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512bw": 2, "avx512vpopcntdq": 3}
 K_MULTIPLE = 16  # words per row the kernels take: one 512-bit vector (rows are padded with zero words)
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]  # no fused multiply-add
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -75,6 +86,8 @@ def library() -> ctypes.CDLL:
             p, ll, i = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
             lib.dbgen_and_popcount_matmul.restype = i
             lib.dbgen_and_popcount_matmul.argtypes = [p, p, p, ll, ll, ll, i, i]
+            lib.dbgen_binary_dot_epilogue.restype = i
+            lib.dbgen_binary_dot_epilogue.argtypes = [p, p, ll, ll, ll, p, p, ll, p, p, p, i, i]
             if lib.dbgen_cpu_abi_version() != ABI_VERSION:
                 raise KernelUnavailable(f"CPU kernel library ABI {lib.dbgen_cpu_abi_version()} != {ABI_VERSION}")
             _lib = lib
@@ -107,24 +120,81 @@ def isa(name: str | None = None) -> str:
     return name
 
 
-def and_popcount_matmul(a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
-    """``out[i, o] = sum_k popc(a[i, k] AND b[o, k])`` for int32 words a (M, K), b (O, K) -> int64 (M, O), on
-    the CPU kernels (``path``: see :func:`isa`). The same integers as
-    :func:`dbgen.kernels.reference.and_popcount_matmul`."""
+def _padded(words: torch.Tensor) -> torch.Tensor:
+    """int32 rows padded with zero words to :data:`K_MULTIPLE` (zero words add nothing to an AND-popcount)."""
+    return torch.nn.functional.pad(words.to(torch.int32), (0, -words.shape[1] % K_MULTIPLE)).contiguous()
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"and_popcount_matmul: expected (M, K) and (O, K), got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device.type != "cpu" or b.device.type != "cpu":
         raise ValueError(f"the CPU kernels need CPU tensors, got {a.device} and {b.device}")
+
+
+def _status(err: int, what: str) -> None:
+    if err:
+        raise RuntimeError(f"{what} failed with code {err} (1: the CPU lacks the path, 2: bad sizes)")
+
+
+def and_popcount_matmul(a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """``out[i, o] = sum_k popc(a[i, k] AND b[o, k])`` for int32 words a (M, K), b (O, K) -> int64 (M, O), on
+    the CPU kernels (``path``: see :func:`isa`). The same integers as
+    :func:`dbgen.kernels.reference.and_popcount_matmul`."""
+    _check(a, b)
     code = ISA_CODES[isa(path)]
-    pad = -a.shape[1] % K_MULTIPLE  # zero words add nothing to an AND-popcount
-    a = torch.nn.functional.pad(a.to(torch.int32), (0, pad)).contiguous()
-    b = torch.nn.functional.pad(b.to(torch.int32), (0, pad)).contiguous()
-    (m, k), o = a.shape, b.shape[0]
-    out = torch.empty(m, o, dtype=torch.int64)
-    if m and o:
+    a, b = _padded(a), _padded(b)
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int64)
+    if out.numel():
         err = library().dbgen_and_popcount_matmul(
-            a.data_ptr(), b.data_ptr(), out.data_ptr(), m, o, k, code, torch.get_num_threads()
+            a.data_ptr(), b.data_ptr(), out.data_ptr(), *out.shape, a.shape[1], code, torch.get_num_threads()
         )
-        if err:
-            raise RuntimeError(f"dbgen_and_popcount_matmul failed with code {err} (M={m}, O={o}, K={k}, {code})")
+        _status(err, "dbgen_and_popcount_matmul")
     return out
+
+
+def _dot_epilogue(a, b, xs, cv, scale, bias, path=None) -> torch.Tensor:
+    """float32 (M, O): ``float32(4 popc(a AND b) - 2 xs[i] + cv[o, i % P]) * scale[o] + bias[o]``, each
+    operation rounded to float32 (the reference's :func:`~dbgen.kernels.reference._epilogue`)."""
+    _check(a, b)
+    code = ISA_CODES[isa(path)]
+    a, b = _padded(a), _padded(b)
+    m, o = a.shape[0], b.shape[0]
+    xs = xs.to(torch.int64).contiguous()
+    cv = cv.to(torch.int32).contiguous()
+    scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).reshape(o).contiguous()
+    bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32).reshape(o).contiguous()
+    out = torch.empty(m, o, dtype=torch.float32)
+    if out.numel():
+        err = library().dbgen_binary_dot_epilogue(
+            a.data_ptr(),
+            b.data_ptr(),
+            m,
+            o,
+            a.shape[1],
+            xs.data_ptr(),
+            cv.data_ptr(),
+            cv.shape[1],
+            None if scale is None else scale.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            code,
+            torch.get_num_threads(),
+        )
+        _status(err, "dbgen_binary_dot_epilogue")
+    return out
+
+
+def binary_conv2d(x: PackedActivation, w: PackedWeight, scale, bias, stride, padding, *, out_dtype, pack_output):
+    """:func:`dbgen.kernels.reference.binary_conv2d_ref` with the product and epilogue on the CPU kernels: the
+    same floats and bits (the im2col of the words is the reference's)."""
+    cols, xs, cv, (n, ho, wo) = ref.conv_operands(x, w, stride, padding)
+    y = _dot_epilogue(cols, w.tap_words(), xs, cv, scale, bias)
+    return ref.conv_output(y, n, ho, wo, out_dtype, pack_output)
+
+
+def binary_linear(x: PackedActivation, w: PackedWeight, scale, bias, *, out_dtype, pack_output):
+    """:func:`dbgen.kernels.reference.binary_linear_ref` on the CPU kernels (the same floats and bits)."""
+    words, xs, cv = ref.linear_operands(x, w)
+    y = _dot_epilogue(words, w.tap_words(), xs, cv, scale, bias)
+    return ref.linear_output(y, x.words.shape[:-1], out_dtype, pack_output)

@@ -5,8 +5,9 @@ pure-PyTorch reference, which every kernel matches.
 :class:`~dbgen.kernels.sources.KernelUnavailable` with what is missing if they cannot be built) and the CPU
 kernels for CPU tensors where they build (else one warning, then the reference); ``cpu`` forces the CPU
 kernels for CPU tensors (raising if they cannot be had); ``reference`` forces the reference everywhere. On the
-CPU, the fully binary ops run the reference's algorithm with the kernels' AND-popcount product
-(:func:`dbgen.kernels.cpu.and_popcount_matmul`); the packed-weight ops (float activations) are the reference's.
+CPU, the fully binary ops take the reference's im2col of the words and compute the AND-popcount product and the
+epilogue in the kernels (:func:`dbgen.kernels.cpu.binary_conv2d`); the packed-weight ops (float activations)
+are the reference's.
 """
 
 from __future__ import annotations
@@ -173,9 +174,12 @@ def binary_act_conv2d(
             x.words, x.channels, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output
         )
         return PackedActivation(out, w_packed.out_channels) if pack_output else out
-    matmul = _cpu().and_popcount_matmul if backend(x.device) == "cpu" else ref.and_popcount_matmul
+    if backend(x.device) == "cpu":
+        return _cpu().binary_conv2d(
+            x, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output
+        )
     return ref.binary_conv2d_ref(
-        x, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output, matmul=matmul
+        x, w_packed, scale, bias, stride, padding, out_dtype=out_dtype, pack_output=pack_output
     )
 
 
@@ -198,8 +202,9 @@ def binary_act_linear(
         if pack_output:
             return PackedActivation(out.reshape(*lead, out.shape[-1]), w_packed.out_channels)
         return out.reshape(*lead, w_packed.out_channels)
-    matmul = _cpu().and_popcount_matmul if backend(x.device) == "cpu" else ref.and_popcount_matmul
-    return ref.binary_linear_ref(x, w_packed, scale, bias, out_dtype=out_dtype, pack_output=pack_output, matmul=matmul)
+    if backend(x.device) == "cpu":
+        return _cpu().binary_linear(x, w_packed, scale, bias, out_dtype=out_dtype, pack_output=pack_output)
+    return ref.binary_linear_ref(x, w_packed, scale, bias, out_dtype=out_dtype, pack_output=pack_output)
 
 
 def packed_weight_conv2d(x: torch.Tensor, w_packed: PackedWeight, scale=None, bias=None, stride=1, padding=0):

@@ -18,6 +18,10 @@ __all__ = [
     "and_popcount_matmul",
     "binary_conv2d_ref",
     "binary_linear_ref",
+    "conv_operands",
+    "conv_output",
+    "linear_operands",
+    "linear_output",
     "pack_activations_ref",
     "packed_weight_conv2d_ref",
     "packed_weight_linear_ref",
@@ -71,6 +75,33 @@ def _epilogue(dot: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor 
     return y
 
 
+def conv_operands(x: PackedActivation, w: PackedWeight, stride, padding):
+    """What the fully binary conv's integer dot product is made of: ``(cols, xs, cv, (n, ho, wo))`` with
+    ``cols`` (N*Ho*Wo, KH*KW*Cw) the im2col of the activation words (zero words in the padding, so padded
+    pixels have no +1 bits at all), ``xs`` (N*Ho*Wo,) int64 the +1 bits under each output pixel's window and
+    ``cv`` (O, Ho*Wo) int32 the valid-tap correction; then ``dot = 4 popc(cols AND w) - 2 xs + cv``."""
+    n, h, wd, cw = x.words.shape
+    kh, kw = w.kernel_size
+    (sh, sw), (ph, pw) = stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    xp = F.pad(x.words, (0, 0, pw, pw, ph, ph))  # (N, H+2ph, W+2pw, Cw)
+    cols = xp.unfold(1, kh, sh).unfold(2, kw, sw)  # (N, Ho, Wo, Cw, KH, KW)
+    cols = cols.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * cw)  # K = (tap, word)
+    pc = F.pad(x.pixel_popcount(), (pw, pw, ph, ph))  # (N, H+2ph, W+2pw)
+    xs = pc.unfold(1, kh, sh).unfold(2, kw, sw).sum(dim=(-1, -2)).reshape(-1)  # (N*Ho*Wo,)
+    cv, _ = w.valid_tap_tables(h, wd, stride, padding)  # (O, Ho, Wo)
+    return cols, xs.to(torch.int64), cv.reshape(w.out_channels, ho * wo), (n, ho, wo)
+
+
+def conv_output(y: torch.Tensor, n: int, ho: int, wo: int, out_dtype: torch.dtype, pack_output: bool):
+    """The conv's result from ``y`` (N*Ho*Wo, O) float32: (N, O, Ho, Wo) of ``out_dtype``, or the
+    :class:`PackedActivation` of its signs."""
+    y = y.reshape(n, ho, wo, y.shape[-1])
+    if pack_output:
+        return PackedActivation(pack_bits_lastdim(y >= 0).contiguous(), y.shape[-1])
+    return y.permute(0, 3, 1, 2).to(out_dtype).contiguous()
+
+
 def binary_conv2d_ref(
     x: PackedActivation,
     w: PackedWeight,
@@ -81,32 +112,23 @@ def binary_conv2d_ref(
     *,
     out_dtype: torch.dtype = torch.float32,
     pack_output: bool = False,
-    matmul=and_popcount_matmul,
 ):
     """Fully binary conv: conv2d(+-1 x, +-1 w) * scale + bias (per output channel), exact integer dot.
 
     Returns a (N, O, Ho, Wo) tensor of ``out_dtype``, or with ``pack_output`` the :class:`PackedActivation`
-    of its signs (the fused sign of the next binary layer's input). ``matmul``: the AND-popcount product
-    (the CPU kernels pass theirs: the same integers).
+    of its signs (the fused sign of the next binary layer's input).
     """
-    n, h, wd, cw = x.words.shape
-    kh, kw = w.kernel_size
-    (sh, sw), (ph, pw) = stride, padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    # im2col on words: zero words in the padding, so padded pixels have no +1 bits at all.
-    xp = F.pad(x.words, (0, 0, pw, pw, ph, ph))  # (N, H+2ph, W+2pw, Cw)
-    cols = xp.unfold(1, kh, sh).unfold(2, kw, sw)  # (N, Ho, Wo, Cw, KH, KW)
-    cols = cols.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * cw)  # K = (tap, word)
-    p = matmul(cols, w.tap_words())  # (N*Ho*Wo, O)
-    pc = F.pad(x.pixel_popcount(), (pw, pw, ph, ph))  # (N, H+2ph, W+2pw)
-    xs = pc.unfold(1, kh, sh).unfold(2, kw, sw).sum(dim=(-1, -2)).reshape(-1, 1)  # (N*Ho*Wo, 1)
-    cv, _ = w.valid_tap_tables(h, wd, stride, padding)  # (O, Ho, Wo)
-    cv = cv.to(torch.int64).reshape(w.out_channels, ho * wo).t().repeat(n, 1)  # (N*Ho*Wo, O)
-    dot = 4 * p - 2 * xs + cv
-    y = _epilogue(dot, scale, bias).reshape(n, ho, wo, w.out_channels)
-    if pack_output:
-        return PackedActivation(pack_bits_lastdim(y >= 0).contiguous(), w.out_channels)
-    return y.permute(0, 3, 1, 2).to(out_dtype).contiguous()
+    cols, xs, cv, (n, ho, wo) = conv_operands(x, w, stride, padding)
+    p = and_popcount_matmul(cols, w.tap_words())  # (N*Ho*Wo, O)
+    dot = 4 * p - 2 * xs[:, None] + cv.to(torch.int64).t().repeat(n, 1)
+    return conv_output(_epilogue(dot, scale, bias), n, ho, wo, out_dtype, pack_output)
+
+
+def linear_operands(x: PackedActivation, w: PackedWeight):
+    """``(words, xs, cv)`` of the fully binary linear, as :func:`conv_operands` (one "pixel": cv (O, 1))."""
+    words = x.words.reshape(-1, x.words.shape[-1])
+    xs = popcount32(words).sum(dim=-1).to(torch.int64)  # (M,)
+    return words, xs, w.tap_corr[:, :1].contiguous()
 
 
 def binary_linear_ref(
@@ -117,17 +139,19 @@ def binary_linear_ref(
     *,
     out_dtype: torch.dtype = torch.float32,
     pack_output: bool = False,
-    matmul=and_popcount_matmul,
 ):
-    """Fully binary linear: (+-1 x) @ (+-1 w).T * scale + bias; x words (..., Cw); ``matmul`` as for conv."""
-    lead = x.words.shape[:-1]
-    words = x.words.reshape(-1, x.words.shape[-1])
-    p = matmul(words, w.tap_words())  # (M, O)
-    xs = popcount32(words).sum(dim=-1, keepdim=True)  # (M, 1)
-    dot = 4 * p - 2 * xs + w.tap_corr.to(torch.int64)[:, 0]
-    y = _epilogue(dot, scale, bias).reshape(*lead, w.out_channels)
+    """Fully binary linear: (+-1 x) @ (+-1 w).T * scale + bias; x words (..., Cw)."""
+    words, xs, cv = linear_operands(x, w)
+    p = and_popcount_matmul(words, w.tap_words())  # (M, O)
+    y = _epilogue(4 * p - 2 * xs[:, None] + cv.to(torch.int64)[:, 0], scale, bias)
+    return linear_output(y, x.words.shape[:-1], out_dtype, pack_output)
+
+
+def linear_output(y: torch.Tensor, lead, out_dtype: torch.dtype, pack_output: bool):
+    """The linear's result from ``y`` (M, O) float32: (..., O) of ``out_dtype``, or its packed signs."""
+    y = y.reshape(*lead, y.shape[-1])
     if pack_output:
-        return PackedActivation(pack_bits_lastdim(y >= 0).contiguous(), w.out_channels)
+        return PackedActivation(pack_bits_lastdim(y >= 0).contiguous(), y.shape[-1])
     return y.to(out_dtype)
 
 
