@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import limits
 import pytest
 import torch
 
@@ -65,7 +66,7 @@ LONGEST_FILES = [
 # Per-test ceilings (``@pytest.mark.timeout(s)``) are written for an idle 2-core machine; they catch a hang,
 # not a slow machine, so they are scaled: x2 by default (CI shares its host), more where the suite runs beside
 # CPU hogs (``scripts/test.sh --under-load`` sets 5).
-TIMEOUT_SCALE = float(os.environ.get("DBGEN_TEST_TIMEOUT_SCALE", "2"))
+TIMEOUT_SCALE = limits.TIMEOUT_SCALE  # the waits inside the slow tests scale alike (tests/limits.py)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -32,6 +32,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from limits import patience  # noqa: E402
 from test_data_convert import tar_dir, write_cifar_dir, write_image_folder, write_imagenet  # noqa: E402
 
 from dbgen.config import load_config  # noqa: E402
@@ -186,7 +187,7 @@ def pick(cmds: list[list[str]], module: str, *words: str) -> list[str]:
 
 
 def run(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=patience(timeout))
     assert r.returncode == 0, f"{shlex.join(argv[1:])} -> rc {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from limits import patience
 from ray_cluster import free_port
 
 from dbgen.sync.layout import slice_size
@@ -35,7 +36,7 @@ def test_scale_check_small_mode(tmp_path):
         "--json-out",
         str(out),
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=560, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=patience(560), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     dp, packed = res["runs"]["small-dp"], res["runs"]["small-packed"]

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from limits import patience  # noqa: E402
 from ray_cluster import RayHead, ray_bin  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -88,7 +89,7 @@ def run_train(cluster, storage, name, *overrides, timeout=900) -> dict:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=patience(timeout),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return summary_of(storage / name)
@@ -161,7 +162,7 @@ def test_ray_job_submit_end_to_end(cluster, storage):
         "train.sample_every=20",
         *FAST,
     ]
-    out = subprocess.run(cmd, env=cluster.client_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, env=cluster.client_env(), cwd=ROOT, capture_output=True, text=True, timeout=patience(900))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert cluster._get_json(f"/api/jobs/{sid}")["status"] == "SUCCEEDED"
 
@@ -220,7 +221,7 @@ def test_ray_job_submit_end_to_end(cluster, storage):
 
 
 # ---------------------------------------------------------------------------------------------- two nodes
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_two_nodes_one_worker_each(storage):
     """Two raylets on this host (``ray.cluster_utils.Cluster``: a second ``ray start --address`` would need Ray's
     cluster mode, which moves every node off loopback), 1 CPU each, explicit ports. Auth is off here: this
@@ -281,7 +282,7 @@ def test_two_nodes_one_worker_each(storage):
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
-                timeout=900,  # ~60 s on an idle machine; generous for a loaded one
+                timeout=patience(900),  # ~60 s on an idle machine; generous for a loaded one
             )
             nodes = {cluster.head_node.node_id, worker.node_id}
         finally:
@@ -322,7 +323,7 @@ def test_killed_worker_recovers_exactly(cluster, storage):
     )
     run = storage / "exact-kill"
     try:
-        deadline = time.monotonic() + 900  # generous: a loaded machine is ~10x slower
+        deadline = time.monotonic() + patience(900)  # generous: a loaded machine is ~10x slower
         while not (run / "checkpoint_0000005").is_dir():
             assert proc.poll() is None and time.monotonic() < deadline, "checkpoint 5 never committed"
             time.sleep(0.05)
@@ -330,7 +331,7 @@ def test_killed_worker_recovers_exactly(cluster, storage):
         assert len(pids) == 2, pids
         os.kill(pids[-1], signal.SIGKILL)
         killed_at = max([r["step"] for r in records(run, "train")], default=0)
-        output, _ = proc.communicate(timeout=600)
+        output, _ = proc.communicate(timeout=patience(600))
     finally:
         if proc.poll() is None:
             proc.kill()  # the driver we started, by its PID

@@ -27,6 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_train_cluster  # noqa: E402
+from limits import patience  # noqa: E402
 from test_train_cluster import ROOT, driver_env, records, run_train, summary_of, train_cmd, train_worker_actors  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(600),
     )
     assert ev.returncode == 0 and f"{damaged}: sha256 does not match" in ev.stderr, ev.stderr[-3000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 2
@@ -90,7 +91,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(600),
     )
     assert ex.returncode == 2 and f"{damaged}: sha256 does not match" in ex.stderr, ex.stderr[-3000:]
     assert not (tmp_path / "x.dbgen").exists()
@@ -102,7 +103,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(600),
     )
     assert refused.returncode == 2 and "another model" in refused.stderr and "model.width: " in refused.stderr
     assert (run / "config.yaml").read_text() == config_before
@@ -121,7 +122,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=patience(900),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     log = out.stdout + out.stderr
@@ -153,7 +154,7 @@ def test_damaged_checkpoint_refused_resume_falls_back_and_divergence_stops(clust
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=patience(900),
     )
     assert diverged.returncode == 1, diverged.stdout[-3000:] + diverged.stderr[-3000:]
     assert "the run diverged: steps" in diverged.stderr and "train.max_bad_steps=3" in diverged.stderr
@@ -215,6 +216,7 @@ def _local_driver(storage, name: str, ray_tmp: Path, *overrides) -> subprocess.P
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 900) -> None:
     """Until ``condition()``, while ``proc`` runs; the deadline is generous: a loaded 2-core machine (load
     average 60) is ten times slower than an idle one."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"the driver exited with {proc.returncode} before {what}"
@@ -255,7 +257,7 @@ def test_interrupts_and_one_driver_per_run(cluster, storage):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=patience(600),
         )
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"error: run interrupted is in use by PID {proc.pid} on " in second.stderr, second.stderr[-3000:]
@@ -264,7 +266,7 @@ def test_interrupts_and_one_driver_per_run(cluster, storage):
         assert not records(run, "resume")  # B started no worker
 
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=patience(600))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -316,7 +318,7 @@ def test_interrupts_and_one_driver_per_run(cluster, storage):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=patience(900),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     takeovers = [line for line in resumed.stderr.splitlines() if "taking over the lease" in line]
@@ -372,7 +374,7 @@ def test_a_full_disk_stops_the_run_with_one_line_keeping_what_was_committed(clus
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=patience(900),
     )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "a checkpoint may fail for lack of space" in out.stderr
@@ -419,7 +421,7 @@ def test_corrupt_shard_fails_at_once_naming_it(cluster, storage, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=patience(900),
     )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "error: training failed:" in out.stderr and shard.name in out.stderr, out.stderr[-3000:]
