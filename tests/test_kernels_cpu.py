@@ -154,3 +154,28 @@ def test_a_failed_build_falls_back_to_the_reference_or_is_an_error_when_forced(t
     assert (
         forced.returncode != 0 and "KernelUnavailable: DBGEN_KERNELS=cpu: /bin/false failed building" in forced.stderr
     )
+
+
+def test_bench_kernels_cli_writes_one_row_per_op_shape_path_and_thread_count(tmp_path):
+    """``python -m dbgen.bench kernels --device cpu`` (in-process, one small shape): the JSON the issue names."""
+    import json
+
+    from dbgen.bench.__main__ import main
+
+    out = tmp_path / "kernels.json"
+    argv = ["kernels", "--device", "cpu", "--shapes", "rvae-1x1-8", "--batches", "1", "--threads", "1", "2"]
+    assert main([*argv, "--repeats", "1", "--json-out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["cpu"] and res["date"] and res["torch"] == torch.__version__
+    families = [f for f in cpu.ISAS if any(cpu.ISA_CODES[v] in cpu.ISAS[f] for v in cpu.supported_isas())]
+    expected = {
+        (op, path, threads)
+        for threads in (1, 2)
+        for path in ["reference", *families]
+        for op in ("binary_act_conv2d", "binary_act_conv2d->bits", "packed_weight_conv2d")
+        if op != "packed_weight_conv2d" or path == "reference"
+    }
+    assert {(r["op"], r["isa"], r["threads"]) for r in res["results"]} == expected
+    for r in res["results"]:
+        assert r["shape"] == "rvae-1x1-8" and r["batch"] == 1 and r["us"] > 0 and r["float_us"] > 0, r
+    assert os.environ.get("DBGEN_KERNELS") is None and os.environ.get("DBGEN_CPU_ISA") is None  # restored

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "comm": "bytes on the wire and step time per communication mode",
     "sample": "sampling throughput and peak memory of the packed and float engines",
     "scale": "a ~300M binary RVAE on 2 CPU workers, dp vs packed: peak memory and bytes/step vs the planner",
+    "kernels": "the packed ops on the CPU (reference and each instruction-set path) against the float conv",
 }
 
 
