@@ -44,10 +44,7 @@ def cluster():
     import ray.cloudpickle
 
     saved = os.environ.get("RAY_AUTH_MODE")
-    # The killed-worker test restarts in seconds (as in tests/test_train_cluster.py): the Train controller
-    # polls its workers every 0.5 s, and a survivor gets 5 s (not 30) to leave its process group.
-    fast_failover = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}
-    head = RayHead(num_cpus=2, auth="disabled", env=fast_failover)
+    head = RayHead(num_cpus=2, auth="disabled")
     head.start()
     os.environ["RAY_AUTH_MODE"] = "disabled"  # this private cluster goes without token auth
     try:
