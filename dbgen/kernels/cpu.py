@@ -14,11 +14,8 @@ threads, so ``torch.set_num_threads`` governs them as it does torch's own ops.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -58,21 +55,7 @@ def build_library(out_dir: Path | None = None, cxx: str | None = None) -> Path:
     if not cxx:
         raise KernelUnavailable("g++ not found (set CXX): it builds dbgen's CPU kernels on first use")
     src = sources.kernel_source(SOURCE_NAME)
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir is not None else sources.cache_dir() / f"cpu-{key}"
-    lib_path = out_dir / "libdbgen_cpu.so"
-    if lib_path.is_file():
-        return lib_path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise KernelUnavailable(f"{cxx} failed building {src} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    os.replace(tmp, lib_path)  # atomic: a concurrent build of the same key writes the same bytes
-    return lib_path
+    return sources.build_shared_library(cxx, FLAGS, src, "libdbgen_cpu.so", "cpu", out_dir)[0]
 
 
 def library() -> ctypes.CDLL:

@@ -18,12 +18,10 @@ the ``*_cuda`` calls for CPU tensors to it.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -94,28 +92,12 @@ def build_library(arch: str, out_dir: Path | None = None, nvcc: str | None = Non
     """
     nvcc = nvcc or find_nvcc()
     src = kernel_source()
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *_arch_flags(arch)]
-    key = hashlib.sha256(src.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir is not None else sources.cache_dir() / f"sm{arch}-{key}"
-    lib_path = out_dir / "libdbgen_kernels.so"
-    if lib_path.is_file():
-        return lib_path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = [nvcc, *flags, "-o", tmp, str(src)]
-    log.info("building dbgen kernels for sm_%s: %s", arch, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise KernelUnavailable(
-            f"nvcc failed building {src} for sm_{arch} (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    (out_dir / "ptxas.log").write_text(proc.stderr)
-    if verbose:
-        log.info("%s", proc.stderr)
-    os.replace(tmp, lib_path)  # atomic: a concurrent build of the same key writes the same bytes
+    lib_path, report = sources.build_shared_library(nvcc, flags, src, "libdbgen_kernels.so", f"sm{arch}", out_dir)
+    if report is not None:  # built now: ptxas wrote its resource report to stderr
+        (lib_path.parent / "ptxas.log").write_text(report)
+        if verbose:
+            log.info("%s", report)
     return lib_path
 
 

@@ -9,11 +9,17 @@ file) points elsewhere. Built libraries are cached under ``$DBGEN_KERNEL_CACHE``
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import logging
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
-__all__ = ["SOURCE_PACKAGE", "KernelUnavailable", "cache_dir", "kernel_source"]
+__all__ = ["SOURCE_PACKAGE", "KernelUnavailable", "build_shared_library", "cache_dir", "kernel_source"]
+
+log = logging.getLogger(__name__)
 
 SOURCE_PACKAGE = "dbgen._kernels_src"  # the top-level kernels/ folder, installed inside the package
 
@@ -55,3 +61,30 @@ def kernel_source(name: str) -> Path:
 def cache_dir() -> Path:
     """Where built kernel libraries are kept: ``$DBGEN_KERNEL_CACHE``, default ``~/.cache/dbgen/kernels``."""
     return Path(os.environ.get("DBGEN_KERNEL_CACHE", Path.home() / ".cache" / "dbgen" / "kernels"))
+
+
+def build_shared_library(
+    compiler: str, flags: list[str], src: Path, name: str, folder: str, out_dir: Path | None = None
+) -> tuple[Path, str | None]:
+    """``src`` compiled by ``compiler flags -o LIB src`` into ``LIB = <out_dir>/<name>``, by default
+    ``cache_dir()/<folder>-<key>`` with ``key`` a hash of the source, the compiler's ``--version`` and the flags.
+    Returns ``(LIB, the compiler's stderr)``, the stderr None when LIB was built before. The build writes a
+    temporary name and renames it: concurrent processes at worst build twice, and never load half a library.
+    Raises :class:`KernelUnavailable` with the compiler's error."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(src.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir() / f"{folder}-{key}"
+    lib_path = out_dir / name
+    if lib_path.is_file():
+        return lib_path, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [compiler, *flags, "-o", tmp, str(src)]
+    log.info("building %s: %s", name, " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise KernelUnavailable(f"{compiler} failed building {src} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    os.replace(tmp, lib_path)
+    return lib_path, proc.stderr
