@@ -28,6 +28,12 @@ import torch
 # every Ray process of a test (GCS, raylet, workers, metrics agent, service-discovery file) stays on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# Ray starts its worker processes at nice 15 so that the raylet and the driver stay responsive. Beside any
+# CPU-heavy job at nice 0 (another CI job, scripts/test.sh --under-load's busy loops) that leaves the training
+# workers ~3% of a core (CFS weight 36 against 1024), and a 20-step run takes longer than any sane deadline.
+# The tests measure dbgen, not Ray's scheduling priority: they run Ray workers at the priority of the test.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 # With pytest-xdist (scripts/test.sh runs 3 workers) the controller makes the folder and its workers, which
 # inherit the environment, share it: the DeepSpeed op and photos32 are built once per run (torch's build lock
 # and photos32's atomic rename make a simultaneous first use safe), and only the controller removes it.
