@@ -328,6 +328,8 @@ class CommConfig:
     binary_weights: Literal["dp", "packed"] = "dp"  # packed: sharded latents, 1-bit sign all-gather
     binary_grads: Literal["none", "onebit"] = "none"  # onebit: 1-bit gradient reduce-scatter, error feedback
     onebit_warmup_steps: int = 100
+    overlap: bool = True  # gradient exchange in buckets started during backward; false: after it (serial)
+    bucket_mb: float = 25.0  # bucket size of the overlapped exchange (DDP's default)
 
     def __post_init__(self):
         _require(
@@ -338,7 +340,8 @@ class CommConfig:
                     "onebit_warmup_steps",
                     self.onebit_warmup_steps >= 0,
                     "an int >= 0 (uncompressed steps before 1-bit gradients)",
-                )
+                ),
+                ("bucket_mb", self.bucket_mb > 0, "a number > 0 (MB per gradient bucket)"),
             ],
         )
 

@@ -13,7 +13,7 @@ from gloo_group import spawn
 from dbgen.nn import pack_signs
 from dbgen.sync import accounting
 from dbgen.sync.accounting import CommCounter, bytes_sent, comm_kind, current_kind
-from dbgen.sync.collectives import all_gather_flat, reduce_scatter_sum
+from dbgen.sync.collectives import all_gather_flat, start_slice_sum
 from dbgen.sync.layout import ALIGN, BinaryLayout, load_partitions, save_partition, slice_size
 from dbgen.sync.onebit import ONEBIT_CHUNK, OneBitExchange, onebit_compress, onebit_decompress
 
@@ -243,7 +243,7 @@ def _collectives_worker(rank: int, world: int, out_dir: str):
     with comm_kind("grad"):
         record("all_reduce", "grad", lambda: dist.all_reduce(x.clone()))
         record("reduce_scatter_single", "grad", lambda: dist.reduce_scatter_single(torch.empty(n // world), x))
-        mine = record("reduce_scatter_sum", "grad", lambda: reduce_scatter_sum(x.clone(), world))
+        mine = record("slice_sum", "grad", lambda: start_slice_sum(x.clone(), [n // world] * world).wait())
     with comm_kind("weight"):
         full = record("all_gather_flat", "weight", lambda: all_gather_flat(torch.empty(n), x[: n // world]))
     record("broadcast", "other", lambda: dist.broadcast(x.clone(), src=1))
@@ -290,7 +290,7 @@ def test_counted_bytes_equal_socket_bytes_for_each_collective(tmp_path):
     expected = {
         "all_reduce": 2 * (world - 1) * n_bytes // world,
         "reduce_scatter_single": 2 * (world - 1) * n_bytes // world,  # gloo: as much as an all-reduce
-        "reduce_scatter_sum": (world - 1) * s,  # all_to_all + local sum: half of that
+        "slice_sum": (world - 1) * s,  # all_to_all + local sum: half of that
         "all_gather_flat": (world - 1) * s,
         "all_reduce_max": 2 * (world - 1) * 4 // world,
         "onebit_reduce_scatter": (world - 1) * msg,

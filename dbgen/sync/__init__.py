@@ -13,6 +13,7 @@ module                 owns
 :mod:`.counted`        :class:`CountedSync`: each phase's collectives counted as grad/weight/other bytes
 :mod:`.accounting`     the byte counter: every ``torch.distributed`` collective of the process, by kind
 :mod:`.collectives`    the flat reduce-scatter/all-gather/all-reduce the modes issue, per backend
+:mod:`.buckets`        ``comm.overlap``: gradient buckets whose collectives start during backward
 :mod:`.onebit`         1-bit messages (signs + per-chunk scales) and the error-feedback exchange
 :mod:`.layout`         the binary latents as one flat vector sharded over ranks; per-rank checkpoint files
 =====================  ===========================================================================================
@@ -47,9 +48,13 @@ __all__ = [
 # (comm.binary_weights, comm.binary_grads) -> builder(engine, optimizer, comm) of the mode's GradientSync, where
 # comm is the config's ``comm`` section: one entry for every pair of values the config accepts.
 SYNC_MODES: dict[tuple[str, str], Callable[..., GradientSync]] = {
-    ("dp", "none"): lambda engine, optimizer, comm: DataParallelSync(engine, optimizer),
-    ("packed", "none"): lambda engine, optimizer, comm: PackedSync(engine, optimizer),
-    ("packed", "onebit"): lambda engine, optimizer, comm: PackedSync(engine, optimizer, comm.onebit_warmup_steps),
+    ("dp", "none"): lambda engine, optimizer, comm: DataParallelSync(engine, optimizer, comm.overlap, comm.bucket_mb),
+    ("packed", "none"): lambda engine, optimizer, comm: PackedSync(
+        engine, optimizer, None, comm.overlap, comm.bucket_mb
+    ),
+    ("packed", "onebit"): lambda engine, optimizer, comm: PackedSync(
+        engine, optimizer, comm.onebit_warmup_steps, comm.overlap, comm.bucket_mb
+    ),
     ("dp", "onebit"): lambda engine, optimizer, comm: DataParallelOnebitSync(
         engine, optimizer, comm.onebit_warmup_steps
     ),

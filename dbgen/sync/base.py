@@ -152,9 +152,10 @@ class ExchangeSync(EngineSync):
     """Base of the modes that exchange the binary layers' gradients themselves (ZeRO stage 0 only).
 
     Holds the binary param group's :class:`BinaryLayout` over the ranks, the full-precision parameters
-    (``fp_params``, reduced with one averaged all-reduce), an optional :class:`OneBitExchange` and its warm-up
-    clock: ``steps`` counts ``reduce()`` calls, skipped steps included, and the binary gradients go as 1-bit
-    messages once ``steps >= warmup`` (never when ``warmup`` is None). ``state_dict`` is ``{mode, steps}``.
+    (``fp_params``, reduced with averaged all-reduces), an optional :class:`OneBitExchange` and its warm-up
+    clock: ``steps`` counts optimizer steps (:meth:`_next_compressed` calls), skipped steps included, and the
+    binary gradients go as 1-bit messages once ``steps >= warmup`` (never when ``warmup`` is None).
+    ``state_dict`` is ``{mode, steps}``.
     """
 
     mode: str  # the tag in the checkpoint's sync state

@@ -1,11 +1,15 @@
 """The flat collectives the sync modes issue themselves, each picked for the bytes it sends on each backend.
 
-* :func:`all_reduce_mean`: the full-precision gradients, one all-reduce averaged as DeepSpeed's stage-0
+Every one is started asynchronously and returns a :class:`Pending`, whose ``wait()`` finishes it: the serial
+schedule waits at once, the overlapped one (:mod:`dbgen.sync.buckets`) starts them during backward and waits
+before the optimizer step. The math of a finished collective does not depend on when it was started.
+
+* :func:`start_all_reduce_mean`: full-precision gradients, one all-reduce averaged as DeepSpeed's stage-0
   reduction does it (sum, then times 1/W), so a mode that reduces by itself matches plain data parallelism.
-* :func:`reduce_scatter_sum`: the binary gradients, each rank getting the sum of its slice. gloo's
-  ``reduce_scatter`` runs a full all-reduce and sends ``2(W-1)/W n``, twice what a reduce-scatter needs; an
-  ``all_to_all`` sends each peer exactly its slice, ``(W-1)/W n``, and the sum happens locally. On NCCL the
-  native ``reduce_scatter`` is a ring that sends ``(W-1)/W n`` with no extra buffer, so it is used there.
+* :func:`start_slice_sum`: a range of the binary gradients' flat vector, each rank getting the sum over ranks
+  of the part of it that falls in its slice: an ``all_to_all`` that sends each peer exactly that part
+  (``(W-1)/W n`` for the whole vector; gloo's ``reduce_scatter`` runs a full all-reduce, twice the bytes),
+  then a local sum, rows added in rank order, so the result does not depend on how the vector was cut.
 * :func:`all_gather_flat`: packed signs (and 1-bit messages) back to every rank. NCCL has no bitwise
   reductions, so an OR-reduction of bit masks is not an option; an all_gather of bytes is what both support.
 
@@ -15,10 +19,24 @@ looked up at call time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_flat", "all_reduce_mean", "reduce_scatter_sum"]
+__all__ = ["Pending", "all_gather_flat", "start_all_reduce_mean", "start_slice_sum", "sum_rows"]
+
+
+class Pending:
+    """A started collective: ``wait()`` waits for it and returns ``finish()``'s result (the reduced values,
+    or None where the result was written in place)."""
+
+    def __init__(self, work, finish: Callable[[], object]):
+        self.work, self.finish = work, finish
+
+    def wait(self):
+        self.work.wait()
+        return self.finish()
 
 
 def _dist_fn(name: str, fallback: str):
@@ -26,20 +44,24 @@ def _dist_fn(name: str, fallback: str):
     return getattr(dist, name, None) or getattr(dist, fallback)
 
 
-def reduce_scatter_sum(flat: torch.Tensor, world: int) -> torch.Tensor:
-    """Rank r gets the sum over ranks of ``flat[r*s:(r+1)*s]`` (``s = flat.numel() // world``).
+def sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """(W, k) -> (k,): the rows added in order, so each element's sum is the same whatever ``k`` is (a
+    reduction kernel may change its order with the shape)."""
+    out = t[0].clone()
+    for row in t[1:]:
+        out.add_(row)
+    return out
 
-    gloo: ``all_to_all`` then a local sum (sends ``(W-1)/W n``; gloo's reduce_scatter would send twice that).
-    NCCL: the native ring reduce-scatter (the same bytes, no receive buffer of size n).
-    """
-    s = flat.numel() // world
-    if flat.is_cuda:
-        out = flat.new_empty(s)
-        _dist_fn("reduce_scatter_single", "reduce_scatter_tensor")(out, flat)
-        return out
-    recv = torch.empty_like(flat)
-    dist.all_to_all_single(recv, flat)  # recv.view(world, s)[j]: rank j's part of my slice
-    return recv.view(world, s).sum(dim=0)
+
+def start_slice_sum(x: torch.Tensor, splits: list[int]) -> Pending:
+    """Start the exchange of ``x``, this rank's values of one range of a flat vector cut into rank slices:
+    ``splits[r]`` elements of ``x`` (consecutive, in rank order) fall in rank r's slice. ``wait()`` returns
+    (splits[rank],): the sum over ranks of this rank's part."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    k = splits[rank]
+    recv = x.new_empty(world * k)
+    work = dist.all_to_all_single(recv, x.contiguous(), [k] * world, list(splits), async_op=True)
+    return Pending(work, lambda: sum_rows(recv.view(world, k)))
 
 
 def all_gather_flat(out: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
@@ -49,14 +71,18 @@ def all_gather_flat(out: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(params) -> None:
-    """One all-reduce of the flattened gradients of ``params``, averaged, written back (as DeepSpeed's stage-0
-    reduction does it: sum, then times 1/W)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.mul_(1.0 / dist.get_world_size())
-    o = 0
-    for p in params:
-        p.grad = flat[o : o + p.numel()].view_as(p)
-        o += p.numel()
+def start_all_reduce_mean(params) -> Pending:
+    """Start one all-reduce of the flattened gradients of ``params`` (None: zeros); ``wait()`` averages them
+    (sum, then times 1/W, as DeepSpeed's stage-0 reduction does) and writes them back as ``p.grad``."""
+    params = list(params)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    work = dist.all_reduce(flat, async_op=True)
+
+    def finish():
+        flat.mul_(1.0 / dist.get_world_size())
+        o = 0
+        for p in params:
+            p.grad = flat[o : o + p.numel()].view_as(p)
+            o += p.numel()
+
+    return Pending(work, finish)

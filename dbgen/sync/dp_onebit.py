@@ -14,7 +14,7 @@ import torch
 
 from .accounting import comm_kind
 from .base import ExchangeSync
-from .collectives import all_reduce_mean
+from .collectives import start_all_reduce_mean
 from .layout import PARTITION_DIR, load_partitions, save_partition
 from .onebit import OneBitExchange
 
@@ -47,7 +47,7 @@ class DataParallelOnebitSync(ExchangeSync):
             if not compressed:
                 self.engine.allreduce_gradients()
             else:
-                all_reduce_mean(self.fp_params)
+                start_all_reduce_mean(self.fp_params).wait()
                 g = self.layout.flat([p.grad for p in self.layout.params])  # (padded,)
                 full = self.exchange.all_gather(self.exchange.reduce_scatter(g))  # (padded,), same on all ranks
                 for p, t in zip(self.layout.params, self.layout.split(full), strict=True):

@@ -41,6 +41,14 @@ class BinaryLayout:
         self.padded = world * self.slice
         self.start = rank * self.slice
         self.valid = max(0, min(self.numel - self.start, self.slice))
+        self.offsets = [0]  # where each latent starts in the flat vector
+        for p in self.params[:-1]:
+            self.offsets.append(self.offsets[-1] + p.numel())
+
+    def rank_splits(self, a: int, b: int) -> list[int]:
+        """Elements of the flat range ``[a, b)`` in each rank's slice (consecutive, in rank order)."""
+        s = self.slice
+        return [max(0, min(b, (r + 1) * s) - max(a, r * s)) for r in range(self.world)]
 
     def flat(self, tensors) -> torch.Tensor:
         """(padded,) fp32: ``tensors`` (one per latent, None = zeros) concatenated, zero padding."""

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..nn import pack_signs, unpack_signs
-from .collectives import all_gather_flat
+from .collectives import Pending, all_gather_flat, sum_rows
 from .layout import ALIGN, BinaryLayout
 
 __all__ = ["ONEBIT_CHUNK", "OneBitExchange", "onebit_compress", "onebit_decompress"]
@@ -56,7 +56,8 @@ class OneBitExchange:
     * :meth:`reduce_scatter` (sender side): ``x = g + send_error``; every peer gets the signs of its slice of
       ``x`` plus one fp32 scale per :data:`ONEBIT_CHUNK` elements (``all_to_all``), and what the message did
       not carry, ``x - decoded``, is the new ``send_error``. The receiver averages the W decoded messages at
-      full precision: this rank's slice of the averaged gradient.
+      full precision: this rank's slice of the averaged gradient. :meth:`start_reduce_scatter` does the same
+      for one chunk-aligned range of the vector (the overlapped schedule's buckets), with the same numbers.
     * :meth:`all_gather` (receiver side, for modes that must send the averaged gradient back to everyone):
       ``z = slice + recv_error`` is compressed the same way and all-gathered; ``z - decoded`` is the new
       ``recv_error``. Every rank decodes every slice: the full averaged gradient, identical on all ranks.
@@ -74,17 +75,39 @@ class OneBitExchange:
 
     def reduce_scatter(self, g: torch.Tensor) -> torch.Tensor:
         """(padded,) local gradient (consumed) -> (slice,) this rank's slice of the average over ranks."""
-        lay, c = self.layout, ONEBIT_CHUNK
-        x = g.add_(self.send_error)
-        msg, decoded = _encode(x, lay.world, c)  # (world, slice/8 + 4 slice/c): one message per destination
-        error = x.sub_(decoded)
-        error[lay.numel :] = 0
-        self._pending["send_error"] = error
-        recv = torch.empty_like(msg)
-        dist.all_to_all_single(recv, msg)  # recv[j]: rank j's message about my slice
-        mine = _decode(recv, lay.slice, c).sum(dim=0).mul_(1.0 / lay.world)
-        mine[lay.valid :] = 0
+        mine = self.start_reduce_scatter(g, 0, self.layout.padded).wait()
+        mine[self.layout.valid :] = 0
         return mine
+
+    def start_reduce_scatter(self, x: torch.Tensor, a: int, b: int) -> Pending:
+        """Start the exchange of ``x`` (b - a,), this rank's gradient over the flat range ``[a, b)`` (consumed;
+        ``a`` and ``b`` multiples of :data:`ONEBIT_CHUNK`). ``wait()`` returns this rank's part of the range
+        (``layout.rank_splits(a, b)[rank]`` elements from ``max(a, layout.start)``), averaged over ranks; padding
+        in it is not zeroed. Chunks, scales and errors are those of the whole vector: cutting it into ranges
+        on chunk boundaries changes no number."""
+        lay, c = self.layout, ONEBIT_CHUNK
+        x = x.add_(self.send_error[a:b])
+        bits, scales = onebit_compress(x, c)
+        error = x.sub_(onebit_decompress(bits, scales, c))
+        error[max(0, lay.numel - a) :] = 0
+        self._pending.setdefault("send_error", torch.zeros_like(self.send_error))[a:b] = error
+        splits = lay.rank_splits(a, b)  # one message per destination: its signs, then its scales' bytes
+        parts, o = [], 0
+        for k in splits:
+            parts += [bits[o // 8 : (o + k) // 8], scales[o // c : (o + k) // c].view(torch.uint8)]
+            o += k
+        k = splits[lay.rank]
+        size = k // 8 + 4 * k // c
+        recv = bits.new_empty(lay.world * size)
+        msg_sizes = [n // 8 + 4 * n // c for n in splits]
+        work = dist.all_to_all_single(recv, torch.cat(parts), [size] * lay.world, msg_sizes, async_op=True)
+
+        def finish():  # recv.view(world, size)[j]: rank j's message about my part
+            if k == 0:
+                return x.new_zeros(0)
+            return sum_rows(_decode(recv.view(lay.world, size), k, c)).mul_(1.0 / lay.world)
+
+        return Pending(work, finish)
 
     def all_gather(self, mine: torch.Tensor) -> torch.Tensor:
         """(slice,) this rank's averaged slice -> (padded,) every slice, as decoded 1-bit messages."""

@@ -10,6 +10,7 @@ messages after the warm-up) and sends back 1 bit per weight; its checkpoint part
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -18,9 +19,10 @@ import torch.distributed as dist
 from ..nn import pack_signs
 from .accounting import comm_kind
 from .base import ExchangeSync, nan_as_inf, set_lr
-from .collectives import all_gather_flat, all_reduce_mean, reduce_scatter_sum
+from .buckets import GradBuckets
+from .collectives import Pending, all_gather_flat, start_all_reduce_mean, start_slice_sum
 from .layout import load_partitions, save_partition
-from .onebit import OneBitExchange
+from .onebit import ONEBIT_CHUNK, OneBitExchange
 
 __all__ = ["PackedSync"]
 
@@ -34,10 +36,10 @@ class PackedSync(ExchangeSync):
     Per step (every rank)::
 
         backward                 local; DeepSpeed's all-reduce is off (ZeRO stage 0 required)
-        reduce     grad          full-precision gradients: one all-reduce, averaged (as DeepSpeed's would)
-                                 binary gradients: flattened, reduce-scattered (all_to_all + local sum on gloo,
-                                 ring reduce-scatter on NCCL), averaged -> this rank's slice; or, with
-                                 binary_grads: onebit after the warm-up, 1-bit messages (OneBitExchange)
+        reduce     grad          full-precision gradients: all-reduced, averaged (as DeepSpeed's would)
+                                 binary gradients: flattened, reduce-scattered (all_to_all + local sum),
+                                 averaged -> this rank's slice; or, with binary_grads: onebit after the
+                                 warm-up, 1-bit messages (OneBitExchange)
         grad_norm  other         sqrt(full-precision part + all-reduced sum of the slices' squares)
         step       weight        Adam (ClientAdam: skip, clip_coef, clamp) on the full-precision params and on
                                  this rank's latent slice; then the slice's signs, 8 per byte, all-gathered and
@@ -64,6 +66,13 @@ class PackedSync(ExchangeSync):
     The module's binary weights are +-1, so an EMA (``train.ema_decay``) averages signs, not latents: EMA
     weights then use the sign of a running average of signs (a majority vote over recent steps).
 
+    ``overlap`` (``comm.overlap``): the exchange runs in buckets of ``bucket_mb`` started during the last
+    micro-step's backward (:class:`GradBuckets`); ``reduce`` waits for them. A bucket's binary gradients go as
+    the range of the flat vector from its first latent (rounded up to a 1-bit chunk) to where the previous
+    bucket's range starts, so 1-bit chunks, scales and errors are those of the whole vector: the numbers do
+    not depend on the schedule or on ``bucket_mb`` (bit for bit on 2 ranks). Without it, ``reduce`` runs one
+    bucket holding everything after backward (the serial schedule).
+
     Checkpoints: every rank writes ``packed/rank_<r>_of_<W>.pt`` (latent slice, Adam moments and step, sender
     error) next to DeepSpeed's files; on resume every rank reads the element ranges it now owns from whichever
     files hold them (:func:`load_partitions`), so any number of workers can resume any packed checkpoint.
@@ -72,7 +81,14 @@ class PackedSync(ExchangeSync):
     mode = "packed"
     option = "binary_weights=packed"
 
-    def __init__(self, engine, optimizer, onebit_warmup_steps: int | None = None):
+    def __init__(
+        self,
+        engine,
+        optimizer,
+        onebit_warmup_steps: int | None = None,
+        overlap: bool = False,
+        bucket_mb: float = 25.0,
+    ):
         super().__init__(engine, optimizer, onebit_warmup_steps)
         group = self.binary_group
         optimizer.param_groups.remove(group)  # the engine's optimizer keeps the full-precision params only
@@ -83,6 +99,14 @@ class PackedSync(ExchangeSync):
         self.layout.write_signs(pack_signs(full))  # from here on the module holds signs only
         self.onebit = onebit_warmup_steps is not None
         self.exchange = OneBitExchange(self.layout, receiver_side=False) if self.onebit else None
+        self.overlap = overlap
+        self._offset = {id(p): o for p, o in zip(self.layout.params, self.layout.offsets, strict=True)}
+        params = engine.module.parameters()
+        self.buckets = GradBuckets(params, bucket_mb * 2**20 if overlap else math.inf, self._launch, overlap)
+        self._ranges = self._bucket_ranges()
+        self._flat: torch.Tensor | None = None  # (padded,) this step's binary gradients, filled per bucket
+        self._fp_pending: list[Pending] = []
+        self._binary_pending: list[tuple[int, Pending]] = []  # (where in this rank's slice, exchange)
         log.info(
             "packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s",
             self.layout.numel,
@@ -92,17 +116,68 @@ class PackedSync(ExchangeSync):
             f"1-bit gradients after {self.warmup} steps" if self.onebit else "uncompressed gradients",
         )
 
+    def _bucket_ranges(self) -> list[tuple[int, int]]:
+        """Bucket i's range ``[a, b)`` of the flat binary vector: from its first latent rounded up to a 1-bit
+        chunk to the previous bucket's start (bucket 0: to the end of the padding). What lies below ``a``
+        belongs to later buckets; what lies above its own latents, to earlier ones, launched before it."""
+        ranges, hi = [], self.layout.padded
+        for bucket in self.buckets.buckets:
+            offsets = [self._offset[id(p)] for p in bucket if id(p) in self._offset]
+            lo = min(hi, math.ceil(min(offsets) / ONEBIT_CHUNK) * ONEBIT_CHUNK) if offsets else hi
+            if offsets and max(offsets) >= hi:
+                raise RuntimeError("packed sync: the module's parameter order differs from the optimizer's")
+            ranges.append((lo, hi))
+            hi = lo
+        assert hi == 0, "the first latent starts the flat vector"
+        return ranges
+
+    def backward(self, loss, last):
+        if last:
+            self._next_compressed()  # this step's exchange, decided before its first bucket goes
+            if self.overlap:
+                self.buckets.arm()
+        super().backward(loss, last)
+
+    @torch.no_grad()
+    def _launch(self, index: int, params) -> None:
+        """Start bucket ``index``: its full-precision gradients' all-reduce and its range of the binary ones."""
+        with comm_kind("grad"):  # hooks may run on autograd's device threads: label the bytes here
+            fp = [p for p in params if id(p) not in self._offset]
+            if fp:
+                self._fp_pending.append(start_all_reduce_mean(fp))
+            if self._flat is None:
+                self._flat = torch.zeros(self.layout.padded, device=self.latent.device)
+            for p in params:
+                o = self._offset.get(id(p))
+                if o is not None:
+                    if p.grad is not None:
+                        self._flat[o : o + p.numel()].copy_(p.grad.reshape(-1))
+                    p.grad = None
+            a, b = self._ranges[index]
+            if a == b:
+                return
+            x = self._flat[a:b]
+            if self._compressed:
+                pending = self.exchange.start_reduce_scatter(x, a, b)
+            else:
+                pending = start_slice_sum(x, self.layout.rank_splits(a, b))
+            self._binary_pending.append((max(a, self.layout.start) - self.layout.start, pending))
+
     @torch.no_grad()
     def reduce(self):
-        with comm_kind("grad"):
-            all_reduce_mean(self.fp_params)
-            g = self.layout.flat([p.grad for p in self.layout.params])  # (padded,)
-            for p in self.layout.params:
-                p.grad = None
-            if self._next_compressed():
-                mine = self.exchange.reduce_scatter(g)
-            else:
-                mine = reduce_scatter_sum(g, self.world).mul_(1.0 / self.world)
+        self.buckets.finish()
+        for pending in self._fp_pending:
+            pending.wait()
+        mine = torch.zeros(self.layout.slice, device=self.latent.device)
+        for at, pending in self._binary_pending:
+            part = pending.wait()
+            if not self._compressed:
+                part.mul_(1.0 / self.world)
+            mine[at : at + part.numel()] = part
+        mine[self.layout.valid :] = 0
+        self._fp_pending.clear()
+        self._binary_pending.clear()
+        self._flat = None
         self.latent.grad = mine  # (slice,); padding is zero
 
     @torch.no_grad()
