@@ -338,3 +338,31 @@ def test_bench_comm_cli(cluster, capsys):
     assert r["grad_bytes_per_step"] == 4 * (P - B) + S // 8 + 4 * S // ONEBIT_CHUNK  # compressed after step 1
     assert r["total_bytes_per_step"] == sum(r[f"{k}_bytes_per_step"] for k in ("weight", "grad", "other"))
     assert r["step_s"] > 0 and "total_vs_zero1" not in r
+
+
+@pytest.mark.timeout(600)
+def test_bench_overlap_cli(cluster, tmp_path, capsys):
+    """``python -m dbgen.bench overlap`` (smoke: this module's cluster on loopback, no link setting, one step):
+    the JSON holds one row per mode with the step times and bytes, ``serial_s`` absent for DDP."""
+    from dbgen.bench.__main__ import main
+    from dbgen.config import load_config
+    from dbgen.linkmodel import step_bytes
+    from dbgen.models import build
+    from dbgen.nn import size_report
+
+    out = tmp_path / "overlap.json"
+    args = ["overlap", "--config", str(CONFIG), "--steps", "1", "--warmup", "1", "--modes", "packed_onebit,ddp"]
+    assert main([*args, "--json-out", str(out)]) == 0
+    assert "packed_onebit" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["link"] == {"rate_mbit": None, "latency_ms": 0.0} and res["workers"] == 2
+    onebit, ddp = res["rows"]
+    assert onebit["mode"] == "packed_onebit" and ddp["mode"] == "ddp" and "serial_s" not in ddp
+    for r in (onebit, ddp):
+        assert r["compute_s"] > 0 and r["overlapped_s"] > 0 and r["final_loss"] > 0
+        assert r["comm_s"] == pytest.approx(r["overlapped_s"] - r["compute_s"])
+    assert onebit["serial_s"] > 0
+    sizes = size_report(build(load_config(CONFIG).model))
+    P, B = sizes["params"], sizes["binary_params"]
+    assert onebit["bytes_per_step"] == sum(step_bytes("packed_onebit", P, B, 2).values())  # counted, compressed
+    assert ddp["bytes_per_step"] == sum(step_bytes("dp", P, B, 2).values())  # DDP's: the formula

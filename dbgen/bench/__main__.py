@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train": "training-step throughput and memory of a model config",
     "data": "data pipeline throughput (raw Arrow reader and Ray Data) and peak RSS",
     "comm": "bytes on the wire and step time per communication mode",
+    "overlap": "compute-only, serial and overlapped step per communication mode, and plain DDP, on one link",
     "sample": "sampling throughput and peak memory of the packed and float engines",
     "scale": "a ~300M binary RVAE on 2 CPU workers, dp vs packed: peak memory and bytes/step vs the planner",
     "kernels": "the packed ops on the CPU (reference and each instruction-set path) against the float conv",
