@@ -6,9 +6,10 @@ model, data and per-worker batch:
 
 1. ``compute_s``: the step with no communication at all (:class:`dbgen.sync.LocalSync`: forward, backward,
    Adam on this worker's batch), every worker at once so that they share the machine as in the other phases;
-2. the link is set (rank 0 runs ``SET_LINK RATE LATENCY``): ``--rate auto`` picks, per mode, the rate at which
-   the mode's bytes per step (:func:`dbgen.linkmodel.step_bytes`) take as long as ``compute_s``, so serial
-   communication costs about one compute step and overlap has the most to hide;
+2. the link is set (rank 0 runs ``SET_LINK RATE LATENCY``; everything was built on a :data:`FAST_LINK_MBIT`
+   link): ``--rate auto`` picks, per mode, the rate at which the mode's bytes per step
+   (:func:`dbgen.linkmodel.step_bytes`) take as long as ``compute_s``, so serial communication costs about
+   one compute step and overlap has the most to hide;
 3. ``serial_s``: ``comm.overlap=false`` (backward, then every collective);
 4. ``overlapped_s``: ``comm.overlap=true``, ``comm.bucket_mb`` buckets started during backward.
 
@@ -47,6 +48,8 @@ from ..nn import size_report
 from ..ray_local import init_ray
 
 log = logging.getLogger(__name__)
+
+FAST_LINK_MBIT = 10_000.0  # the link while engines are built (their initial broadcasts) and compute is timed
 
 MODES = {
     "dp": ["comm.binary_weights=dp", "comm.binary_grads=none"],
@@ -100,8 +103,8 @@ def _compute_only(cfg, batches, init_x, device) -> float:
     return statistics.median(times)
 
 
-def _ddp_steps(cfg, batches, init_x, device) -> tuple[list[float], float]:
-    """Plain DDP (gloo, 25 MB buckets) on the same model and optimizer: step seconds and the last loss."""
+def _ddp_setup(cfg, init_x, device):
+    """Plain DDP (gloo, 25 MB buckets) around the same model (same seed and init) with the same optimizer."""
     from torch.nn.parallel import DistributedDataParallel
 
     from ..models import build
@@ -111,23 +114,29 @@ def _ddp_steps(cfg, batches, init_x, device) -> tuple[list[float], float]:
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model).to(device)
     data_dependent_init(model, init_x.to(device))
-    optimizer = build_optimizer(cfg, model)
-    ddp = DistributedDataParallel(model, bucket_cap_mb=25)
-    times, loss = [], None
+    return DistributedDataParallel(model, bucket_cap_mb=25), build_optimizer(cfg, model)
+
+
+def _ddp_steps(ddp, optimizer, batches) -> tuple[list[float], float]:
+    """DDP steps on ``batches`` (one list of micro-batches per step): step seconds and the last loss."""
+    times, loss = [], 0.0
     for step_batches in batches:
         start = time.perf_counter()
+        total = 0.0
         for x in step_batches:
             loss = ddp(x) / len(step_batches)
             loss.backward()
+            total += float(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return times, float(loss) * len(batches[-1])
+    return times, total
 
 
 def _overlap_loop(config: dict) -> None:
-    """Ray Train worker for one mode: compute-only steps, the link set, then the serial and the overlapped
-    schedule (or DDP); rank 0 writes its numbers."""
+    """Ray Train worker for one mode: everything built on a fast link (the engines' initial broadcasts), the
+    compute-only steps, the mode's link set, then the serial and the overlapped schedule (or DDP); rank 0
+    writes its numbers."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -138,8 +147,17 @@ def _overlap_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    mode, device = config["mode"], ray.train.torch.get_device()
-    n_steps = config["warmup"] + config["steps"]
+    mode, device, warmup = config["mode"], ray.train.torch.get_device(), config["warmup"]
+    n_steps = warmup + config["steps"]
+
+    def set_link(rate_mbit: float | None) -> None:
+        if config["set_link"] and rate_mbit is not None:
+            dist.barrier()
+            if rank == 0:
+                latency = f"{config['latency_ms']}ms" if config["latency_ms"] else "0"
+                link = [f"{max(1, round(rate_mbit * 1000))}kbit", latency]
+                subprocess.run([*shlex.split(config["set_link"]), *link], check=True, timeout=60)
+            dist.barrier()
 
     def trainer(overlap: bool) -> Trainer:
         cfg = load_config(config["cfg"], [f"comm.overlap={str(overlap).lower()}"])
@@ -147,43 +165,35 @@ def _overlap_loop(config: dict) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         return Trainer(cfg, run_dir, config["train_dir"], None, rank=rank, world_size=world, device=device)
 
+    set_link(FAST_LINK_MBIT)
     serial = trainer(False)  # also the source of the batches every phase runs on
+    cfg, ga = serial.cfg, serial.cfg.train.grad_accum
     data = iter(serial.loader)
-    ga = serial.cfg.train.grad_accum
     batches = [[next(data).to(device) for _ in range(ga)] for _ in range(n_steps)]
     init_x = batches[0][0]
-    compute = torch.tensor(_compute_only(serial.cfg, batches, init_x, device))
-    dist.all_reduce(compute, op=dist.ReduceOp.MAX)  # one compute time for the rate
+    if mode == "ddp":
+        ddp, ddp_optimizer = _ddp_setup(cfg, init_x, device)
+    else:
+        over = trainer(True)
+    compute = torch.tensor(_compute_only(cfg, batches, init_x, device))
+    dist.all_reduce(compute, op=dist.ReduceOp.MAX)  # one compute time (and rate) for every rank
     sizes = size_report(serial.model)
-    dbgen_mode = "dp" if mode == "ddp" else mode
-    nbytes = sum(step_bytes(dbgen_mode, sizes["params"], sizes["binary_params"], world).values())
-    rate = config["rate"]
-    if rate == "auto":
-        rate = 8 * nbytes / float(compute) / 1e6
-    if config["set_link"]:
-        dist.barrier()
-        if rank == 0:
-            latency = f"{config['latency_ms']}ms" if config["latency_ms"] else "0"
-            link = [f"{max(1, round(float(rate) * 1000))}kbit", latency]
-            subprocess.run([*shlex.split(config["set_link"]), *link], check=True, timeout=60)
-        dist.barrier()
+    nbytes = sum(step_bytes("dp" if mode == "ddp" else mode, sizes["params"], sizes["binary_params"], world).values())
+    rate = 8 * nbytes / float(compute) / 1e6 if config["rate"] == "auto" else float(config["rate"])
+    set_link(rate)
 
     flat = [x for step in batches for x in step]  # train_step reads grad_accum micro-batches per step
 
     def run(tr) -> list[dict]:
         """``n_steps`` steps of ``tr`` on the batches; the timed ones."""
-        rows = resolve_stats([tr.train_step(iter(flat[i * ga : (i + 1) * ga])) for i in range(n_steps)])
-        return rows[config["warmup"] :]
+        return resolve_stats([tr.train_step(iter(flat[i * ga : (i + 1) * ga])) for i in range(n_steps)])[warmup:]
 
-    row: dict = {"mode": mode, "rate_mbit": float(rate) if config["set_link"] else None}
-    row["compute_s"] = float(compute)
+    row: dict = {"mode": mode, "rate_mbit": rate if config["set_link"] else None, "compute_s": float(compute)}
     if mode == "ddp":
-        times, loss = _ddp_steps(serial.cfg, batches, init_x, device)
-        row.update(overlapped_s=statistics.median(times[config["warmup"] :]), bytes_per_step=nbytes, final_loss=loss)
+        times, loss = _ddp_steps(ddp, ddp_optimizer, batches)
+        row.update(overlapped_s=statistics.median(times[warmup:]), bytes_per_step=nbytes, final_loss=loss)
     else:
-        timed_serial = run(serial)
-        del serial
-        timed_over = run(trainer(True))
+        timed_serial, timed_over = run(serial), run(over)
         row.update(
             serial_s=_median_step_s(timed_serial),
             overlapped_s=_median_step_s(timed_over),
