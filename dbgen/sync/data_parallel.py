@@ -41,7 +41,8 @@ class DataParallelSync(EngineSync):
         self.buckets: GradBuckets | None = None
         self._pending: list[Pending] = []
         if overlap and self.zero_stage == 0 and dist.get_world_size() > 1:
-            self.buckets = GradBuckets(engine.module.parameters(), bucket_mb * 2**20, self._launch, hooks=True)
+            size = bucket_mb * 2**20
+            self.buckets = GradBuckets(engine.module.parameters(), size, self._launch, lambda buckets: None, True)
 
     def backward(self, loss, last):
         if self.buckets is not None and last:

@@ -45,11 +45,6 @@ class BinaryLayout:
         for p in self.params[:-1]:
             self.offsets.append(self.offsets[-1] + p.numel())
 
-    def rank_splits(self, a: int, b: int) -> list[int]:
-        """Elements of the flat range ``[a, b)`` in each rank's slice (consecutive, in rank order)."""
-        s = self.slice
-        return [max(0, min(b, (r + 1) * s) - max(a, r * s)) for r in range(self.world)]
-
     def flat(self, tensors) -> torch.Tensor:
         """(padded,) fp32: ``tensors`` (one per latent, None = zeros) concatenated, zero padding."""
         out = torch.zeros(self.padded, dtype=torch.float32, device=self.params[0].device)

@@ -57,7 +57,7 @@ class OneBitExchange:
       ``x`` plus one fp32 scale per :data:`ONEBIT_CHUNK` elements (``all_to_all``), and what the message did
       not carry, ``x - decoded``, is the new ``send_error``. The receiver averages the W decoded messages at
       full precision: this rank's slice of the averaged gradient. :meth:`start_reduce_scatter` does the same
-      for one chunk-aligned range of the vector (the overlapped schedule's buckets), with the same numbers.
+      for any set of chunks of the vector (the overlapped schedule's buckets), with the same numbers.
     * :meth:`all_gather` (receiver side, for modes that must send the averaged gradient back to everyone):
       ``z = slice + recv_error`` is compressed the same way and all-gathered; ``z - decoded`` is the new
       ``recv_error``. Every rank decodes every slice: the full averaged gradient, identical on all ranks.
@@ -75,37 +75,40 @@ class OneBitExchange:
 
     def reduce_scatter(self, g: torch.Tensor) -> torch.Tensor:
         """(padded,) local gradient (consumed) -> (slice,) this rank's slice of the average over ranks."""
-        mine = self.start_reduce_scatter(g, 0, self.layout.padded).wait()
-        mine[self.layout.valid :] = 0
+        lay, c = self.layout, ONEBIT_CHUNK
+        chunks = torch.arange(lay.padded // c, device=g.device)
+        mine = self.start_reduce_scatter(g, chunks, [lay.slice // c] * lay.world).wait()
+        mine[lay.valid :] = 0
         return mine
 
-    def start_reduce_scatter(self, x: torch.Tensor, a: int, b: int) -> Pending:
-        """Start the exchange of ``x`` (b - a,), this rank's gradient over the flat range ``[a, b)`` (consumed;
-        ``a`` and ``b`` multiples of :data:`ONEBIT_CHUNK`). ``wait()`` returns this rank's part of the range
-        (``layout.rank_splits(a, b)[rank]`` elements from ``max(a, layout.start)``), averaged over ranks; padding
-        in it is not zeroed. Chunks, scales and errors are those of the whole vector: cutting it into ranges
-        on chunk boundaries changes no number."""
+    def start_reduce_scatter(self, x: torch.Tensor, chunks: torch.Tensor, counts: list[int]) -> Pending:
+        """Start the exchange of ``x`` (k * ONEBIT_CHUNK,) (consumed): this rank's gradient in the flat vector's
+        chunks ``chunks`` (k,) (ascending; ``counts[r]`` of them in rank r's slice). ``wait()`` returns this
+        rank's chunks of them, averaged over ranks, (counts[rank] * ONEBIT_CHUNK,); padding in them is not
+        zeroed. A chunk's scale and error depend on that chunk only: sending the vector in any grouping of
+        chunks (the overlapped schedule's buckets) gives the numbers of sending it whole."""
         lay, c = self.layout, ONEBIT_CHUNK
-        x = x.add_(self.send_error[a:b])
-        bits, scales = onebit_compress(x, c)
-        error = x.sub_(onebit_decompress(bits, scales, c))
-        error[max(0, lay.numel - a) :] = 0
-        self._pending.setdefault("send_error", torch.zeros_like(self.send_error))[a:b] = error
-        splits = lay.rank_splits(a, b)  # one message per destination: its signs, then its scales' bytes
-        parts, o = [], 0
-        for k in splits:
-            parts += [bits[o // 8 : (o + k) // 8], scales[o // c : (o + k) // c].view(torch.uint8)]
-            o += k
-        k = splits[lay.rank]
-        size = k // 8 + 4 * k // c
+        k = chunks.numel()
+        x = x.view(k, c).add_(self.send_error.view(-1, c)[chunks]).view(-1)
+        bits, scales = onebit_compress(x, c)  # (k * c / 8,) uint8, (k,)
+        error = x.sub_(onebit_decompress(bits, scales, c)).view(k, c)
+        for j in (chunks >= lay.numel // c).nonzero().flatten().tolist():  # padding carries no error
+            error[j, max(0, lay.numel - int(chunks[j]) * c) :] = 0
+        self._pending.setdefault("send_error", torch.zeros_like(self.send_error)).view(-1, c)[chunks] = error
+        parts, o = [], 0  # one message per destination: the signs of its chunks, then their scales' bytes
+        for n in counts:
+            parts += [bits.view(k, c // 8)[o : o + n].reshape(-1), scales[o : o + n].view(torch.uint8)]
+            o += n
+        mine = counts[lay.rank]
+        size = mine * (c // 8 + 4)
         recv = bits.new_empty(lay.world * size)
-        msg_sizes = [n // 8 + 4 * n // c for n in splits]
-        work = dist.all_to_all_single(recv, torch.cat(parts), [size] * lay.world, msg_sizes, async_op=True)
+        sizes = [n * (c // 8 + 4) for n in counts]
+        work = dist.all_to_all_single(recv, torch.cat(parts), [size] * lay.world, sizes, async_op=True)
 
-        def finish():  # recv.view(world, size)[j]: rank j's message about my part
-            if k == 0:
+        def finish():  # recv.view(world, size)[j]: rank j's message about my chunks
+            if mine == 0:
                 return x.new_zeros(0)
-            return sum_rows(_decode(recv.view(lay.world, size), k, c)).mul_(1.0 / lay.world)
+            return sum_rows(_decode(recv.view(lay.world, size), mine * c, c)).mul_(1.0 / lay.world)
 
         return Pending(work, finish)
 

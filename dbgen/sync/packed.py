@@ -67,11 +67,10 @@ class PackedSync(ExchangeSync):
     weights then use the sign of a running average of signs (a majority vote over recent steps).
 
     ``overlap`` (``comm.overlap``): the exchange runs in buckets of ``bucket_mb`` started during the last
-    micro-step's backward (:class:`GradBuckets`); ``reduce`` waits for them. A bucket's binary gradients go as
-    the range of the flat vector from its first latent (rounded up to a 1-bit chunk) to where the previous
-    bucket's range starts, so 1-bit chunks, scales and errors are those of the whole vector: the numbers do
-    not depend on the schedule or on ``bucket_mb`` (bit for bit on 2 ranks). Without it, ``reduce`` runs one
-    bucket holding everything after backward (the serial schedule).
+    micro-step's backward (:class:`GradBuckets`, gradient-ready order); ``reduce`` waits for them. A bucket's
+    binary gradients go as the 1-bit chunks of the flat vector its launch completes, so chunks, scales and
+    errors are those of the whole vector: the numbers do not depend on the schedule or on ``bucket_mb`` (bit
+    for bit on 2 ranks). Without it, ``reduce`` runs one bucket holding everything after backward (serial).
 
     Checkpoints: every rank writes ``packed/rank_<r>_of_<W>.pt`` (latent slice, Adam moments and step, sender
     error) next to DeepSpeed's files; on resume every rank reads the element ranges it now owns from whichever
@@ -101,12 +100,11 @@ class PackedSync(ExchangeSync):
         self.exchange = OneBitExchange(self.layout, receiver_side=False) if self.onebit else None
         self.overlap = overlap
         self._offset = {id(p): o for p, o in zip(self.layout.params, self.layout.offsets, strict=True)}
-        params = engine.module.parameters()
-        self.buckets = GradBuckets(params, bucket_mb * 2**20 if overlap else math.inf, self._launch, overlap)
-        self._ranges = self._bucket_ranges()
-        self._flat: torch.Tensor | None = None  # (padded,) this step's binary gradients, filled per bucket
         self._fp_pending: list[Pending] = []
-        self._binary_pending: list[tuple[int, Pending]] = []  # (where in this rank's slice, exchange)
+        self._binary_pending: list[tuple[torch.Tensor, Pending]] = []  # (my chunks among them, exchange)
+        size = bucket_mb * 2**20 if overlap else math.inf
+        self.buckets = GradBuckets(engine.module.parameters(), size, self._launch, self._plan, overlap)
+        self._flat: torch.Tensor | None = None  # (padded,) this step's binary gradients, filled per bucket
         log.info(
             "packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s",
             self.layout.numel,
@@ -116,20 +114,22 @@ class PackedSync(ExchangeSync):
             f"1-bit gradients after {self.warmup} steps" if self.onebit else "uncompressed gradients",
         )
 
-    def _bucket_ranges(self) -> list[tuple[int, int]]:
-        """Bucket i's range ``[a, b)`` of the flat binary vector: from its first latent rounded up to a 1-bit
-        chunk to the previous bucket's start (bucket 0: to the end of the padding). What lies below ``a``
-        belongs to later buckets; what lies above its own latents, to earlier ones, launched before it."""
-        ranges, hi = [], self.layout.padded
-        for bucket in self.buckets.buckets:
-            offsets = [self._offset[id(p)] for p in bucket if id(p) in self._offset]
-            lo = min(hi, math.ceil(min(offsets) / ONEBIT_CHUNK) * ONEBIT_CHUNK) if offsets else hi
-            if offsets and max(offsets) >= hi:
-                raise RuntimeError("packed sync: the module's parameter order differs from the optimizer's")
-            ranges.append((lo, hi))
-            hi = lo
-        assert hi == 0, "the first latent starts the flat vector"
-        return ranges
+    def _plan(self, buckets) -> None:
+        """Which chunks of the flat binary vector each bucket sends: a chunk goes with the bucket whose launch
+        completes it (the last launched of the buckets holding a latent that overlaps it; padding-only chunks
+        with bucket 0), in ascending order, ``counts[r]`` of them in rank r's slice."""
+        c, per_rank = ONEBIT_CHUNK, self.layout.slice // ONEBIT_CHUNK
+        last = torch.zeros(self.layout.padded // c, dtype=torch.int64)
+        for i, bucket in enumerate(buckets):
+            for p in bucket:
+                o = self._offset.get(id(p))
+                if o is not None:
+                    last[o // c : (o + p.numel() - 1) // c + 1].clamp_(min=i)
+        self._chunks = []
+        for i in range(len(buckets)):
+            ids = (last == i).nonzero().flatten()
+            counts = torch.bincount(ids // per_rank, minlength=self.world).tolist()
+            self._chunks.append((ids.to(self.latent.device), counts))
 
     def backward(self, loss, last):
         if last:
@@ -140,7 +140,7 @@ class PackedSync(ExchangeSync):
 
     @torch.no_grad()
     def _launch(self, index: int, params) -> None:
-        """Start bucket ``index``: its full-precision gradients' all-reduce and its range of the binary ones."""
+        """Start bucket ``index``: its full-precision gradients' all-reduce and the binary chunks it completes."""
         with comm_kind("grad"):  # hooks may run on autograd's device threads: label the bytes here
             fp = [p for p in params if id(p) not in self._offset]
             if fp:
@@ -153,15 +153,18 @@ class PackedSync(ExchangeSync):
                     if p.grad is not None:
                         self._flat[o : o + p.numel()].copy_(p.grad.reshape(-1))
                     p.grad = None
-            a, b = self._ranges[index]
-            if a == b:
+            chunks, counts = self._chunks[index]
+            if not chunks.numel():
                 return
-            x = self._flat[a:b]
+            c = ONEBIT_CHUNK
+            x = self._flat.view(-1, c)[chunks].view(-1)
             if self._compressed:
-                pending = self.exchange.start_reduce_scatter(x, a, b)
+                pending = self.exchange.start_reduce_scatter(x, chunks, counts)
             else:
-                pending = start_slice_sum(x, self.layout.rank_splits(a, b))
-            self._binary_pending.append((max(a, self.layout.start) - self.layout.start, pending))
+                pending = start_slice_sum(x, [n * c for n in counts])
+            first = self.layout.start // c
+            mine = chunks[(chunks >= first) & (chunks < first + self.layout.slice // c)] - first
+            self._binary_pending.append((mine, pending))
 
     @torch.no_grad()
     def reduce(self):
@@ -169,11 +172,11 @@ class PackedSync(ExchangeSync):
         for pending in self._fp_pending:
             pending.wait()
         mine = torch.zeros(self.layout.slice, device=self.latent.device)
-        for at, pending in self._binary_pending:
+        for chunks, pending in self._binary_pending:
             part = pending.wait()
             if not self._compressed:
                 part.mul_(1.0 / self.world)
-            mine[at : at + part.numel()] = part
+            mine.view(-1, ONEBIT_CHUNK)[chunks] = part.view(-1, ONEBIT_CHUNK)
         mine[self.layout.valid :] = 0
         self._fp_pending.clear()
         self._binary_pending.clear()
