@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dbgen.linkmodel import MODES, step_bytes
+from dbgen.linkmodel import MODES, OVERLAPPED_MODES, overlapped_step_s, step_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "netns_cluster.sh"
@@ -125,6 +125,14 @@ def test_inspect_link_rates_put_each_mode_at_the_bound(capsys):
         assert r["bytes_per_step"] == sum(step_bytes(r["mode"], P, B, 2).values())
         assert r["comm_s"] == pytest.approx(8 * r["bytes_per_step"] / 1e9)
         assert 8 * r["bytes_per_step"] / (r["needed_gbps"] * 1e9) == pytest.approx(0.1 * 0.05)
+        if r["mode"] not in OVERLAPPED_MODES:  # zero1 keeps DeepSpeed's serial schedule
+            assert r["needed_gbps_overlapped"] == r["needed_gbps"]
+            continue
+        # overlapped: at the rate it names, the modelled step is 10% over compute, and at a tenth more it is under
+        kinds = step_bytes(r["mode"], P, B, 2)
+        assert overlapped_step_s(kinds, 0.05, r["needed_gbps_overlapped"]) == pytest.approx(1.1 * 0.05)
+        assert overlapped_step_s(kinds, 0.05, 1.1 * r["needed_gbps_overlapped"]) < 1.1 * 0.05
+        assert r["needed_gbps_overlapped"] < r["needed_gbps"]
     by = {r["mode"]: r["bytes_per_step"] for r in link["modes"]}
     assert by["packed_onebit"] < by["packed"] < by["dp"] < by["zero1"]
     assert main(["--config", str(ROOT / CONFIG), "--link-gbps", "0"]) == 2  # a bad rate is refused, not divided by
