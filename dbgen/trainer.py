@@ -6,8 +6,9 @@ runs in every worker (``dbgen.train`` is the driver). One optimizer step (:meth:
 
     for each of train.grad_accum micro-batches:
         loss = engine(x)                      forward; bf16 autocast on GPU, fp32 on CPU (train.precision)
-        sync.backward(loss, last)             local backward (ZeRO 2 also reduces buckets as they fill)
-    sync.reduce()                             finish the gradient reduction of this step
+        sync.backward(loss, last)             local backward; in the last micro-step the gradient buckets'
+                                              collectives start as they fill (comm.overlap; ZeRO 2: its own)
+    sync.reduce()                             finish (wait for) the gradient reduction of this step
     norm = sync.grad_norm()                   global L2 norm of the reduced gradient, equal on every rank
     skip = norm not finite or norm > train.skip_threshold     (counted; the step still consumes its data)
     sync.step(lr, clip_coef, skip)            update with gradients scaled by min(1, grad_clip / norm), binary
