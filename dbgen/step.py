@@ -326,6 +326,7 @@ def run_step(
     clip_coef, skip = clip_and_skip(norm, t)
     sync.step(lr, clip_coef, skip)
     if ema is not None:
+        sync.weights_ready()  # packed modes: the signs the EMA averages (the overlapped gather waits here)
         ema.update(model, skip)
     clock.mark("optimizer")
     return {"loss": loss_sum / len(batches), "grad_norm": norm, "skipped": skip}

@@ -390,6 +390,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- eval, samples
     def _eval_mode(self, seed: int):
         """Eval weights (EMA if kept), eval mode and a forked RNG: eval never perturbs training randomness."""
+        self.sync.weights_ready()
         return eval_mode(self.model, self.ema, seed, self.device)
 
     @torch.no_grad()
@@ -433,6 +434,7 @@ class Trainer:
         writes ``meta.json`` (checksums, finite flag) and renames the directory, so a checkpoint is complete or
         absent; then it deletes the ones beyond ``train.keep_checkpoints`` (:func:`dbgen.rundir.prune_checkpoints`
         keeps the newest finite one)."""
+        self.sync.weights_ready()
         start = time.perf_counter()
         state = {
             "step": self.step,
@@ -488,6 +490,7 @@ class Trainer:
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
+        self.sync.weights_ready()
         tensors = [*self.model.parameters(), *self.sync.rank_tensors()]  # packed modes: this rank's latent slice
         if self.ema is not None:
             tensors += [t for t in self.ema.state_dict(self.model).values() if torch.is_tensor(t)]

@@ -343,6 +343,7 @@ def _step_bytes_worker(rank: int, world: int, out_dir: str, train_dir: str):
             accounting.COUNTER.take()
             before = _wchar()
             stats = tr.train_step(data)  # its comm_bytes: the counter's take() at the end of the step
+            tr.sync.weights_ready()  # packed, overlapped: the step's sign gather is still in flight
             steps.append({"counted": stats["comm_bytes"], "written": _wchar() - before})
         res[name] = {"steps": steps, **size_report(tr.model)}
     torch.save(res, Path(out_dir) / f"steps{rank}.pt")

@@ -127,6 +127,7 @@ def _steps(tr, n: int, poison_step: int | None = None) -> list[dict]:
     rows = []
     for _ in range(n):
         (st,) = resolve_stats([tr.train_step(data)])
+        tr.sync.weights_ready()  # packed, overlapped: the signs are written as the next forward needs them
         rows.append(
             {
                 "loss": st["loss"],
@@ -143,7 +144,7 @@ def _steps(tr, n: int, poison_step: int | None = None) -> list[dict]:
 
 def _full_state(tr) -> dict:
     """The whole binary state (gathered; every rank calls it) plus the module's signs."""
-    state = {k: v.cpu() for k, v in tr.sync.full_state().items()}
+    state = {k: v.cpu() for k, v in tr.sync.full_state().items()}  # waits for the signs in flight too
     state["signs"] = _signs_hash(tr.model)
     return state
 

@@ -2,8 +2,9 @@
 DeepSpeed engines in a 2-rank gloo group (tests/gloo_group.py).
 
 * The same run with the serial schedule and with the overlapped one, in ``dp``, ``packed`` and
-  ``packed_onebit`` (gradient accumulation 2, clipping active, 1-bit after 5 steps): the same loss, gradient
-  norm and binary signs at every one of 20 steps, bit for bit, and for 1-bit also with another bucket size.
+  ``packed_onebit`` (gradient accumulation 2, clipping active, 1-bit after 5 steps): the same loss and gradient
+  norm at every one of 20 steps and the same binary signs in every forward, bit for bit (the overlapped packed
+  modes write the signs during the next forward), and for 1-bit also with another bucket size.
 * During one overlapped step (several buckets): the first micro-step's backward sends nothing; in the last
   one, a bucket's collective starts before the last gradient is accumulated, that is before backward returns.
 """
@@ -57,12 +58,19 @@ def _schedules_worker(rank: int, world: int, out_dir: str, train_dir: str):
             if schedule == "overlap_big" and mode != "packed_onebit":
                 continue
             tr = _trainer([*mode_overrides, *overrides], Path(out_dir) / f"{mode}_{schedule}", train_dir, rank, world)
+            # the signs each forward computed with, read when it ends: the overlapped packed modes write them
+            # during that forward (each layer waits for its part of the gather started by the previous step)
+            seen = []
+            tr.model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(_signs(module)))
             data = iter(tr.loader)
             rows = []
             for _ in range(STEPS):
                 (st,) = resolve_stats([tr.train_step(data)])
-                rows.append((st["loss"], st["grad_norm"], st["skipped"], _signs(tr.model)))
-            res[(mode, schedule)] = {"rows": rows, "buckets": len(tr.sync.buckets) if tr.sync.buckets else 0}
+                rows.append((st["loss"], st["grad_norm"], st["skipped"]))
+            tr.sync.weights_ready()
+            seen.append(_signs(tr.model))  # after the last step
+            buckets = len(tr.sync.buckets) if tr.sync.buckets else 0
+            res[(mode, schedule)] = {"rows": rows, "signs": seen, "buckets": buckets}
     torch.save(res, Path(out_dir) / f"schedules{rank}.pt")
 
 
@@ -111,13 +119,16 @@ def test_overlapped_and_serial_schedules_train_bit_identically(tmp_path, train_d
     for mode in MODES:
         serial = res[(mode, "serial")]["rows"]
         assert res[(mode, "overlap")]["buckets"] >= 8, "the test needs several buckets"
-        assert sum(norm > 0.5 for _, norm, _, _ in serial) >= 5, "clipping should be active on several steps"
-        assert len({signs for *_, signs in serial}) > STEPS // 2, "the signs should change as it trains"
+        assert sum(norm > 0.5 for _, norm, _ in serial) >= 5, "clipping should be active on several steps"
+        signs = res[(mode, "serial")]["signs"]
+        assert len(signs) == 2 * STEPS + 1 and len(set(signs)) > STEPS // 2, "the signs should change as it trains"
         others = [s for s in SCHEDULES if (mode, s) in res and s != "serial"]
         for schedule in others:
             rows = res[(mode, schedule)]["rows"]
             for i, (a, b) in enumerate(zip(serial, rows, strict=True)):
                 assert a == b, f"{mode} {schedule}: step {i + 1} differs from the serial schedule"
+            for i, (a, b) in enumerate(zip(signs, res[(mode, schedule)]["signs"], strict=True)):
+                assert a == b, f"{mode} {schedule}: forward {i + 1} computed with other signs than the serial one"
     onebit, plain = res[("packed_onebit", "serial")]["rows"], res[("packed", "serial")]["rows"]
     assert onebit[:5] == plain[:5] and onebit[5:] != plain[5:], "1-bit gradients from step 6 on"
 

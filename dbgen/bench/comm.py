@@ -17,15 +17,16 @@ packed_onebit   packed, with the binary gradients sent as 1-bit messages (after 
 Per mode: ``weight_bytes_per_step``, ``grad_bytes_per_step``, ``other_bytes_per_step``, ``total_bytes_per_step``
 (bytes one worker sends per step, counted by :mod:`dbgen.sync.accounting` for the algorithm each collective runs;
 rank 0's, averaged over the timed steps), ``step_s`` (mean wall time of a timed step on rank 0), ``comm_s`` (of
-which inside ``torch.distributed`` calls: sending, and waiting for the peers; every collective of dbgen and of
-DeepSpeed's ZeRO 0/1 paths is synchronous), ``compute_s`` (the rest), ``link_tx_bytes_per_step`` (what rank 0's
-network namespace sent on its interfaces other than ``lo``, from ``/sys/class/net/*/statistics/tx_bytes``: TCP/IP
-headers, acknowledgements and Ray's own traffic included; ``link_idle_tx_bytes_per_s``: the same while rank 0 idles
-after the steps, Ray's share; meaningful only where each worker has a namespace of its own), ``final_loss`` (the
-last timed step's) and the model's ``params``/``binary_params``; with ``--links``, one row per mode and link
-setting. The first ``--warmup`` steps of every mode are not measured (the first also carries the initial broadcast;
-1-bit modes send uncompressed during them). Data-dependent init uses ``--init-rows`` rows (the paper config's 1,024
-take minutes on a CPU); it does not change bytes.
+which inside ``torch.distributed`` calls: sending, and waiting for the peers; the modes run the serial schedule,
+``comm.overlap=false``, in which every collective of dbgen and of DeepSpeed's ZeRO 0/1 paths returns when done),
+``compute_s`` (the rest), ``link_tx_bytes_per_step`` (what rank 0's network namespace sent on its interfaces other
+than ``lo``, from ``/sys/class/net/*/statistics/tx_bytes``: TCP/IP headers, acknowledgements and Ray's own traffic
+included; ``link_idle_tx_bytes_per_s``: the same while rank 0 idles after the steps, Ray's share; meaningful only
+where each worker has a namespace of its own), ``final_loss`` (the last timed step's) and the model's
+``params``/``binary_params``; with ``--links``, one row per mode and link setting. The first ``--warmup`` steps of
+every mode are not measured (the first also carries the initial broadcast; 1-bit modes send uncompressed during
+them). Data-dependent init uses ``--init-rows`` rows (the paper config's 1,024 take minutes on a CPU); it does not
+change bytes.
 """
 
 from __future__ import annotations
@@ -52,11 +53,18 @@ from ..trainer import Trainer
 
 log = logging.getLogger(__name__)
 
+# The serial schedule (comm.overlap=false): every collective returns when it is done, so the time inside them
+# is the step's communication; `python -m dbgen.bench overlap` measures the overlapped schedule.
 MODES = {
-    "dp": ["comm.binary_weights=dp", "comm.binary_grads=none", "scale.zero_stage=0"],
-    "zero1": ["comm.binary_weights=dp", "comm.binary_grads=none", "scale.zero_stage=1"],
-    "packed": ["comm.binary_weights=packed", "comm.binary_grads=none", "scale.zero_stage=0"],
-    "packed_onebit": ["comm.binary_weights=packed", "comm.binary_grads=onebit", "scale.zero_stage=0"],
+    "dp": ["comm.binary_weights=dp", "comm.binary_grads=none", "scale.zero_stage=0", "comm.overlap=false"],
+    "zero1": ["comm.binary_weights=dp", "comm.binary_grads=none", "scale.zero_stage=1", "comm.overlap=false"],
+    "packed": ["comm.binary_weights=packed", "comm.binary_grads=none", "scale.zero_stage=0", "comm.overlap=false"],
+    "packed_onebit": [
+        "comm.binary_weights=packed",
+        "comm.binary_grads=onebit",
+        "scale.zero_stage=0",
+        "comm.overlap=false",
+    ],
 }
 
 

@@ -31,6 +31,7 @@ root. NCCL figures are the standard ring costs; NCCL may pick a tree all-reduce,
 from __future__ import annotations
 
 import functools
+import math
 import pickle
 import threading
 from collections import Counter
@@ -168,7 +169,7 @@ def _c_all_to_all_single(a, k):
     if w <= 1:
         return
     if splits:  # rows per destination; what stays here is not sent
-        row = inp.element_size() * (inp[0].numel() if inp.dim() else 1)
+        row = inp.element_size() * math.prod(inp.shape[1:])  # an empty input (nothing for anyone) has rows too
         sent = (sum(splits) - splits[r]) * row
     else:
         sent = bytes_sent("all_to_all", _nbytes(inp), w, r, backend)

@@ -54,7 +54,9 @@ class GradientSync(Protocol):
     Per-rank parts (no-ops in :class:`SyncBase`, which every mode extends): ``save_partition(dir)`` (every rank,
     into the checkpoint directory), ``load_partition(dir)`` (after ``load_state_dict``), e.g. sharded latents
     (:class:`dbgen.sync.PackedSync`), and ``rank_tensors()``: the state this rank holds outside the model (its
-    latent slice), which the trainer's finiteness check covers too.
+    latent slice), which the trainer's finiteness check covers too. ``weights_ready()``: the module's weights
+    are current after it (a mode may still be writing them after ``step``, as the overlapped packed sign
+    all-gather does until the next forward reaches each layer): call it before reading them outside forward.
     """
 
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...
@@ -74,6 +76,8 @@ class GradientSync(Protocol):
     def load_partition(self, directory: str | Path) -> None: ...
 
     def rank_tensors(self) -> list[torch.Tensor]: ...
+
+    def weights_ready(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------- shared parts
@@ -121,6 +125,9 @@ class SyncBase:
 
     def rank_tensors(self) -> list[torch.Tensor]:
         return []
+
+    def weights_ready(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed engine modes

@@ -72,17 +72,19 @@ def all_gather_flat(out: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def start_all_reduce_mean(params) -> Pending:
-    """Start one all-reduce of the flattened gradients of ``params`` (None: zeros); ``wait()`` averages them
-    (sum, then times 1/W, as DeepSpeed's stage-0 reduction does) and writes them back as ``p.grad``."""
+    """Start one all-reduce of the flattened gradients of ``params`` (None: zeros), which become views of the
+    flat buffer at once (the separate gradient tensors are freed: a bucket costs no second copy); ``wait()``
+    averages them in place (sum, then times 1/W, as DeepSpeed's stage-0 reduction does). Nothing may read or
+    write those gradients before ``wait()``."""
     params = list(params)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    o = 0
+    for p in params:
+        p.grad = flat[o : o + p.numel()].view_as(p)
+        o += p.numel()
     work = dist.all_reduce(flat, async_op=True)
 
-    def finish():
+    def finish() -> None:
         flat.mul_(1.0 / dist.get_world_size())
-        o = 0
-        for p in params:
-            p.grad = flat[o : o + p.numel()].view_as(p)
-            o += p.numel()
 
     return Pending(work, finish)

@@ -53,5 +53,8 @@ class CountedSync:
     def rank_tensors(self):
         return self.inner.rank_tensors()
 
+    def weights_ready(self) -> None:
+        self.inner.weights_ready()
+
     def __getattr__(self, name):
         return getattr(self.inner, name)

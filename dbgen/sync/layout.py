@@ -64,15 +64,17 @@ class BinaryLayout:
         return out
 
     @torch.no_grad()
-    def write_signs(self, packed: torch.Tensor) -> None:
-        """Set every latent to the +-1 signs in ``packed`` ((padded/8,) uint8, the flat vector's layout)."""
-        o = 0
-        for p in self.params:
+    def write_signs(self, packed: torch.Tensor, params=None) -> None:
+        """Set every latent (or those of ``params``) to the +-1 signs in ``packed`` ((padded/8,) uint8, the flat
+        vector's layout; only the bytes holding those latents' bits are read)."""
+        wanted = None if params is None else {id(p) for p in params}
+        for p, o in zip(self.params, self.offsets, strict=True):
+            if wanted is not None and id(p) not in wanted:
+                continue
             n = p.numel()
             lo, hi = o // 8, (o + n + 7) // 8  # the bytes holding bits [o, o + n)
             bits = unpack_signs(packed[lo:hi], (hi - lo) * 8, p.dtype)
             p.copy_(bits[o - 8 * lo : o - 8 * lo + n].view_as(p))
-            o += n
 
 
 def slice_size(numel: int, world: int) -> int:

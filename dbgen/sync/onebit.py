@@ -81,20 +81,27 @@ class OneBitExchange:
         mine[lay.valid :] = 0
         return mine
 
-    def start_reduce_scatter(self, x: torch.Tensor, chunks: torch.Tensor, counts: list[int]) -> Pending:
-        """Start the exchange of ``x`` (k * ONEBIT_CHUNK,) (consumed): this rank's gradient in the flat vector's
-        chunks ``chunks`` (k,) (ascending; ``counts[r]`` of them in rank r's slice). ``wait()`` returns this
-        rank's chunks of them, averaged over ranks, (counts[rank] * ONEBIT_CHUNK,); padding in them is not
-        zeroed. A chunk's scale and error depend on that chunk only: sending the vector in any grouping of
-        chunks (the overlapped schedule's buckets) gives the numbers of sending it whole."""
+    def start_reduce_scatter(self, g: torch.Tensor, chunks: torch.Tensor, counts: list[int]) -> Pending:
+        """Start the exchange of the chunks ``chunks`` (k,) (ascending; ``counts[r]`` of them in rank r's slice)
+        of ``g`` (padded,), this rank's flat gradient. ``g`` is consumed: those chunks end up holding their new
+        error, and ``g`` becomes the pending ``send_error`` (every chunk must be sent once before ``commit``).
+        ``wait()`` returns this rank's chunks among them, averaged over ranks, (counts[rank] * ONEBIT_CHUNK,);
+        padding in them is not zeroed. A chunk's scale and error depend on that chunk only: sending the vector
+        in any grouping of chunks (the overlapped schedule's buckets) gives the numbers of sending it whole."""
         lay, c = self.layout, ONEBIT_CHUNK
         k = chunks.numel()
-        x = x.view(k, c).add_(self.send_error.view(-1, c)[chunks]).view(-1)
-        bits, scales = onebit_compress(x, c)  # (k * c / 8,) uint8, (k,)
-        error = x.sub_(onebit_decompress(bits, scales, c)).view(k, c)
+        rows = g.view(-1, c)
+        lo = int(chunks[0]) if k else 0
+        contiguous = k > 0 and int(chunks[-1]) - lo + 1 == k
+        x = rows[lo : lo + k] if contiguous else rows[chunks]  # (k, c): a view of g, or a copy to write back
+        x.add_(self.send_error.view(-1, c)[lo : lo + k] if contiguous else self.send_error.view(-1, c)[chunks])
+        bits, scales = onebit_compress(x.view(-1), c)  # (k * c / 8,) uint8, (k,)
+        error = x.sub_(onebit_decompress(bits, scales, c).view(k, c))
         for j in (chunks >= lay.numel // c).nonzero().flatten().tolist():  # padding carries no error
             error[j, max(0, lay.numel - int(chunks[j]) * c) :] = 0
-        self._pending.setdefault("send_error", torch.zeros_like(self.send_error)).view(-1, c)[chunks] = error
+        if not contiguous:
+            rows[chunks] = error
+        self._pending["send_error"] = g
         parts, o = [], 0  # one message per destination: the signs of its chunks, then their scales' bytes
         for n in counts:
             parts += [bits.view(k, c // 8)[o : o + n].reshape(-1), scales[o : o + n].view(torch.uint8)]

@@ -43,7 +43,9 @@ class PackedSync(ExchangeSync):
         grad_norm  other         sqrt(full-precision part + all-reduced sum of the slices' squares)
         step       weight        Adam (ClientAdam: skip, clip_coef, clamp) on the full-precision params and on
                                  this rank's latent slice; then the slice's signs, 8 per byte, all-gathered and
-                                 written into every rank's module (a skipped step changes nothing, sends nothing)
+                                 written into every rank's module (a skipped step changes nothing, sends nothing);
+                                 overlapped: per bucket in forward order, each binary layer's forward pre-hook
+                                 waiting for its signs (``weights_ready()`` before reading them elsewhere)
 
     The full-precision params stay in the engine's client optimizer; the binary group moves into
     ``self.binary_optimizer`` (a ClientAdam over the slice), so the per-element math is the one plain data
@@ -105,6 +107,14 @@ class PackedSync(ExchangeSync):
         size = bucket_mb * 2**20 if overlap else math.inf
         self.buckets = GradBuckets(engine.module.parameters(), size, self._launch, self._plan, overlap)
         self._flat: torch.Tensor | None = None  # (padded,) this step's binary gradients, filled per bucket
+        self._packed = torch.zeros(self.layout.padded // 8, dtype=torch.uint8, device=self.latent.device)
+        self._gathers: list[tuple[torch.Tensor, Pending | None, list]] = []  # in forward order, not yet written
+        self._written = 0  # gathers of this step already written into the module
+        if overlap:  # each module holding latents waits for their signs before its forward
+            for module in engine.module.modules():
+                mine = [p for p in module.parameters(recurse=False) if id(p) in self._offset]
+                if mine:
+                    module.register_forward_pre_hook(self._before_forward)
         log.info(
             "packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s",
             self.layout.numel,
@@ -130,6 +140,15 @@ class PackedSync(ExchangeSync):
             ids = (last == i).nonzero().flatten()
             counts = torch.bincount(ids // per_rank, minlength=self.world).tolist()
             self._chunks.append((ids.to(self.latent.device), counts))
+        # The signs come back in forward order, the reverse of the buckets: gather k carries bucket L-1-k's
+        # chunks, and a latent is complete after the last gather holding one of its chunks.
+        gather_of_chunk = len(buckets) - 1 - last
+        self._completes = [[] for _ in buckets]
+        self._done_at = {}
+        for p, o in zip(self.layout.params, self.layout.offsets, strict=True):
+            k = int(gather_of_chunk[o // c : (o + p.numel() - 1) // c + 1].max())
+            self._completes[k].append(p)
+            self._done_at[id(p)] = k
 
     def backward(self, loss, last):
         if last:
@@ -157,11 +176,13 @@ class PackedSync(ExchangeSync):
             if not chunks.numel():
                 return
             c = ONEBIT_CHUNK
-            x = self._flat.view(-1, c)[chunks].view(-1)
             if self._compressed:
-                pending = self.exchange.start_reduce_scatter(x, chunks, counts)
+                pending = self.exchange.start_reduce_scatter(self._flat, chunks, counts)  # errors into _flat
             else:
-                pending = start_slice_sum(x, [n * c for n in counts])
+                lo, k = int(chunks[0]), chunks.numel()
+                rows = self._flat.view(-1, c)
+                x = rows[lo : lo + k] if int(chunks[-1]) - lo + 1 == k else rows[chunks]  # a view where it can
+                pending = start_slice_sum(x.view(-1), [n * c for n in counts])
             first = self.layout.start // c
             mine = chunks[(chunks >= first) & (chunks < first + self.layout.slice // c)] - first
             self._binary_pending.append((mine, pending))
@@ -193,13 +214,52 @@ class PackedSync(ExchangeSync):
 
     def step(self, lr, clip_coef, skip):
         skip = bool(skip)  # a host decision: whether to send this step's signs and keep its errors depends on it
+        self.weights_ready()  # what no forward waited for (a latent the step did not use)
         super().step(lr, clip_coef, skip)  # full-precision update (ClientAdam), DeepSpeed's counters, grads cleared
         set_lr(self.binary_optimizer, lr)
         self.binary_optimizer.step(clip_coef=clip_coef, skip=skip)  # Adam + clamp on the slice
         self._settle(skip)
         self.latent.grad = None
         if not skip:
-            self._gather_signs()
+            self._start_gathers() if self.overlap else self._gather_signs()
+
+    @torch.no_grad()
+    def _start_gathers(self) -> None:
+        """Start the sign all-gather bucket by bucket in forward order (each rank's bytes of the chunks a bucket
+        sends, to every rank); the next forward writes each module's signs as it reaches it."""
+        c, first = ONEBIT_CHUNK, self.layout.start // ONEBIT_CHUNK
+        mine = pack_signs(self.latent).view(-1, c // 8)  # (slice/c, c/8) uint8: this rank's chunks
+        with comm_kind("weight"):
+            for k, i in enumerate(reversed(range(len(self._chunks)))):
+                ids, counts = self._chunks[i]
+                pending = None
+                if ids.numel():
+                    send = mine[ids[(ids >= first) & (ids < first + mine.shape[0])] - first].reshape(-1)
+                    recv = send.new_empty(len(ids) * c // 8)
+                    sizes = [n * c // 8 for n in counts]
+                    work = dist.all_to_all_single(recv, send.repeat(self.world), sizes, [send.numel()] * self.world,
+                                                  async_op=True)  # fmt: skip
+                    pending = Pending(work, lambda recv=recv: recv)
+                self._gathers.append((ids, pending, self._completes[k]))
+
+    def _before_forward(self, module, args) -> None:
+        self.weights_ready(max(self._done_at[id(p)] for p in module.parameters(recurse=False) if id(p) in self._offset))
+
+    @torch.no_grad()
+    def weights_ready(self, upto: int | None = None) -> None:
+        """Write the signs of the gathers in flight into the module, up to gather ``upto`` (all by default):
+        the module's binary weights are current inside forward and after this call."""
+        c = ONEBIT_CHUNK
+        while self._gathers and (upto is None or self._written <= upto):
+            ids, pending, latents = self._gathers[0]
+            if pending is not None:
+                self._packed.view(-1, c // 8)[ids] = pending.wait().view(-1, c // 8)
+            if latents:
+                self.layout.write_signs(self._packed, latents)
+            self._gathers.pop(0)
+            self._written += 1
+        if not self._gathers:
+            self._written = 0
 
     @torch.no_grad()
     def _gather_signs(self) -> None:
@@ -241,6 +301,7 @@ class PackedSync(ExchangeSync):
     def full_state(self) -> dict[str, torch.Tensor]:
         """The whole (unsharded) binary state on every rank: latents, Adam moments and, with 1-bit gradients,
         the sum of the ranks' sender errors. For tests and inspection (all-gathers everything)."""
+        self.weights_ready()
         state = self.binary_optimizer.state.get(self.latent, {})
         parts = {"latent": self.latent.detach()}
         if state:
