@@ -1,8 +1,8 @@
 """``python -m dbgen.bench overlap --config C [--rate auto|MBIT] [--set-link CMD]``: what overlapping the gradient
 exchange with backward (``comm.overlap``) buys, per communication mode, against plain PyTorch DDP.
 
-One TorchTrainer per mode (real Ray Train workers, DeepSpeed engines, gloo), each worker running, on the same
-model, data and per-worker batch:
+One TorchTrainer (real Ray Train workers, DeepSpeed engines, gloo) measures every mode in turn, each worker
+running, per mode, on the same model, data and per-worker batch:
 
 1. ``compute_s``: the step with no communication at all (:class:`dbgen.sync.LocalSync`: forward, backward,
    Adam on this worker's batch), every worker at once so that they share the machine as in the other phases;
@@ -11,7 +11,8 @@ model, data and per-worker batch:
    (:func:`dbgen.linkmodel.step_bytes`) take as long as ``compute_s``, so serial communication costs about
    one compute step and overlap has the most to hide;
 3. ``serial_s``: ``comm.overlap=false`` (backward, then every collective);
-4. ``overlapped_s``: ``comm.overlap=true``, ``comm.bucket_mb`` buckets started during backward.
+4. ``overlapped_s``: ``comm.overlap=true``, ``comm.bucket_mb`` buckets started during backward (``zero1``
+   keeps DeepSpeed's own schedule, so for it this is a second serial run).
 
 ``ddp`` is the peer every user knows: ``torch.nn.parallel.DistributedDataParallel`` (gloo,
 ``bucket_cap_mb=25``) around the same model, with the same optimizer (:func:`dbgen.step.build_optimizer`), at
@@ -52,10 +53,12 @@ log = logging.getLogger(__name__)
 FAST_LINK_MBIT = 10_000.0  # the link while engines are built (their initial broadcasts) and compute is timed
 
 MODES = {
-    "dp": ["comm.binary_weights=dp", "comm.binary_grads=none"],
-    "packed": ["comm.binary_weights=packed", "comm.binary_grads=none"],
-    "packed_onebit": ["comm.binary_weights=packed", "comm.binary_grads=onebit"],
-    "ddp": ["comm.binary_weights=dp", "comm.binary_grads=none"],  # DDP's own model; the dp config
+    "dp": ["comm.binary_weights=dp", "comm.binary_grads=none", "scale.zero_stage=0"],
+    # ZeRO 1 keeps DeepSpeed's schedule (comm.overlap applies at ZeRO 0): its overlapped row is a second serial run
+    "zero1": ["comm.binary_weights=dp", "comm.binary_grads=none", "scale.zero_stage=1"],
+    "packed": ["comm.binary_weights=packed", "comm.binary_grads=none", "scale.zero_stage=0"],
+    "packed_onebit": ["comm.binary_weights=packed", "comm.binary_grads=onebit", "scale.zero_stage=0"],
+    "ddp": ["comm.binary_weights=dp", "comm.binary_grads=none", "scale.zero_stage=0"],  # DDP's model; dp's config
 }
 
 
@@ -134,9 +137,23 @@ def _ddp_steps(ddp, optimizer, batches) -> tuple[list[float], float]:
 
 
 def _overlap_loop(config: dict) -> None:
-    """Ray Train worker for one mode: everything built on a fast link (the engines' initial broadcasts), the
-    compute-only steps, the mode's link set, then the serial and the overlapped schedule (or DDP); rank 0
-    writes its numbers."""
+    """Ray Train worker: every mode in turn (one worker group for all: Ray's start-up once); rank 0 writes the
+    rows."""
+    import gc
+
+    import ray.train
+
+    rows = []
+    for mode in config["modes"]:
+        rows.append(_measure_mode(config, mode))
+        gc.collect()  # the mode's engines and models, before the next mode builds its own
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["out"]).write_text(json.dumps(rows))
+
+
+def _measure_mode(config: dict, mode: str) -> dict:
+    """One mode: everything built on a fast link (the engines' initial broadcasts), the compute-only steps, the
+    mode's link set, then the serial and the overlapped schedule (or DDP): its row."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -147,7 +164,7 @@ def _overlap_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    mode, device, warmup = config["mode"], ray.train.torch.get_device(), config["warmup"]
+    device, warmup = ray.train.torch.get_device(), config["warmup"]
     n_steps = warmup + config["steps"]
 
     def set_link(rate_mbit: float | None) -> None:
@@ -160,8 +177,8 @@ def _overlap_loop(config: dict) -> None:
             dist.barrier()
 
     def trainer(overlap: bool) -> Trainer:
-        cfg = load_config(config["cfg"], [f"comm.overlap={str(overlap).lower()}"])
-        run_dir = Path(config["run_dir"]) / ("overlap" if overlap else "serial")
+        cfg = load_config(config["cfgs"][mode], [f"comm.overlap={str(overlap).lower()}"])
+        run_dir = Path(config["run_dir"]) / mode / ("overlap" if overlap else "serial")
         run_dir.mkdir(parents=True, exist_ok=True)
         return Trainer(cfg, run_dir, config["train_dir"], None, rank=rank, world_size=world, device=device)
 
@@ -201,21 +218,21 @@ def _overlap_loop(config: dict) -> None:
             final_loss=timed_over[-1]["loss"],
         )
     row["comm_s"] = row["overlapped_s"] - row["compute_s"]
-    if rank == 0:
-        Path(config["out"]).write_text(json.dumps(row))
+    return row
 
 
-def run_mode(name: str, cfg, args, train_dir: str, work: str) -> dict:
+def run_modes(cfgs: dict, args, train_dir: str, work: str) -> list[dict]:
+    """One TorchTrainer measuring every mode of ``cfgs`` (mode -> its config): a row per mode."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out = os.path.join(work, f"{name}.json")
+    out, first = os.path.join(work, "rows.json"), next(iter(cfgs.values()))
     TorchTrainer(
         _overlap_loop,
         train_loop_config={
-            "cfg": cfg.to_dict(),
-            "mode": name,
-            "run_dir": os.path.join(work, name),
+            "cfgs": {name: cfg.to_dict() for name, cfg in cfgs.items()},
+            "modes": list(cfgs),
+            "run_dir": work,
             "out": out,
             "train_dir": train_dir,
             "warmup": args.warmup,
@@ -226,10 +243,10 @@ def run_mode(name: str, cfg, args, train_dir: str, work: str) -> dict:
         },
         scaling_config=ScalingConfig(
             num_workers=args.workers,
-            resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
-            placement_strategy=cfg.scale.placement_strategy,
+            resources_per_worker={"CPU": first.scale.cpus_per_worker},
+            placement_strategy=first.scale.placement_strategy,
         ),
-        run_config=RunConfig(name=f"bench-overlap-{name}", storage_path=os.path.join(work, "ray")),
+        run_config=RunConfig(name="bench-overlap", storage_path=os.path.join(work, "ray")),
     ).fit()
     return json.loads(Path(out).read_text())
 
@@ -248,24 +265,18 @@ def main(args) -> int:
     batch = args.batch or base.train.batch_size // args.workers
     train_dir = str(resolve_split(base.data.train, "train"))
     init_ray(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    rows = []
+    common = [
+        f"scale.num_workers={args.workers}",
+        f"train.batch_size={batch * args.workers}",
+        "train.grad_accum=1",
+        f"train.init_batch_size={args.init_rows}",
+        f"comm.onebit_warmup_steps={args.warmup}",
+    ]
+    cfgs = {name: load_config(base, [*MODES[name], *common]) for name in modes}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dbgen-bench-overlap-") as work:
-        for name in modes:
-            cfg = load_config(
-                base,
-                [
-                    *MODES[name],
-                    "scale.zero_stage=0",
-                    f"scale.num_workers={args.workers}",
-                    f"train.batch_size={batch * args.workers}",
-                    "train.grad_accum=1",
-                    f"train.init_batch_size={args.init_rows}",
-                    f"comm.onebit_warmup_steps={args.warmup}",
-                ],
-            )
-            start = time.perf_counter()
-            rows.append(run_mode(name, cfg, args, train_dir, work))
-            log.info("%s: %s (%.0f s)", name, rows[-1], time.perf_counter() - start)
+        rows = run_modes(cfgs, args, train_dir, work)
+    log.info("%d modes in %.0f s", len(rows), time.perf_counter() - start)
     summary = {
         "config": str(args.config),
         "workers": args.workers,
