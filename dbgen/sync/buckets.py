@@ -50,7 +50,9 @@ class GradBuckets:
         self._armed, self._next, self._warned = False, 0, False
         self._missing: list[int] = []
         self._seen: set[int] = set()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params] if hooks else []
+        if hooks:
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._on_grad)
 
     def __len__(self) -> int:
         return len(self.buckets)

@@ -19,7 +19,7 @@ import torch
 
 from ..nn import unpack_signs
 
-__all__ = ["ALIGN", "PARTITION_DIR", "BinaryLayout", "load_partitions", "save_partition", "slice_size"]
+__all__ = ["ALIGN", "PARTITION_DIR", "BinaryLayout", "chunk_rows", "load_partitions", "save_partition", "slice_size"]
 
 ALIGN = 2048  # slice sizes are multiples of this: whole bytes of signs and whole 1-bit chunks
 PARTITION_DIR = "packed"
@@ -75,6 +75,15 @@ class BinaryLayout:
             lo, hi = o // 8, (o + n + 7) // 8  # the bytes holding bits [o, o + n)
             bits = unpack_signs(packed[lo:hi], (hi - lo) * 8, p.dtype)
             p.copy_(bits[o - 8 * lo : o - 8 * lo + n].view_as(p))
+
+
+def chunk_rows(flat: torch.Tensor, chunk: int, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The chunks ``ids`` (ascending) of ``flat`` as (k, chunk) rows: a view when they are consecutive (then
+    writes reach ``flat``), else a copy; and whether it is the view."""
+    rows, lo, k = flat.view(-1, chunk), int(ids[0]), ids.numel()
+    if int(ids[-1]) - lo + 1 == k:
+        return rows[lo : lo + k], True
+    return rows[ids], False
 
 
 def slice_size(numel: int, world: int) -> int:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..nn import pack_signs, unpack_signs
 from .collectives import Pending, all_gather_flat, sum_rows
-from .layout import ALIGN, BinaryLayout
+from .layout import ALIGN, BinaryLayout, chunk_rows
 
 __all__ = ["ONEBIT_CHUNK", "OneBitExchange", "onebit_compress", "onebit_decompress"]
 
@@ -90,17 +90,14 @@ class OneBitExchange:
         in any grouping of chunks (the overlapped schedule's buckets) gives the numbers of sending it whole."""
         lay, c = self.layout, ONEBIT_CHUNK
         k = chunks.numel()
-        rows = g.view(-1, c)
-        lo = int(chunks[0]) if k else 0
-        contiguous = k > 0 and int(chunks[-1]) - lo + 1 == k
-        x = rows[lo : lo + k] if contiguous else rows[chunks]  # (k, c): a view of g, or a copy to write back
-        x.add_(self.send_error.view(-1, c)[lo : lo + k] if contiguous else self.send_error.view(-1, c)[chunks])
+        x, in_place = chunk_rows(g, c, chunks)  # (k, c): a view of g, or a copy to write back
+        x.add_(chunk_rows(self.send_error, c, chunks)[0])
         bits, scales = onebit_compress(x.view(-1), c)  # (k * c / 8,) uint8, (k,)
         error = x.sub_(onebit_decompress(bits, scales, c).view(k, c))
         for j in (chunks >= lay.numel // c).nonzero().flatten().tolist():  # padding carries no error
             error[j, max(0, lay.numel - int(chunks[j]) * c) :] = 0
-        if not contiguous:
-            rows[chunks] = error
+        if not in_place:
+            g.view(-1, c)[chunks] = error
         self._pending["send_error"] = g
         parts, o = [], 0  # one message per destination: the signs of its chunks, then their scales' bytes
         for n in counts:

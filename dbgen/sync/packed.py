@@ -21,7 +21,7 @@ from .accounting import comm_kind
 from .base import ExchangeSync, nan_as_inf, set_lr
 from .buckets import GradBuckets
 from .collectives import Pending, all_gather_flat, start_all_reduce_mean, start_slice_sum
-from .layout import load_partitions, save_partition
+from .layout import chunk_rows, load_partitions, save_partition
 from .onebit import ONEBIT_CHUNK, OneBitExchange
 
 __all__ = ["PackedSync"]
@@ -179,10 +179,8 @@ class PackedSync(ExchangeSync):
             if self._compressed:
                 pending = self.exchange.start_reduce_scatter(self._flat, chunks, counts)  # errors into _flat
             else:
-                lo, k = int(chunks[0]), chunks.numel()
-                rows = self._flat.view(-1, c)
-                x = rows[lo : lo + k] if int(chunks[-1]) - lo + 1 == k else rows[chunks]  # a view where it can
-                pending = start_slice_sum(x.view(-1), [n * c for n in counts])
+                x, _ = chunk_rows(self._flat, c, chunks)  # a view where it can
+                pending = start_slice_sum(x.reshape(-1), [n * c for n in counts])
             first = self.layout.start // c
             mine = chunks[(chunks >= first) & (chunks < first + self.layout.slice // c)] - first
             self._binary_pending.append((mine, pending))
@@ -243,7 +241,9 @@ class PackedSync(ExchangeSync):
                 self._gathers.append((ids, pending, self._completes[k]))
 
     def _before_forward(self, module, args) -> None:
-        self.weights_ready(max(self._done_at[id(p)] for p in module.parameters(recurse=False) if id(p) in self._offset))
+        if self._gathers:  # nothing in flight on most forwards (eval, recomputation, before the first step)
+            done = [self._done_at[id(p)] for p in module.parameters(recurse=False) if id(p) in self._offset]
+            self.weights_ready(max(done))
 
     @torch.no_grad()
     def weights_ready(self, upto: int | None = None) -> None:
