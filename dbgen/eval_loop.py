@@ -8,11 +8,13 @@ whichever caller computes it.
 
 **Engines.** Inference (``dbgen.sample``, ``dbgen.evaluate``, the Ray actors of :mod:`dbgen.export`) runs a
 model through one of :data:`ENGINES` (:func:`use_engine`): ``packed`` swaps the binary layers for the bitwise
-kernels (:func:`dbgen.kernels.to_packed`; the exact pure-PyTorch reference on CPU), ``float`` runs the
-training-time float layers. :func:`default_engine` picks packed on CUDA and float on CPU, where the reference
-is slower than a float conv; :func:`resolve_engine` checks that the packed engine can run on the device (the
-CUDA kernels need nvcc and sm_80 or newer): a default falls back to float with one warning saying why, an
-explicit ``packed`` raises :class:`EngineUnavailable` with what is missing.
+kernels (:func:`dbgen.kernels.to_packed`; on CPU the bitwise CPU kernels, or the exact pure-PyTorch reference
+where they cannot be built), ``float`` runs the training-time float layers. :func:`default_engine` picks packed
+wherever it was measured faster (benchmarks/RESULTS.md): on CUDA, and on a CPU whose kernels run an AVX2 or
+AVX-512 path; float on a CPU left with the scalar path or the reference, both slower than a float conv.
+:func:`resolve_engine` checks that the packed engine can run on the device (the CUDA kernels need nvcc and
+sm_80 or newer): a default falls back to float with one warning saying why, an explicit ``packed`` raises
+:class:`EngineUnavailable` with what is missing.
 
 The two engines compute the same function with different roundings: the packed fully binary layers sum the
 +-1 products exactly and round once (``fl(fl(dot * scale) + bias)``), the float layers round their fp32 sums
@@ -57,8 +59,21 @@ PACKED_BPD_TOLERANCE = 1e-3
 
 
 def default_engine(device: str | torch.device) -> str:
-    """``"packed"`` on CUDA, ``"float"`` elsewhere (the CPU reference is exact but slower than a float conv)."""
-    return "packed" if torch.device(device).type == "cuda" else "float"
+    """``"packed"`` on CUDA and where the bitwise CPU kernels run a vector path (AVX2 or AVX-512), ``"float"``
+    elsewhere (the scalar path and the reference are exact but slower than a float conv)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "packed"
+    if device.type != "cpu":
+        return "float"
+    from .kernels import backend, cpu  # here: float inference needs none of the kernels' modules
+    from .kernels.sources import KernelUnavailable
+
+    try:
+        fast = backend(device) == "cpu" and cpu.isa() != "scalar"
+    except KernelUnavailable:  # DBGEN_KERNELS=cpu without the kernels (or a forced path this CPU lacks)
+        fast = False
+    return "packed" if fast else "float"
 
 
 class EngineUnavailable(RuntimeError):

@@ -261,9 +261,9 @@ class PackedModelActor:
     """A model replica for Ray: built from an artifact's bytes (resolved from the object store), evaluates
     shards of a held-out split and draws samples. Use via ``ray.remote(PackedModelActor)`` or
     :func:`evaluate_with_actors`. The model runs on ``device`` (``cuda``: the GPU Ray gave the actor) through
-    ``engine``, resolved there (:func:`dbgen.eval_loop.resolve_engine`: by default the bitwise kernels on CUDA,
-    float layers on CPU). An explicit engine that cannot run leaves the actor without a model, and
-    :meth:`engine` says why."""
+    ``engine``, resolved there (:func:`dbgen.eval_loop.resolve_engine`: by default the bitwise kernels on CUDA
+    and on CPUs with AVX2 or AVX-512, else float layers). An explicit engine that cannot run leaves the actor
+    without a model, and :meth:`engine` says why."""
 
     def __init__(self, artifact: bytes, threads: int = 1, engine: str | None = None, device: str = "cpu"):
         torch.set_num_threads(threads)
@@ -274,7 +274,9 @@ class PackedModelActor:
         except EngineUnavailable as e:
             self._engine, self._missing, self.model = None, str(e), None
             return
-        self.model = use_engine(load_packed(artifact, device=device), self._engine)
+        model = load_packed(artifact, device=device)
+        self.params = sum(p.numel() for p in model.parameters())  # before the engine turns binary ones to bits
+        self.model = use_engine(model, self._engine)
 
     def engine(self) -> dict:
         """``{"engine": packed or float, "device", "missing"}``; ``missing`` (why the engine asked for cannot
@@ -283,7 +285,7 @@ class PackedModelActor:
 
     def info(self) -> dict:
         """What arrived from the object store (type and size), and the model's parameter count."""
-        return {**self.received, "params": sum(p.numel() for p in self.model.parameters())}
+        return {**self.received, "params": self.params}
 
     @torch.no_grad()
     def evaluate(

@@ -273,9 +273,10 @@ def test_ray_actors_receive_packed_bytes_through_the_object_store(packed_run, tm
             actor = ray.remote(num_cpus=0.5)(PackedModelActor).remote(ref)
             info = ray.get(actor.info.remote())
             assert info == {"type": "bytes", "bytes": len(data), "params": sum(p.numel() for p in raw.parameters())}
-            # the actor samples like the local model with the same seed
+            # the actor samples like the local model on the same (default) engine with the same seed
+            default = ray.get(actor.engine.remote())["engine"]
             torch.manual_seed(5)
-            assert torch.equal(ray.get(actor.sample.remote(3, 1.0, 5)), model.sample(3))
+            assert torch.equal(ray.get(actor.sample.remote(3, 1.0, 5)), use_engine(model, default).sample(3))
             ray.kill(actor)
 
             # every engine through the actors gives what the same engine gives locally, shard by shard

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dbgen.kernels as K
 from dbgen.kernels import cpu
@@ -60,12 +61,17 @@ def test_thread_count_changes_no_number():
     assert torch.equal(one, two) and torch.equal(one, ref.and_popcount_matmul(a, b))
 
 
-CONV_CASES = [  # (N, C, H, W, O, k, stride, padding): odd sizes, channels not multiples of 32, batch 1 and 64
+# (N, C, H, W, O, k, stride, padding): odd sizes, channels not multiples of 32 (nor of the 8 or 16 output channels
+# a vector holds), batch 1 and 64, pixel counts not multiples of the 16-pixel block, windows of more than 31
+# words (the nibble-lookup paths' byte counters are widened every 31 words).
+CONV_CASES = [
     (1, 3, 5, 7, 4, 3, 1, 1),
     (2, 70, 9, 9, 37, 3, 2, 1),
     (64, 33, 6, 5, 5, 3, 1, 0),
     (3, 256, 8, 8, 16, 1, 1, 0),
     (1, 97, 11, 4, 6, 5, 2, 2),
+    (5, 64, 7, 9, 40, 1, 2, 0),
+    (1, 130, 6, 6, 33, 3, 1, 1),
 ]
 
 
@@ -94,6 +100,106 @@ def test_binary_ops_on_the_cpu_kernels_equal_the_reference(family, monkeypatch):
             out[kernels] = (y, bits, lin)
         for name, a, b in zip(("conv", "packed conv", "linear"), out["reference"], out["cpu"], strict=True):
             assert torch.equal(a, b), (name, n, c, h, w, o, k, s, p)
+
+
+def _families():
+    found = []
+    for family in cpu.ISAS:
+        try:
+            cpu.isa(family)
+            found.append(family)
+        except K.sources.KernelUnavailable:
+            pass
+    return found
+
+
+def test_a_conv_split_over_threads_gives_the_same_bits():
+    """Big enough to run on 2 threads (each thread takes a range of output pixels): the same floats as 1."""
+    g = torch.Generator().manual_seed(8)
+    x = K.pack_activations(torch.randn(8, 96, 12, 12, generator=g))
+    w = PackedWeight.from_signs(torch.randn(80, 96, 3, 3, generator=g))
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append(cpu.binary_conv2d(x, w, None, None, (1, 1), (1, 1), out_dtype=torch.float32, pack_output=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], got[1])
+    assert torch.equal(got[0], ref.binary_conv2d_ref(x, w, None, None, (1, 1), (1, 1)))
+
+
+def test_sign_packing_on_the_cpu_kernels_is_the_reference(monkeypatch):
+    """Both layouts, channels not multiples of 32, half-precision inputs, and the sign conventions (0 and -0
+    -> +1, NaN -> -1, as pack_signs): the same words."""
+    g = torch.Generator().manual_seed(6)
+    special = torch.tensor([0.0, -0.0, -1e-30, 1e-30, -3.0, float("nan"), float("inf"), -float("inf")])
+    cases = [
+        (torch.randn(3, 70, 5, 7, generator=g), 1),
+        (torch.randn(2, 33, 1, 1, generator=g), 1),
+        (torch.randn(0, 40, 4, 4, generator=g), 1),
+        (torch.randn(4, 6, 70, generator=g), -1),
+        (torch.randn(9, 32, generator=g).half(), -1),
+        (torch.randn(2, 64, 3, 3, generator=g).bfloat16(), 1),
+        (special.repeat(5).view(1, 40, 1, 1), 1),
+        (special.view(1, 8), -1),
+    ]
+    monkeypatch.setenv("DBGEN_KERNELS", "cpu")
+    for x, dim in cases:
+        got = cpu.pack_activations(x, dim)
+        want = ref.pack_activations_ref(x, dim)
+        assert got.channels == want.channels and torch.equal(got.words, want.words), (tuple(x.shape), x.dtype)
+    assert K.pack_activations(special.view(1, 8)).unpack().tolist() == [[1, 1, -1, 1, -1, -1, 1, -1]]
+
+
+@pytest.mark.parametrize("family", list(cpu.ISAS))
+def test_packed_weight_ops_expand_the_bits_exactly_and_convolve_within_the_bound(family, monkeypatch):
+    """The float weight the packed-weight ops convolve with is exactly +-scale (on each path), and the ops
+    are within the rounding bound of the float64 conv (a flipped weight sign lands far outside it:
+    tests/test_kernels.py::test_bound_catches_one_flipped_weight_sign)."""
+    from bounds import assert_within, conv2d_bound, linear_bound
+
+    if family not in _families():
+        pytest.skip(f"this CPU lacks {family}")
+    monkeypatch.setenv("DBGEN_KERNELS", "cpu")
+    monkeypatch.setenv("DBGEN_CPU_ISA", family)
+    g = torch.Generator().manual_seed(7)
+    for shape in [(37, 70, 3, 3), (5, 33, 1, 1), (16, 256, 5, 5), (12, 64), (3, 100)]:
+        wt = torch.randn(*shape, generator=g)
+        pw = PackedWeight.from_signs(wt)
+        scale = torch.rand(shape[0], generator=g) + 0.1
+        sign = torch.where(wt >= 0, 1.0, -1.0)
+        assert torch.equal(cpu.signed_weight(pw, scale), sign * scale.reshape(-1, *[1] * (wt.dim() - 1)))
+        assert torch.equal(cpu.signed_weight(pw, None), sign)
+    for n, c, h, w, o, k, s, p in CONV_CASES:
+        x = torch.randn(n, c, h, w, generator=g)
+        wt = torch.randn(o, c, k, k, generator=g)
+        sign = torch.where(wt >= 0, 1.0, -1.0)
+        scale, bias = torch.rand(o, generator=g) + 0.1, torch.randn(o, generator=g)
+        y = K.packed_weight_conv2d(x, PackedWeight.from_signs(wt), scale, bias, s, p)
+        exact = (
+            F.conv2d(x.double(), sign.double(), None, s, p) * scale.double()[:, None, None]
+            + bias.double()[:, None, None]
+        )
+        assert y.dtype == torch.float32
+        assert_within(y, exact, conv2d_bound(x, sign, scale, bias, s, p, ref_dtype=None), "packed-weight conv")
+        yh = K.packed_weight_conv2d(x.bfloat16(), PackedWeight.from_signs(wt), scale, bias, s, p)
+        assert yh.dtype == torch.bfloat16
+        bound = conv2d_bound(x.bfloat16(), sign, scale, bias, s, p, ref_dtype=None, out_dtype=torch.bfloat16)
+        assert_within(
+            yh,
+            F.conv2d(x.bfloat16().double(), sign.double(), None, s, p) * scale.double()[:, None, None]
+            + bias.double()[:, None, None],
+            bound,
+            "packed-weight conv, bf16 input",
+        )
+        lw = torch.randn(o, c, generator=g)
+        lsign = torch.where(lw >= 0, 1.0, -1.0)
+        xl = x.permute(0, 2, 3, 1)
+        yl = K.packed_weight_linear(xl, PackedWeight.from_signs(lw), scale, bias)
+        exact_l = xl.double() @ lsign.double().t() * scale.double() + bias.double()
+        assert_within(yl, exact_l, linear_bound(xl, lsign, scale, bias, ref_dtype=None), "packed-weight linear")
 
 
 def test_a_packed_one_one_rvae_samples_and_evaluates_as_on_the_reference(monkeypatch):
@@ -173,7 +279,6 @@ def test_bench_kernels_cli_writes_one_row_per_op_shape_path_and_thread_count(tmp
         for threads in (1, 2)
         for path in ["reference", *families]
         for op in ("binary_act_conv2d", "binary_act_conv2d->bits", "packed_weight_conv2d")
-        if op != "packed_weight_conv2d" or path == "reference"
     }
     assert {(r["op"], r["isa"], r["threads"]) for r in res["results"]} == expected
     for r in res["results"]:

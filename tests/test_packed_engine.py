@@ -1,5 +1,5 @@
 """The packed inference engine on the user's path, on CPU: trained, checkpointed and exported tiny 1/1 and 1/32
-RVAE and Flow++ models sample and evaluate through ``--engine packed`` (the exact reference) with bits/dim
+RVAE and Flow++ models sample and evaluate through ``--engine packed`` (the bitwise CPU kernels) with bits/dim
 within dbgen.eval_loop.PACKED_BPD_TOLERANCE of ``--engine float``; the 1/1 models declare their binary inputs
 (and the RVAE's packed-bits chains fire); the RVAE 1/1 gives bit-identical samples and bits/dim on the
 reference and on the host emulation of the CUDA source.
@@ -23,6 +23,7 @@ from dbgen.config import load_config
 from dbgen.data import EvalLoader, resolve_split
 from dbgen.eval_loop import PACKED_BPD_TOLERANCE, EngineUnavailable, default_engine, resolve_engine, use_engine
 from dbgen.export import load_packed
+from dbgen.kernels.sources import KernelUnavailable
 from dbgen.nn import binary_layers
 from dbgen.rundir import (
     DS_MODEL_FILE,
@@ -88,17 +89,46 @@ def test_the_default_engine_falls_back_where_the_kernels_cannot_run(monkeypatch,
     machine: no nvcc, or older than sm_80) a default falls back to float with one warning saying why, and an
     explicit ``--engine packed`` is refused with what is missing."""
     monkeypatch.delenv("DBGEN_KERNELS", raising=False)
-    assert default_engine("cpu") == "float" and default_engine("cuda") == "packed"
+    monkeypatch.delenv("DBGEN_CPU_ISA", raising=False)
+    assert default_engine("cuda") == "packed"
     with caplog.at_level("WARNING"):
         assert resolve_engine(None, "cuda") == "float"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "packed engine cannot run on cuda (no CUDA device" in warnings[0], warnings
     with pytest.raises(EngineUnavailable, match="cannot run on cuda: no CUDA device.*use --engine float"):
         resolve_engine("packed", "cuda")
-    assert resolve_engine("packed", "cpu") == "packed" and resolve_engine(None, "cpu") == "float"
+    assert resolve_engine("packed", "cpu") == "packed"
     assert resolve_engine("float", "cuda") == "float"
     monkeypatch.setenv("DBGEN_KERNELS", "reference")  # the pure-PyTorch path needs no kernel library
     assert resolve_engine(None, "cuda") == "packed"
+
+
+def test_the_cpu_default_is_packed_where_the_kernels_run_a_vector_path(monkeypatch):
+    """On a CPU the packed engine is the default where the bitwise kernels run AVX2 or AVX-512 (measured faster
+    than the float engine, benchmarks/RESULTS.md); with the scalar path or the reference it is float."""
+    from dbgen.kernels import cpu
+
+    monkeypatch.delenv("DBGEN_KERNELS", raising=False)
+    monkeypatch.delenv("DBGEN_CPU_ISA", raising=False)
+    vector = [family for family in ("avx2", "avx512") if _cpu_runs(cpu, family)]
+    assert default_engine("cpu") == ("packed" if vector else "float")
+    assert resolve_engine(None, "cpu") == default_engine("cpu")
+    for family in vector:
+        monkeypatch.setenv("DBGEN_CPU_ISA", family)
+        assert default_engine("cpu") == "packed"
+    monkeypatch.setenv("DBGEN_CPU_ISA", "scalar")
+    assert default_engine("cpu") == "float" and resolve_engine(None, "cpu") == "float"
+    monkeypatch.delenv("DBGEN_CPU_ISA")
+    monkeypatch.setenv("DBGEN_KERNELS", "reference")
+    assert default_engine("cpu") == "float" and resolve_engine("packed", "cpu") == "packed"
+
+
+def _cpu_runs(cpu, family: str) -> bool:
+    try:
+        cpu.isa(family)
+        return True
+    except KernelUnavailable:
+        return False
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
@@ -115,9 +145,9 @@ def test_sample_and_evaluate_through_the_packed_engine(trained, config_name, tmp
         # The stated bound between the engines (same rows, same seed: the same posterior/dequantization noise).
         assert abs(bpd[source[0], "packed"] - bpd[source[0], "float"]) <= PACKED_BPD_TOLERANCE, bpd
     assert 0 < bpd["--run", "float"] < 16
-    # CPU default: float, reported as such.
+    # The CPU default (packed where the CPU kernels run a vector path), reported as such.
     assert evaluate.main(["--packed", str(artifact), "--data", split, *EVAL]) == 0
-    assert _json(capsys)["engine"] == "float"
+    assert _json(capsys)["engine"] == default_engine("cpu")
 
     grids = {}
     for engine in ("packed", "float"):

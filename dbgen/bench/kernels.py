@@ -7,8 +7,8 @@ each family of the CPU kernels this CPU runs (``DBGEN_CPU_ISA``: scalar, avx2, a
 
 * ``binary_act_conv2d``: packed activations x packed weights (1/1), float output;
 * ``binary_act_conv2d->bits``: the same, emitting the packed signs of its output (stacked 1/1 layers);
-* ``packed_weight_conv2d``: float activations x packed weights (1/32); on the CPU still the reference's
-  float conv of the unpacked signs, so only its ``reference`` row is measured.
+* ``packed_weight_conv2d``: float activations x packed weights (1/32): the kernels expand the bits into a float
+  weight (one layer at a time) for oneDNN's conv.
 
 Shapes: the paper RVAE's binary convs (256 -> 256, 3x3 and 1x1, at 16x16 and 8x8) and Flow++'s coupling
 convs (hdim 120, 3x3 and 1x1, 16x16). The reference at batch 64 takes tens of seconds per call: it is timed
@@ -123,8 +123,6 @@ def main(args) -> int:
                         if path != "reference":
                             os.environ["DBGEN_CPU_ISA"] = path
                         for op in OPS:
-                            if op == "packed_weight_conv2d" and path != "reference":
-                                continue  # the CPU kernels do not cover it yet: the reference row is the figure
                             repeats = 1 if path == "reference" and batch > 1 else args.repeats
                             us = _time_us(calls[op], repeats)
                             rows.append(

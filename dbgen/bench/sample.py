@@ -1,19 +1,20 @@
-"""``python -m dbgen.bench sample``: sampling throughput and peak memory of the packed and float engines.
+"""``python -m dbgen.bench sample``: sampling and evaluation throughput and peak memory of the packed and float
+engines.
 
-    python -m dbgen.bench sample [--models rvae-1/1,rvae-1/32,flowpp-1/32] [--batch 1,256] [--device cuda]
+    python -m dbgen.bench sample [--models rvae-1/1,rvae-1/32,flowpp-1/32] [--batch 1,64] [--device cpu]
         [--json-out out/sample.json]
 
 For every model, batch and engine (:mod:`dbgen.eval_loop`: ``packed`` runs the binary layers on the bitwise
-kernels, the exact reference on CPU; ``float`` the training-time layers), one fresh process (so peak memory is
-that measurement's alone) builds the paper model of the config, data-initializes it on 4 random images
-(seeded, so both engines get the same weights), switches it to the engine and times ``model.sample(batch)``:
-``--warmup`` untimed calls, then ``--repeats`` timed calls (each synchronized on CUDA); images/s is the batch
-over the median call. Peak memory: on CUDA the maximum allocated during the timed calls; on CPU the process's
-maximum RSS (which includes torch itself: compare engines, not absolute numbers).
+kernels, CUDA or CPU; ``float`` the training-time layers), one fresh process (so peak memory is that
+measurement's alone) builds the paper model of the config, data-initializes it on 4 random images (seeded, so
+both engines get the same weights), switches it to the engine and times ``model.sample(batch)`` and
+``model.log_likelihood_bpd`` of ``batch`` random images (the evaluation's step): ``--warmup`` untimed calls of
+each, then ``--repeats`` timed calls (each synchronized on CUDA); images/s is the batch over the median call.
+Peak memory: on CUDA the maximum allocated during the timed calls; on CPU the process's maximum RSS (which
+includes torch itself: compare engines, not absolute numbers).
 
-Prints a table and writes JSON (``--json-out``). On CPU the defaults (batch 1 only, no warm-up, one timed call)
-keep the default set near 10 minutes on 2 cores: one paper-model image takes seconds there (the packed engine
-runs the exact reference), so a batch-256 call takes tens of minutes; ask for it with ``--batch 1,256``.
+Prints a table and writes JSON (``--json-out``). Defaults: batches 1 and 256 with 1 warm-up and 5 timed calls
+on CUDA, batches 1 and 64 with 1 warm-up and 3 timed calls on CPU.
 """
 
 from __future__ import annotations
@@ -49,13 +50,11 @@ DEFAULT_MODELS = "rvae-1/1,rvae-1/32,flowpp-1/32"
 
 def add_arguments(p):
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated subset of {', '.join(MODELS)}")
-    p.add_argument(
-        "--batch", default=None, help="comma-separated batch sizes (default: 1,256 on CUDA; 1 on CPU, see above)"
-    )
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default: 1,256 on CUDA; 1,64 on CPU)")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of packed,float")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed sample calls first (default: 1 on CUDA, 0 on CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed sample calls (default: 5 on CUDA, 1 on CPU)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each first")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls of each (default: 5 on CUDA, 3 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
 
@@ -80,25 +79,36 @@ def measure(
     data_dependent_init(model, init_x)
     size = size_report(model)
     model = use_engine(model.to(dev).eval(), engine)
-    with torch.no_grad():
+    images = torch.randint(
+        0, 256, (batch, *init_x.shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    images = images.to(dev)
+
+    def timed(call) -> float:
+        """The median seconds of ``repeats`` calls after ``warmup`` untimed ones (seeded, synchronized)."""
         for _ in range(warmup):
-            model.sample(batch)
+            call()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
         times = []
         for i in range(repeats):
             torch.manual_seed(i)
             t0 = time.perf_counter()
-            model.sample(batch)
+            call()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.no_grad():
+        call_s = timed(lambda: model.sample(batch))
+        eval_s = timed(lambda: model.log_likelihood_bpd(images))
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    call_s = statistics.median(times)
     return {
         "model": model_name,
         "engine": engine,
@@ -106,6 +116,8 @@ def measure(
         "device": device,
         "call_s": call_s,
         "images_per_s": batch / call_s,
+        "eval_call_s": eval_s,
+        "eval_images_per_s": batch / eval_s,
         "peak_mb": peak_mb,
         "peak_kind": "cuda_allocated" if dev.type == "cuda" else "process_max_rss",
         "warmup": warmup,
@@ -146,15 +158,15 @@ def main(args) -> int:
         raise SystemExit("error: --device cuda: no CUDA device")
     models = _parse_list(args.models, MODELS, "models")
     engines = _parse_list(args.engines, ENGINES, "engines")
-    batch_text = args.batch or ("1,256" if device == "cuda" else "1")
+    batch_text = args.batch or ("1,256" if device == "cuda" else "1,64")
     try:
         batches = [int(b) for b in batch_text.split(",") if b]
     except ValueError:
         raise SystemExit(f"error: --batch: expected comma-separated integers, got {batch_text!r}") from None
     if not batches or min(batches) < 1:
         raise SystemExit(f"error: --batch: expected positive integers, got {batch_text!r}")
-    warmup = args.warmup if args.warmup is not None else (1 if device == "cuda" else 0)
-    repeats = args.repeats if args.repeats is not None else (5 if device == "cuda" else 1)
+    warmup = args.warmup
+    repeats = args.repeats if args.repeats is not None else (5 if device == "cuda" else 3)
     results = []
     for model_name in models:
         for batch in batches:
@@ -172,19 +184,20 @@ def main(args) -> int:
         f"{'max allocated' if device == 'cuda' else 'process max RSS'})"
     )
     print(
-        f"{'model':<12} {'batch':>6} {'engine':<7} {'images/s':>10} {'call s':>9} {'peak MB':>9} {'packed/float':>13}"
+        f"{'model':<12} {'batch':>6} {'engine':<7} {'sample img/s':>13} {'packed/float':>13} {'eval img/s':>11} "
+        f"{'packed/float':>13} {'peak MB':>9}"
     )
-    speed = {(r["model"], r["batch"], r["engine"]): r.get("images_per_s") for r in results}
+    by_key = {(r["model"], r["batch"], r["engine"]): r for r in results if "error" not in r}
     for r in results:
         if "error" in r:
             print(f"{r['model']:<12} {r['batch']:>6} {r['engine']:<7} error: {r['error']}")
             continue
-        ratio = ""
-        float_speed = speed.get((r["model"], r["batch"], "float"))
-        if r["engine"] == "packed" and float_speed:
-            ratio = f"{r['images_per_s'] / float_speed:.2f}x"
+        ratios = ["", ""]
+        other = by_key.get((r["model"], r["batch"], "float"))
+        if r["engine"] == "packed" and other:
+            ratios = [f"{r[k] / other[k]:.2f}x" for k in ("images_per_s", "eval_images_per_s")]
         print(
-            f"{r['model']:<12} {r['batch']:>6} {r['engine']:<7} {r['images_per_s']:>10.2f} {r['call_s']:>9.3f} "
-            f"{r['peak_mb']:>9.0f} {ratio:>13}"
+            f"{r['model']:<12} {r['batch']:>6} {r['engine']:<7} {r['images_per_s']:>13.2f} {ratios[0]:>13} "
+            f"{r['eval_images_per_s']:>11.2f} {ratios[1]:>13} {r['peak_mb']:>9.0f}"
         )
     return 1 if any("error" in r for r in results) else 0

@@ -14,14 +14,15 @@ threads, so ``torch.set_num_threads`` governs them as it does torch's own ops.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from . import reference as ref
 from . import sources
 from .packing import PackedActivation, PackedWeight
 from .sources import KernelUnavailable
@@ -34,19 +35,23 @@ __all__ = [
     "build_library",
     "isa",
     "library",
+    "pack_activations",
+    "packed_weight_conv2d",
+    "packed_weight_linear",
+    "signed_weight",
     "supported_isas",
 ]
 
 SOURCE_NAME = "cpu_bitwise.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 # The library's paths, slowest first: the name DBGEN_CPU_ISA takes and the codes the library knows it by.
 ISAS = {"scalar": (0,), "avx2": (1,), "avx512": (3, 2)}  # avx512: VPOPCNTDQ, else the AVX-512BW nibble lookup
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512bw": 2, "avx512vpopcntdq": 3}
-K_MULTIPLE = 16  # words per row the kernels take: one 512-bit vector (rows are padded with zero words)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]  # no fused multiply-add
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_scratch = threading.local()  # per thread: the float weight signed_weight expands into (one layer at a time)
 
 
 def build_library(out_dir: Path | None = None, cxx: str | None = None) -> Path:
@@ -67,20 +72,28 @@ def library() -> ctypes.CDLL:
             lib.dbgen_cpu_abi_version.restype = ctypes.c_int
             lib.dbgen_cpu_isas.restype = ctypes.c_int
             p, ll, i = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
-            lib.dbgen_and_popcount_matmul.restype = i
-            lib.dbgen_and_popcount_matmul.argtypes = [p, p, p, ll, ll, ll, i, i]
-            lib.dbgen_binary_dot_epilogue.restype = i
-            lib.dbgen_binary_dot_epilogue.argtypes = [p, p, ll, ll, ll, p, p, ll, p, p, p, i, i]
+            signatures = {
+                "dbgen_and_popcount_matmul": [p, p, p, ll, ll, ll, i, i],
+                "dbgen_binary_conv2d": [p, *[ll] * 4, p, *[ll] * 7, p, p, p, p, p, i, i],
+                "dbgen_pack_signs_nchw": [p, ll, ll, ll, p, i],
+                "dbgen_pack_signs_rows": [p, ll, ll, p, i],
+                "dbgen_unpack_weight": [p, ll, ll, ll, ll, p, p, i, i],
+            }
+            for name, argtypes in signatures.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = i, argtypes
             if lib.dbgen_cpu_abi_version() != ABI_VERSION:
                 raise KernelUnavailable(f"CPU kernel library ABI {lib.dbgen_cpu_abi_version()} != {ABI_VERSION}")
             _lib = lib
         return _lib
 
 
-def supported_isas() -> list[str]:
-    """The library's paths this CPU runs (``scalar`` always), by their codes' names, slowest first."""
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
+    """The library's paths this CPU runs (``scalar`` always), by their codes' names, slowest first (detected
+    once per process)."""
     mask = library().dbgen_cpu_isas()
-    return [name for name, code in ISA_CODES.items() if mask >> code & 1]
+    return tuple(name for name, code in ISA_CODES.items() if mask >> code & 1)
 
 
 def isa(name: str | None = None) -> str:
@@ -103,81 +116,142 @@ def isa(name: str | None = None) -> str:
     return name
 
 
-def _padded(words: torch.Tensor) -> torch.Tensor:
-    """int32 rows padded with zero words to :data:`K_MULTIPLE` (zero words add nothing to an AND-popcount)."""
-    return torch.nn.functional.pad(words.to(torch.int32), (0, -words.shape[1] % K_MULTIPLE)).contiguous()
-
-
-def _check(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"and_popcount_matmul: expected (M, K) and (O, K), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.device.type != "cpu" or b.device.type != "cpu":
-        raise ValueError(f"the CPU kernels need CPU tensors, got {a.device} and {b.device}")
-
-
 def _status(err: int, what: str) -> None:
     if err:
         raise RuntimeError(f"{what} failed with code {err} (1: the CPU lacks the path, 2: bad sizes)")
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _per_channel(v, o: int) -> torch.Tensor | None:
+    """scale or bias as a contiguous float32 (O,) tensor (None stays None)."""
+    return None if v is None else torch.as_tensor(v, dtype=torch.float32).reshape(o).contiguous()
 
 
 def and_popcount_matmul(a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """``out[i, o] = sum_k popc(a[i, k] AND b[o, k])`` for int32 words a (M, K), b (O, K) -> int64 (M, O), on
     the CPU kernels (``path``: see :func:`isa`). The same integers as
     :func:`dbgen.kernels.reference.and_popcount_matmul`."""
-    _check(a, b)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"and_popcount_matmul: expected (M, K) and (O, K), got {tuple(a.shape)} and {tuple(b.shape)}")
     code = ISA_CODES[isa(path)]
-    a, b = _padded(a), _padded(b)
+    a, bt = a.to(torch.int32).contiguous(), b.to(torch.int32).t().contiguous()
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int64)
-    if out.numel():
-        err = library().dbgen_and_popcount_matmul(
-            a.data_ptr(), b.data_ptr(), out.data_ptr(), *out.shape, a.shape[1], code, torch.get_num_threads()
-        )
-        _status(err, "dbgen_and_popcount_matmul")
+    err = library().dbgen_and_popcount_matmul(
+        a.data_ptr(), bt.data_ptr(), out.data_ptr(), *out.shape, a.shape[1], code, torch.get_num_threads()
+    )
+    _status(err, "dbgen_and_popcount_matmul")
     return out
 
 
-def _dot_epilogue(a, b, xs, cv, scale, bias, path=None) -> torch.Tensor:
-    """float32 (M, O): ``float32(4 popc(a AND b) - 2 xs[i] + cv[o, i % P]) * scale[o] + bias[o]``, each
-    operation rounded to float32 (the reference's :func:`~dbgen.kernels.reference._epilogue`)."""
-    _check(a, b)
-    code = ISA_CODES[isa(path)]
-    a, b = _padded(a), _padded(b)
-    m, o = a.shape[0], b.shape[0]
-    xs = xs.to(torch.int64).contiguous()
-    cv = cv.to(torch.int32).contiguous()
-    scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).reshape(o).contiguous()
-    bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32).reshape(o).contiguous()
-    out = torch.empty(m, o, dtype=torch.float32)
+def _binary(words, channels, w: PackedWeight, cv, scale, bias, stride, padding, out_dtype, pack_output, path=None):
+    """The fully binary conv of ``words`` (N, H, W, Cw) on the kernels: float32 (N, O, Ho, Wo) cast to
+    ``out_dtype``, or the packed signs (N, Ho, Wo, Ow)."""
+    n, h, wd, cw = words.shape
+    kh, kw = w.kernel_size
+    (sh, sw), (ph, pw) = stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    o = w.out_channels
+    words = words.contiguous()
+    wt = w.transposed_words()  # (K, O), cached on the weight
+    scale, bias = _per_channel(scale, o), _per_channel(bias, o)
+    if pack_output:
+        out = torch.empty(n, ho, wo, (o + 31) // 32, dtype=torch.int32)
+    else:
+        out = torch.empty(n, o, ho, wo, dtype=torch.float32)
     if out.numel():
-        err = library().dbgen_binary_dot_epilogue(
-            a.data_ptr(),
-            b.data_ptr(),
-            m,
-            o,
-            a.shape[1],
-            xs.data_ptr(),
-            cv.data_ptr(),
-            cv.shape[1],
-            None if scale is None else scale.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            out.data_ptr(),
-            code,
-            torch.get_num_threads(),
-        )
-        _status(err, "dbgen_binary_dot_epilogue")
-    return out
+        err = library().dbgen_binary_conv2d(
+            words.data_ptr(), n, h, wd, cw, wt.data_ptr(), o, kh, kw, sh, sw, ph, pw,
+            cv.data_ptr(), _ptr(scale), _ptr(bias),
+            None if pack_output else out.data_ptr(), out.data_ptr() if pack_output else None,
+            ISA_CODES[isa(path)], torch.get_num_threads(),
+        )  # fmt: skip
+        _status(err, "dbgen_binary_conv2d")
+    if pack_output:
+        return PackedActivation(out, o)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def binary_conv2d(x: PackedActivation, w: PackedWeight, scale, bias, stride, padding, *, out_dtype, pack_output):
-    """:func:`dbgen.kernels.reference.binary_conv2d_ref` with the product and epilogue on the CPU kernels: the
-    same floats and bits (the im2col of the words is the reference's)."""
-    cols, xs, cv, (n, ho, wo) = ref.conv_operands(x, w, stride, padding)
-    y = _dot_epilogue(cols, w.tap_words(), xs, cv, scale, bias)
-    return ref.conv_output(y, n, ho, wo, out_dtype, pack_output)
+    """:func:`dbgen.kernels.reference.binary_conv2d_ref` on the CPU kernels: the same floats and bits."""
+    h, wd = x.words.shape[1:3]
+    cv = w.valid_tap_table_t(h, wd, stride, padding)  # (Ho * Wo, O), cached per input size
+    return _binary(x.words, x.channels, w, cv, scale, bias, stride, padding, out_dtype, pack_output)
 
 
 def binary_linear(x: PackedActivation, w: PackedWeight, scale, bias, *, out_dtype, pack_output):
-    """:func:`dbgen.kernels.reference.binary_linear_ref` on the CPU kernels (the same floats and bits)."""
-    words, xs, cv = ref.linear_operands(x, w)
-    y = _dot_epilogue(words, w.tap_words(), xs, cv, scale, bias)
-    return ref.linear_output(y, x.words.shape[:-1], out_dtype, pack_output)
+    """:func:`dbgen.kernels.reference.binary_linear_ref` on the CPU kernels (the same floats and bits): a 1x1
+    conv over the rows."""
+    lead = x.words.shape[:-1]
+    words = x.words.reshape(-1, 1, 1, x.words.shape[-1])
+    cv = w.tap_corr[:, 0].contiguous()  # (1 pixel, O): every tap valid
+    y = _binary(words, x.channels, w, cv, scale, bias, (1, 1), (0, 0), out_dtype, pack_output)
+    if pack_output:
+        return PackedActivation(y.words.reshape(*lead, y.words.shape[-1]), y.channels)
+    return y.reshape(*lead, w.out_channels)
+
+
+def pack_activations(x: torch.Tensor, channel_dim: int) -> PackedActivation:
+    """:func:`dbgen.kernels.reference.pack_activations_ref` on the CPU kernels (the same words)."""
+    x = x.detach()
+    if x.dtype != torch.float32:
+        x = x.float()  # exact: the sign (and NaN) survive the cast
+    c = x.shape[channel_dim]
+    if channel_dim == 1 and x.dim() == 4:  # conv layout (NCHW)
+        n, _, h, wd = x.shape
+        x = x.contiguous()
+        words = torch.empty(n, h, wd, (c + 31) // 32, dtype=torch.int32)
+        err = library().dbgen_pack_signs_nchw(x.data_ptr(), n, c, h * wd, words.data_ptr(), torch.get_num_threads())
+    else:
+        rows = torch.movedim(x, channel_dim, -1).contiguous()
+        words = torch.empty(*rows.shape[:-1], (c + 31) // 32, dtype=torch.int32)
+        err = library().dbgen_pack_signs_rows(
+            rows.data_ptr(), rows.numel() // max(c, 1), c, words.data_ptr(), torch.get_num_threads()
+        )
+    _status(err, "dbgen_pack_signs")
+    return PackedActivation(words, c)
+
+
+def signed_weight(w: PackedWeight, scale, path: str | None = None) -> torch.Tensor:
+    """The float32 weight ``+-scale[o]`` (``+-1`` without scale) of ``w``, contiguous in its shape, expanded
+    from the bits by the kernels. It lives in a per-thread scratch buffer that the next call overwrites (sized
+    to the largest layer and reused: a fresh 2 MB tensor per layer costs page faults worth more than the
+    expansion), so the model stays resident as bits: use the result before the next call."""
+    o, c = w.out_channels, w.in_channels
+    scale = _per_channel(scale, o)
+    weight = w.words.contiguous()
+    numel = o * c * w.taps
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    out = buf[:numel].view(w.shape)
+    err = library().dbgen_unpack_weight(
+        weight.data_ptr(),
+        o,
+        weight.shape[1],
+        c,
+        w.taps,
+        _ptr(scale),
+        out.data_ptr(),
+        ISA_CODES[isa(path)],
+        torch.get_num_threads(),
+    )
+    _status(err, "dbgen_unpack_weight")
+    return out
+
+
+def packed_weight_conv2d(x: torch.Tensor, w: PackedWeight, scale, bias, stride, padding) -> torch.Tensor:
+    """Float activations x packed weights: ``conv2d(x, +-scale) + bias`` by oneDNN on the weight the kernels
+    expand from the bits (:func:`signed_weight`), in float32, cast to ``x.dtype``. The training path's own
+    product (``sign(v) * scale``), so within a fan-in's rounding of the reference."""
+    b = _per_channel(bias, w.out_channels)
+    y = F.conv2d(x.float(), signed_weight(w, scale), b, tuple(stride), tuple(padding))
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def packed_weight_linear(x: torch.Tensor, w: PackedWeight, scale, bias) -> torch.Tensor:
+    """Float activations x packed weights, linear: ``x @ (+-scale).T + bias`` (see :func:`packed_weight_conv2d`)."""
+    y = F.linear(x.float(), signed_weight(w, scale), _per_channel(bias, w.out_channels))
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

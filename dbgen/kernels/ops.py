@@ -5,9 +5,9 @@ pure-PyTorch reference, which every kernel matches.
 :class:`~dbgen.kernels.sources.KernelUnavailable` with what is missing if they cannot be built) and the CPU
 kernels for CPU tensors where they build (else one warning, then the reference); ``cpu`` forces the CPU
 kernels for CPU tensors (raising if they cannot be had); ``reference`` forces the reference everywhere. On the
-CPU, the fully binary ops take the reference's im2col of the words and compute the AND-popcount product and the
-epilogue in the kernels (:func:`dbgen.kernels.cpu.binary_conv2d`); the packed-weight ops (float activations)
-are the reference's.
+CPU (:mod:`dbgen.kernels.cpu`) the fully binary ops run whole in the kernels (window gather, AND-popcount
+product, epilogue, output sign packing) and so does sign packing; the packed-weight ops (float activations)
+expand the bits into a float weight for oneDNN's conv, one layer at a time.
 """
 
 from __future__ import annotations
@@ -119,8 +119,11 @@ def pack_activations(x: torch.Tensor, layout: str | None = None) -> PackedActiva
     if layout == "conv" and x.dim() != 4:
         raise ValueError(f"pack_activations: conv layout needs (N, C, H, W), got shape {tuple(x.shape)}")
     channel_dim = 1 if layout == "conv" else -1
-    if backend(x.device) == "cuda" and x.dtype in _KERNEL_DTYPES:
+    kind = backend(x.device)
+    if kind == "cuda" and x.dtype in _KERNEL_DTYPES:
         return PackedActivation(_cuda().pack_activations_cuda(x, channel_dim), x.shape[channel_dim])
+    if kind == "cpu" and x.is_floating_point() and x.shape[channel_dim] > 0:
+        return _cpu().pack_activations(x, channel_dim)
     return ref.pack_activations_ref(x, channel_dim)
 
 
@@ -217,17 +220,23 @@ def packed_weight_conv2d(x: torch.Tensor, w_packed: PackedWeight, scale=None, bi
     if x.dim() != 4:
         raise ValueError(f"packed_weight_conv2d: expected x (N, C, H, W), got shape {tuple(x.shape)}")
     _check_weight(w_packed, x.shape[1], x.device, "packed_weight_conv2d", conv=True)
-    if backend(x.device) == "cuda" and x.dtype in _KERNEL_DTYPES:
+    kind = backend(x.device)
+    if kind == "cuda" and x.dtype in _KERNEL_DTYPES:
         return _cuda().pwconv_cuda(x, w_packed, scale, bias, stride, padding)
+    if kind == "cpu":
+        return _cpu().packed_weight_conv2d(x, w_packed, scale, bias, stride, padding)
     return ref.packed_weight_conv2d_ref(x, w_packed, scale, bias, stride, padding)
 
 
 def packed_weight_linear(x: torch.Tensor, w_packed: PackedWeight, scale=None, bias=None):
     """Float activations x binary weights: ``x @ sign(w).T * scale + bias``, x (..., C), output in x.dtype."""
     _check_weight(w_packed, x.shape[-1], x.device, "packed_weight_linear", conv=False)
-    if backend(x.device) == "cuda" and x.dtype in _KERNEL_DTYPES:
+    kind = backend(x.device)
+    if kind == "cuda" and x.dtype in _KERNEL_DTYPES:
         lead = x.shape[:-1]
         x4 = x.reshape(-1, x.shape[-1], 1, 1)
         out = _cuda().pwconv_cuda(x4, w_packed, scale, bias, (1, 1), (0, 0))
         return out.reshape(*lead, w_packed.out_channels)
+    if kind == "cpu":
+        return _cpu().packed_weight_linear(x, w_packed, scale, bias)
     return ref.packed_weight_linear_ref(x, w_packed, scale, bias)

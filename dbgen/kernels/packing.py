@@ -201,6 +201,14 @@ class PackedWeight:
             self._cache[key] = self.tap_words().t().contiguous()
         return self._cache[key]
 
+    def valid_tap_table_t(self, h: int, w: int, stride, padding) -> torch.Tensor:
+        """``Cv`` of :meth:`valid_tap_tables` as (Ho * Wo, O) int32, contiguous: the CPU kernels' layout (cached)."""
+        key = ("cvT", h, w, tuple(stride), tuple(padding), self.tap_corr.device)
+        if key not in self._cache:
+            cv, _ = self.valid_tap_tables(h, w, stride, padding)
+            self._cache[key] = cv.reshape(self.out_channels, -1).t().contiguous()
+        return self._cache[key]
+
     def valid_tap_tables(self, h: int, w: int, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
         """``Cv`` (O, Ho, Wo) int32 and its interior value ``wtot`` (O,) int32 for an H x W input (cached).
 
