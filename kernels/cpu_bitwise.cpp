@@ -276,13 +276,19 @@ struct Conv {
       return;
     }
     const int64_t ow = (O + 31) / 32;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < ow; ++j) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* yr = y + r * O;
+      for (int64_t j = 0; j < O / 32; ++j) {  // whole words: a fixed 32-step loop the compiler vectorizes
         uint32_t word = 0;
-        for (int64_t o = 32 * j; o < std::min(O, 32 * j + 32); ++o)
-          word |= static_cast<uint32_t>(y[r * O + o] >= 0.0f) << (o % 32);
+        for (int b = 0; b < 32; ++b) word |= static_cast<uint32_t>(yr[32 * j + b] >= 0.0f) << b;
         out_words[(i + r) * ow + j] = word;
       }
+      if (O % 32) {
+        uint32_t word = 0;
+        for (int64_t o = O / 32 * 32; o < O; ++o) word |= static_cast<uint32_t>(yr[o] >= 0.0f) << (o % 32);
+        out_words[(i + r) * ow + O / 32] = word;
+      }
+    }
   }
 
   // y[o] = float32(4 p[o] - 2 xs + cv[o]) * scale[o] + bias[o], each operation rounded (a loop the compiler
@@ -326,12 +332,33 @@ int run(const Conv& conv, int isa, int threads) {
            [&](int64_t i0, int64_t i1) { conv.pixels(dots, i0, i1); });
   return 0;
 }
-// 32 n floats +-s from the bits of n words, 16 per mask select.
-__attribute__((target("avx512f"))) void expand_avx512(const uint32_t* words, int64_t n, float s, float* dst) {
+// One output channel's weight (C, T) of +-s from its packed row (T taps of cw words), in place: for 16 channels
+// at a time the taps' bits of each channel are gathered into one mask (bit t: tap t), which selects T floats
+// stored at once. T <= 32.
+__attribute__((target("avx512f"))) void signed_row_avx512(const uint32_t* words, int64_t C, int64_t T, int64_t cw,
+                                                           float s, float* dst) {
   const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
-  for (int64_t j = 0; j < n; ++j) {
-    _mm512_storeu_ps(dst + 32 * j, _mm512_mask_blend_ps(static_cast<__mmask16>(words[j]), neg, pos));
-    _mm512_storeu_ps(dst + 32 * j + 16, _mm512_mask_blend_ps(static_cast<__mmask16>(words[j] >> 16), neg, pos));
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) uint32_t masks[16];
+  for (int64_t c = 0; c < C; c += 16) {
+    const int64_t n = std::min<int64_t>(16, C - c);
+    if (T == 1) {  // the bits are the mask
+      const __mmask16 bits = static_cast<__mmask16>(words[c / 32] >> (c % 32));
+      _mm512_mask_storeu_ps(dst + c, lanes(n), _mm512_mask_blend_ps(bits, neg, pos));
+      continue;
+    }
+    const __m512i shift = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c % 32)));
+    __m512i m = _mm512_setzero_si512();
+    for (int64_t t = 0; t < T; ++t) {
+      const __m512i bit = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(words[t * cw + c / 32])), shift), one);
+      m = _mm512_or_si512(m, _mm512_sllv_epi32(bit, _mm512_set1_epi32(static_cast<int>(t))));
+    }
+    _mm512_store_si512(masks, m);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t t0 = 0; t0 < T; t0 += 16)
+        _mm512_mask_storeu_ps(dst + (c + i) * T + t0, lanes(T - t0),
+                              _mm512_mask_blend_ps(static_cast<__mmask16>(masks[i] >> t0), neg, pos));
   }
 }
 }  // namespace
@@ -405,9 +432,9 @@ int dbgen_pack_signs_rows(const float* x, int64_t M, int64_t C, uint32_t* out, i
 }
 
 // Packed weight rows w (O, Kw) (taps' channel words, then padding) into float32 out (O, C, T), the conv weight
-// (O, C, KH, KW): +scale[o] for a 1 bit, -scale[o] for a 0 (+-1 without scale). Each row is expanded in tap
-// order into a buffer (AVX-512: 16 floats per mask select; elsewhere each byte of bits becomes 8 floats read
-// from a table of the 256 +-1 patterns and scaled), then transposed into place.
+// (O, C, KH, KW): +scale[o] for a 1 bit, -scale[o] for a 0 (+-1 without scale). AVX-512: a mask select per
+// channel (signed_row_avx512); elsewhere each row is expanded in tap order into a buffer (each byte of bits
+// becomes 8 floats read from a table of the 256 +-1 patterns and scaled), then transposed into place.
 int dbgen_unpack_weight(const uint32_t* w, int64_t O, int64_t Kw, int64_t C, int64_t T, const float* scale,
                         float* out, int isa, int threads) {
   const int64_t cw = (C + 31) / 32;
@@ -419,26 +446,22 @@ int dbgen_unpack_weight(const uint32_t* w, int64_t O, int64_t Kw, int64_t C, int
       for (int b = 0; b < 8; ++b) t[byte * 8 + b] = (byte >> b & 1) ? 1.0f : -1.0f;
     return t;
   }();
-  const bool avx512 = isa >= 2;  // the AVX-512 paths (AVX-512F's mask select); else the table
+  const bool avx512 = isa >= 2 && T <= 32;  // the AVX-512 paths (AVX-512F's mask select); else the table
   parallel(O, O * C * T / 8, threads, [&](int64_t o0, int64_t o1) {
     std::vector<float> taps(T * cw * 32);  // one row, (T, C) with each tap's channels padded to whole words
     for (int64_t o = o0; o < o1; ++o) {
       const float s = scale ? scale[o] : 1.0f;
       const uint32_t* words = w + o * Kw;
-      if (avx512) {
-        expand_avx512(words, T * cw, s, taps.data());
-      } else {
-        for (int64_t j = 0; j < T * cw; ++j)
-          for (int byte = 0; byte < 4; ++byte) {
-            const float* pattern = patterns.data() + (words[j] >> (8 * byte) & 0xFF) * 8;
-            for (int b = 0; b < 8; ++b) taps[32 * j + 8 * byte + b] = pattern[b] * s;
-          }
-      }
       float* dst = out + o * C * T;
-      if (T == 1) {
-        std::memcpy(dst, taps.data(), C * sizeof(float));
+      if (avx512) {
+        signed_row_avx512(words, C, T, cw, s, dst);
         continue;
       }
+      for (int64_t j = 0; j < T * cw; ++j)
+        for (int byte = 0; byte < 4; ++byte) {
+          const float* pattern = patterns.data() + (words[j] >> (8 * byte) & 0xFF) * 8;
+          for (int b = 0; b < 8; ++b) taps[32 * j + 8 * byte + b] = pattern[b] * s;
+        }
       for (int64_t c = 0; c < C; ++c)
         for (int64_t t = 0; t < T; ++t) dst[c * T + t] = taps[t * cw * 32 + c];
     }
