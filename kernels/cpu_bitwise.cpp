@@ -6,7 +6,9 @@
 // gathers the K words under its window (zero words where the window overhangs the image: an implicit im2col),
 // counts their bits (xs, the +1 inputs) and sums AND-popcounts against every output channel:
 //
-//   p[i, o] = sum_k popcount(col_i[k] & w[o, k]),   dot = 4 p - 2 xs + cv[pixel, o]   (the exact +-1 product)
+//   p[i, o] = sum_k popcount(col_i[k] & w[o, k]),   dot = 4 p - 2 xs + cv[i, o]   (the exact +-1 product)
+//
+// with cv[i, o] the sum over the window's taps inside the image of tap_corr[t, o] = -(sum of tap t's +-1 weights)
 //
 // then the layers' epilogue y = float32(dot) * scale[o] + bias[o], each operation rounded to float32 as the
 // reference and the CUDA kernels do (built with -ffp-contract=off, so no multiply-add is fused), written as
@@ -222,7 +224,7 @@ struct Conv {
   int64_t N, H, W, Cw;
   const uint32_t* wT;  // (K, O), K = KH * KW * Cw in (tap, word) order: the weight rows transposed
   int64_t O, KH, KW, sh, sw, ph, pw, Ho, Wo;
-  const int32_t* cvT;    // (Ho * Wo, O): the valid-tap correction per pixel (null for the plain product)
+  const int32_t* tap_corr;  // (T, O): -(sum of a tap's +-1 weights), by tap (null for the plain product)
   const float* scale;    // (O,) or null
   const float* bias;     // (O,) or null
   float* out;            // (N, O, Ho, Wo) float32, or null
@@ -231,10 +233,13 @@ struct Conv {
 
   int64_t K() const { return KH * KW * Cw; }
 
-  // Gathers output pixel i's window into row (K words), returns its +1 bits.
-  int64_t gather(int64_t i, uint32_t* row) const {
+  // Gathers output pixel i's window into row (K words) and returns its +1 bits; cv[i] points at the pixel's
+  // valid-tap correction (sum of tap_corr over the taps inside the image): all (the interior's, every tap
+  // valid), or the row of cv_rows where it is summed for a pixel whose window overhangs the image.
+  int64_t gather(int64_t i, uint32_t* row, const int32_t* all, int32_t* cv_row, const int32_t** cv) const {
     const int64_t hw = Ho * Wo, n = i / hw, y = i % hw / Wo, xo = i % Wo;
     int64_t ones = 0;
+    bool border = false;
     for (int64_t ky = 0; ky < KH; ++ky) {
       const int64_t iy = y * sh - ph + ky;
       for (int64_t kx = 0; kx < KW; ++kx) {
@@ -242,17 +247,30 @@ struct Conv {
         uint32_t* dst = row + (ky * KW + kx) * Cw;
         if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
           std::memset(dst, 0, Cw * sizeof(uint32_t));
+          border = true;
         } else {
           std::memcpy(dst, x + ((n * H + iy) * W + ix) * Cw, Cw * sizeof(uint32_t));
           ones += popcount_words(dst, Cw);
         }
       }
     }
+    *cv = all;
+    if (border && tap_corr) {
+      std::fill(cv_row, cv_row + O, 0);
+      for (int64_t ky = 0; ky < KH; ++ky)
+        for (int64_t kx = 0; kx < KW; ++kx) {
+          const int64_t iy = y * sh - ph + ky, ix = xo * sw - pw + kx;
+          if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+          const int32_t* tc = tap_corr + (ky * KW + kx) * O;
+          for (int64_t o = 0; o < O; ++o) cv_row[o] += tc[o];
+        }
+      *cv = cv_row;
+    }
     return ones;
   }
 
   // Writes the outputs of pixels [i, i + rows) from their popcount sums p (rows, O), through y (rows, O).
-  void emit(int64_t i, int64_t rows, const int64_t* xs, const int32_t* p, float* y) const {
+  void emit(int64_t i, int64_t rows, const int64_t* xs, const int32_t* const* cv, const int32_t* p, float* y) const {
     if (out_product) {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t o = 0; o < O; ++o) out_product[(i + r) * O + o] = p[r * O + o];
@@ -260,8 +278,7 @@ struct Conv {
     }
     const int64_t hw = Ho * Wo;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t q = (i + r) % hw;
-      const int32_t* cv_q = cvT + q * O;
+      const int32_t* cv_q = cv[r];
       const int32_t xs2 = static_cast<int32_t>(2 * xs[r]);
       if (scale && bias) epilogue<true, true>(p + r * O, xs2, cv_q, y + r * O);
       else if (scale) epilogue<true, false>(p + r * O, xs2, cv_q, y + r * O);
@@ -307,18 +324,21 @@ struct Conv {
   void pixels(DotsFn dots, int64_t i0, int64_t i1) const {
     const int64_t k = K();
     std::vector<uint32_t> cols(kBlock * k + k, 0);  // kBlock windows, then a zero row for a short block
-    std::vector<int32_t> p(kBlock * O);
+    std::vector<int32_t> p(kBlock * O), cv_rows(kBlock * O), all(O, 0);
     std::vector<float> y(kBlock * O);
+    for (int64_t t = 0; tap_corr && t < KH * KW; ++t)
+      for (int64_t o = 0; o < O; ++o) all[o] += tap_corr[t * O + o];
     int64_t xs[kBlock];
+    const int32_t* cv[kBlock];
     for (int64_t i = i0; i < i1; i += kBlock) {
       const int64_t rows = std::min<int64_t>(kBlock, i1 - i);
       const uint32_t* a[kBlock];
       for (int64_t r = 0; r < kBlock; ++r) {
         a[r] = cols.data() + (r < rows ? r : kBlock) * k;
-        if (r < rows) xs[r] = gather(i + r, cols.data() + r * k);
+        if (r < rows) xs[r] = gather(i + r, cols.data() + r * k, all.data(), cv_rows.data() + r * O, &cv[r]);
       }
       dots(a, wT, k, O, p.data());
-      emit(i, rows, xs, p.data(), y.data());
+      emit(i, rows, xs, cv, p.data(), y.data());
     }
   }
 };
@@ -383,16 +403,16 @@ int dbgen_and_popcount_matmul(const uint32_t* a, const uint32_t* bT, int64_t* ou
   return run(conv, isa, threads);
 }
 
-// The fully binary conv (the top of this file): x (N, H, W, Cw), wT (KH * KW * Cw, O), cvT (Ho * Wo, O) int32,
+// The fully binary conv (the top of this file): x (N, H, W, Cw), wT (KH * KW * Cw, O), tap_corr (KH * KW, O) int32,
 // scale and bias (O,) float32 or null; the result in exactly one of out (N, O, Ho, Wo) float32 or out_words
 // (N, Ho, Wo, ceil(O / 32)).
 int dbgen_binary_conv2d(const uint32_t* x, int64_t N, int64_t H, int64_t W, int64_t Cw, const uint32_t* wT,
                         int64_t O, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                        const int32_t* cvT, const float* scale, const float* bias, float* out, uint32_t* out_words,
+                        const int32_t* tap_corr, const float* scale, const float* bias, float* out, uint32_t* out_words,
                         int isa, int threads) {
-  if (sh < 1 || sw < 1 || ph < 0 || pw < 0 || !cvT || !out == !out_words) return 2;
+  if (sh < 1 || sw < 1 || ph < 0 || pw < 0 || !tap_corr || !out == !out_words) return 2;
   const int64_t ho = (H + 2 * ph - KH) / sh + 1, wo = (W + 2 * pw - KW) / sw + 1;
-  Conv conv{x, N, H, W, Cw, wT, O, KH, KW, sh, sw, ph, pw, ho, wo, cvT, scale, bias, out, out_words, nullptr};
+  Conv conv{x, N, H, W, Cw, wT, O, KH, KW, sh, sw, ph, pw, ho, wo, tap_corr, scale, bias, out, out_words, nullptr};
   return run(conv, isa, threads);
 }
 

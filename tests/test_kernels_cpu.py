@@ -202,9 +202,13 @@ def test_packed_weight_ops_expand_the_bits_exactly_and_convolve_within_the_bound
         assert_within(yl, exact_l, linear_bound(xl, lsign, scale, bias, ref_dtype=None), "packed-weight linear")
 
 
-def test_a_packed_one_one_rvae_samples_and_evaluates_as_on_the_reference(monkeypatch):
-    """The tiny 1/1 RVAE on the packed engine: the same samples for a seed and the same bits/dim as with the
-    reference, bit for bit (the CPU kernels change only how the integers are counted)."""
+@pytest.mark.parametrize("family", list(cpu.ISAS))
+def test_a_packed_one_one_rvae_samples_and_evaluates_as_on_the_reference(family, monkeypatch):
+    """The tiny 1/1 RVAE on the packed engine, on each path: the same samples for a seed and the same bits/dim
+    as with the reference, bit for bit (the CPU kernels change only how the integers are counted)."""
+    if family not in _families():
+        pytest.skip(f"this CPU lacks {family}")
+    monkeypatch.setenv("DBGEN_CPU_ISA", family)
     from dbgen.config import load_config
     from dbgen.eval_loop import use_engine
     from dbgen.models import build

@@ -11,7 +11,8 @@ both engines get the same weights), switches it to the engine and times ``model.
 ``model.log_likelihood_bpd`` of ``batch`` random images (the evaluation's step): ``--warmup`` untimed calls of
 each, then ``--repeats`` timed calls (each synchronized on CUDA); images/s is the batch over the median call.
 Peak memory: on CUDA the maximum allocated during the timed calls; on CPU the process's maximum RSS (which
-includes torch itself: compare engines, not absolute numbers).
+includes torch itself and the float model the engine was made from: compare engines, not absolute numbers).
+"MB after": what is held after the timed calls (CUDA: allocated; CPU: resident).
 
 Prints a table and writes JSON (``--json-out``). Defaults: batches 1 and 256 with 1 warm-up and 5 timed calls
 on CUDA, batches 1 and 64 with 1 warm-up and 3 timed calls on CPU.
@@ -32,6 +33,7 @@ import torch
 from ..atomic import write_atomic
 from ..config import load_config
 from ..eval_loop import ENGINES, use_engine
+from ..memory import proc_status_bytes
 from ..models import build
 from ..nn import data_dependent_init, size_report
 
@@ -107,8 +109,10 @@ def measure(
         eval_s = timed(lambda: model.log_likelihood_bpd(images))
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+        rss_mb = torch.cuda.memory_allocated(dev) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        rss_mb = proc_status_bytes("VmRSS") / 2**20
     return {
         "model": model_name,
         "engine": engine,
@@ -119,6 +123,7 @@ def measure(
         "eval_call_s": eval_s,
         "eval_images_per_s": batch / eval_s,
         "peak_mb": peak_mb,
+        "rss_mb": rss_mb,
         "peak_kind": "cuda_allocated" if dev.type == "cuda" else "process_max_rss",
         "warmup": warmup,
         "repeats": repeats,
@@ -185,7 +190,7 @@ def main(args) -> int:
     )
     print(
         f"{'model':<12} {'batch':>6} {'engine':<7} {'sample img/s':>13} {'packed/float':>13} {'eval img/s':>11} "
-        f"{'packed/float':>13} {'peak MB':>9}"
+        f"{'packed/float':>13} {'peak MB':>9} {'MB after':>9}"
     )
     by_key = {(r["model"], r["batch"], r["engine"]): r for r in results if "error" not in r}
     for r in results:
@@ -198,6 +203,6 @@ def main(args) -> int:
             ratios = [f"{r[k] / other[k]:.2f}x" for k in ("images_per_s", "eval_images_per_s")]
         print(
             f"{r['model']:<12} {r['batch']:>6} {r['engine']:<7} {r['images_per_s']:>13.2f} {ratios[0]:>13} "
-            f"{r['eval_images_per_s']:>11.2f} {ratios[1]:>13} {r['peak_mb']:>9.0f}"
+            f"{r['eval_images_per_s']:>11.2f} {ratios[1]:>13} {r['peak_mb']:>9.0f} {r['rss_mb']:>9.0f}"
         )
     return 1 if any("error" in r for r in results) else 0

@@ -146,7 +146,7 @@ def and_popcount_matmul(a: torch.Tensor, b: torch.Tensor, path: str | None = Non
     return out
 
 
-def _binary(words, channels, w: PackedWeight, cv, scale, bias, stride, padding, out_dtype, pack_output, path=None):
+def _binary(words, w: PackedWeight, scale, bias, stride, padding, out_dtype, pack_output, path=None):
     """The fully binary conv of ``words`` (N, H, W, Cw) on the kernels: float32 (N, O, Ho, Wo) cast to
     ``out_dtype``, or the packed signs (N, Ho, Wo, Ow)."""
     n, h, wd, cw = words.shape
@@ -156,6 +156,7 @@ def _binary(words, channels, w: PackedWeight, cv, scale, bias, stride, padding, 
     o = w.out_channels
     words = words.contiguous()
     wt = w.transposed_words()  # (K, O), cached on the weight
+    tap_corr = w.tap_corr.t().contiguous()  # (T, O): the kernel sums the taps inside the image per pixel
     scale, bias = _per_channel(scale, o), _per_channel(bias, o)
     if pack_output:
         out = torch.empty(n, ho, wo, (o + 31) // 32, dtype=torch.int32)
@@ -164,7 +165,7 @@ def _binary(words, channels, w: PackedWeight, cv, scale, bias, stride, padding, 
     if out.numel():
         err = library().dbgen_binary_conv2d(
             words.data_ptr(), n, h, wd, cw, wt.data_ptr(), o, kh, kw, sh, sw, ph, pw,
-            cv.data_ptr(), _ptr(scale), _ptr(bias),
+            tap_corr.data_ptr(), _ptr(scale), _ptr(bias),
             None if pack_output else out.data_ptr(), out.data_ptr() if pack_output else None,
             ISA_CODES[isa(path)], torch.get_num_threads(),
         )  # fmt: skip
@@ -176,9 +177,7 @@ def _binary(words, channels, w: PackedWeight, cv, scale, bias, stride, padding, 
 
 def binary_conv2d(x: PackedActivation, w: PackedWeight, scale, bias, stride, padding, *, out_dtype, pack_output):
     """:func:`dbgen.kernels.reference.binary_conv2d_ref` on the CPU kernels: the same floats and bits."""
-    h, wd = x.words.shape[1:3]
-    cv = w.valid_tap_table_t(h, wd, stride, padding)  # (Ho * Wo, O), cached per input size
-    return _binary(x.words, x.channels, w, cv, scale, bias, stride, padding, out_dtype, pack_output)
+    return _binary(x.words, w, scale, bias, stride, padding, out_dtype, pack_output)
 
 
 def binary_linear(x: PackedActivation, w: PackedWeight, scale, bias, *, out_dtype, pack_output):
@@ -186,8 +185,7 @@ def binary_linear(x: PackedActivation, w: PackedWeight, scale, bias, *, out_dtyp
     conv over the rows."""
     lead = x.words.shape[:-1]
     words = x.words.reshape(-1, 1, 1, x.words.shape[-1])
-    cv = w.tap_corr[:, 0].contiguous()  # (1 pixel, O): every tap valid
-    y = _binary(words, x.channels, w, cv, scale, bias, (1, 1), (0, 0), out_dtype, pack_output)
+    y = _binary(words, w, scale, bias, (1, 1), (0, 0), out_dtype, pack_output)
     if pack_output:
         return PackedActivation(y.words.reshape(*lead, y.words.shape[-1]), y.channels)
     return y.reshape(*lead, w.out_channels)

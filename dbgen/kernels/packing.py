@@ -139,15 +139,25 @@ class PackedWeight:
     def _from_bits(cls, bits: torch.Tensor, shape: tuple[int, ...]) -> PackedWeight:
         if len(shape) not in (2, 4):
             raise ValueError(f"PackedWeight: expected a linear (O, C) or conv (O, C, KH, KW) weight, got {shape}")
+        return cls.from_tap_words(pack_bits_lastdim(cls.tap_view(bits.reshape(shape))), shape)
+
+    @staticmethod
+    def tap_view(w: torch.Tensor) -> torch.Tensor:
+        """A conv (O, C, KH, KW) or linear (O, C) weight (or its signs) as (O, T, C), tap ``t = ky * KW + kx``:
+        the order of the kernel layout (a view)."""
+        return w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2)
+
+    @classmethod
+    def from_tap_words(cls, tap_words: torch.Tensor, shape) -> PackedWeight:
+        """From each tap's packed channel signs, int32 (O, T, Cw): :func:`pack_bits_lastdim` of :meth:`tap_view`
+        (what :func:`dbgen.kernels.pack_activations` makes of the taps in the linear layout)."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 4):
+            raise ValueError(f"PackedWeight: expected a linear (O, C) or conv (O, C, KH, KW) weight, got {shape}")
         o, c = shape[0], shape[1]
-        b4 = bits.reshape(o, c, *(shape[2:] or (1, 1)))
-        kh, kw = b4.shape[2], b4.shape[3]
-        taps = b4.permute(0, 2, 3, 1).reshape(o, kh * kw, c)  # (O, T, C), tap = ky * KW + kx
-        tap_words = pack_bits_lastdim(taps)  # (O, T, Cw)
-        tap_corr = (c - 2 * taps.sum(dim=-1)).to(torch.int32)  # (O, T)
+        tap_corr = (c - 2 * popcount32(tap_words).sum(dim=-1)).to(torch.int32)  # (O, T)
         flat = tap_words.reshape(o, -1)
-        kw_pad = -flat.shape[1] % 8
-        words = F.pad(flat, (0, kw_pad)).contiguous()
+        words = F.pad(flat, (0, -flat.shape[1] % 8)).contiguous()
         return cls(words=words, shape=shape, tap_corr=tap_corr.contiguous())
 
     def to_pack_signs(self) -> torch.Tensor:
@@ -199,14 +209,6 @@ class PackedWeight:
         key = ("wT", self.words.device)
         if key not in self._cache:
             self._cache[key] = self.tap_words().t().contiguous()
-        return self._cache[key]
-
-    def valid_tap_table_t(self, h: int, w: int, stride, padding) -> torch.Tensor:
-        """``Cv`` of :meth:`valid_tap_tables` as (Ho * Wo, O) int32, contiguous: the CPU kernels' layout (cached)."""
-        key = ("cvT", h, w, tuple(stride), tuple(padding), self.tap_corr.device)
-        if key not in self._cache:
-            cv, _ = self.valid_tap_tables(h, w, stride, padding)
-            self._cache[key] = cv.reshape(self.out_channels, -1).t().contiguous()
         return self._cache[key]
 
     def valid_tap_tables(self, h: int, w: int, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
