@@ -1,7 +1,11 @@
-"""Build-on-first-use of the bitwise CPU kernels (``kernels/cpu_bitwise.cpp``) and their ctypes bindings.
+"""The bitwise CPU kernels (``kernels/cpu_bitwise.cpp``): their build on first use, and the packed ops on them.
+
+The fully binary conv and linear run whole in C++ (window gather, AND-popcount, epilogue, output signs), as does
+sign packing; the packed-weight ops expand the bits into a float weight that oneDNN's conv takes (see
+:func:`signed_weight`). Every op gives the reference's integers, floats and bits (``tests/test_kernels_cpu.py``).
 
 The source is compiled by ``g++`` into a plain shared library: no torch headers and no C++-extension ABI, so
-it builds in about a second (a torch extension's translation unit takes ~45 s on 2 cores) and one build serves
+it builds in about two seconds (a torch extension's translation unit takes ~45 s on 2 cores) and one build serves
 every torch version. It is cached under ``$DBGEN_KERNEL_CACHE`` by a hash of the source, the compiler's version
 and the flags; the build writes a temporary name and renames it, so concurrent processes at worst build twice.
 
@@ -146,7 +150,7 @@ def and_popcount_matmul(a: torch.Tensor, b: torch.Tensor, path: str | None = Non
     return out
 
 
-def _binary(words, w: PackedWeight, scale, bias, stride, padding, out_dtype, pack_output, path=None):
+def _binary(words, w: PackedWeight, scale, bias, stride, padding, out_dtype, pack_output):
     """The fully binary conv of ``words`` (N, H, W, Cw) on the kernels: float32 (N, O, Ho, Wo) cast to
     ``out_dtype``, or the packed signs (N, Ho, Wo, Ow)."""
     n, h, wd, cw = words.shape
@@ -167,7 +171,7 @@ def _binary(words, w: PackedWeight, scale, bias, stride, padding, out_dtype, pac
             words.data_ptr(), n, h, wd, cw, wt.data_ptr(), o, kh, kw, sh, sw, ph, pw,
             tap_corr.data_ptr(), _ptr(scale), _ptr(bias),
             None if pack_output else out.data_ptr(), out.data_ptr() if pack_output else None,
-            ISA_CODES[isa(path)], torch.get_num_threads(),
+            ISA_CODES[isa()], torch.get_num_threads(),
         )  # fmt: skip
         _status(err, "dbgen_binary_conv2d")
     if pack_output:
