@@ -8,10 +8,11 @@ run's ``data.eval``) is evaluated once with the importance-weighted bound of ``-
 (K=1 is the ELBO / the flow's dequantized bound). EMA weights are used when the run kept an EMA.
 ``--packed FILE`` evaluates an exported artifact (``python -m dbgen.export``) instead of a run; ``--workers N``
 spreads the split over N Ray actors that receive the weights as packed bytes through the object store.
-``--engine`` picks how the model runs (default: ``packed``, the bitwise kernels, on CUDA, falling back to
-``float`` with a warning where they cannot be built; ``float`` on CPU; an explicit ``--engine packed`` that
-cannot run exits 2 saying what is missing; see :mod:`dbgen.eval_loop` for what differs between them). The
-actors of ``--workers`` ask Ray for a share of a GPU when the cluster has GPUs, and run on it.
+``--engine`` picks how the model runs (default: ``packed``, the bitwise kernels, on CUDA and on CPUs with AVX2
+or AVX-512, falling back to ``float`` with a warning where they cannot be built; ``float`` elsewhere; an
+explicit ``--engine packed`` that cannot run exits 2 saying what is missing; see :mod:`dbgen.eval_loop` for
+what differs between them). The actors of ``--workers`` ask Ray for a share of a GPU when the cluster has
+GPUs, and run on it.
 
 The loop is :func:`dbgen.eval_loop.bpd_sum`, the one the trainer and the actors run; reading the run is
 :func:`dbgen.rundir.load_run`.
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
         choices=ENGINES,
         default=None,
         help="packed: binary layers on the bitwise "
-        "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)",
+        "kernels; float: the training-time layers (default: packed on CUDA and on CPUs with AVX2 or AVX-512, "
+        "else float)",
     )
     args = p.parse_args(argv)
     if args.samples < 1 or args.batch_size < 1:

@@ -5,8 +5,9 @@ Loads the checkpoint a resume would take (EMA weights when the run kept an EMA, 
 writes them as one PNG grid (``ceil(sqrt(n))`` columns, 2-pixel gaps; :func:`dbgen.images.save_grid`).
 ``--packed FILE`` samples from an exported artifact (``python -m dbgen.export``) instead of a run.
 The model runs on CUDA when available, through ``--engine`` (default: ``packed``, the bitwise kernels, on
-CUDA, falling back to ``float`` with a warning where they cannot be built; ``float`` on CPU; an explicit
-``--engine packed`` that cannot run exits 2 saying what is missing; see :mod:`dbgen.eval_loop`).
+CUDA and on CPUs with AVX2 or AVX-512, falling back to ``float`` with a warning where they cannot be built;
+``float`` elsewhere; an explicit ``--engine packed`` that cannot run exits 2 saying what is missing; see
+:mod:`dbgen.eval_loop`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
         choices=ENGINES,
         default=None,
         help="packed: binary layers on the bitwise "
-        "kernels; float: the training-time layers (default: packed on CUDA, float on CPU)",
+        "kernels; float: the training-time layers (default: packed on CUDA and on CPUs with AVX2 or AVX-512, "
+        "else float)",
     )
     args = p.parse_args(argv)
     if args.n < 1:
