@@ -193,6 +193,8 @@ bool supports(int isa) {
 
 constexpr DotsFn kDots[] = {dots_scalar, dots_avx2, dots_avx512bw, dots_avx512vpopcntdq};
 
+// fn(i0, i1) over [0, n) split into up to `threads` ranges, each worth at least ~1M word operations (`work` in
+// all): a thread costs tens of microseconds to start.
 template <class Fn>
 void parallel(int64_t n, int64_t work, int threads, const Fn& fn) {
   const int64_t useful = std::max<int64_t>(1, work / (1 << 20));
@@ -352,6 +354,7 @@ int run(const Conv& conv, int isa, int threads) {
            [&](int64_t i0, int64_t i1) { conv.pixels(dots, i0, i1); });
   return 0;
 }
+
 // One output channel's weight (C, T) of +-s from its packed row (T taps of cw words), in place: for 16 channels
 // at a time the taps' bits of each channel are gathered into one mask (bit t: tap t), which selects T floats
 // stored at once. T <= 32.
@@ -371,7 +374,8 @@ __attribute__((target("avx512f"))) void signed_row_avx512(const uint32_t* words,
     const __m512i shift = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c % 32)));
     __m512i m = _mm512_setzero_si512();
     for (int64_t t = 0; t < T; ++t) {
-      const __m512i bit = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(words[t * cw + c / 32])), shift), one);
+      const __m512i word = _mm512_set1_epi32(static_cast<int>(words[t * cw + c / 32]));
+      const __m512i bit = _mm512_and_si512(_mm512_srlv_epi32(word, shift), one);
       m = _mm512_or_si512(m, _mm512_sllv_epi32(bit, _mm512_set1_epi32(static_cast<int>(t))));
     }
     _mm512_store_si512(masks, m);
@@ -403,9 +407,9 @@ int dbgen_and_popcount_matmul(const uint32_t* a, const uint32_t* bT, int64_t* ou
   return run(conv, isa, threads);
 }
 
-// The fully binary conv (the top of this file): x (N, H, W, Cw), wT (KH * KW * Cw, O), tap_corr (KH * KW, O) int32,
-// scale and bias (O,) float32 or null; the result in exactly one of out (N, O, Ho, Wo) float32 or out_words
-// (N, Ho, Wo, ceil(O / 32)).
+// The fully binary conv (the top of this file): x (N, H, W, Cw), wT (KH * KW * Cw, O), tap_corr (KH * KW, O)
+// int32, scale and bias (O,) float32 or null; the result in exactly one of out (N, O, Ho, Wo) float32 or
+// out_words (N, Ho, Wo, ceil(O / 32)).
 int dbgen_binary_conv2d(const uint32_t* x, int64_t N, int64_t H, int64_t W, int64_t Cw, const uint32_t* wT,
                         int64_t O, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                         const int32_t* tap_corr, const float* scale, const float* bias, float* out, uint32_t* out_words,
