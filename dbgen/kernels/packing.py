@@ -137,8 +137,6 @@ class PackedWeight:
 
     @classmethod
     def _from_bits(cls, bits: torch.Tensor, shape: tuple[int, ...]) -> PackedWeight:
-        if len(shape) not in (2, 4):
-            raise ValueError(f"PackedWeight: expected a linear (O, C) or conv (O, C, KH, KW) weight, got {shape}")
         return cls.from_tap_words(pack_bits_lastdim(cls.tap_view(bits.reshape(shape))), shape)
 
     @staticmethod

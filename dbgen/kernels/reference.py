@@ -18,10 +18,6 @@ __all__ = [
     "and_popcount_matmul",
     "binary_conv2d_ref",
     "binary_linear_ref",
-    "conv_operands",
-    "conv_output",
-    "linear_operands",
-    "linear_output",
     "pack_activations_ref",
     "packed_weight_conv2d_ref",
     "packed_weight_linear_ref",
@@ -75,7 +71,7 @@ def _epilogue(dot: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor 
     return y
 
 
-def conv_operands(x: PackedActivation, w: PackedWeight, stride, padding):
+def _conv_operands(x: PackedActivation, w: PackedWeight, stride, padding):
     """What the fully binary conv's integer dot product is made of: ``(cols, xs, cv, (n, ho, wo))`` with
     ``cols`` (N*Ho*Wo, KH*KW*Cw) the im2col of the activation words (zero words in the padding, so padded
     pixels have no +1 bits at all), ``xs`` (N*Ho*Wo,) int64 the +1 bits under each output pixel's window and
@@ -93,7 +89,7 @@ def conv_operands(x: PackedActivation, w: PackedWeight, stride, padding):
     return cols, xs.to(torch.int64), cv.reshape(w.out_channels, ho * wo), (n, ho, wo)
 
 
-def conv_output(y: torch.Tensor, n: int, ho: int, wo: int, out_dtype: torch.dtype, pack_output: bool):
+def _conv_output(y: torch.Tensor, n: int, ho: int, wo: int, out_dtype: torch.dtype, pack_output: bool):
     """The conv's result from ``y`` (N*Ho*Wo, O) float32: (N, O, Ho, Wo) of ``out_dtype``, or the
     :class:`PackedActivation` of its signs."""
     y = y.reshape(n, ho, wo, y.shape[-1])
@@ -118,14 +114,14 @@ def binary_conv2d_ref(
     Returns a (N, O, Ho, Wo) tensor of ``out_dtype``, or with ``pack_output`` the :class:`PackedActivation`
     of its signs (the fused sign of the next binary layer's input).
     """
-    cols, xs, cv, (n, ho, wo) = conv_operands(x, w, stride, padding)
+    cols, xs, cv, (n, ho, wo) = _conv_operands(x, w, stride, padding)
     p = and_popcount_matmul(cols, w.tap_words())  # (N*Ho*Wo, O)
     dot = 4 * p - 2 * xs[:, None] + cv.to(torch.int64).t().repeat(n, 1)
-    return conv_output(_epilogue(dot, scale, bias), n, ho, wo, out_dtype, pack_output)
+    return _conv_output(_epilogue(dot, scale, bias), n, ho, wo, out_dtype, pack_output)
 
 
-def linear_operands(x: PackedActivation, w: PackedWeight):
-    """``(words, xs, cv)`` of the fully binary linear, as :func:`conv_operands` (one "pixel": cv (O, 1))."""
+def _linear_operands(x: PackedActivation, w: PackedWeight):
+    """``(words, xs, cv)`` of the fully binary linear, as :func:`_conv_operands` (one "pixel": cv (O, 1))."""
     words = x.words.reshape(-1, x.words.shape[-1])
     xs = popcount32(words).sum(dim=-1).to(torch.int64)  # (M,)
     return words, xs, w.tap_corr[:, :1].contiguous()
@@ -141,13 +137,13 @@ def binary_linear_ref(
     pack_output: bool = False,
 ):
     """Fully binary linear: (+-1 x) @ (+-1 w).T * scale + bias; x words (..., Cw)."""
-    words, xs, cv = linear_operands(x, w)
+    words, xs, cv = _linear_operands(x, w)
     p = and_popcount_matmul(words, w.tap_words())  # (M, O)
     y = _epilogue(4 * p - 2 * xs[:, None] + cv.to(torch.int64)[:, 0], scale, bias)
-    return linear_output(y, x.words.shape[:-1], out_dtype, pack_output)
+    return _linear_output(y, x.words.shape[:-1], out_dtype, pack_output)
 
 
-def linear_output(y: torch.Tensor, lead, out_dtype: torch.dtype, pack_output: bool):
+def _linear_output(y: torch.Tensor, lead, out_dtype: torch.dtype, pack_output: bool):
     """The linear's result from ``y`` (M, O) float32: (..., O) of ``out_dtype``, or its packed signs."""
     y = y.reshape(*lead, y.shape[-1])
     if pack_output:
