@@ -330,6 +330,7 @@ class CommConfig:
     onebit_warmup_steps: int = 100
     overlap: bool = True  # gradient exchange in buckets started during backward; false: after it (serial)
     bucket_mb: float = 25.0  # bucket size of the overlapped exchange (DDP's default)
+    resident_bits: bool = True  # packed: binary layers keep 1 bit per weight, expanded only while they compute
 
     def __post_init__(self):
         _require(
@@ -377,6 +378,20 @@ class Config:
                         self.scale.zero_stage == 0,
                         f"0 {with_mode} (the mode exchanges gradients itself{what})",
                     ),
+                ],
+            )
+        if mode[0] == "packed" and self.comm.resident_bits:
+            _require(
+                self,
+                "",
+                [
+                    (
+                        "train.ema_decay",
+                        self.train.ema_decay is None,
+                        "null with comm.binary_weights=packed and comm.resident_bits=true (an EMA averages "
+                        "+-1 floats of every binary weight, which resident bits do not keep; set "
+                        "comm.resident_bits=false to train with an EMA)",
+                    )
                 ],
             )
 

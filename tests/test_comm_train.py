@@ -85,9 +85,10 @@ def _fit(loop, config: dict, storage: Path, name: str, workers: int, max_failure
 def _signs_hash(model) -> str:
     import hashlib
 
-    from dbgen.nn import binary_latents, pack_signs
+    from dbgen.nn import binary_layers, pack_signs
 
-    return hashlib.sha256(torch.cat([pack_signs(w) for w in binary_latents(model)]).numpy().tobytes()).hexdigest()
+    signs = torch.cat([pack_signs(m.signs()) for _, m in binary_layers(model)])
+    return hashlib.sha256(signs.numpy().tobytes()).hexdigest()
 
 
 def _trainer(overrides, config, run_dir, checkpoint_dir=None):

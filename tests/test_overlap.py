@@ -43,9 +43,9 @@ def _trainer(overrides, run_dir: Path, train_dir: str, rank: int, world: int):
 
 
 def _signs(model) -> bytes:
-    from dbgen.nn import binary_latents, pack_signs
+    from dbgen.nn import binary_layers, pack_signs
 
-    return torch.cat([pack_signs(w) for w in binary_latents(model)]).numpy().tobytes()
+    return torch.cat([pack_signs(m.signs()) for _, m in binary_layers(model)]).numpy().tobytes()
 
 
 def _schedules_worker(rank: int, world: int, out_dir: str, train_dir: str):

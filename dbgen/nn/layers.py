@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .resident import ResidentSigns
+
 __all__ = [
     "BinaryActivation",
     "BinaryConv2d",
@@ -89,6 +91,47 @@ class _BWNWeight(torch.autograd.Function):
         return grad * scale, grad_scale, None
 
 
+class _ResidentBWN(torch.autograd.Function):
+    """A binary layer's output from its resident signs (:class:`ResidentSigns`): the +-1 operand is expanded
+    (the select of :class:`_BWNWeight`) just before the op and dropped after it, and backward expands it again
+    from the words instead of keeping it. Forward and backward run the ops autograd would run on
+    ``layer._op(x, _BWNWeight(v, scale), bias)`` with the same operands, so every value is the same bit for bit:
+    the op in the autocast dtype (input and bias cast as autocast casts them), its backward
+    (``layer._op_backward``), then the straight-through gradients ``dv = dW * scale`` and ``dscale``, in fp32.
+    ``latent`` is the layer's weight parameter (a placeholder): its gradient ``dv`` is accumulated into it as
+    usual, so gradient hooks and buckets see a binary layer like any other.
+    """
+
+    @staticmethod
+    def forward(ctx, x, latent, scale, bias, layer):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else latent.dtype
+        cast = dtype if torch.is_autocast_enabled(device) and x.is_floating_point() else x.dtype
+        xc = x.to(cast)
+        bc = None if bias is None else bias.to(cast)
+        s = scale.to(dtype)
+        y = layer._op(xc, torch.where(layer.resident.mask(), s, -s), bc)
+        ctx.save_for_backward(xc, scale)
+        ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, scale = ctx.saved_tensors
+        layer = ctx.layer
+        mask = layer.resident.mask()
+        s = scale.to(ctx.dtype)
+        needs = (ctx.needs_input_grad[0], True, ctx.needs_input_grad[3])
+        gx, gw, gb = layer._op_backward(grad, xc, torch.where(mask, s, -s), ctx.bias_dtype is not None, needs)
+        gw = gw.to(scale.dtype)
+        dims = [d for d in range(gw.dim()) if scale.shape[d] == 1]
+        grad_scale = torch.where(mask, gw, -gw).sum(dim=dims, keepdim=True)
+        gx = None if gx is None else gx.to(ctx.x_dtype)
+        gb = None if gb is None else gb.to(ctx.bias_dtype)
+        return gx, gw * scale, grad_scale, gb, None
+
+
 def sign_ste(v: torch.Tensor) -> torch.Tensor:
     """+-1 with sign(0) = +1; gradient passes straight through (binary weights)."""
     return _SignSTE.apply(v)
@@ -116,6 +159,7 @@ class WeightNormLayer(nn.Module):
     binary: bool = False
     _channel_dim: int = 0  # weight dimension of output channels
     _output_dim: int = 1  # output dimension of channels (NCHW); -1 for linear layers
+    resident: ResidentSigns | None = None  # binary layers: the signs as bits (keep_signs_resident)
 
     def _init_params(self, weight_shape, out_channels: int, bias: bool, init_scale: float):
         self.weight = nn.Parameter(torch.empty(weight_shape))
@@ -139,6 +183,8 @@ class WeightNormLayer(nn.Module):
     def direction(self) -> torch.Tensor:
         """The unit-norm weight direction: ``sign(v)/sqrt(fan_in)`` (binary) or ``v/||v||``."""
         v = self.weight
+        if self.resident is not None:
+            return self.resident.signs(v.dtype) * (1.0 / math.sqrt(self.fan_in))
         if self.binary:
             return sign_ste(v) * (1.0 / math.sqrt(self.fan_in))
         dims = [d for d in range(v.dim()) if d != self._channel_dim]
@@ -157,7 +203,49 @@ class WeightNormLayer(nn.Module):
         return _BWNWeight.apply(v, self._per_channel(self.gain) * (1.0 / math.sqrt(self.fan_in)), dtype)
 
     def forward(self, x):
+        if self.resident is not None:
+            scale = self._per_channel(self.gain) * (1.0 / math.sqrt(self.fan_in))
+            return _ResidentBWN.apply(x, self.weight, scale, self.bias, self)
         return self._op(x, self.effective_weight(), self.bias)
+
+    def keep_signs_resident(self, words: torch.Tensor, offset: int) -> None:
+        """From now on the layer's signs are bits ``[offset, offset + numel)`` of ``words`` (shared, not copied:
+        see :class:`ResidentSigns`), 1 bit per weight, and ``weight`` keeps its shape but no values (a
+        zero-stride placeholder, 4 bytes): it only collects the gradient. The words must hold the current
+        signs. The state dict still has ``weight`` as +-1 floats (expanded when it is built, packed when one is
+        loaded), so checkpoints are those of a layer holding its signs as floats."""
+        if not self.binary:
+            raise ValueError(f"{type(self).__name__}: only binary layers keep their signs as bits")
+        w = self.weight
+        channels_last = w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        self.resident = ResidentSigns(words, offset, w.shape, channels_last)
+        w.data = w.new_zeros(()).expand(w.shape)  # the fp32 storage goes; shape, dtype, device stay
+
+    @torch.no_grad()
+    def signs(self) -> torch.Tensor:
+        """The binary weights' +-1 signs (sign(0) = +1), in the weight's dtype, whether resident or not."""
+        if self.resident is not None:
+            return self.resident.signs(self.weight.dtype)
+        return torch.where(self.weight >= 0, 1.0, -1.0).to(self.weight.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.resident is not None:
+            destination[prefix + "weight"] = self.resident.signs(self.weight.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key, args = prefix + "weight", (local_metadata, strict, missing, unexpected, errors)
+        if self.resident is None or key not in state_dict:
+            return super()._load_from_state_dict(state_dict, prefix, *args)
+        if state_dict[key].shape != self.resident.shape:
+            errors.append(f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, "
+                          f"the shape in current model is {tuple(self.resident.shape)}.")  # fmt: skip
+            return None
+        self.resident.write(state_dict[key])
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix, *args)
+        if key in missing:
+            missing.remove(key)
+        return None
 
     @torch.no_grad()
     def data_init(self, x):
@@ -179,6 +267,15 @@ class WeightNormLayer(nn.Module):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, init_scale={self.init_scale}"
+
+
+def _convolution_backward(grad, x, weight, bias_sizes, conv, transposed, output_padding, needs):
+    """``aten.convolution_backward``: the op autograd runs for ``F.conv2d`` and ``F.conv_transpose2d``."""
+    out = torch.ops.aten.convolution_backward(
+        grad, x, weight, bias_sizes, conv.stride, conv.padding, conv.dilation, transposed, output_padding,
+        conv.groups, list(needs),
+    )  # fmt: skip
+    return tuple(t if n else None for t, n in zip(out, needs, strict=True))
 
 
 class _ConvNd(WeightNormLayer):
@@ -220,6 +317,11 @@ class _Conv2d(_ConvNd):
     def _op(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _op_backward(self, grad, x, weight, has_bias, needs):
+        """Gradients of ``_op`` (input, weight, bias; None where not needed), computed as autograd does."""
+        bias = [self.out_channels] if has_bias else None
+        return _convolution_backward(grad, x, weight, bias, self, False, (0, 0), needs)
+
 
 class _ConvTranspose2d(_ConvNd):
     # ConvTranspose weights are (in, out/groups, kh, kw): output channels index dim 1.
@@ -251,6 +353,10 @@ class _ConvTranspose2d(_ConvNd):
             x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
         )
 
+    def _op_backward(self, grad, x, weight, has_bias, needs):
+        bias = [self.out_channels] if has_bias else None
+        return _convolution_backward(grad, x, weight, bias, self, True, self.output_padding, needs)
+
 
 class _Linear(WeightNormLayer):
     _channel_dim = 0
@@ -263,6 +369,13 @@ class _Linear(WeightNormLayer):
 
     def _op(self, x, weight, bias):
         return F.linear(x, weight, bias)
+
+    def _op_backward(self, grad, x, weight, has_bias, needs):
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = grad.matmul(weight) if needs[0] else None
+        gw = g2.t().mm(x2)
+        gb = g2.sum(0) if has_bias and needs[2] else None
+        return gx, gw, gb
 
     def extra_repr(self):
         return (

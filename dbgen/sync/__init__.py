@@ -50,10 +50,10 @@ __all__ = [
 SYNC_MODES: dict[tuple[str, str], Callable[..., GradientSync]] = {
     ("dp", "none"): lambda engine, optimizer, comm: DataParallelSync(engine, optimizer, comm.overlap, comm.bucket_mb),
     ("packed", "none"): lambda engine, optimizer, comm: PackedSync(
-        engine, optimizer, None, comm.overlap, comm.bucket_mb
+        engine, optimizer, None, comm.overlap, comm.bucket_mb, comm.resident_bits
     ),
     ("packed", "onebit"): lambda engine, optimizer, comm: PackedSync(
-        engine, optimizer, comm.onebit_warmup_steps, comm.overlap, comm.bucket_mb
+        engine, optimizer, comm.onebit_warmup_steps, comm.overlap, comm.bucket_mb, comm.resident_bits
     ),
     ("dp", "onebit"): lambda engine, optimizer, comm: DataParallelOnebitSync(
         engine, optimizer, comm.onebit_warmup_steps

@@ -7,13 +7,17 @@ are still being computed, and a step costs about max(compute, communication) ins
 Buckets hold whole parameters in the order backward makes their gradients ready, about ``bucket_bytes`` each.
 That order is not the reverse of registration in general: a VAE registers each layer's encoder and decoder
 parts together and backward reaches them at opposite ends of the pass, so buckets cut by registration would
-complete only at its end. The first step records the order (its exchange runs after backward, serially), rank
-0's record is broadcast so every rank cuts the same buckets, and from the second step on, during the backward
-of a step's last micro-step (:meth:`arm`), a bucket is launched (the mode's ``launch(index, params)``) once
-every gradient in it has been accumulated (``Tensor.register_post_accumulate_grad_hook``) and every bucket
-before it has been launched: every rank issues the same collectives in the same order. Earlier micro-steps
-launch nothing. :meth:`finish` launches what is left: parameters that got no gradient, or every bucket when
-nothing was armed. Each time the buckets are cut, the mode's ``plan(buckets)`` is called first.
+complete only at its end. The first step records the order, rank 0's record is broadcast so every rank cuts
+the same buckets, and during the backward of a step's last micro-step (:meth:`arm`), a bucket is launched (the
+mode's ``launch(index, params)``) once every gradient in it has been accumulated
+(``Tensor.register_post_accumulate_grad_hook``) and every bucket before it has been launched: every rank
+issues the same collectives in the same order. Earlier micro-steps launch nothing. In the first step, while
+the order is recorded, the buckets are cut from the reverse of the order in which the first forward pass (with
+autograd on) used the parameters, which backward follows closely: the first step overlaps too, and holds no
+more gradients than the next ones (a mode that frees each bucket's gradients, as the packed one does, needs
+that to keep its memory bounded from the start). :meth:`finish` launches what is left: parameters that got no
+gradient, or every bucket when nothing was armed. Each time the buckets are cut, the mode's ``plan(buckets)``
+is called first.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ class GradBuckets:
     bucket holding every parameter (registration order), launched by :meth:`finish`; with them the first armed
     backward records the order gradients become ready and the buckets are cut from it (see the module)."""
 
-    def __init__(self, params, bucket_bytes: float, launch: Callable[[int, Params], None], plan, hooks: bool):
-        self.params = [p for p in params if p.requires_grad]
+    def __init__(self, module, bucket_bytes: float, launch: Callable[[int, Params], None], plan, hooks: bool):
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.bucket_bytes = bucket_bytes
         self._launch, self._plan = launch, plan
         self._index = {id(p): i for i, p in enumerate(self.params)}
@@ -50,9 +54,19 @@ class GradBuckets:
         self._armed, self._next, self._warned = False, 0, False
         self._missing: list[int] = []
         self._seen: set[int] = set()
+        self._used: dict[int, None] = {}  # parameter indices in the order the first forward used them
+        self._forward_hooks = []
         if hooks:
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self._on_grad)
+            for m in module.modules():
+                own = [self._index[id(p)] for p in m.parameters(recurse=False) if id(p) in self._index]
+                if own:
+                    self._forward_hooks.append(m.register_forward_pre_hook(lambda m, args, own=own: self._on_use(own)))
+
+    def _on_use(self, indices: list[int]) -> None:
+        if torch.is_grad_enabled():  # a training forward (eval and sampling may take another path)
+            self._used.update(dict.fromkeys(indices))
 
     def __len__(self) -> int:
         return len(self.buckets)
@@ -65,6 +79,8 @@ class GradBuckets:
     def arm(self) -> None:
         """The next backward is the step's last micro-step: launch each bucket as soon as it is ready (the
         first time, record the order gradients become ready in)."""
+        if self._recorded is None and self._used:  # the first step: cut from the forward's order, reversed
+            self._cut(self._ready_buckets(self._agreed(list(reversed(self._used)))))
         self._missing = [len(b) for b in self.buckets]
         self._seen.clear()
         self._next, self._armed = 0, True
@@ -75,7 +91,6 @@ class GradBuckets:
         self._seen.add(id(p))
         if self._recorded is None:
             self._order.append(self._index[id(p)])
-            return
         self._missing[self._bucket_of[id(p)]] -= 1
         while self._next < len(self.buckets) and self._missing[self._next] == 0:
             self._launch_next()
@@ -102,6 +117,9 @@ class GradBuckets:
             self._launch_next()
         self._armed, self._next = False, 0
         if recording:
+            for handle in self._forward_hooks:
+                handle.remove()
+            self._forward_hooks.clear()
             self._recorded = self._agreed(self._order)
             self._cut(self._ready_buckets(self._recorded))
             mb = "one bucket" if math.isinf(self.bucket_bytes) else f"{self.bucket_bytes / 2**20:g} MB buckets"

@@ -38,6 +38,10 @@ class Pending:
         self.work.wait()
         return self.finish()
 
+    def done(self) -> bool:
+        """Whether the collective has completed (``wait()`` would not block)."""
+        return self.work.is_completed()
+
 
 def _dist_fn(name: str, fallback: str):
     """The (possibly counted) torch.distributed function, looked up at call time; older torch: ``fallback``."""

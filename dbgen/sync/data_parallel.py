@@ -42,7 +42,7 @@ class DataParallelSync(EngineSync):
         self._pending: list[Pending] = []
         if overlap and self.zero_stage == 0 and dist.get_world_size() > 1:
             size = bucket_mb * 2**20
-            self.buckets = GradBuckets(engine.module.parameters(), size, self._launch, lambda buckets: None, True)
+            self.buckets = GradBuckets(engine.module, size, self._launch, lambda buckets: None, True)
 
     def backward(self, loss, last):
         if self.buckets is not None and last:

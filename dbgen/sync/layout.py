@@ -47,12 +47,15 @@ class BinaryLayout:
 
     def flat(self, tensors) -> torch.Tensor:
         """(padded,) fp32: ``tensors`` (one per latent, None = zeros) concatenated, zero padding."""
-        out = torch.zeros(self.padded, dtype=torch.float32, device=self.params[0].device)
-        o = 0
-        for p, t in zip(self.params, tensors, strict=True):
-            if t is not None:
-                out[o : o + p.numel()].copy_(t.reshape(-1))
-            o += p.numel()
+        return self.window(0, self.padded, tensors)
+
+    def window(self, lo: int, hi: int, tensors) -> torch.Tensor:
+        """(hi - lo,) fp32: elements ``[lo, hi)`` of :meth:`flat`, without building the whole vector."""
+        out = torch.zeros(hi - lo, dtype=torch.float32, device=self.params[0].device)
+        for p, t, o in zip(self.params, tensors, self.offsets, strict=True):
+            a, b = max(lo, o), min(hi, o + p.numel())
+            if t is not None and a < b:
+                out[a - lo : b - lo].copy_(t.reshape(-1)[a - o : b - o])
         return out
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:

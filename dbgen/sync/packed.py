@@ -16,17 +16,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..nn import pack_signs
+from ..nn import binary_layers, pack_signs
 from .accounting import comm_kind
 from .base import ExchangeSync, nan_as_inf, set_lr
 from .buckets import GradBuckets
 from .collectives import Pending, all_gather_flat, start_all_reduce_mean, start_slice_sum
-from .layout import chunk_rows, load_partitions, save_partition
+from .layout import load_partitions, save_partition
 from .onebit import ONEBIT_CHUNK, OneBitExchange
 
 __all__ = ["PackedSync"]
 
 log = logging.getLogger(__name__)
+
+PACK_WINDOW = 2**24  # elements of the flat latent vector packed at a time at start-up (64 MiB of fp32)
 
 
 class PackedSync(ExchangeSync):
@@ -89,15 +91,28 @@ class PackedSync(ExchangeSync):
         onebit_warmup_steps: int | None = None,
         overlap: bool = False,
         bucket_mb: float = 25.0,
+        resident: bool = True,
     ):
         super().__init__(engine, optimizer, onebit_warmup_steps)
         group = self.binary_group
         optimizer.param_groups.remove(group)  # the engine's optimizer keeps the full-precision params only
-        full = self.layout.flat([p.detach() for p in self.layout.params])  # identical on every rank (broadcast)
-        start = self.layout.start
-        self.latent = torch.nn.Parameter(full[start : start + self.layout.slice].clone())  # (slice,)
+        lay = self.layout
+        latents = [p.detach() for p in lay.params]  # identical on every rank (broadcast)
+        self.latent = torch.nn.Parameter(lay.window(lay.start, lay.start + lay.slice, latents))  # (slice,)
         self.binary_optimizer = type(optimizer)([dict(group, params=[self.latent])], lr=group["lr"])
-        self.layout.write_signs(pack_signs(full))  # from here on the module holds signs only
+        # Every rank's signs, 8 per byte in the flat vector's order: the sign all-gathers land here.
+        self._packed = torch.empty(lay.padded // 8, dtype=torch.uint8, device=self.latent.device)
+        for a in range(0, lay.padded, PACK_WINDOW):  # never the whole flat vector at once
+            b = min(lay.padded, a + PACK_WINDOW)
+            self._packed[a // 8 : b // 8] = pack_signs(lay.window(a, b, latents))
+        del latents
+        self.resident = resident  # comm.resident_bits: the layers read _packed; else they hold +-1 floats
+        if resident:
+            layer_of = {id(m.weight): m for _, m in binary_layers(engine.module)}
+            for p, o in zip(lay.params, lay.offsets, strict=True):
+                layer_of[id(p)].keep_signs_resident(self._packed, o)
+        else:
+            lay.write_signs(self._packed)  # from here on the module holds signs only
         self.onebit = onebit_warmup_steps is not None
         self.exchange = OneBitExchange(self.layout, receiver_side=False) if self.onebit else None
         self.overlap = overlap
@@ -105,9 +120,10 @@ class PackedSync(ExchangeSync):
         self._fp_pending: list[Pending] = []
         self._binary_pending: list[tuple[torch.Tensor, Pending]] = []  # (my chunks among them, exchange)
         size = bucket_mb * 2**20 if overlap else math.inf
-        self.buckets = GradBuckets(engine.module.parameters(), size, self._launch, self._plan, overlap)
-        self._flat: torch.Tensor | None = None  # (padded,) this step's binary gradients, filled per bucket
-        self._packed = torch.zeros(self.layout.padded // 8, dtype=torch.uint8, device=self.latent.device)
+        self.buckets = GradBuckets(engine.module, size, self._launch, self._plan, overlap)
+        self._flat: torch.Tensor | None = None  # 1-bit steps: (padded,) the binary gradients, then their errors
+        self._spilled: dict[int, list] = {}  # bucket -> [(offset in its rows, gradient piece)] (earlier buckets')
+        self._mine: torch.Tensor | None = None  # (slice,) this step's averaged gradient, filled as buckets finish
         self._gathers: list[tuple[torch.Tensor, Pending | None, list]] = []  # in forward order, not yet written
         self._written = 0  # gathers of this step already written into the module
         if overlap:  # each module holding latents waits for their signs before its forward
@@ -116,12 +132,13 @@ class PackedSync(ExchangeSync):
                 if mine:
                     module.register_forward_pre_hook(self._before_forward)
         log.info(
-            "packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s",
+            "packed sync: %d binary latents in %d tensors, slice %d per rank (%d real), %s, signs %s",
             self.layout.numel,
             len(self.layout.params),
             self.layout.slice,
             self.layout.valid,
             f"1-bit gradients after {self.warmup} steps" if self.onebit else "uncompressed gradients",
+            "resident as bits" if resident else "held as +-1 floats",
         )
 
     def _plan(self, buckets) -> None:
@@ -136,10 +153,22 @@ class PackedSync(ExchangeSync):
                 if o is not None:
                     last[o // c : (o + p.numel() - 1) // c + 1].clamp_(min=i)
         self._chunks = []
+        row = torch.zeros_like(last)  # each chunk's row in its bucket's buffer
         for i in range(len(buckets)):
             ids = (last == i).nonzero().flatten()
+            row[ids] = torch.arange(ids.numel())
             counts = torch.bincount(ids // per_rank, minlength=self.world).tolist()
             self._chunks.append((ids.to(self.latent.device), counts))
+        # Where each latent's gradient goes: (start, length, bucket, offset in that bucket's rows) for its first
+        # chunk, the chunks only it covers (all sent by its own bucket, in consecutive rows) and its last chunk.
+        self._segments = {}
+        for p, o in zip(self.layout.params, self.layout.offsets, strict=True):
+            end, j0, j1 = o + p.numel(), o // c, (o + p.numel() - 1) // c
+            cuts = sorted({o, end, *[x for x in ((j0 + 1) * c, j1 * c) if o < x < end]})
+            self._segments[id(p)] = [
+                (a - o, b - a, int(last[a // c]), int(row[a // c]) * c + a - (a // c) * c)
+                for a, b in zip(cuts, cuts[1:], strict=False)
+            ]
         # The signs come back in forward order, the reverse of the buckets: gather k carries bucket L-1-k's
         # chunks, and a latent is complete after the last gather holding one of its chunks.
         gather_of_chunk = len(buckets) - 1 - last
@@ -164,41 +193,74 @@ class PackedSync(ExchangeSync):
             fp = [p for p in params if id(p) not in self._offset]
             if fp:
                 self._fp_pending.append(start_all_reduce_mean(fp))
-            if self._flat is None:
-                self._flat = torch.zeros(self.layout.padded, device=self.latent.device)
-            for p in params:
-                o = self._offset.get(id(p))
-                if o is not None:
-                    if p.grad is not None:
-                        self._flat[o : o + p.numel()].copy_(p.grad.reshape(-1))
-                    p.grad = None
             chunks, counts = self._chunks[index]
-            if not chunks.numel():
-                return
             c = ONEBIT_CHUNK
-            if self._compressed:
+            if self._compressed:  # error feedback: the whole flat vector becomes the next send_error
+                if self._flat is None:
+                    self._flat = torch.zeros(self.layout.padded, device=self.latent.device)
+                for p in params:
+                    o = self._offset.get(id(p))
+                    if o is not None:
+                        if p.grad is not None:
+                            self._flat[o : o + p.numel()].copy_(p.grad.reshape(-1))
+                        p.grad = None
+                if not chunks.numel():
+                    return
                 pending = self.exchange.start_reduce_scatter(self._flat, chunks, counts)  # errors into _flat
             else:
-                x, _ = chunk_rows(self._flat, c, chunks)  # a view where it can
-                pending = start_slice_sum(x.reshape(-1), [n * c for n in counts])
+                rows = self._bucket_rows(index, params)
+                if not chunks.numel():
+                    return
+                pending = start_slice_sum(rows, [n * c for n in counts])
             first = self.layout.start // c
             mine = chunks[(chunks >= first) & (chunks < first + self.layout.slice // c)] - first
             self._binary_pending.append((mine, pending))
+            self._drain(wait=False)
+
+    def _bucket_rows(self, index: int, params) -> torch.Tensor:
+        """(k * ONEBIT_CHUNK,) the chunks bucket ``index`` sends, from its latents' gradients and the pieces
+        earlier buckets left for it; the gradients are released (pieces of chunks a later bucket sends are
+        kept for it). Only buffers of buckets in flight exist: never the whole flat gradient."""
+        ids, _ = self._chunks[index]
+        rows = torch.zeros(ids.numel() * ONEBIT_CHUNK, device=self.latent.device)
+        for at, piece in self._spilled.pop(index, ()):
+            rows[at : at + piece.numel()] = piece
+        for p in params:
+            segments = self._segments.get(id(p))
+            if segments is None:
+                continue
+            if p.grad is not None:
+                g = p.grad.reshape(-1)
+                for start, n, bucket, at in segments:
+                    if bucket == index:
+                        rows[at : at + n] = g[start : start + n]
+                    else:
+                        self._spilled.setdefault(bucket, []).append((at, g[start : start + n].clone()))
+            p.grad = None
+        return rows
+
+    @torch.no_grad()
+    def _drain(self, wait: bool) -> None:
+        """Finish the binary exchanges in flight, oldest first: those already completed, or (``wait``) all.
+        Each lands in this rank's slice of the averaged gradient, and its buffers are released."""
+        if self._mine is None:
+            self._mine = torch.zeros(self.layout.slice, device=self.latent.device)
+        while self._binary_pending and (wait or self._binary_pending[0][1].done()):
+            chunks, pending = self._binary_pending.pop(0)
+            part = pending.wait()
+            if not self._compressed:
+                part.mul_(1.0 / self.world)
+            self._mine.view(-1, ONEBIT_CHUNK)[chunks] = part.view(-1, ONEBIT_CHUNK)
 
     @torch.no_grad()
     def reduce(self):
         self.buckets.finish()
         for pending in self._fp_pending:
             pending.wait()
-        mine = torch.zeros(self.layout.slice, device=self.latent.device)
-        for chunks, pending in self._binary_pending:
-            part = pending.wait()
-            if not self._compressed:
-                part.mul_(1.0 / self.world)
-            mine.view(-1, ONEBIT_CHUNK)[chunks] = part.view(-1, ONEBIT_CHUNK)
+        self._drain(wait=True)
+        mine, self._mine = self._mine, None
         mine[self.layout.valid :] = 0
         self._fp_pending.clear()
-        self._binary_pending.clear()
         self._flat = None
         self.latent.grad = mine  # (slice,); padding is zero
 
@@ -254,7 +316,7 @@ class PackedSync(ExchangeSync):
             ids, pending, latents = self._gathers[0]
             if pending is not None:
                 self._packed.view(-1, c // 8)[ids] = pending.wait().view(-1, c // 8)
-            if latents:
+            if latents and not self.resident:
                 self.layout.write_signs(self._packed, latents)
             self._gathers.pop(0)
             self._written += 1
@@ -264,9 +326,9 @@ class PackedSync(ExchangeSync):
     @torch.no_grad()
     def _gather_signs(self) -> None:
         with comm_kind("weight"):
-            mine = pack_signs(self.latent)  # (slice/8,) uint8
-            full = all_gather_flat(mine.new_empty(self.world * mine.numel()), mine)  # (padded/8,)
-        self.layout.write_signs(full)
+            all_gather_flat(self._packed, pack_signs(self.latent))  # in place: resident layers read these words
+        if not self.resident:
+            self.layout.write_signs(self._packed)
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def rank_tensors(self) -> list[torch.Tensor]:
