@@ -4,21 +4,30 @@
 --memory`` prints it as a table or as JSON. Per worker, in bytes, with ``P`` = all parameters, ``B`` = the binary
 latents, ``F = P - B``, ``W`` workers, 4 bytes per fp32 element (the engine is always fp32):
 
-=================  =====================  =====================  ==================  ======================
-term               dp (ZeRO 0)            zero1 / zero2          packed              packed + onebit
-=================  =====================  =====================  ==================  ======================
-parameters         P                      P                      P (binary: +-1)     P
-gradients          P                      P / P/W + 1 bucket     P                   P
-optimizer          Adam 2P                (2P + fp32 copy P)/W   2F + 3B/W (slice)   2F + 3B/W
-binary signs       -                      -                      B/32 (packed, all)  B/32 + error B
-reduce buffers     P (flat bucket)        P (flat bucket)        B (flat) + B/W      + B (1-bit temps)
-=================  =====================  =====================  ==================  ======================
+=============  ===================  ====================  =================  ===================  ==================
+term           dp (ZeRO 0)          zero1 / zero2         packed-floats      packed               packed + onebit
+=============  ===================  ====================  =================  ===================  ==================
+parameters     P                    P                     P (binary: +-1)    F (binary: bits)     F
+gradients      P                    P / P/W + 1 bucket    P                  F + b                F + b
+optimizer      Adam 2P              (2P + fp32 copy P)/W  2F + 3B/W (slice)  2F + 3B/W            2F + 3B/W
+binary signs   -                    -                     B/32 (all ranks)   B/32 (the weights)   B/32 + error B
+reduce bufs    P (flat bucket)      P (flat bucket)       B (flat) + B/W     B/W + (W + 1) b      + B (flat)
+=============  ===================  ====================  =================  ===================  ==================
 
-plus, during forward and backward, the **materialized weights** (every layer's weight as the forward pass uses it,
-``gain * v/||v||`` or ``where(v >= 0, s, -s)``, saved for the backward pass) and the **activations** at the
-per-worker micro-batch. The step's peak is the larger of the forward/backward phase (materialized weights +
-activations, nothing reduced yet) and the reduce phase (gradients + reduce buffers), on top of parameters,
-optimizer state and signs.
+``packed`` is ``comm.binary_weights: packed`` with ``comm.resident_bits`` (the default): the binary layers read
+their weights from the all-gathered signs, and their gradients leave in buckets of ``b = comm.bucket_mb`` (all
+of ``B`` with ``comm.overlap: false``): at most one bucket's gradients wait for it, and one bucket's send and
+receive buffers are in flight. ``packed-floats`` keeps a +-1 fp32 copy of every binary weight
+(``comm.resident_bits: false``). In the resident modes the exchange runs during backward (the buckets leave as
+their gradients are ready), so the step's peak is the sum of both phases rather than the larger one; the
+receive buffer is counted for the worker that owns all of a bucket's chunks (the worst one).
+
+Plus, during forward and backward, the **materialized weights** (every layer's weight as the forward pass uses it,
+``gain * v/||v||`` or ``where(v >= 0, s, -s)``, saved for the backward pass; a resident binary layer expands its
+operand only while it computes, so that term is measured on a resident model for the resident modes) and the
+**activations** at the per-worker micro-batch. The step's peak is the larger of the forward/backward phase
+(materialized weights + activations, nothing reduced yet) and the reduce phase (gradients + reduce buffers), on
+top of parameters, optimizer state and signs (their sum in the resident modes, see above).
 
 Activations are measured, not modelled: one forward/backward at 1 and at 2 rows on this machine's CPU, following
 every tensor storage that an operator allocates (a ``TorchDispatchMode``; in-place results and views of existing
@@ -44,13 +53,14 @@ from torch.utils._pytree import tree_leaves
 
 from .config import Config, load_config, micro_batch_size
 from .models import build, set_activation_checkpointing
-from .nn import binary_layers, data_dependent_init
+from .nn import binary_layers, data_dependent_init, pack_signs
 from .sync.layout import slice_size
 
 __all__ = [
     "MODES",
     "MemoryPlan",
     "ModeMemory",
+    "largest_width",
     "measure_step_bytes",
     "plan_memory",
     "proc_status_bytes",
@@ -58,13 +68,14 @@ __all__ = [
 ]
 
 FP32 = 4
-# mode name -> (comm.binary_weights, comm.binary_grads, scale.zero_stage)
+# mode name -> (comm.binary_weights, comm.binary_grads, scale.zero_stage, comm.resident_bits)
 MODES = {
-    "dp": ("dp", "none", 0),
-    "zero1": ("dp", "none", 1),
-    "zero2": ("dp", "none", 2),
-    "packed": ("packed", "none", 0),
-    "packed+onebit": ("packed", "onebit", 0),
+    "dp": ("dp", "none", 0, False),
+    "zero1": ("dp", "none", 1, False),
+    "zero2": ("dp", "none", 2, False),
+    "packed-floats": ("packed", "none", 0, False),
+    "packed": ("packed", "none", 0, True),
+    "packed+onebit": ("packed", "onebit", 0, True),
 }
 ZERO2_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
@@ -150,23 +161,30 @@ def measure_step_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def _activation_lines(cfg: Config) -> dict:
-    """fixed and per-row peak bytes of one step, plain and checkpointed."""
+    """fixed and per-row peak bytes of one step, plain and checkpointed, with the binary layers holding floats
+    and (``resident`` keys, when the model has binary layers) holding their signs as bits."""
     torch.manual_seed(0)
     model = build(cfg.model)
     data_dependent_init(model, _fake_images(cfg, 4))
     model.train()
     lines = {}
-    for checkpointed in (False, True):
-        set_activation_checkpointing(model, checkpointed)
-        one, two = (measure_step_bytes(model, _fake_images(cfg, n)) for n in (1, 2))
-        lines[checkpointed] = (max(0, 2 * one - two), max(0, two - one))  # (fixed, per row)
-    (fixed, per_row), (fixed_ckpt, per_row_ckpt) = lines[False], lines[True]
-    return {
-        "materialized": fixed,
-        "per_row": per_row,
-        "per_row_checkpointed": per_row_ckpt,
-        "materialized_checkpointed": fixed_ckpt,
-    }
+    layers = [m for _, m in binary_layers(model)]
+    for resident in (False, True) if layers else (False,):
+        if resident:  # every binary layer's signs in one buffer, as the packed sync keeps them
+            words = pack_signs(torch.cat([m.weight.detach().reshape(-1) for m in layers]))
+            offset = 0
+            for m in layers:
+                m.keep_signs_resident(words, offset)
+                offset += m.weight.numel()
+        for checkpointed in (False, True):
+            set_activation_checkpointing(model, checkpointed)
+            one, two = (measure_step_bytes(model, _fake_images(cfg, n)) for n in (1, 2))
+            lines[resident, checkpointed] = (max(0, 2 * one - two), max(0, two - one))  # (fixed, per row)
+    out = {}
+    for (resident, checkpointed), (fixed, per_row) in lines.items():
+        suffix = ("_resident" if resident else "") + ("_checkpointed" if checkpointed else "")
+        out["materialized" + suffix], out["per_row" + suffix] = fixed, per_row
+    return out
 
 
 def plan_memory(
@@ -174,16 +192,61 @@ def plan_memory(
 ) -> MemoryPlan:
     """The per-worker memory of ``config`` (path, dict or Config) with ``workers`` workers (default
     ``scale.num_workers``) at global ``batch`` (default ``train.batch_size``), in every mode of :data:`MODES`."""
+    cfg = _sized(config, overrides, workers, batch)
+    return _plan(cfg, _activation_lines(cfg), gpu_memory)
+
+
+def _sized(config, overrides, workers: int | None, batch: int | None) -> Config:
     cfg = load_config(config, overrides)
     workers = workers or cfg.scale.num_workers
     batch = batch or cfg.train.batch_size
-    cfg = load_config(cfg, [f"scale.num_workers={workers}", f"train.batch_size={batch}"])
-    micro = micro_batch_size(cfg, workers)
+    return load_config(cfg, [f"scale.num_workers={workers}", f"train.batch_size={batch}"])
+
+
+def _counts(cfg: Config) -> tuple[int, int]:
+    """(parameters, binary parameters) of ``cfg``'s model, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
         meta = build(cfg.model)
-    n_params = sum(p.numel() for p in meta.parameters())
-    n_binary = sum(m.weight.numel() for _, m in binary_layers(meta))
-    acts = _activation_lines(cfg)
+    return sum(p.numel() for p in meta.parameters()), sum(m.weight.numel() for _, m in binary_layers(meta))
+
+
+def largest_width(
+    config, overrides=(), *, budget: int, workers: int | None = None, batch: int | None = None, step: int = 16
+) -> dict[str, int | None]:
+    """Per mode, the largest ``model.width`` (a multiple of ``step``) whose planned total fits ``budget`` bytes
+    per worker (None: not even ``step``). Parameters are counted exactly at every width; the step's activations
+    are measured once, at the config's width ``w0``, and scaled: per-row activations as ``w / w0`` (channels),
+    the materialized weights as ``(w / w0)**2`` (convolution weights). An estimate for sizing a run: check the
+    width it gives with a measured run (``python -m dbgen.bench scale --width``)."""
+    cfg = _sized(config, overrides, workers, batch)
+    w0, acts = cfg.model.width, _activation_lines(cfg)
+    totals: dict[int, dict[str, int]] = {}  # width -> mode -> planned total
+
+    def total(width: int, mode: str) -> int:
+        if width not in totals:
+            c = load_config(cfg, [f"model.width={width}"])
+            r = width / w0
+            scaled = {k: round(v * (r * r if k.startswith("materialized") else r)) for k, v in acts.items()}
+            totals[width] = {m.mode: m.total for m in _plan(c, scaled, None).modes}
+        return totals[width][mode]
+
+    out = {}
+    for mode in [m.mode for m in _plan(cfg, acts, None).modes]:
+        lo, hi = 0, step  # lo fits (0: nothing yet), hi does not or is untested
+        while total(hi, mode) <= budget:
+            lo, hi = hi, 2 * hi
+        while hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            lo, hi = (mid, hi) if total(mid, mode) <= budget else (lo, mid)
+        out[mode] = lo or None
+    return out
+
+
+def _plan(cfg: Config, acts: dict, gpu_memory: int | None) -> MemoryPlan:
+    """The plan of a sized config from its measured activation lines (:func:`_activation_lines`)."""
+    workers, batch = cfg.scale.num_workers, cfg.train.batch_size
+    micro = micro_batch_size(cfg, workers)
+    n_params, n_binary = _counts(cfg)
     P, B = FP32 * n_params, FP32 * n_binary
     F, S = P - B, FP32 * slice_size(n_binary, workers)  # S: one worker's latent slice (padded)
     plan = MemoryPlan(
@@ -197,38 +260,52 @@ def plan_memory(
         activation_bytes_per_row_checkpointed=acts["per_row_checkpointed"],
         gpu_memory=gpu_memory,
     )
-    for mode, (weights, grads, zero) in MODES.items():
+    # what one gradient bucket holds at most (comm.bucket_mb; all of it in the serial schedule)
+    bucket = min(B, round(cfg.comm.bucket_mb * 2**20)) if cfg.comm.overlap else B
+    for mode, (weights, grads, zero, resident) in MODES.items():
         if weights == "packed" and n_binary == 0:
             continue  # packed modes need binary layers
-        signs = 0
+        signs, parameters = 0, P
         if weights == "dp":
             optimizer = 2 * P if zero == 0 else 3 * P // workers
             gradients = P if zero < 2 else P // workers + FP32 * min(n_params, ZERO2_BUCKET_ELEMENTS)
             reduce_buffers = P
         else:
             optimizer = 2 * F + 3 * S
-            gradients = P
             signs = workers * S // (8 * FP32)  # the all-gathered packed signs
-            # the flat gradient (B), the all-to-all's receive buffer (B, in the place of the freed module
-            # gradients) and the local sum's output, this worker's slice (S)
-            reduce_buffers = B + S
+            if resident:  # the binary weights are those signs; their gradients wait for their bucket only
+                parameters, gradients = F, F + bucket
+                # this worker's averaged slice (S), a bucket's send rows and the all-to-all's receive buffer
+                # (W rows of it where one worker owns all of a bucket's chunks, as buckets in gradient order do)
+                reduce_buffers = S + (workers + 1) * bucket
+            else:
+                gradients = P
+                # the flat gradient (B), the all-to-all's receive buffer (B, in the place of the freed module
+                # gradients) and the local sum's output, this worker's slice (S)
+                reduce_buffers = B + S
             if grads == "onebit":
                 signs += workers * S  # the sender's error buffer (padded latents, fp32)
-                reduce_buffers += B  # the compressed message's temporaries
-        static = P + optimizer + signs
-        activations = micro * acts["per_row"]
-        activations_ckpt = micro * acts["per_row_checkpointed"]
-        total = static + max(acts["materialized"] + activations, gradients + reduce_buffers)
-        total_ckpt = static + max(acts["materialized_checkpointed"] + activations_ckpt, gradients + reduce_buffers)
+                reduce_buffers += B  # the 1-bit step's flat vector (resident) or its message temporaries
+        static = parameters + optimizer + signs
+        key = "_resident" if resident else ""
+        materialized, materialized_ckpt = acts["materialized" + key], acts[f"materialized{key}_checkpointed"]
+        activations = micro * acts["per_row" + key]
+        activations_ckpt = micro * acts[f"per_row{key}_checkpointed"]
+        if resident:  # the exchange runs during backward: its buffers add to the activations
+            total = static + materialized + activations + gradients + reduce_buffers
+            total_ckpt = static + materialized_ckpt + activations_ckpt + gradients + reduce_buffers
+        else:
+            total = static + max(materialized + activations, gradients + reduce_buffers)
+            total_ckpt = static + max(materialized_ckpt + activations_ckpt, gradients + reduce_buffers)
         plan.modes.append(
             ModeMemory(
                 mode=mode,
-                parameters=P,
+                parameters=parameters,
                 gradients=gradients,
                 optimizer=optimizer,
                 binary_signs=signs,
                 reduce_buffers=reduce_buffers,
-                materialized_weights=acts["materialized"],
+                materialized_weights=materialized,
                 activations=activations,
                 activations_checkpointed=activations_ckpt,
                 total=total,

@@ -31,9 +31,14 @@ TOLERANCE = 0.15
 CASES = [
     ("rvae_binary_tiny.yaml", [], 512, ("dp", "packed")),
     ("flowpp_binary_tiny.yaml", [], 64, ("dp", "packed")),
-    ("rvae_cifar10_binary.yaml", ["model.num_stochastic=3"], 8, ("dp", "packed")),
+    ("rvae_cifar10_binary.yaml", ["model.num_stochastic=3"], 8, ("dp", "packed-floats", "packed")),
 ]
-MODE_OVERRIDES = {"dp": [], "packed": ["comm.binary_weights=packed"]}
+MODE_OVERRIDES = {
+    "dp": [],
+    "packed-floats": ["comm.binary_weights=packed", "comm.resident_bits=false"],
+    "packed": ["comm.binary_weights=packed"],  # resident bits (the default)
+}
+RESIDENT_TOLERANCE = 0.05  # the resident packed mode (issue 34's bound)
 
 
 def _measure(rank, world, out_dir, train_dir):
@@ -78,7 +83,10 @@ def _measure(rank, world, out_dir, train_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_planner_total_within_15_percent_of_measured_peak(tmp_path, monkeypatch):
+def test_planner_total_within_15_percent_of_measured_peak_and_5_resident(tmp_path, monkeypatch):
+    """The plan is the worst worker's. In the resident mode the worker owning a bucket's chunks receives W copies
+    of them while the other receives none, so the ranks' peaks differ (by 10% on the paper RVAE): that mode's plan
+    is checked against the larger one, within 5%; the other modes' against every rank, within 15%."""
     from dbgen.data import resolve_split
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
@@ -92,12 +100,16 @@ def test_planner_total_within_15_percent_of_measured_peak(tmp_path, monkeypatch)
             for r in range(2):
                 measured = peaks[r][f"{config}-{mode}"]
                 rows.append((config, mode, r, planned, measured, planned / measured - 1))
+            worst = max(peaks[r][f"{config}-{mode}"] for r in range(2))
+            rows.append((config, mode, "max", planned, worst, planned / worst - 1))
     table = "\n".join(
-        f"{c:28s} {m:7s} rank {r}: planned {p / 2**20:8.1f} MiB measured {q / 2**20:8.1f} MiB ({e:+.1%})"
+        f"{c:28s} {m:13s} rank {r}: planned {p / 2**20:8.1f} MiB measured {q / 2**20:8.1f} MiB ({e:+.1%})"
         for c, m, r, p, q, e in rows
     )
     print(table)
-    assert all(abs(e) <= TOLERANCE for *_, e in rows), table
+    assert all(abs(e) <= TOLERANCE for _, m, _, _, _, e in rows if m != "packed"), table
+    resident = [e for _, m, r, *_, e in rows if m == "packed" and r == "max"]
+    assert len(resident) == 3 and all(abs(e) <= RESIDENT_TOLERANCE for e in resident), table
 
 
 def test_inspect_memory_cli_json_and_table():
@@ -117,14 +129,19 @@ def test_inspect_memory_cli_json_and_table():
     out = subprocess.run([*args, "--json", "--gpu-memory", "12MiB"], capture_output=True, text=True, check=True)
     plan = json.loads(out.stdout)
     modes = {m["mode"]: m for m in plan["modes"]}
-    assert list(modes) == ["dp", "zero1", "zero2", "packed", "packed+onebit"]
+    assert list(modes) == ["dp", "zero1", "zero2", "packed-floats", "packed", "packed+onebit"]
     assert plan["workers"] == 2 and plan["micro_batch"] == 16
-    for m in modes.values():
+    for name, m in modes.items():
         parts = m["parameters"] + m["optimizer"] + m["binary_signs"]
-        assert m["total"] == parts + max(
-            m["materialized_weights"] + m["activations"], m["gradients"] + m["reduce_buffers"]
+        compute, exchange = m["materialized_weights"] + m["activations"], m["gradients"] + m["reduce_buffers"]
+        # resident modes exchange during backward: both phases at once
+        assert m["total"] == parts + (
+            compute + exchange if name in ("packed", "packed+onebit") else max(compute, exchange)
         )
         assert m["activations_checkpointed"] < m["activations"] and m["fits"] == (m["total"] <= 12 * 2**20)
     assert modes["packed"]["optimizer"] < modes["dp"]["optimizer"]
+    binary = 4 * plan["binary_params"]
+    assert modes["packed-floats"]["parameters"] - modes["packed"]["parameters"] == binary, "resident: no float copy"
+    assert modes["packed"]["binary_signs"] >= binary // 32
     table = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     assert "packed+onebit" in table and f"{modes['dp']['total']:,}" in table

@@ -25,6 +25,8 @@ def test_scale_check_small_mode(tmp_path):
         "dbgen.bench",
         "scale",
         "--small",
+        "--modes",
+        "dp,packed",
         "--steps",
         "20",
         "--batch",

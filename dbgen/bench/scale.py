@@ -1,9 +1,11 @@
 """``python -m dbgen.bench scale [--small] [--json-out F]``: sharded state at scale, through ``python -m dbgen.train``.
 
-Trains a binary RVAE of about 300M parameters (``configs/rvae_cifar10_wide_binary.yaml`` at width 480: 24
-stochastic layers) for a few steps with 2 CPU workers, once with ``comm.binary_weights=dp`` and once with
-``packed``, and compares each worker's peak memory and bytes sent per step with the planner
-(:func:`dbgen.memory.plan_memory`). ``--small`` runs the same on the tiny binary RVAE (what the slow test runs).
+Trains a binary RVAE of about 300M parameters (``configs/rvae_cifar10_wide_binary.yaml`` at width 480, or
+``--width``: 24 stochastic layers) for a few steps with 2 CPU workers (``--workers``), once per mode of ``--modes``:
+``dp`` (``comm.binary_weights=dp``), ``packed-floats`` (``packed`` holding +-1 floats,
+``comm.resident_bits=false``) and ``packed`` (resident bits), and compares each worker's peak memory and bytes
+sent per step with the planner (:func:`dbgen.memory.plan_memory`). ``--small`` runs the same on the tiny binary
+RVAE (what the slow test runs).
 
 Measured, per worker (the Ray Train worker processes, found as descendants of the ``dbgen.train`` driver and
 matched to the pids in ``summary.json``):
@@ -39,15 +41,23 @@ from ..memory import plan_memory, proc_status_bytes
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-FULL = (ROOT / "configs" / "rvae_cifar10_wide_binary.yaml", ["model.width=480"])
+FULL = (ROOT / "configs" / "rvae_cifar10_wide_binary.yaml", [])
 SMALL = (ROOT / "configs" / "rvae_binary_tiny.yaml", [])
-MODES = ("dp", "packed")
+MODES = {  # the planner's mode names -> config overrides
+    "dp": ["comm.binary_weights=dp"],
+    "packed-floats": ["comm.binary_weights=packed", "comm.resident_bits=false"],
+    "packed": ["comm.binary_weights=packed", "comm.resident_bits=true"],
+}
 MARGIN = 3 * 2**30
 COUNTER = re.compile(r"^ray_dbgen_(comm_bytes|steps)_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
 
 
 def add_arguments(p) -> None:
     p.add_argument("--small", action="store_true", help="the tiny binary RVAE instead of the ~300M one")
+    p.add_argument("--width", type=int, default=480, help="model.width of the wide RVAE (480: ~300M parameters)")
+    p.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (dp always runs small)"
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=2, help="global batch (1 row per worker by default)")
     p.add_argument("--workers", type=int, default=2)
@@ -120,7 +130,7 @@ def run_mode(config: Path, overrides: list[str], mode: str, args, storage: Path,
         "--storage",
         str(storage),
         *overrides,
-        f"comm.binary_weights={mode}",
+        *MODES[mode],
         f"scale.num_workers={args.workers}",
         f"train.batch_size={args.batch}",
         f"train.max_steps={steps}",
@@ -197,12 +207,16 @@ def run_mode(config: Path, overrides: list[str], mode: str, args, storage: Path,
 
 def main(args) -> int:
     storage = Path(args.storage or tempfile.mkdtemp(prefix="dbgen-scale-"))
-    cases = [("small", *SMALL)] + ([] if args.small else [("full", *FULL)])
-    result = {"workers": args.workers, "batch": args.batch, "steps": args.steps, "runs": {}}
+    modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"error: --modes: unknown {unknown}; expected some of {', '.join(MODES)}")
+    full = (FULL[0], [*FULL[1], f"model.width={args.width}"])
+    cases = [("small", *SMALL)] + ([] if args.small else [("full", *full)])
+    result = {"workers": args.workers, "batch": args.batch, "steps": args.steps, "width": args.width, "runs": {}}
     for size, config, overrides in cases:
         plan = plan_memory(config, overrides, workers=args.workers, batch=args.batch)
         planned = {m.mode: m for m in plan.modes}
-        for mode in MODES if size == "full" or args.small else ("dp",):
+        for mode in modes if size == "full" or args.small else ("dp",):
             need = args.workers * planned[mode].total + MARGIN
             if need > _mem_available() and not args.force:
                 raise SystemExit(

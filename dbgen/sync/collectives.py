@@ -50,8 +50,9 @@ def _dist_fn(name: str, fallback: str):
 
 def sum_rows(t: torch.Tensor) -> torch.Tensor:
     """(W, k) -> (k,): the rows added in order, so each element's sum is the same whatever ``k`` is (a
-    reduction kernel may change its order with the shape)."""
-    out = t[0].clone()
+    reduction kernel may change its order with the shape). In place: the result is row 0 of ``t`` (a receive
+    buffer needs no second one of its size)."""
+    out = t[0]
     for row in t[1:]:
         out.add_(row)
     return out

@@ -193,6 +193,7 @@ class PackedSync(ExchangeSync):
             fp = [p for p in params if id(p) not in self._offset]
             if fp:
                 self._fp_pending.append(start_all_reduce_mean(fp))
+            self._drain(wait=False)  # release what has arrived before this bucket's buffers are made
             chunks, counts = self._chunks[index]
             c = ONEBIT_CHUNK
             if self._compressed:  # error feedback: the whole flat vector becomes the next send_error
