@@ -1,7 +1,8 @@
 """Parameter counts and stored sizes of a config's model, or (``--memory``) the memory one worker needs.
 
     python -m dbgen.inspect --config configs/rvae_cifar10_binary.yaml [--json] [model.width=128 ...]
-    python -m dbgen.inspect --config C --memory [--workers W] [--batch B] [--gpu-memory 80GiB] [--json] [k=v ...]
+    python -m dbgen.inspect --config C --memory [--workers W] [--batch B] [--gpu-memory 80GiB [--largest-width]]
+                            [--json] [k=v ...]
 
 ``--memory``: the per-worker bytes of :func:`dbgen.memory.plan_memory` in every communication mode (see
 :mod:`dbgen.memory` for what each term is and how activations are measured). The counts come from
@@ -17,9 +18,11 @@ import re
 import sys
 from collections import Counter
 
+import torch
+
 from .config import ConfigError, load_config
 from .linkmodel import link_section
-from .memory import MemoryPlan, plan_memory
+from .memory import MemoryPlan, largest_width, plan_memory
 from .models import build
 from .nn import binary_layers, size_report
 
@@ -130,6 +133,11 @@ def main(argv=None) -> int:
         default=None,
         help="--memory: the device memory per worker, e.g. 80GiB: which modes fit",
     )
+    parser.add_argument(
+        "--largest-width",
+        action="store_true",
+        help="--memory with --gpu-memory: per mode, the largest model.width that fits (dbgen.memory.largest_width)",
+    )
     parser.add_argument("--link-latency-ms", type=float, default=0.0, help="one-way link latency (with --link-gbps)")
     parser.add_argument(
         "--step-ms",
@@ -163,15 +171,44 @@ def main(argv=None) -> int:
 
 
 def _memory_main(args) -> int:
+    if args.largest_width and args.gpu_memory is None:
+        print("error: --largest-width needs --gpu-memory (the budget per worker)", file=sys.stderr)
+        return 2
     try:
         plan = plan_memory(
             args.config, args.overrides, workers=args.workers, batch=args.batch, gpu_memory=args.gpu_memory
         )
+        widths = None
+        if args.largest_width:
+            widths = largest_width(
+                args.config, args.overrides, budget=args.gpu_memory, workers=args.workers, batch=args.batch
+            )
+            widths = {mode: {"width": w, "params": _params_at(args, w)} for mode, w in widths.items()}
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.to_dict()) if args.json else _memory_table(plan, args.config))
+    if args.json:
+        print(json.dumps({**plan.to_dict(), **({"largest_width": widths} if widths else {})}))
+        return 0
+    print(_memory_table(plan, args.config))
+    if widths:
+        gib = args.gpu_memory / 2**30
+        budget = f"{gib:.1f} GiB" if gib >= 1 else f"{args.gpu_memory / 2**20:.1f} MiB"
+        print(f"largest model.width per worker within {budget} (estimate, activations scaled):")
+        for mode, w in widths.items():
+            print(f"  {mode:14s} {w['width'] or '-':>6}  {w['params'] or 0:>15,} parameters")
     return 0
+
+
+def _params_at(args, width: int | None) -> int | None:
+    """Parameters of the config's model at ``model.width=width``."""
+    if width is None:
+        return None
+    with torch.device("meta"):
+        return sum(
+            p.numel()
+            for p in build(load_config(args.config, [*args.overrides, f"model.width={width}"]).model).parameters()
+        )
 
 
 if __name__ == "__main__":

@@ -145,3 +145,29 @@ def test_inspect_memory_cli_json_and_table():
     assert modes["packed"]["binary_signs"] >= binary // 32
     table = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     assert "packed+onebit" in table and f"{modes['dp']['total']:,}" in table
+
+
+def test_inspect_largest_width_is_the_last_width_that_fits():
+    """--largest-width: per mode, a multiple of 16 whose plan fits the budget and the next one does not (the
+    same scaled estimate, recomputed here at both widths); where parameters dominate (1 row per worker), packed
+    fits a wider model than dp."""
+    from dbgen.memory import _activation_lines, _plan, _sized
+
+    config, budget = ROOT / "configs" / "rvae_binary_tiny.yaml", 2**30
+    args = [sys.executable, "-m", "dbgen.inspect", "--config", str(config), "--memory", "--workers", "2"]
+    args += ["--batch", "2", "--gpu-memory", "1GiB", "--largest-width", "--json"]
+    widths = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)["largest_width"]
+    cfg = _sized(config, [], 2, 2)
+    acts, w0 = _activation_lines(cfg), cfg.model.width
+
+    def total(width, mode):
+        r = width / w0
+        scaled = {k: round(v * (r * r if k.startswith("materialized") else r)) for k, v in acts.items()}
+        c = _sized(cfg, [f"model.width={width}"], 2, 2)
+        return next(m.total for m in _plan(c, scaled, None).modes if m.mode == mode)
+
+    for mode in ("dp", "packed"):
+        w = widths[mode]["width"]
+        assert w % 16 == 0 and total(w, mode) <= budget < total(w + 16, mode), (mode, w)
+    assert widths["packed"]["width"] > widths["dp"]["width"]
+    assert widths["packed"]["params"] > widths["dp"]["params"]
