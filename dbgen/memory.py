@@ -8,19 +8,19 @@ latents, ``F = P - B``, ``W`` workers, 4 bytes per fp32 element (the engine is a
 term           dp (ZeRO 0)          zero1 / zero2         packed-floats      packed               packed + onebit
 =============  ===================  ====================  =================  ===================  ==================
 parameters     P                    P                     P (binary: +-1)    F (binary: bits)     F
-gradients      P                    P / P/W + 1 bucket    P                  F + b                F + b
+gradients      P                    P / P/W + 1 bucket    F + b              F + b                F + b
 optimizer      Adam 2P              (2P + fp32 copy P)/W  2F + 3B/W (slice)  2F + 3B/W            2F + 3B/W
 binary signs   -                    -                     B/32 (all ranks)   B/32 (the weights)   B/32 + error B
-reduce bufs    P (flat bucket)      P (flat bucket)       B (flat) + B/W     B/W + (W + 1) b      + B (flat)
+reduce bufs    1 bucket             P (flat bucket)       B/W + (W + 1) b    B/W + (W + 1) b      + B (flat)
 =============  ===================  ====================  =================  ===================  ==================
 
 ``packed`` is ``comm.binary_weights: packed`` with ``comm.resident_bits`` (the default): the binary layers read
-their weights from the all-gathered signs, and their gradients leave in buckets of ``b = comm.bucket_mb`` (all
-of ``B`` with ``comm.overlap: false``): at most one bucket's gradients wait for it, and one bucket's send and
-receive buffers are in flight. ``packed-floats`` keeps a +-1 fp32 copy of every binary weight
-(``comm.resident_bits: false``). In the resident modes the exchange runs during backward (the buckets leave as
-their gradients are ready), so the step's peak is the sum of both phases rather than the larger one; the
-receive buffer is counted for the worker that owns all of a bucket's chunks (the worst one).
+their weights from the all-gathered signs; ``packed-floats`` keeps a +-1 fp32 copy of every binary weight
+(``comm.resident_bits: false``). In both the binary gradients leave in buckets of ``b = comm.bucket_mb`` (all of
+``B`` with ``comm.overlap: false``): at most one bucket's gradients wait for it, and one bucket's send and receive
+buffers are in flight (the receive buffer counted for the worker that owns all of a bucket's chunks: the worst
+one, ``W b``, at most ``B``). With ``comm.overlap`` the packed exchange runs during backward, so the step's peak
+is the sum of both phases rather than the larger one.
 
 Plus, during forward and backward, the **materialized weights** (every layer's weight as the forward pass uses it,
 ``gain * v/||v||`` or ``where(v >= 0, s, -s)``, saved for the backward pass; a resident binary layer expands its
@@ -260,8 +260,8 @@ def _plan(cfg: Config, acts: dict, gpu_memory: int | None) -> MemoryPlan:
         activation_bytes_per_row_checkpointed=acts["per_row_checkpointed"],
         gpu_memory=gpu_memory,
     )
-    # what one gradient bucket holds at most (comm.bucket_mb; all of it in the serial schedule)
-    bucket = min(B, round(cfg.comm.bucket_mb * 2**20)) if cfg.comm.overlap else B
+    # what one gradient bucket holds at most (comm.bucket_mb; everything in the serial schedule)
+    bucket_bytes = round(cfg.comm.bucket_mb * 2**20) if cfg.comm.overlap else P
     for mode, (weights, grads, zero, resident) in MODES.items():
         if weights == "packed" and n_binary == 0:
             continue  # packed modes need binary layers
@@ -269,29 +269,28 @@ def _plan(cfg: Config, acts: dict, gpu_memory: int | None) -> MemoryPlan:
         if weights == "dp":
             optimizer = 2 * P if zero == 0 else 3 * P // workers
             gradients = P if zero < 2 else P // workers + FP32 * min(n_params, ZERO2_BUCKET_ELEMENTS)
-            reduce_buffers = P
+            # ZeRO 0: one bucket's flat copy at a time (ours); ZeRO 1/2: DeepSpeed's flat buffer
+            reduce_buffers = min(P, bucket_bytes) if zero == 0 else P
         else:
             optimizer = 2 * F + 3 * S
             signs = workers * S // (8 * FP32)  # the all-gathered packed signs
-            if resident:  # the binary weights are those signs; their gradients wait for their bucket only
-                parameters, gradients = F, F + bucket
-                # this worker's averaged slice (S), a bucket's send rows and the all-to-all's receive buffer
-                # (W rows of it where one worker owns all of a bucket's chunks, as buckets in gradient order do)
-                reduce_buffers = S + (workers + 1) * bucket
-            else:
-                gradients = P
-                # the flat gradient (B), the all-to-all's receive buffer (B, in the place of the freed module
-                # gradients) and the local sum's output, this worker's slice (S)
-                reduce_buffers = B + S
+            if resident:
+                parameters = F  # the binary weights are those signs
+            # binary gradients wait for their bucket only; this worker's averaged slice (S), a bucket's send
+            # rows and the all-to-all's receive buffer (W rows of it where one worker owns all of a bucket's
+            # chunks, as small buckets in gradient order do; at most B)
+            bucket = min(B, bucket_bytes)
+            gradients = F + bucket
+            reduce_buffers = S + bucket + min(workers * bucket, B)
             if grads == "onebit":
                 signs += workers * S  # the sender's error buffer (padded latents, fp32)
-                reduce_buffers += B  # the 1-bit step's flat vector (resident) or its message temporaries
+                reduce_buffers += B  # the 1-bit step's flat vector, which becomes the next error
         static = parameters + optimizer + signs
         key = "_resident" if resident else ""
         materialized, materialized_ckpt = acts["materialized" + key], acts[f"materialized{key}_checkpointed"]
         activations = micro * acts["per_row" + key]
         activations_ckpt = micro * acts[f"per_row{key}_checkpointed"]
-        if resident:  # the exchange runs during backward: its buffers add to the activations
+        if weights == "packed" and cfg.comm.overlap:  # the exchange runs during backward: both phases at once
             total = static + materialized + activations + gradients + reduce_buffers
             total_ckpt = static + materialized_ckpt + activations_ckpt + gradients + reduce_buffers
         else:

@@ -84,9 +84,9 @@ def _measure(rank, world, out_dir, train_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_planner_total_within_15_percent_of_measured_peak_and_5_resident(tmp_path, monkeypatch):
-    """The plan is the worst worker's. In the resident mode the worker owning a bucket's chunks receives W copies
-    of them while the other receives none, so the ranks' peaks differ (by 10% on the paper RVAE): that mode's plan
-    is checked against the larger one, within 5%; the other modes' against every rank, within 15%."""
+    """The plan is the worst worker's. In the packed modes the worker owning a bucket's chunks receives W copies
+    of them while the other receives none, so the ranks' peaks differ (by 6-10% on the paper RVAE): their plans
+    are checked against the larger peak (the resident mode within 5%), dp's against every rank."""
     from dbgen.data import resolve_split
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
@@ -107,7 +107,7 @@ def test_planner_total_within_15_percent_of_measured_peak_and_5_resident(tmp_pat
         for c, m, r, p, q, e in rows
     )
     print(table)
-    assert all(abs(e) <= TOLERANCE for _, m, _, _, _, e in rows if m != "packed"), table
+    assert all(abs(e) <= TOLERANCE for _, m, r, _, _, e in rows if m == "dp" or r == "max"), table
     resident = [e for _, m, r, *_, e in rows if m == "packed" and r == "max"]
     assert len(resident) == 3 and all(abs(e) <= RESIDENT_TOLERANCE for e in resident), table
 
@@ -134,10 +134,8 @@ def test_inspect_memory_cli_json_and_table():
     for name, m in modes.items():
         parts = m["parameters"] + m["optimizer"] + m["binary_signs"]
         compute, exchange = m["materialized_weights"] + m["activations"], m["gradients"] + m["reduce_buffers"]
-        # resident modes exchange during backward: both phases at once
-        assert m["total"] == parts + (
-            compute + exchange if name in ("packed", "packed+onebit") else max(compute, exchange)
-        )
+        # the packed modes exchange during backward (comm.overlap): both phases at once
+        assert m["total"] == parts + (compute + exchange if name.startswith("packed") else max(compute, exchange))
         assert m["activations_checkpointed"] < m["activations"] and m["fits"] == (m["total"] <= 12 * 2**20)
     assert modes["packed"]["optimizer"] < modes["dp"]["optimizer"]
     binary = 4 * plan["binary_params"]

@@ -65,6 +65,11 @@ def add_arguments(p) -> None:
     p.add_argument("--storage", default=None, help="run directories (default: a temporary directory)")
     p.add_argument("--force", action="store_true", help="run even if the planner says it does not fit")
     p.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="skip the planner (it measures a step of the model on this CPU: minutes at a billion parameters)",
+    )
+    p.add_argument(
         "--malloc-mmap-threshold",
         type=int,
         default=None,
@@ -214,10 +219,14 @@ def main(args) -> int:
     cases = [("small", *SMALL)] + ([] if args.small else [("full", *full)])
     result = {"workers": args.workers, "batch": args.batch, "steps": args.steps, "width": args.width, "runs": {}}
     for size, config, overrides in cases:
-        plan = plan_memory(config, overrides, workers=args.workers, batch=args.batch)
-        planned = {m.mode: m for m in plan.modes}
+        plan = (
+            None
+            if args.no_plan and size == "full"
+            else plan_memory(config, overrides, workers=args.workers, batch=args.batch)
+        )
+        planned = {m.mode: m for m in plan.modes} if plan else {}
         for mode in modes if size == "full" or args.small else ("dp",):
-            need = args.workers * planned[mode].total + MARGIN
+            need = args.workers * planned[mode].total + MARGIN if plan else 0
             if need > _mem_available() and not args.force:
                 raise SystemExit(
                     f"error: {size} {mode}: the planner needs {need / 2**30:.1f} GiB "
@@ -227,8 +236,9 @@ def main(args) -> int:
             # the tiny model's steps take milliseconds: enough of them for the counters to be read mid-run
             steps = args.steps if size == "full" else max(args.steps, 20)
             run = run_mode(config, overrides, mode, args, storage, steps)
-            run["planned"] = {k: v for k, v in vars(planned[mode]).items() if isinstance(v, int)}
-            run["params"], run["binary_params"] = plan.params, plan.binary_params
+            run["planned"] = {k: v for k, v in vars(planned[mode]).items() if isinstance(v, int)} if plan else None
+            if plan:
+                run["params"], run["binary_params"] = plan.params, plan.binary_params
             result["runs"][f"{size}-{mode}"] = run
     baseline = max(w["peak_rss"] for w in result["runs"]["small-dp"]["workers"])
     result["framework_rss"] = baseline
@@ -240,10 +250,11 @@ def main(args) -> int:
         for w in run["workers"]:
             model_peak = w["peak_rss"] - baseline
             w["model_peak"] = model_peak
-            ratio = model_peak / run["planned"]["total"] if key != "small-dp" else float("nan")
+            total = run["planned"]["total"] if run["planned"] else float("nan")
+            ratio = model_peak / total if key != "small-dp" else float("nan")
             print(
                 f"{key:14s} {w['rank']:>4d} {w['peak_rss'] / 2**20:>13.1f} {model_peak / 2**20:>12.1f} "
-                f"{run['planned']['total'] / 2**20:>12.1f} {ratio:>6.2f} {w['run_peak_rss'] / 2**20:>13.1f} "
+                f"{total / 2**20:>12.1f} {ratio:>6.2f} {w['run_peak_rss'] / 2**20:>13.1f} "
                 f"{w['bytes_per_step'] or 0:>14,}"
             )
     if args.json_out:

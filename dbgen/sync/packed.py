@@ -28,7 +28,20 @@ __all__ = ["PackedSync"]
 
 log = logging.getLogger(__name__)
 
-PACK_WINDOW = 2**24  # elements of the flat latent vector packed at a time at start-up (64 MiB of fp32)
+PACK_WINDOW = 2**24  # elements of a flat vector packed or squared at a time (64 MiB of fp32)
+
+
+def _pack_slice(x: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_signs` of a (n,) vector, n a multiple of 8, a window at a time: the same bytes, with
+    temporaries of one window (packing all at once needs 2 bytes per element)."""
+    return torch.cat([pack_signs(x[a : a + PACK_WINDOW]) for a in range(0, x.numel(), PACK_WINDOW)])
+
+
+def _square_sum(x: torch.Tensor) -> torch.Tensor:
+    """0-dim fp32 sum of squares of a (n,) vector: ``x.pow(2).sum()`` per window, the windows' sums added in
+    order. One window (up to 16M elements: every slice the tests train) is exactly ``x.pow(2).sum()``; a bigger
+    slice needs no temporary of its size (at 2 workers that temporary would be a fourth of the slice's state)."""
+    return torch.stack([x[a : a + PACK_WINDOW].float().pow(2).sum() for a in range(0, x.numel(), PACK_WINDOW)]).sum()
 
 
 class PackedSync(ExchangeSync):
@@ -269,7 +282,7 @@ class PackedSync(ExchangeSync):
     def grad_norm(self):
         with comm_kind("other"):
             fp = torch.stack([p.grad.float().pow(2).sum() for p in self.fp_params]).sum()
-            mine = self.latent.grad.float().pow(2).sum().reshape(1)
+            mine = _square_sum(self.latent.grad).reshape(1)
             dist.all_reduce(mine)  # identical on every rank, as is the full-precision part
         return nan_as_inf(torch.sqrt(fp + mine[0]))
 
@@ -289,7 +302,7 @@ class PackedSync(ExchangeSync):
         """Start the sign all-gather bucket by bucket in forward order (each rank's bytes of the chunks a bucket
         sends, to every rank); the next forward writes each module's signs as it reaches it."""
         c, first = ONEBIT_CHUNK, self.layout.start // ONEBIT_CHUNK
-        mine = pack_signs(self.latent).view(-1, c // 8)  # (slice/c, c/8) uint8: this rank's chunks
+        mine = _pack_slice(self.latent).view(-1, c // 8)  # (slice/c, c/8) uint8: this rank's chunks
         with comm_kind("weight"):
             for k, i in enumerate(reversed(range(len(self._chunks)))):
                 ids, counts = self._chunks[i]
@@ -327,7 +340,7 @@ class PackedSync(ExchangeSync):
     @torch.no_grad()
     def _gather_signs(self) -> None:
         with comm_kind("weight"):
-            all_gather_flat(self._packed, pack_signs(self.latent))  # in place: resident layers read these words
+            all_gather_flat(self._packed, _pack_slice(self.latent))  # in place: resident layers read these words
         if not self.resident:
             self.layout.write_signs(self._packed)
 
