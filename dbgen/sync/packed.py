@@ -1,10 +1,13 @@
 """``comm.binary_weights: packed`` (with ``binary_grads`` ``none`` or ``onebit``): binary latents and their Adam
-state sharded over the ranks, module weights kept as +-1 signs.
+state sharded over the ranks, module weights kept as signs: 1 bit each (``comm.resident_bits``) or +-1 floats.
 
 Why a mode of its own: a binary layer needs only the signs of its latents in the forward pass, so no rank has
 to hold (or receive) every latent at full precision. Each rank owns one slice of the flat latent vector
 (:mod:`dbgen.sync.layout`), receives only its slice of the averaged gradient (a reduce-scatter, or 1-bit
-messages after the warm-up) and sends back 1 bit per weight; its checkpoint part is that slice.
+messages after the warm-up) and sends back 1 bit per weight; its checkpoint part is that slice. With resident
+bits the layers read those bits where the all-gather puts them (:class:`dbgen.nn.resident.ResidentSigns`), and
+the binary gradients never exist as one flat vector (bucket by bucket, :meth:`PackedSync._bucket_rows`): a
+worker holds its slice's state, the bits of every weight and the buckets in flight.
 """
 
 from __future__ import annotations
@@ -46,15 +49,18 @@ def _square_sum(x: torch.Tensor) -> torch.Tensor:
 
 class PackedSync(ExchangeSync):
     """``comm.binary_weights: packed``: binary latents and their Adam state sharded over the ranks; module
-    weights are the +-1 signs, refreshed from a packed all-gather after every step.
+    weights are the signs, refreshed from a packed all-gather after every step: with ``resident`` (the
+    default), the layers read them as bits from ``self._packed`` (the all-gather's destination), else each holds
+    +-1 floats written from it.
 
     Per step (every rank)::
 
         backward                 local; DeepSpeed's all-reduce is off (ZeRO stage 0 required)
         reduce     grad          full-precision gradients: all-reduced, averaged (as DeepSpeed's would)
-                                 binary gradients: flattened, reduce-scattered (all_to_all + local sum),
-                                 averaged -> this rank's slice; or, with binary_grads: onebit after the
-                                 warm-up, 1-bit messages (OneBitExchange)
+                                 binary gradients: per bucket, the chunks of the flat vector it completes
+                                 (_bucket_rows) reduce-scattered (all_to_all + local sum), averaged -> this
+                                 rank's slice; or, with binary_grads: onebit after the warm-up, 1-bit messages
+                                 (OneBitExchange, over the whole flat vector, which becomes the next error)
         grad_norm  other         sqrt(full-precision part + all-reduced sum of the slices' squares)
         step       weight        Adam (ClientAdam: skip, clip_coef, clamp) on the full-precision params and on
                                  this rank's latent slice; then the slice's signs, 8 per byte, all-gathered and
