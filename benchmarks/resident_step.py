@@ -7,8 +7,9 @@ Two gloo ranks on 127.0.0.1 (spawned processes, one torch thread each), each the
 :class:`dbgen.trainer.Trainer` (DeepSpeed engine, packed sync, loader on ``builtin:photos32``), once with
 ``comm.resident_bits=false`` and once with ``true``, built side by side in the same processes. After 2 untimed
 steps each, the two take turns: ``--rounds`` rounds of ``--steps`` steps each, timed per round on rank 0 (the
-ranks wait for each other in every step), so both see the same machine load. Reports the median step time per
-mode and their ratio. Default: the paper RVAE (``configs/rvae_cifar10_binary.yaml``) at global batch 8.
+ranks wait for each other in every step), so both see the same machine load; each trainer keeps its own RNG
+stream, so the two must train identically (the losses are compared). Reports the median step time per mode and
+their ratio. Default: the paper RVAE (``configs/rvae_cifar10_binary.yaml``) at global batch 8.
 """
 
 from __future__ import annotations
@@ -45,22 +46,28 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     train = str(resolve_split("builtin:photos32", "train"))
     common = ["comm.binary_weights=packed", f"train.batch_size={args.batch}", "train.init_batch_size=8",
               "data.shuffle_buffer=64", f"scale.num_workers={world}", *args.overrides]  # fmt: skip
-    trainers, data = {}, {}
+    trainers, data, rng = {}, {}, {}
     for mode, overrides in MODES.items():
         cfg = load_config(ROOT / args.config, [*common, *overrides])
         run = Path(out) / mode
         run.mkdir(parents=True, exist_ok=True)
-        trainers[mode] = Trainer(cfg, run, train, None, rank=rank, world_size=world)
+        trainers[mode] = Trainer(cfg, run, train, None, rank=rank, world_size=world)  # seeds the RNG
         data[mode] = iter(trainers[mode].loader)
+        rng[mode] = torch.get_rng_state()  # each trainer draws its latent noise from its own stream
+
+    def steps(mode: str, n: int) -> list[dict]:
+        torch.set_rng_state(rng[mode])
+        out = resolve_stats([trainers[mode].train_step(data[mode]) for _ in range(n)])
+        rng[mode] = torch.get_rng_state()
+        return out
+
     times = {mode: [] for mode in MODES}
-    losses = {mode: [] for mode in MODES}
-    for mode, tr in trainers.items():  # untimed: Adam's state, the recorded bucket order
-        losses[mode] += [s["loss"] for s in resolve_stats([tr.train_step(data[mode]) for _ in range(2)])]
+    losses = {mode: [s["loss"] for s in steps(mode, 2)] for mode in MODES}  # untimed: Adam's state, buckets
     for _ in range(args.rounds):
-        for mode, tr in trainers.items():
+        for mode in MODES:
             dist.barrier()
             t0 = time.perf_counter()
-            stats = resolve_stats([tr.train_step(data[mode]) for _ in range(args.steps)])
+            stats = steps(mode, args.steps)
             times[mode].append((time.perf_counter() - t0) / args.steps)
             losses[mode] += [s["loss"] for s in stats]
     if rank == 0:
