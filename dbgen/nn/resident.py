@@ -40,11 +40,14 @@ class ResidentSigns:
         self._lo, self._hi = self.offset // 8, (self.offset + self.numel + 7) // 8  # the bytes holding the bits
         self._shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
 
+    def _byte_bits(self) -> torch.Tensor:
+        """(8 * bytes,) uint8 0/1: every bit of the bytes holding this tensor's bits (neighbours' included)."""
+        return ((self.words[self._lo : self._hi, None] >> self._shifts) & 1).view(-1)
+
     def _bits(self) -> torch.Tensor:
         """(numel,) uint8 0/1: this tensor's bits, in order."""
-        bits = ((self.words[self._lo : self._hi, None] >> self._shifts) & 1).view(-1)
         skip = self.offset - 8 * self._lo
-        return bits[skip : skip + self.numel]
+        return self._byte_bits()[skip : skip + self.numel]
 
     def mask(self) -> torch.Tensor:
         """(shape) bool: True where the sign is +1."""
@@ -61,6 +64,6 @@ class ResidentSigns:
         if t.shape != self.shape:
             raise ValueError(f"ResidentSigns.write: expected shape {tuple(self.shape)}, got {tuple(t.shape)}")
         skip = self.offset - 8 * self._lo
-        bits = ((self.words[self._lo : self._hi, None] >> self._shifts) & 1).view(-1).float().mul_(2).sub_(1)
+        bits = self._byte_bits().float().mul_(2).sub_(1)
         bits[skip : skip + self.numel] = t.detach().reshape(-1).to(bits.device, torch.float32)
         self.words[self._lo : self._hi] = pack_signs(bits)
